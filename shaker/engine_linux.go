@@ -1,0 +1,592 @@
+//go:build linux
+
+package shaker
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// halfOpen: on Linux, TCP_QUICKACK off keeps the kernel from acknowledging
+// the SYN-ACK before the socket is closed.
+const halfOpen = true
+
+const (
+	// startBatch is the most probes the loop starts before it looks for
+	// completions again, so that SYN-ACKs never wait behind a long run of
+	// connect() calls.
+	startBatch = 64
+	// maxEvents is the most completions read by one epoll_wait.
+	maxEvents = 256
+	// wakeIndex marks the eventfd in epoll's user data.
+	wakeIndex = -1
+)
+
+// slot is a probe in flight. Slots are owned by the loop goroutine.
+type slot struct {
+	fd       int   // -1 when free
+	gen      int32 // bumped each time the slot is freed; stale events carry an old one
+	heapIdx  int
+	start    int64 // engine time of connect()
+	deadline int64 // engine time
+	addr     netip.AddrPort
+	done     func(Result)
+}
+
+// pending is a result whose callback has not run yet.
+type pending struct {
+	done func(Result)
+	res  Result
+}
+
+// Engine runs half-open probes from one epoll loop goroutine.
+// Its methods are safe for concurrent use.
+type Engine struct {
+	maxInFlight    int
+	defaultTimeout time.Duration
+	base           time.Time
+
+	epfd int
+	evfd int
+
+	mu       sync.Mutex
+	queue    ring
+	closed   bool
+	sleeping bool // the loop is in, or about to enter, a blocking epoll_wait
+
+	loopDone chan struct{}
+
+	// Owned by the loop goroutine.
+	slots   []slot
+	free    []int32
+	heap    []int32 // slot indices, min-heap by deadline
+	events  []unix.EpollEvent
+	batch   []request
+	results []pending
+	tcpInfo unix.TCPInfo
+	linger  unix.Linger
+	evbuf   [8]byte
+
+	inFlight       atomic.Int64
+	up             atomic.Uint64
+	refused        atomic.Uint64
+	timeout        atomic.Uint64
+	unreachable    atomic.Uint64
+	failed         atomic.Uint64
+	closedCount    atomic.Uint64
+	maxCloseDelayN atomic.Int64
+}
+
+// New creates an engine: one epoll instance and the goroutine that runs its
+// loop. Call Close to stop it.
+func New(opts Options) (*Engine, error) {
+	e := &Engine{
+		maxInFlight:    opts.MaxInFlight,
+		defaultTimeout: opts.DefaultTimeout,
+		base:           time.Now(),
+		loopDone:       make(chan struct{}),
+		events:         make([]unix.EpollEvent, maxEvents),
+		batch:          make([]request, 0, startBatch),
+		linger:         unix.Linger{Onoff: 1, Linger: 0},
+	}
+	if err := opts.check(); err != nil {
+		return nil, err
+	}
+	if e.maxInFlight == 0 {
+		e.maxInFlight = DefaultMaxInFlight
+	}
+	if e.defaultTimeout == 0 {
+		e.defaultTimeout = DefaultTimeout
+	}
+	var err error
+	e.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, &opError{"epoll_create1", errnoOf(err)}
+	}
+	e.evfd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(e.epfd)
+		return nil, &opError{"eventfd", errnoOf(err)}
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: wakeIndex}
+	if err := unix.EpollCtl(e.epfd, unix.EPOLL_CTL_ADD, e.evfd, &ev); err != nil {
+		unix.Close(e.evfd)
+		unix.Close(e.epfd)
+		return nil, &opError{"epoll_ctl", errnoOf(err)}
+	}
+	go e.loop()
+	return e, nil
+}
+
+// Probe probes addr and blocks until the result. The deadline of ctx bounds
+// the call and is the probe's timeout; without one, the timeout is
+// Options.DefaultTimeout. When ctx ends first, Probe returns at once with
+// ErrTimeout (deadline) or ctx.Err() (cancellation); the probe itself is
+// still closed by the loop.
+func (e *Engine) Probe(ctx context.Context, addr netip.AddrPort) Result {
+	if err := ctx.Err(); err != nil {
+		return Result{Addr: addr, Err: ctxError(err)}
+	}
+	req := request{addr: addr, timeout: e.defaultTimeout}
+	if d, ok := ctx.Deadline(); ok {
+		left := time.Until(d)
+		req.timeout = left
+		req.deadline = e.now() + int64(left)
+	}
+	ch := make(chan Result, 1)
+	req.done = func(r Result) { ch <- r }
+	e.submit(req)
+	select {
+	case r := <-ch:
+		return r
+	case <-ctx.Done():
+		return Result{Addr: addr, Err: ctxError(ctx.Err())}
+	}
+}
+
+// ProbeAsync starts a probe of addr and returns at once. The timeout runs
+// from the probe's SYN (time spent queued behind MaxInFlight does not
+// count); timeout <= 0 means Options.DefaultTimeout.
+//
+// done is called exactly once with the result, on the engine's loop
+// goroutine: it must not block, nor call Close. It may call ProbeAsync, to
+// re-arm a probe without a goroutine hop. After Close, done is called with
+// ErrClosed before ProbeAsync returns, so a done that re-arms must stop on
+// ErrClosed.
+func (e *Engine) ProbeAsync(addr netip.AddrPort, timeout time.Duration, done func(Result)) {
+	if timeout <= 0 {
+		timeout = e.defaultTimeout
+	}
+	e.submit(request{addr: addr, timeout: timeout, done: done})
+}
+
+func (e *Engine) submit(req request) {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		e.closedCount.Add(1)
+		req.done(Result{Addr: req.addr, Err: ErrClosed})
+		return
+	}
+	e.queue.push(req)
+	wake := e.sleeping
+	e.sleeping = false
+	e.mu.Unlock()
+	if wake {
+		e.wake()
+	}
+}
+
+var one = [8]byte{1}
+
+func (e *Engine) wake() {
+	// EAGAIN means the counter is full: the loop is awake anyway.
+	unix.Write(e.evfd, one[:])
+}
+
+// Close aborts every probe in flight or queued, closing their sockets at
+// once (done gets ErrClosed), stops the loop and releases its descriptors.
+// After Close returns, no backend can accept a connection from this engine.
+// Close is idempotent. It must not be called from a done callback.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	already := e.closed
+	e.closed = true
+	e.mu.Unlock()
+	if !already {
+		e.wake()
+	}
+	<-e.loopDone
+	return nil
+}
+
+// Stats returns a snapshot of the engine's counters.
+func (e *Engine) Stats() Stats {
+	e.mu.Lock()
+	q := e.queue.n
+	e.mu.Unlock()
+	return Stats{
+		Up:            e.up.Load(),
+		Refused:       e.refused.Load(),
+		Timeout:       e.timeout.Load(),
+		Unreachable:   e.unreachable.Load(),
+		Failed:        e.failed.Load(),
+		Closed:        e.closedCount.Load(),
+		InFlight:      int(e.inFlight.Load()),
+		Queued:        q,
+		MaxCloseDelay: time.Duration(e.maxCloseDelayN.Load()),
+	}
+}
+
+// now is the engine's monotonic clock, in ns.
+func (e *Engine) now() int64 { return int64(time.Since(e.base)) }
+
+func (e *Engine) loop() {
+	defer close(e.loopDone)
+	for {
+		wait := -1
+		if len(e.heap) > 0 {
+			d := e.slots[e.heap[0]].deadline - e.now()
+			switch {
+			case d <= 0:
+				wait = 0
+			case d >= int64(time.Hour):
+				wait = int(time.Hour / time.Millisecond)
+			default:
+				wait = int((d + int64(time.Millisecond) - 1) / int64(time.Millisecond))
+			}
+		}
+		e.mu.Lock()
+		if e.closed {
+			e.mu.Unlock()
+			e.shutdown()
+			return
+		}
+		if e.queue.n > 0 && len(e.heap) < e.maxInFlight {
+			wait = 0
+		}
+		if wait != 0 {
+			e.sleeping = true
+		}
+		e.mu.Unlock()
+
+		n, err := unix.EpollWait(e.epfd, e.events, wait)
+		if wait != 0 {
+			e.mu.Lock()
+			e.sleeping = false
+			e.mu.Unlock()
+		}
+		if err != nil && err != unix.EINTR {
+			// epoll_wait fails only on a bad epfd or buffer: a bug.
+			panic("shaker: epoll_wait: " + err.Error())
+		}
+
+		// Completions first: close every socket that has its answer.
+		for i := 0; i < n; i++ {
+			ev := &e.events[i]
+			if ev.Fd == wakeIndex {
+				unix.Read(e.evfd, e.evbuf[:])
+				continue
+			}
+			e.complete(ev.Fd, ev.Pad, ev.Events)
+		}
+		// Then deadlines.
+		if len(e.heap) > 0 {
+			now := e.now()
+			for len(e.heap) > 0 && e.slots[e.heap[0]].deadline <= now {
+				e.expire(e.heap[0], now)
+			}
+		}
+		e.deliver()
+		// Then new probes, a batch at a time.
+		e.startQueued()
+	}
+}
+
+// deliver runs the callbacks of the results collected so far.
+func (e *Engine) deliver() {
+	for i := range e.results {
+		p := &e.results[i]
+		done, res := p.done, p.res
+		*p = pending{}
+		done(res)
+	}
+	e.results = e.results[:0]
+}
+
+func (e *Engine) startQueued() {
+	room := e.maxInFlight - len(e.heap)
+	if room <= 0 {
+		return
+	}
+	if room > startBatch {
+		room = startBatch
+	}
+	e.mu.Lock()
+	e.batch = e.queue.popN(e.batch[:0], room)
+	e.mu.Unlock()
+	for i := range e.batch {
+		e.start(&e.batch[i])
+		e.batch[i] = request{}
+	}
+	// Failures at start (socket errors, deadlines already passed) have
+	// their results now.
+	e.deliver()
+}
+
+func (e *Engine) finish(done func(Result), res Result) {
+	e.results = append(e.results, pending{done, res})
+}
+
+func (e *Engine) count(err error) {
+	switch {
+	case err == nil:
+		e.up.Add(1)
+	case err == ErrRefused:
+		e.refused.Add(1)
+	case err == ErrTimeout:
+		e.timeout.Add(1)
+	case err == errHostUnreach || err == errNetUnreach:
+		e.unreachable.Add(1)
+	case err == ErrClosed:
+		e.closedCount.Add(1)
+	default:
+		e.failed.Add(1)
+	}
+}
+
+// start sends the SYN of a probe.
+func (e *Engine) start(req *request) {
+	now := e.now()
+	deadline := now + int64(req.timeout)
+	if req.deadline != 0 && req.deadline < deadline {
+		deadline = req.deadline
+	}
+	res := Result{Addr: req.addr}
+	if deadline <= now {
+		// Probe's context ended while the probe was queued.
+		res.Err = ErrTimeout
+		e.count(res.Err)
+		e.finish(req.done, res)
+		return
+	}
+	var (
+		sa4    unix.RawSockaddrInet4
+		sa6    unix.RawSockaddrInet6
+		sa     unsafe.Pointer
+		salen  uintptr
+		family int
+	)
+	ip := req.addr.Addr()
+	port := req.addr.Port()
+	switch {
+	case !req.addr.IsValid() || port == 0:
+		res.Err = errInvalidAddr
+	case ip.Is4() || ip.Is4In6():
+		family = unix.AF_INET
+		sa4.Family = unix.AF_INET
+		sa4.Addr = ip.Unmap().As4()
+		putPort(&sa4.Port, port)
+		sa, salen = unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
+	default:
+		family = unix.AF_INET6
+		sa6.Family = unix.AF_INET6
+		sa6.Addr = ip.As16()
+		putPort(&sa6.Port, port)
+		if z := ip.Zone(); z != "" {
+			id, err := zoneIndex(z)
+			if err != nil {
+				res.Err = err
+			}
+			sa6.Scope_id = id
+		}
+		sa, salen = unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
+	}
+	if res.Err != nil {
+		e.count(res.Err)
+		e.finish(req.done, res)
+		return
+	}
+
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		res.Err = &opError{"socket", errnoOf(err)}
+		e.count(res.Err)
+		e.finish(req.done, res)
+		return
+	}
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, 0); err != nil {
+		e.abort(fd, req, "setsockopt TCP_QUICKACK", err)
+		return
+	}
+	if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &e.linger); err != nil {
+		e.abort(fd, req, "setsockopt SO_LINGER", err)
+		return
+	}
+
+	start := e.now()
+	_, _, errno := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(sa), salen)
+	switch errno {
+	case unix.EINPROGRESS:
+	case 0:
+		// Connected at once: take the result now.
+		idx := e.alloc(fd, req, start, deadline)
+		e.complete(idx, e.slots[idx].gen, unix.EPOLLOUT)
+		return
+	default:
+		unix.Close(fd)
+		res.Err = classify("connect", errno)
+		res.Duration = time.Duration(e.now() - start)
+		e.count(res.Err)
+		e.finish(req.done, res)
+		return
+	}
+	idx := e.alloc(fd, req, start, deadline)
+	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: idx, Pad: e.slots[idx].gen}
+	if err := unix.EpollCtl(e.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		e.release(idx)
+		unix.Close(fd)
+		res.Err = &opError{"epoll_ctl", errnoOf(err)}
+		e.count(res.Err)
+		e.finish(req.done, res)
+	}
+}
+
+// abort closes the socket of a probe that could not be started.
+func (e *Engine) abort(fd int, req *request, op string, err error) {
+	unix.Close(fd)
+	res := Result{Addr: req.addr, Err: &opError{op, errnoOf(err)}}
+	e.count(res.Err)
+	e.finish(req.done, res)
+}
+
+// alloc takes a slot for a probe whose SYN is out and puts it in the
+// deadline heap.
+func (e *Engine) alloc(fd int, req *request, start, deadline int64) int32 {
+	var idx int32
+	if n := len(e.free); n > 0 {
+		idx = e.free[n-1]
+		e.free = e.free[:n-1]
+	} else {
+		e.slots = append(e.slots, slot{})
+		idx = int32(len(e.slots) - 1)
+	}
+	s := &e.slots[idx]
+	s.fd = fd
+	s.start = start
+	s.deadline = deadline
+	s.addr = req.addr
+	s.done = req.done
+	e.heapPush(idx)
+	e.inFlight.Add(1)
+	return idx
+}
+
+// release takes a slot out of the heap and frees it.
+func (e *Engine) release(idx int32) {
+	s := &e.slots[idx]
+	e.heapRemove(s.heapIdx)
+	s.fd = -1
+	s.gen++
+	s.done = nil
+	s.addr = netip.AddrPort{}
+	e.free = append(e.free, idx)
+	e.inFlight.Add(-1)
+}
+
+// complete handles the epoll event of a probe: it reads the outcome, closes
+// the socket and queues the result.
+func (e *Engine) complete(idx, gen int32, events uint32) {
+	if idx < 0 || int(idx) >= len(e.slots) {
+		return
+	}
+	s := &e.slots[idx]
+	if s.gen != gen || s.fd < 0 {
+		return // an event for a probe that is already over
+	}
+	res := Result{Addr: s.addr}
+	if events&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+		soerr, err := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		switch {
+		case err != nil:
+			res.Err = &opError{"getsockopt SO_ERROR", errnoOf(err)}
+		case soerr != 0:
+			res.Err = classify("connect", syscall.Errno(soerr))
+		}
+	}
+	var rtt int64
+	if res.Err == nil {
+		size := uint32(unsafe.Sizeof(e.tcpInfo))
+		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(s.fd), unix.IPPROTO_TCP, unix.TCP_INFO,
+			uintptr(unsafe.Pointer(&e.tcpInfo)), uintptr(unsafe.Pointer(&size)), 0)
+		if errno == 0 {
+			rtt = int64(e.tcpInfo.Rtt) * int64(time.Microsecond)
+		}
+	}
+	unix.Close(s.fd) // zero linger: the RST goes out now
+	end := e.now()
+	res.Duration = time.Duration(end - s.start)
+	if res.Err == nil {
+		res.RTT = time.Duration(rtt)
+		if delay := end - (s.start + rtt); delay > e.maxCloseDelayN.Load() {
+			e.maxCloseDelayN.Store(delay)
+		}
+	}
+	done := s.done
+	e.release(idx)
+	e.count(res.Err)
+	e.finish(done, res)
+}
+
+// expire ends a probe whose deadline has passed.
+func (e *Engine) expire(idx int32, now int64) {
+	s := &e.slots[idx]
+	unix.Close(s.fd)
+	res := Result{Addr: s.addr, Err: ErrTimeout, Duration: time.Duration(now - s.start)}
+	done := s.done
+	e.release(idx)
+	e.count(res.Err)
+	e.finish(done, res)
+}
+
+// shutdown closes every probe socket and completes every probe with
+// ErrClosed. It runs on the loop goroutine once closed is set, so no new
+// request can enter the queue.
+func (e *Engine) shutdown() {
+	// Sockets first, all of them, before any callback runs.
+	for len(e.heap) > 0 {
+		idx := e.heap[len(e.heap)-1]
+		s := &e.slots[idx]
+		unix.Close(s.fd)
+		done, addr := s.done, s.addr
+		e.release(idx)
+		e.count(ErrClosed)
+		e.finish(done, Result{Addr: addr, Err: ErrClosed})
+	}
+	e.mu.Lock()
+	var queued []request
+	for e.queue.n > 0 {
+		queued = e.queue.popN(queued, e.queue.n)
+	}
+	e.mu.Unlock()
+	for i := range queued {
+		e.count(ErrClosed)
+		e.finish(queued[i].done, Result{Addr: queued[i].addr, Err: ErrClosed})
+	}
+	unix.Close(e.evfd)
+	unix.Close(e.epfd)
+	e.deliver()
+}
+
+func putPort(p *uint16, port uint16) {
+	b := (*[2]byte)(unsafe.Pointer(p))
+	b[0] = byte(port >> 8)
+	b[1] = byte(port)
+}
+
+func zoneIndex(zone string) (uint32, error) {
+	if n, err := strconv.ParseUint(zone, 10, 32); err == nil {
+		return uint32(n), nil
+	}
+	ifi, err := net.InterfaceByName(zone)
+	if err != nil {
+		return 0, &zoneError{zone, err}
+	}
+	return uint32(ifi.Index), nil
+}
+
+func errnoOf(err error) syscall.Errno {
+	if errno, ok := err.(syscall.Errno); ok {
+		return errno
+	}
+	return syscall.EINVAL
+}

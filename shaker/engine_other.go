@@ -1,0 +1,205 @@
+//go:build !linux
+
+package shaker
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// halfOpen: without TCP_QUICKACK the kernel acknowledges the SYN-ACK at
+// once, so a probe is a full connect, closed with an RST.
+const halfOpen = false
+
+// Engine runs probes. On this system each probe is a full TCP connect from
+// its own goroutine, closed with a zero linger (an RST); see HalfOpen.
+// Its methods are safe for concurrent use.
+type Engine struct {
+	maxInFlight    int
+	defaultTimeout time.Duration
+
+	ctx    context.Context // canceled by Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu       sync.Mutex
+	queue    ring
+	closed   bool
+	inFlight int
+
+	up, refused, timeout, unreachable, failed, closedCount atomic.Uint64
+	maxCloseDelayN                                         atomic.Int64
+}
+
+// New creates an engine. Call Close to stop it.
+func New(opts Options) (*Engine, error) {
+	if err := opts.check(); err != nil {
+		return nil, err
+	}
+	e := &Engine{maxInFlight: opts.MaxInFlight, defaultTimeout: opts.DefaultTimeout}
+	if e.maxInFlight == 0 {
+		e.maxInFlight = DefaultMaxInFlight
+	}
+	if e.defaultTimeout == 0 {
+		e.defaultTimeout = DefaultTimeout
+	}
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	return e, nil
+}
+
+// Probe probes addr and blocks until the result. The deadline of ctx bounds
+// the call and is the probe's timeout; without one, the timeout is
+// Options.DefaultTimeout.
+func (e *Engine) Probe(ctx context.Context, addr netip.AddrPort) Result {
+	if err := ctx.Err(); err != nil {
+		return Result{Addr: addr, Err: ctxError(err)}
+	}
+	timeout := e.defaultTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	ch := make(chan Result, 1)
+	e.submit(request{addr: addr, timeout: timeout, done: func(r Result) { ch <- r }})
+	select {
+	case r := <-ch:
+		return r
+	case <-ctx.Done():
+		return Result{Addr: addr, Err: ctxError(ctx.Err())}
+	}
+}
+
+// ProbeAsync starts a probe of addr and returns at once; done is called
+// exactly once with the result, from another goroutine. After Close, done
+// is called with ErrClosed before ProbeAsync returns.
+func (e *Engine) ProbeAsync(addr netip.AddrPort, timeout time.Duration, done func(Result)) {
+	if timeout <= 0 {
+		timeout = e.defaultTimeout
+	}
+	e.submit(request{addr: addr, timeout: timeout, done: done})
+}
+
+func (e *Engine) submit(req request) {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		e.closedCount.Add(1)
+		req.done(Result{Addr: req.addr, Err: ErrClosed})
+		return
+	}
+	if e.inFlight >= e.maxInFlight {
+		e.queue.push(req)
+		e.mu.Unlock()
+		return
+	}
+	e.inFlight++
+	e.wg.Add(1)
+	e.mu.Unlock()
+	go e.run(req)
+}
+
+// run probes, then starts the next queued probe, if any, on the same goroutine.
+func (e *Engine) run(req request) {
+	defer e.wg.Done()
+	for {
+		res := e.probe(req)
+		e.count(res.Err)
+		req.done(res)
+		e.mu.Lock()
+		var next []request
+		if !e.closed {
+			next = e.queue.popN(nil, 1)
+		}
+		if len(next) == 0 {
+			e.inFlight--
+			e.mu.Unlock()
+			return
+		}
+		e.mu.Unlock()
+		req = next[0]
+	}
+}
+
+func (e *Engine) probe(req request) Result {
+	res := Result{Addr: req.addr}
+	if !req.addr.IsValid() || req.addr.Port() == 0 {
+		res.Err = errInvalidAddr
+		return res
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, req.timeout)
+	defer cancel()
+	var d net.Dialer
+	start := time.Now()
+	c, err := d.DialContext(ctx, "tcp", req.addr.String())
+	res.Duration = time.Since(start)
+	if err == nil {
+		res.RTT = res.Duration
+		tc := c.(*net.TCPConn)
+		tc.SetLinger(0)
+		tc.Close()
+		return res
+	}
+	var errno syscall.Errno
+	switch {
+	case e.ctx.Err() != nil:
+		res.Err = ErrClosed
+	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded):
+		res.Err = ErrTimeout
+	case errors.As(err, &errno):
+		res.Err = classify("connect", errno)
+	default:
+		res.Err = err
+	}
+	return res
+}
+
+func (e *Engine) count(err error) {
+	switch {
+	case err == nil:
+		e.up.Add(1)
+	case err == ErrRefused:
+		e.refused.Add(1)
+	case err == ErrTimeout:
+		e.timeout.Add(1)
+	case err == errHostUnreach || err == errNetUnreach:
+		e.unreachable.Add(1)
+	case err == ErrClosed:
+		e.closedCount.Add(1)
+	default:
+		e.failed.Add(1)
+	}
+}
+
+// Close aborts every probe in flight or queued (done gets ErrClosed) and
+// waits for their goroutines. Close is idempotent.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	e.closed = true
+	queued := e.queue.popN(nil, e.queue.n)
+	e.mu.Unlock()
+	e.cancel()
+	for _, req := range queued {
+		e.closedCount.Add(1)
+		req.done(Result{Addr: req.addr, Err: ErrClosed})
+	}
+	e.wg.Wait()
+	return nil
+}
+
+// Stats returns a snapshot of the engine's counters.
+func (e *Engine) Stats() Stats {
+	e.mu.Lock()
+	q, n := e.queue.n, e.inFlight
+	e.mu.Unlock()
+	return Stats{
+		Up: e.up.Load(), Refused: e.refused.Load(), Timeout: e.timeout.Load(),
+		Unreachable: e.unreachable.Load(), Failed: e.failed.Load(), Closed: e.closedCount.Load(),
+		InFlight: n, Queued: q, MaxCloseDelay: time.Duration(e.maxCloseDelayN.Load()),
+	}
+}

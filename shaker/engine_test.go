@@ -1,0 +1,466 @@
+//go:build linux
+
+package shaker
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var loopbacks = []struct{ name, network, ip string }{
+	{"ipv4", "tcp4", "127.0.0.1"},
+	{"ipv6", "tcp6", "::1"},
+}
+
+func TestProbeOpen(t *testing.T) {
+	for _, lb := range loopbacks {
+		t.Run(lb.name, func(t *testing.T) {
+			l := newCountingListener(t, lb.network, "["+lb.ip+"]:0")
+			e := newEngine(t, Options{})
+			r := e.Probe(probeCtx(t, 5*time.Second), l.addr)
+			if r.Err != nil {
+				t.Fatalf("probe of open port %v: %v", l.addr, r.Err)
+			}
+			if !r.Up() || r.Addr != l.addr {
+				t.Fatalf("result %+v, want up for %v", r, l.addr)
+			}
+			if r.RTT <= 0 || r.Duration <= 0 {
+				t.Fatalf("RTT %v, Duration %v: want both > 0", r.RTT, r.Duration)
+			}
+			if n := l.probeAccepts(t); n != 0 {
+				t.Fatalf("listener accepted %d probe connections", n)
+			}
+			if s := e.Stats(); s.Up != 1 || s.Total() != 1 {
+				t.Fatalf("stats %+v, want one Up", s)
+			}
+		})
+	}
+}
+
+func TestProbeRefused(t *testing.T) {
+	for _, lb := range loopbacks {
+		t.Run(lb.name, func(t *testing.T) {
+			addr := boundNotListening(t, lb.ip)
+			e := newEngine(t, Options{})
+			r := e.Probe(probeCtx(t, 5*time.Second), addr)
+			if !errors.Is(r.Err, ErrRefused) {
+				t.Fatalf("probe of closed port %v: %v, want ErrRefused", addr, r.Err)
+			}
+			if r.RTT != 0 {
+				t.Fatalf("RTT %v on a refused probe", r.RTT)
+			}
+			if s := e.Stats(); s.Refused != 1 {
+				t.Fatalf("stats %+v, want one Refused", s)
+			}
+		})
+	}
+}
+
+func TestProbeTimeoutFullAcceptQueue(t *testing.T) {
+	for _, lb := range loopbacks {
+		t.Run(lb.name, func(t *testing.T) {
+			addr := fullQueueListener(t, lb.ip)
+			e := newEngine(t, Options{})
+			const timeout = 200 * time.Millisecond
+			done := make(chan Result, 1)
+			e.ProbeAsync(addr, timeout, func(r Result) { done <- r })
+			r := <-done
+			if !errors.Is(r.Err, ErrTimeout) {
+				t.Fatalf("probe of full accept queue %v: %v, want ErrTimeout", addr, r.Err)
+			}
+			if r.Duration < timeout {
+				t.Fatalf("timed out after %v, before its timeout %v", r.Duration, timeout)
+			}
+			// Probe with a context deadline.
+			r = e.Probe(probeCtx(t, timeout), addr)
+			if !errors.Is(r.Err, ErrTimeout) {
+				t.Fatalf("Probe with deadline: %v, want ErrTimeout", r.Err)
+			}
+			// Probe returned at its context's deadline; the loop's own
+			// timer fires then too, and closes the socket.
+			s := e.Stats()
+			for deadline := time.Now().Add(5 * time.Second); s.InFlight != 0 && time.Now().Before(deadline); s = e.Stats() {
+				runtime.Gosched()
+			}
+			if s.Timeout != 2 || s.InFlight != 0 {
+				t.Fatalf("stats %+v, want two Timeouts, none in flight", s)
+			}
+		})
+	}
+}
+
+func TestProbeContextCanceled(t *testing.T) {
+	addr := fullQueueListener(t, "127.0.0.1")
+	e := newEngine(t, Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	res := make(chan Result, 1)
+	go func() { res <- e.Probe(ctx, addr) }()
+	// Cancel once the probe is in flight.
+	for deadline := time.Now().Add(5 * time.Second); e.Stats().InFlight == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("probe never in flight")
+		}
+		runtime.Gosched()
+	}
+	cancel()
+	if r := <-res; !errors.Is(r.Err, context.Canceled) {
+		t.Fatalf("canceled Probe: %v, want context.Canceled", r.Err)
+	}
+	// Already canceled: no probe at all.
+	if r := e.Probe(ctx, addr); !errors.Is(r.Err, context.Canceled) {
+		t.Fatalf("Probe with canceled context: %v", r.Err)
+	}
+}
+
+func TestProbeInvalidAddress(t *testing.T) {
+	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+	e := newEngine(t, Options{})
+	for _, bad := range []netip.AddrPort{{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 0)} {
+		r := e.Probe(probeCtx(t, time.Second), bad)
+		if r.Err == nil || !errors.Is(r.Err, syscall.EINVAL) {
+			t.Fatalf("probe of %v: %v, want an EINVAL error", bad, r.Err)
+		}
+	}
+	// The engine keeps running.
+	if r := e.Probe(probeCtx(t, 5*time.Second), l.addr); r.Err != nil {
+		t.Fatalf("probe after bad addresses: %v", r.Err)
+	}
+}
+
+func TestIPv4MappedIPv6(t *testing.T) {
+	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+	e := newEngine(t, Options{})
+	mapped := netip.AddrPortFrom(netip.AddrFrom16(l.addr.Addr().As16()), l.addr.Port())
+	if r := e.Probe(probeCtx(t, 5*time.Second), mapped); r.Err != nil {
+		t.Fatalf("probe of %v: %v", mapped, r.Err)
+	}
+}
+
+// TestQueueBeyondCap: probes beyond MaxInFlight wait, they do not fail.
+func TestQueueBeyondCap(t *testing.T) {
+	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+	slow := fullQueueListener(t, "127.0.0.1")
+	e := newEngine(t, Options{MaxInFlight: 2})
+	var wg sync.WaitGroup
+	var up, timedOut atomic.Int64
+	wg.Add(2 + 100)
+	for i := 0; i < 2; i++ {
+		e.ProbeAsync(slow, 100*time.Millisecond, func(r Result) {
+			if errors.Is(r.Err, ErrTimeout) {
+				timedOut.Add(1)
+			}
+			wg.Done()
+		})
+	}
+	for i := 0; i < 100; i++ {
+		e.ProbeAsync(l.addr, time.Second, func(r Result) {
+			if r.Err == nil {
+				up.Add(1)
+			}
+			wg.Done()
+		})
+	}
+	if s := e.Stats(); s.InFlight > 2 {
+		t.Fatalf("%d in flight, cap is 2", s.InFlight)
+	}
+	wg.Wait()
+	if up.Load() != 100 || timedOut.Load() != 2 {
+		t.Fatalf("up %d timed out %d, want 100 and 2", up.Load(), timedOut.Load())
+	}
+	if n := l.probeAccepts(t); n != 0 {
+		t.Fatalf("listener accepted %d probe connections", n)
+	}
+}
+
+// TestStealth: many probes against real listeners; none is ever accepted.
+func TestStealth(t *testing.T) {
+	const probes, chains, listeners = 10000, 64, 16
+	for _, lb := range loopbacks {
+		t.Run(lb.name, func(t *testing.T) {
+			ls := make([]*countingListener, listeners)
+			for i := range ls {
+				ls[i] = newCountingListener(t, lb.network, "["+lb.ip+"]:0")
+			}
+			e := newEngine(t, Options{})
+			var started, up atomic.Int64
+			var failed atomic.Value
+			var wg sync.WaitGroup
+			wg.Add(chains)
+			for c := 0; c < chains; c++ {
+				var done func(Result)
+				next := func() bool {
+					n := started.Add(1)
+					if n > probes {
+						return false
+					}
+					e.ProbeAsync(ls[int(n)%listeners].addr, 5*time.Second, done)
+					return true
+				}
+				done = func(r Result) {
+					if r.Err != nil {
+						failed.Store(r.Err)
+					} else {
+						up.Add(1)
+					}
+					if !next() {
+						wg.Done()
+					}
+				}
+				if !next() {
+					wg.Done()
+				}
+			}
+			wg.Wait()
+			if err, _ := failed.Load().(error); err != nil {
+				t.Fatalf("a probe failed: %v", err)
+			}
+			if up.Load() != probes {
+				t.Fatalf("%d probes up, want %d", up.Load(), probes)
+			}
+			var accepted int64
+			for _, l := range ls {
+				accepted += l.probeAccepts(t)
+			}
+			s := e.Stats()
+			t.Logf("%d probes, worst SYN-ACK to close %v", probes, s.MaxCloseDelay)
+			if accepted != 0 {
+				t.Fatalf("listeners accepted %d of %d probes", accepted, probes)
+			}
+		})
+	}
+}
+
+// TestCloseWithProbesInFlight: Close aborts thousands of probes in flight
+// and queued; every done runs once; no listener accepts anything.
+func TestCloseWithProbesInFlight(t *testing.T) {
+	for _, lb := range loopbacks {
+		t.Run(lb.name, func(t *testing.T) {
+			ls := make([]*countingListener, 8)
+			for i := range ls {
+				ls[i] = newCountingListener(t, lb.network, "["+lb.ip+"]:0")
+			}
+			blackhole := fullQueueListener(t, lb.ip)
+			const rounds, perRound, held, closeAfter = 5, 8000, 2000, 2000
+			for round := 0; round < rounds; round++ {
+				e, err := New(Options{MaxInFlight: 4096})
+				if err != nil {
+					t.Fatal(err)
+				}
+				calls := make([]atomic.Int32, perRound+held)
+				var closedN, upN atomic.Int64
+				closeNow := make(chan struct{})
+				cb := func(i int) func(Result) {
+					return func(r Result) {
+						calls[i].Add(1)
+						switch {
+						case errors.Is(r.Err, ErrClosed):
+							closedN.Add(1)
+						case r.Err == nil:
+							if upN.Add(1) == closeAfter {
+								close(closeNow)
+							}
+						}
+					}
+				}
+				// Probes that stay in flight until Close (dropped SYNs).
+				for i := 0; i < held; i++ {
+					e.ProbeAsync(blackhole, time.Minute, cb(perRound+i))
+				}
+				for i := 0; i < perRound; i++ {
+					e.ProbeAsync(ls[i%len(ls)].addr, time.Minute, cb(i))
+				}
+				// Close while the loop is busy with thousands in flight.
+				<-closeNow
+				inFlight := e.Stats().InFlight
+				e.Close()
+				for i := range calls {
+					if n := calls[i].Load(); n != 1 {
+						t.Fatalf("round %d: done of probe %d called %d times", round, i, n)
+					}
+				}
+				if closedN.Load() < held {
+					t.Fatalf("round %d: %d ErrClosed, want at least the %d held probes", round, closedN.Load(), held)
+				}
+				if s := e.Stats(); s.InFlight != 0 || s.Queued != 0 {
+					t.Fatalf("after Close: %+v", s)
+				}
+				t.Logf("round %d: %d in flight at Close; %d up, %d closed", round, inFlight, upN.Load(), closedN.Load())
+				// After Close: ErrClosed at once, from both calls.
+				var after Result
+				e.ProbeAsync(ls[0].addr, time.Second, func(r Result) { after = r })
+				if !errors.Is(after.Err, ErrClosed) {
+					t.Fatalf("ProbeAsync after Close: %v", after.Err)
+				}
+				if r := e.Probe(context.Background(), ls[0].addr); !errors.Is(r.Err, ErrClosed) {
+					t.Fatalf("Probe after Close: %v", r.Err)
+				}
+			}
+			var accepted int64
+			for _, l := range ls {
+				accepted += l.probeAccepts(t)
+			}
+			if accepted != 0 {
+				t.Fatalf("listeners accepted %d connections from closed engines", accepted)
+			}
+		})
+	}
+}
+
+func TestNoLeaks(t *testing.T) {
+	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+	closed := boundNotListening(t, "127.0.0.1")
+	runtime.GC()
+	fds0, gs0 := countFDs(t), runtime.NumGoroutine()
+
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const probes = 10000
+	var wg sync.WaitGroup
+	wg.Add(probes)
+	var bad atomic.Int64
+	for i := 0; i < probes; i++ {
+		addr, want := l.addr, error(nil)
+		if i%4 == 0 {
+			addr, want = closed, ErrRefused
+		}
+		e.ProbeAsync(addr, 5*time.Second, func(r Result) {
+			if !errors.Is(r.Err, want) {
+				bad.Add(1)
+			}
+			wg.Done()
+		})
+	}
+	wg.Wait()
+	if bad.Load() != 0 {
+		t.Fatalf("%d probes had an unexpected result", bad.Load())
+	}
+	// The engine holds its epoll fd and eventfd, nothing else.
+	if n := countFDs(t); n != fds0+2 {
+		t.Fatalf("%d fds open after %d probes, want %d", n, probes, fds0+2)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := countFDs(t); n != fds0 {
+		t.Fatalf("%d fds open after Close, want %d", n, fds0)
+	}
+	if n := waitGoroutines(gs0); n > gs0 {
+		t.Fatalf("%d goroutines after Close, want %d", n, gs0)
+	}
+	if n := l.probeAccepts(t); n != 0 {
+		t.Fatalf("listener accepted %d probe connections", n)
+	}
+}
+
+// TestConcurrentCallers: many goroutines call Probe and ProbeAsync while
+// the engine is closed under them (run with -race).
+func TestConcurrentCallers(t *testing.T) {
+	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+	l6 := newCountingListener(t, "tcp6", "[::1]:0")
+	closed := boundNotListening(t, "127.0.0.1")
+	e, err := New(Options{MaxInFlight: 32})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs := []netip.AddrPort{l.addr, l6.addr, closed}
+	const workers, each = 16, 200
+	var wg sync.WaitGroup
+	var calls, results atomic.Int64
+	var bad atomic.Value
+	check := func(r Result) {
+		results.Add(1)
+		if r.Err != nil && !errors.Is(r.Err, ErrRefused) && !errors.Is(r.Err, ErrClosed) {
+			bad.Store(r)
+		}
+	}
+	closeAt := make(chan struct{})
+	for w := 0; w < workers; w++ {
+		wg.Add(2)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				calls.Add(1)
+				check(e.Probe(probeCtx(t, 5*time.Second), addrs[(w+i)%len(addrs)]))
+				if w == 0 && i == each/2 {
+					close(closeAt)
+				}
+			}
+		}(w)
+		go func(w int) {
+			defer wg.Done()
+			var inner sync.WaitGroup
+			for i := 0; i < each; i++ {
+				calls.Add(1)
+				inner.Add(1)
+				e.ProbeAsync(addrs[(w+i)%len(addrs)], 5*time.Second, func(r Result) {
+					check(r)
+					inner.Done()
+				})
+			}
+			inner.Wait()
+		}(w)
+	}
+	<-closeAt
+	e.Close()
+	wg.Wait()
+	if r, ok := bad.Load().(Result); ok {
+		t.Fatalf("unexpected result %+v", r)
+	}
+	if calls.Load() != results.Load() {
+		t.Fatalf("%d calls, %d results", calls.Load(), results.Load())
+	}
+	s := e.Stats()
+	if s.Total() != uint64(calls.Load()) {
+		t.Fatalf("stats count %d results, want %d: %+v", s.Total(), calls.Load(), s)
+	}
+	if n := l.probeAccepts(t) + l6.probeAccepts(t); n != 0 {
+		t.Fatalf("listeners accepted %d probe connections", n)
+	}
+}
+
+func TestNewOptions(t *testing.T) {
+	for _, o := range []Options{{MaxInFlight: -1}, {DefaultTimeout: -time.Second}} {
+		if e, err := New(o); err == nil {
+			e.Close()
+			t.Fatalf("New(%+v) accepted bad options", o)
+		}
+	}
+	e := newEngine(t, Options{})
+	if e.maxInFlight != DefaultMaxInFlight || e.defaultTimeout != DefaultTimeout {
+		t.Fatalf("defaults: %d %v", e.maxInFlight, e.defaultTimeout)
+	}
+}
+
+func TestSelfCheck(t *testing.T) {
+	e := newEngine(t, Options{})
+	if err := e.SelfCheck(probeCtx(t, 10*time.Second)); err != nil {
+		t.Fatalf("self-check on Linux: %v", err)
+	}
+	if !HalfOpen() {
+		t.Fatal("HalfOpen() false on Linux")
+	}
+}
+
+// TestCloseIdempotent: Close twice, and Stats after Close.
+func TestCloseIdempotent(t *testing.T) {
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_ = e.Stats()
+}

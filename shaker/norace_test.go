@@ -1,0 +1,5 @@
+//go:build !race
+
+package shaker
+
+const raceEnabled = false

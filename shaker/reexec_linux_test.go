@@ -1,0 +1,276 @@
+//go:build linux
+
+package shaker
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Some cases need a process of their own: a network namespace with
+// nftables rules, or a lowered RLIMIT_NOFILE. The test binary runs itself
+// again with SHAKER_TEST_HELPER set; TestHelperProcess is then the child's
+// body, and prints its results as "RESULT ..." lines.
+
+const helperEnv = "SHAKER_TEST_HELPER"
+
+func TestHelperProcess(t *testing.T) {
+	switch os.Getenv(helperEnv) {
+	case "":
+		t.Skip("only runs as a child of the tests that need a process of their own")
+	case "probe":
+		helperProbe(t)
+	case "emfile":
+		helperEMFILE(t)
+	default:
+		t.Fatalf("unknown helper %q", os.Getenv(helperEnv))
+	}
+}
+
+// helperProbe probes each address of SHAKER_PROBE_ADDRS once, with a
+// listener on SHAKER_LISTEN, and prints one line per result:
+// RESULT addr outcome errno.
+func helperProbe(t *testing.T) {
+	if a := os.Getenv("SHAKER_LISTEN"); a != "" {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+	}
+	timeout, err := time.ParseDuration(os.Getenv("SHAKER_PROBE_TIMEOUT"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for _, s := range strings.Split(os.Getenv("SHAKER_PROBE_ADDRS"), ",") {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		r := e.Probe(ctx, netip.MustParseAddrPort(s))
+		cancel()
+		var errno syscall.Errno
+		errors.As(r.Err, &errno)
+		fmt.Printf("RESULT %s %s %d\n", s, outcome(r.Err), int(errno))
+	}
+}
+
+func outcome(err error) string {
+	switch {
+	case err == nil:
+		return "up"
+	case errors.Is(err, ErrRefused):
+		return "refused"
+	case errors.Is(err, ErrTimeout):
+		return "timeout"
+	case errors.Is(err, ErrUnreachable):
+		return "unreachable"
+	case errors.Is(err, ErrClosed):
+		return "closed"
+	}
+	return "error"
+}
+
+// helperEMFILE runs probes with almost no file descriptors left, then with
+// the limit restored, and prints the counts of each outcome.
+func helperEMFILE(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	addr := ln.Addr().(*net.TCPAddr).AddrPort()
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	run := func(n int) (up, emfile, other int64) {
+		var wg sync.WaitGroup
+		var u, m, o atomic.Int64
+		wg.Add(n)
+		for i := 0; i < n; i++ {
+			e.ProbeAsync(addr, 5*time.Second, func(r Result) {
+				switch {
+				case r.Err == nil:
+					u.Add(1)
+				case errors.Is(r.Err, syscall.EMFILE):
+					m.Add(1)
+				default:
+					o.Add(1)
+					fmt.Printf("OTHER %v\n", r.Err)
+				}
+				wg.Done()
+			})
+		}
+		wg.Wait()
+		return u.Load(), m.Load(), o.Load()
+	}
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir("/proc/self/fd")
+	low := old
+	low.Cur = uint64(len(ents) + 4)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &low); err != nil {
+		t.Fatal(err)
+	}
+	up, emfile, other := run(200)
+	fmt.Printf("RESULT low %d %d %d\n", up, emfile, other)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	up, emfile, other = run(200)
+	fmt.Printf("RESULT restored %d %d %d\n", up, emfile, other)
+}
+
+// runHelper runs the test binary as a helper, optionally inside network
+// namespace ns, and returns its RESULT lines, split into fields.
+func runHelper(t *testing.T, ns, mode string, env ...string) [][]string {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{self, "-test.run=^TestHelperProcess$", "-test.count=1"}
+	if ns != "" {
+		args = append([]string{"ip", "netns", "exec", ns}, args...)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+	cmd.Env = append(append(os.Environ(), helperEnv+"="+mode), env...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("helper %s: %v\n%s", mode, err, out.String())
+	}
+	t.Logf("helper %s:\n%s", mode, out.String())
+	var results [][]string
+	sc := bufio.NewScanner(&out)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) > 0 && f[0] == "RESULT" {
+			results = append(results, f[1:])
+		}
+	}
+	return results
+}
+
+// newNetns creates a network namespace with loopback up and the given
+// nftables ruleset, deleted at the end of the test. It skips the test when
+// this machine cannot.
+func newNetns(t *testing.T, ruleset string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a network namespace (CI runs as root)")
+	}
+	for _, tool := range []string{"ip", "nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s (Debian packages iproute2 and nftables; .ci/run installs them)", tool)
+		}
+	}
+	ns := fmt.Sprintf("shaker-test-%d-%d", os.Getpid(), time.Now().UnixNano()%1e9)
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Skipf("cannot create a network namespace: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", ns, err, out)
+		}
+	})
+	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("ip link set lo up: %v: %s", err, out)
+	}
+	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(ruleset)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Skipf("nftables rules cannot be loaded here: %v: %s", err, out)
+	}
+	return ns
+}
+
+// TestOutcomesInNetns: dropped SYNs time out, ICMP rejects are
+// unreachable, with nftables rules in a namespace of the test's own.
+func TestOutcomesInNetns(t *testing.T) {
+	ns := newNetns(t, `
+table inet shaker_test {
+	chain in {
+		type filter hook input priority 0; policy accept;
+		tcp dport 9001 drop
+		meta nfproto ipv4 tcp dport 9002 reject with icmp type host-unreachable
+		meta nfproto ipv4 tcp dport 9003 reject with icmp type net-unreachable
+	}
+}`)
+	cases := []struct {
+		addr, outcome string
+		errno         syscall.Errno
+	}{
+		{"127.0.0.1:9000", "up", 0},
+		{"127.0.0.1:9001", "timeout", 0},
+		{"[::1]:9001", "timeout", 0},
+		{"127.0.0.1:9002", "unreachable", syscall.EHOSTUNREACH},
+		{"127.0.0.1:9003", "unreachable", syscall.ENETUNREACH},
+		{"127.0.0.1:9004", "refused", 0},
+	}
+	var addrs []string
+	for _, c := range cases {
+		addrs = append(addrs, c.addr)
+	}
+	res := runHelper(t, ns, "probe",
+		"SHAKER_LISTEN=127.0.0.1:9000",
+		"SHAKER_PROBE_TIMEOUT=300ms",
+		"SHAKER_PROBE_ADDRS="+strings.Join(addrs, ","))
+	if len(res) != len(cases) {
+		t.Fatalf("%d results, want %d", len(res), len(cases))
+	}
+	for i, c := range cases {
+		got := res[i]
+		errno, _ := strconv.Atoi(got[2])
+		if got[0] != c.addr || got[1] != c.outcome || syscall.Errno(errno) != c.errno {
+			t.Errorf("%s: got %s errno %d (%v), want %s errno %d (%v)",
+				c.addr, got[1], errno, syscall.Errno(errno), c.outcome, c.errno, c.errno)
+		}
+	}
+}
+
+// TestFDLimit: at the fd limit, probes fail with an error that wraps
+// EMFILE, and the engine goes on probing once fds are free again.
+func TestFDLimit(t *testing.T) {
+	res := runHelper(t, "", "emfile")
+	if len(res) != 2 {
+		t.Fatalf("%d results, want 2", len(res))
+	}
+	n := func(row []string, i int) int {
+		v, err := strconv.Atoi(row[i])
+		if err != nil {
+			t.Fatalf("bad helper output %v", row)
+		}
+		return v
+	}
+	low, restored := res[0], res[1]
+	if n(low, 2) == 0 || n(low, 3) != 0 || n(low, 1)+n(low, 2) != 200 {
+		t.Fatalf("at the fd limit: up %s, EMFILE %s, other %s: want some EMFILE and nothing else failing", low[1], low[2], low[3])
+	}
+	if n(restored, 1) != 200 {
+		t.Fatalf("after the limit was restored: up %s EMFILE %s other %s, want 200 up", restored[1], restored[2], restored[3])
+	}
+}

@@ -48,11 +48,17 @@ func chains(b testing.TB, e *Engine, addrs []*countingListener, c, n int) (faile
 // BenchmarkProbeAsync: 64 chains re-armed from done. Run with -benchmem:
 // the steady state allocates nothing per probe.
 func BenchmarkProbeAsync(b *testing.B) {
+	for _, path := range paths {
+		b.Run(path.name, func(b *testing.B) { benchmarkProbeAsync(b, path.opts) })
+	}
+}
+
+func benchmarkProbeAsync(b *testing.B, opts Options) {
 	ls := make([]*countingListener, 16)
 	for i := range ls {
 		ls[i] = newCountingListener(b, "tcp4", "127.0.0.1:0")
 	}
-	e := newEngine(b, Options{})
+	e := newEngine(b, opts)
 	chains(b, e, ls, 64, 10000) // warm up: slots, heap, queue at full size
 	b.ReportAllocs()
 	b.ResetTimer()
@@ -93,8 +99,14 @@ func TestProbeAsyncNoAlloc(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates on its own")
 	}
+	for _, path := range paths {
+		t.Run(path.name, func(t *testing.T) { testProbeAsyncNoAlloc(t, path.opts) })
+	}
+}
+
+func testProbeAsyncNoAlloc(t *testing.T, opts Options) {
 	ls := []*countingListener{newCountingListener(t, "tcp4", "127.0.0.1:0")}
-	e := newEngine(t, Options{})
+	e := newEngine(t, opts)
 	chains(t, e, ls, 64, 5000)
 	const probes = 20000
 	var before, after runtime.MemStats

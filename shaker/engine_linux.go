@@ -53,6 +53,7 @@ type pending struct {
 type Engine struct {
 	maxInFlight    int
 	defaultTimeout time.Duration
+	epollOnly      bool
 	base           time.Time
 
 	epfd int
@@ -92,6 +93,7 @@ func New(opts Options) (*Engine, error) {
 	e := &Engine{
 		maxInFlight:    opts.MaxInFlight,
 		defaultTimeout: opts.DefaultTimeout,
+		epollOnly:      opts.epollOnly,
 		base:           time.Now(),
 		loopDone:       make(chan struct{}),
 		events:         make([]unix.EpollEvent, maxEvents),
@@ -259,15 +261,18 @@ func (e *Engine) loop() {
 		}
 		e.mu.Unlock()
 
-		n, err := unix.EpollWait(e.epfd, e.events, wait)
+		n, errno := epollWait(e.epfd, e.events, wait)
 		if wait != 0 {
 			e.mu.Lock()
 			e.sleeping = false
 			e.mu.Unlock()
 		}
-		if err != nil && err != unix.EINTR {
-			// epoll_wait fails only on a bad epfd or buffer: a bug.
-			panic("shaker: epoll_wait: " + err.Error())
+		if errno != 0 {
+			if errno != unix.EINTR {
+				// epoll_wait fails only on a bad epfd or buffer: a bug.
+				panic("shaker: epoll_wait: " + errno.Error())
+			}
+			n = 0
 		}
 
 		// Completions first: close every socket that has its answer.
@@ -404,47 +409,49 @@ func (e *Engine) start(req *request) {
 		e.finish(req.done, res)
 		return
 	}
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, 0); err != nil {
-		e.abort(fd, req, "setsockopt TCP_QUICKACK", err)
+	var zero int32
+	if errno := rawSetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, unsafe.Pointer(&zero), 4); errno != 0 {
+		e.abort(fd, req, "setsockopt TCP_QUICKACK", errno)
 		return
 	}
-	if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &e.linger); err != nil {
-		e.abort(fd, req, "setsockopt SO_LINGER", err)
+	if errno := rawSetsockopt(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&e.linger), unsafe.Sizeof(e.linger)); errno != 0 {
+		e.abort(fd, req, "setsockopt SO_LINGER", errno)
 		return
 	}
 
 	start := e.now()
-	_, _, errno := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(sa), salen)
-	switch errno {
-	case unix.EINPROGRESS:
-	case 0:
-		// Connected at once: take the result now.
-		idx := e.alloc(fd, req, start, deadline)
-		e.complete(idx, e.slots[idx].gen, unix.EPOLLOUT)
-		return
+	switch errno := rawConnect(fd, sa, salen); errno {
+	case 0, unix.EINPROGRESS:
 	default:
-		unix.Close(fd)
+		rawClose(fd)
 		res.Err = classify("connect", errno)
 		res.Duration = time.Duration(e.now() - start)
 		e.count(res.Err)
 		e.finish(req.done, res)
 		return
 	}
+	// On loopback and other local paths the handshake has often finished
+	// inside connect(). Then the socket is closed now, with no epoll
+	// round trip at all; TCP_INFO is read anyway for the RTT.
+	if state, ok := e.readTCPInfo(fd); ok && state != unix.BPF_TCP_SYN_SENT && !e.epollOnly {
+		e.closeProbe(fd, req.addr, req.done, start, state != unix.BPF_TCP_ESTABLISHED)
+		return
+	}
 	idx := e.alloc(fd, req, start, deadline)
 	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: idx, Pad: e.slots[idx].gen}
-	if err := unix.EpollCtl(e.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+	if errno := rawEpollCtl(e.epfd, unix.EPOLL_CTL_ADD, fd, &ev); errno != 0 {
 		e.release(idx)
-		unix.Close(fd)
-		res.Err = &opError{"epoll_ctl", errnoOf(err)}
+		rawClose(fd)
+		res.Err = &opError{"epoll_ctl", errno}
 		e.count(res.Err)
 		e.finish(req.done, res)
 	}
 }
 
 // abort closes the socket of a probe that could not be started.
-func (e *Engine) abort(fd int, req *request, op string, err error) {
-	unix.Close(fd)
-	res := Result{Addr: req.addr, Err: &opError{op, errnoOf(err)}}
+func (e *Engine) abort(fd int, req *request, op string, errno syscall.Errno) {
+	rawClose(fd)
+	res := Result{Addr: req.addr, Err: &opError{op, errno}}
 	e.count(res.Err)
 	e.finish(req.done, res)
 }
@@ -483,8 +490,7 @@ func (e *Engine) release(idx int32) {
 	e.inFlight.Add(-1)
 }
 
-// complete handles the epoll event of a probe: it reads the outcome, closes
-// the socket and queues the result.
+// complete handles the epoll event of a probe in flight.
 func (e *Engine) complete(idx, gen int32, events uint32) {
 	if idx < 0 || int(idx) >= len(e.slots) {
 		return
@@ -493,36 +499,56 @@ func (e *Engine) complete(idx, gen int32, events uint32) {
 	if s.gen != gen || s.fd < 0 {
 		return // an event for a probe that is already over
 	}
-	res := Result{Addr: s.addr}
-	if events&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
-		soerr, err := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		switch {
-		case err != nil:
-			res.Err = &opError{"getsockopt SO_ERROR", errnoOf(err)}
+	fd, addr, done, start := s.fd, s.addr, s.done, s.start
+	e.release(idx)
+	failed := events&(unix.EPOLLERR|unix.EPOLLHUP) != 0
+	if !failed {
+		e.readTCPInfo(fd)
+	}
+	e.closeProbe(fd, addr, done, start, failed)
+}
+
+// readTCPInfo reads the socket's TCP_INFO into e.tcpInfo and returns its
+// state.
+func (e *Engine) readTCPInfo(fd int) (state uint8, ok bool) {
+	size := uint32(unsafe.Sizeof(e.tcpInfo))
+	if errno := rawGetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&e.tcpInfo), &size); errno != 0 {
+		e.tcpInfo.Rtt = 0
+		return 0, false
+	}
+	return e.tcpInfo.State, true
+}
+
+// closeProbe reads the outcome of a probe whose answer has come, closes its
+// socket and queues the result. When failed is false, e.tcpInfo holds the
+// socket's TCP_INFO.
+func (e *Engine) closeProbe(fd int, addr netip.AddrPort, done func(Result), start int64, failed bool) {
+	res := Result{Addr: addr}
+	var rtt int64
+	if failed {
+		var soerr int32
+		size := uint32(4)
+		switch errno := rawGetsockopt(fd, unix.SOL_SOCKET, unix.SO_ERROR, unsafe.Pointer(&soerr), &size); {
+		case errno != 0:
+			res.Err = &opError{"getsockopt SO_ERROR", errno}
 		case soerr != 0:
 			res.Err = classify("connect", syscall.Errno(soerr))
+		default:
+			// An error event with no error pending: the connection
+			// was made and lost at once. The port answered.
 		}
+	} else {
+		rtt = int64(e.tcpInfo.Rtt) * int64(time.Microsecond)
 	}
-	var rtt int64
-	if res.Err == nil {
-		size := uint32(unsafe.Sizeof(e.tcpInfo))
-		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(s.fd), unix.IPPROTO_TCP, unix.TCP_INFO,
-			uintptr(unsafe.Pointer(&e.tcpInfo)), uintptr(unsafe.Pointer(&size)), 0)
-		if errno == 0 {
-			rtt = int64(e.tcpInfo.Rtt) * int64(time.Microsecond)
-		}
-	}
-	unix.Close(s.fd) // zero linger: the RST goes out now
+	rawClose(fd) // zero linger: the RST goes out now
 	end := e.now()
-	res.Duration = time.Duration(end - s.start)
+	res.Duration = time.Duration(end - start)
 	if res.Err == nil {
 		res.RTT = time.Duration(rtt)
-		if delay := end - (s.start + rtt); delay > e.maxCloseDelayN.Load() {
+		if delay := end - (start + rtt); delay > e.maxCloseDelayN.Load() {
 			e.maxCloseDelayN.Store(delay)
 		}
 	}
-	done := s.done
-	e.release(idx)
 	e.count(res.Err)
 	e.finish(done, res)
 }
@@ -530,7 +556,7 @@ func (e *Engine) complete(idx, gen int32, events uint32) {
 // expire ends a probe whose deadline has passed.
 func (e *Engine) expire(idx int32, now int64) {
 	s := &e.slots[idx]
-	unix.Close(s.fd)
+	rawClose(s.fd)
 	res := Result{Addr: s.addr, Err: ErrTimeout, Duration: time.Duration(now - s.start)}
 	done := s.done
 	e.release(idx)
@@ -546,7 +572,7 @@ func (e *Engine) shutdown() {
 	for len(e.heap) > 0 {
 		idx := e.heap[len(e.heap)-1]
 		s := &e.slots[idx]
-		unix.Close(s.fd)
+		rawClose(s.fd)
 		done, addr := s.done, s.addr
 		e.release(idx)
 		e.count(ErrClosed)

@@ -19,47 +19,62 @@ var loopbacks = []struct{ name, network, ip string }{
 	{"ipv6", "tcp6", "::1"},
 }
 
+// paths are the two ways a probe's answer is taken: at once when the
+// handshake finished inside connect() (usual on loopback), or through
+// epoll (usual on a network; forced here).
+var paths = []struct {
+	name string
+	opts Options
+}{
+	{"inline", Options{}},
+	{"epoll", Options{epollOnly: true}},
+}
+
 func TestProbeOpen(t *testing.T) {
 	for _, lb := range loopbacks {
-		t.Run(lb.name, func(t *testing.T) {
-			l := newCountingListener(t, lb.network, "["+lb.ip+"]:0")
-			e := newEngine(t, Options{})
-			r := e.Probe(probeCtx(t, 5*time.Second), l.addr)
-			if r.Err != nil {
-				t.Fatalf("probe of open port %v: %v", l.addr, r.Err)
-			}
-			if !r.Up() || r.Addr != l.addr {
-				t.Fatalf("result %+v, want up for %v", r, l.addr)
-			}
-			if r.RTT <= 0 || r.Duration <= 0 {
-				t.Fatalf("RTT %v, Duration %v: want both > 0", r.RTT, r.Duration)
-			}
-			if n := l.probeAccepts(t); n != 0 {
-				t.Fatalf("listener accepted %d probe connections", n)
-			}
-			if s := e.Stats(); s.Up != 1 || s.Total() != 1 {
-				t.Fatalf("stats %+v, want one Up", s)
-			}
-		})
+		for _, path := range paths {
+			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
+				l := newCountingListener(t, lb.network, "["+lb.ip+"]:0")
+				e := newEngine(t, path.opts)
+				r := e.Probe(probeCtx(t, 5*time.Second), l.addr)
+				if r.Err != nil {
+					t.Fatalf("probe of open port %v: %v", l.addr, r.Err)
+				}
+				if !r.Up() || r.Addr != l.addr {
+					t.Fatalf("result %+v, want up for %v", r, l.addr)
+				}
+				if r.RTT <= 0 || r.Duration <= 0 {
+					t.Fatalf("RTT %v, Duration %v: want both > 0", r.RTT, r.Duration)
+				}
+				if n := l.probeAccepts(t); n != 0 {
+					t.Fatalf("listener accepted %d probe connections", n)
+				}
+				if s := e.Stats(); s.Up != 1 || s.Total() != 1 {
+					t.Fatalf("stats %+v, want one Up", s)
+				}
+			})
+		}
 	}
 }
 
 func TestProbeRefused(t *testing.T) {
 	for _, lb := range loopbacks {
-		t.Run(lb.name, func(t *testing.T) {
-			addr := boundNotListening(t, lb.ip)
-			e := newEngine(t, Options{})
-			r := e.Probe(probeCtx(t, 5*time.Second), addr)
-			if !errors.Is(r.Err, ErrRefused) {
-				t.Fatalf("probe of closed port %v: %v, want ErrRefused", addr, r.Err)
-			}
-			if r.RTT != 0 {
-				t.Fatalf("RTT %v on a refused probe", r.RTT)
-			}
-			if s := e.Stats(); s.Refused != 1 {
-				t.Fatalf("stats %+v, want one Refused", s)
-			}
-		})
+		for _, path := range paths {
+			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
+				addr := boundNotListening(t, lb.ip)
+				e := newEngine(t, path.opts)
+				r := e.Probe(probeCtx(t, 5*time.Second), addr)
+				if !errors.Is(r.Err, ErrRefused) {
+					t.Fatalf("probe of closed port %v: %v, want ErrRefused", addr, r.Err)
+				}
+				if r.RTT != 0 {
+					t.Fatalf("RTT %v on a refused probe", r.RTT)
+				}
+				if s := e.Stats(); s.Refused != 1 {
+					t.Fatalf("stats %+v, want one Refused", s)
+				}
+			})
+		}
 	}
 }
 
@@ -183,57 +198,59 @@ func TestQueueBeyondCap(t *testing.T) {
 func TestStealth(t *testing.T) {
 	const probes, chains, listeners = 10000, 64, 16
 	for _, lb := range loopbacks {
-		t.Run(lb.name, func(t *testing.T) {
-			ls := make([]*countingListener, listeners)
-			for i := range ls {
-				ls[i] = newCountingListener(t, lb.network, "["+lb.ip+"]:0")
-			}
-			e := newEngine(t, Options{})
-			var started, up atomic.Int64
-			var failed atomic.Value
-			var wg sync.WaitGroup
-			wg.Add(chains)
-			for c := 0; c < chains; c++ {
-				var done func(Result)
-				next := func() bool {
-					n := started.Add(1)
-					if n > probes {
-						return false
-					}
-					e.ProbeAsync(ls[int(n)%listeners].addr, 5*time.Second, done)
-					return true
+		for _, path := range paths {
+			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
+				ls := make([]*countingListener, listeners)
+				for i := range ls {
+					ls[i] = newCountingListener(t, lb.network, "["+lb.ip+"]:0")
 				}
-				done = func(r Result) {
-					if r.Err != nil {
-						failed.Store(r.Err)
-					} else {
-						up.Add(1)
+				e := newEngine(t, path.opts)
+				var started, up atomic.Int64
+				var failed atomic.Value
+				var wg sync.WaitGroup
+				wg.Add(chains)
+				for c := 0; c < chains; c++ {
+					var done func(Result)
+					next := func() bool {
+						n := started.Add(1)
+						if n > probes {
+							return false
+						}
+						e.ProbeAsync(ls[int(n)%listeners].addr, 5*time.Second, done)
+						return true
+					}
+					done = func(r Result) {
+						if r.Err != nil {
+							failed.Store(r.Err)
+						} else {
+							up.Add(1)
+						}
+						if !next() {
+							wg.Done()
+						}
 					}
 					if !next() {
 						wg.Done()
 					}
 				}
-				if !next() {
-					wg.Done()
+				wg.Wait()
+				if err, _ := failed.Load().(error); err != nil {
+					t.Fatalf("a probe failed: %v", err)
 				}
-			}
-			wg.Wait()
-			if err, _ := failed.Load().(error); err != nil {
-				t.Fatalf("a probe failed: %v", err)
-			}
-			if up.Load() != probes {
-				t.Fatalf("%d probes up, want %d", up.Load(), probes)
-			}
-			var accepted int64
-			for _, l := range ls {
-				accepted += l.probeAccepts(t)
-			}
-			s := e.Stats()
-			t.Logf("%d probes, worst SYN-ACK to close %v", probes, s.MaxCloseDelay)
-			if accepted != 0 {
-				t.Fatalf("listeners accepted %d of %d probes", accepted, probes)
-			}
-		})
+				if up.Load() != probes {
+					t.Fatalf("%d probes up, want %d", up.Load(), probes)
+				}
+				var accepted int64
+				for _, l := range ls {
+					accepted += l.probeAccepts(t)
+				}
+				s := e.Stats()
+				t.Logf("%d probes, worst SYN-ACK to close %v", probes, s.MaxCloseDelay)
+				if accepted != 0 {
+					t.Fatalf("listeners accepted %d of %d probes", accepted, probes)
+				}
+			})
+		}
 	}
 }
 
@@ -241,75 +258,79 @@ func TestStealth(t *testing.T) {
 // and queued; every done runs once; no listener accepts anything.
 func TestCloseWithProbesInFlight(t *testing.T) {
 	for _, lb := range loopbacks {
-		t.Run(lb.name, func(t *testing.T) {
-			ls := make([]*countingListener, 8)
-			for i := range ls {
-				ls[i] = newCountingListener(t, lb.network, "["+lb.ip+"]:0")
-			}
-			blackhole := fullQueueListener(t, lb.ip)
-			const rounds, perRound, held, closeAfter = 5, 8000, 2000, 2000
-			for round := 0; round < rounds; round++ {
-				e, err := New(Options{MaxInFlight: 4096})
-				if err != nil {
-					t.Fatal(err)
+		for _, path := range paths {
+			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
+				ls := make([]*countingListener, 8)
+				for i := range ls {
+					ls[i] = newCountingListener(t, lb.network, "["+lb.ip+"]:0")
 				}
-				calls := make([]atomic.Int32, perRound+held)
-				var closedN, upN atomic.Int64
-				closeNow := make(chan struct{})
-				cb := func(i int) func(Result) {
-					return func(r Result) {
-						calls[i].Add(1)
-						switch {
-						case errors.Is(r.Err, ErrClosed):
-							closedN.Add(1)
-						case r.Err == nil:
-							if upN.Add(1) == closeAfter {
-								close(closeNow)
+				blackhole := fullQueueListener(t, lb.ip)
+				const rounds, perRound, held, closeAfter = 5, 8000, 2000, 2000
+				for round := 0; round < rounds; round++ {
+					opts := path.opts
+					opts.MaxInFlight = 4096
+					e, err := New(opts)
+					if err != nil {
+						t.Fatal(err)
+					}
+					calls := make([]atomic.Int32, perRound+held)
+					var closedN, upN atomic.Int64
+					closeNow := make(chan struct{})
+					cb := func(i int) func(Result) {
+						return func(r Result) {
+							calls[i].Add(1)
+							switch {
+							case errors.Is(r.Err, ErrClosed):
+								closedN.Add(1)
+							case r.Err == nil:
+								if upN.Add(1) == closeAfter {
+									close(closeNow)
+								}
 							}
 						}
 					}
-				}
-				// Probes that stay in flight until Close (dropped SYNs).
-				for i := 0; i < held; i++ {
-					e.ProbeAsync(blackhole, time.Minute, cb(perRound+i))
-				}
-				for i := 0; i < perRound; i++ {
-					e.ProbeAsync(ls[i%len(ls)].addr, time.Minute, cb(i))
-				}
-				// Close while the loop is busy with thousands in flight.
-				<-closeNow
-				inFlight := e.Stats().InFlight
-				e.Close()
-				for i := range calls {
-					if n := calls[i].Load(); n != 1 {
-						t.Fatalf("round %d: done of probe %d called %d times", round, i, n)
+					// Probes that stay in flight until Close (dropped SYNs).
+					for i := 0; i < held; i++ {
+						e.ProbeAsync(blackhole, time.Minute, cb(perRound+i))
+					}
+					for i := 0; i < perRound; i++ {
+						e.ProbeAsync(ls[i%len(ls)].addr, time.Minute, cb(i))
+					}
+					// Close while the loop is busy with thousands in flight.
+					<-closeNow
+					inFlight := e.Stats().InFlight
+					e.Close()
+					for i := range calls {
+						if n := calls[i].Load(); n != 1 {
+							t.Fatalf("round %d: done of probe %d called %d times", round, i, n)
+						}
+					}
+					if closedN.Load() < held {
+						t.Fatalf("round %d: %d ErrClosed, want at least the %d held probes", round, closedN.Load(), held)
+					}
+					if s := e.Stats(); s.InFlight != 0 || s.Queued != 0 {
+						t.Fatalf("after Close: %+v", s)
+					}
+					t.Logf("round %d: %d in flight at Close; %d up, %d closed", round, inFlight, upN.Load(), closedN.Load())
+					// After Close: ErrClosed at once, from both calls.
+					var after Result
+					e.ProbeAsync(ls[0].addr, time.Second, func(r Result) { after = r })
+					if !errors.Is(after.Err, ErrClosed) {
+						t.Fatalf("ProbeAsync after Close: %v", after.Err)
+					}
+					if r := e.Probe(context.Background(), ls[0].addr); !errors.Is(r.Err, ErrClosed) {
+						t.Fatalf("Probe after Close: %v", r.Err)
 					}
 				}
-				if closedN.Load() < held {
-					t.Fatalf("round %d: %d ErrClosed, want at least the %d held probes", round, closedN.Load(), held)
+				var accepted int64
+				for _, l := range ls {
+					accepted += l.probeAccepts(t)
 				}
-				if s := e.Stats(); s.InFlight != 0 || s.Queued != 0 {
-					t.Fatalf("after Close: %+v", s)
+				if accepted != 0 {
+					t.Fatalf("listeners accepted %d connections from closed engines", accepted)
 				}
-				t.Logf("round %d: %d in flight at Close; %d up, %d closed", round, inFlight, upN.Load(), closedN.Load())
-				// After Close: ErrClosed at once, from both calls.
-				var after Result
-				e.ProbeAsync(ls[0].addr, time.Second, func(r Result) { after = r })
-				if !errors.Is(after.Err, ErrClosed) {
-					t.Fatalf("ProbeAsync after Close: %v", after.Err)
-				}
-				if r := e.Probe(context.Background(), ls[0].addr); !errors.Is(r.Err, ErrClosed) {
-					t.Fatalf("Probe after Close: %v", r.Err)
-				}
-			}
-			var accepted int64
-			for _, l := range ls {
-				accepted += l.probeAccepts(t)
-			}
-			if accepted != 0 {
-				t.Fatalf("listeners accepted %d connections from closed engines", accepted)
-			}
-		})
+			})
+		}
 	}
 }
 

@@ -57,6 +57,10 @@ type Options struct {
 	// with a context without deadline, ProbeAsync with a timeout <= 0.
 	// Zero means DefaultTimeout.
 	DefaultTimeout time.Duration
+
+	// epollOnly, for tests: always wait for the answer through epoll,
+	// even when the handshake finished inside connect().
+	epollOnly bool
 }
 
 // Result is the outcome of one probe.

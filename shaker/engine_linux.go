@@ -499,13 +499,12 @@ func (e *Engine) complete(idx, gen int32, events uint32) {
 	if s.gen != gen || s.fd < 0 {
 		return // an event for a probe that is already over
 	}
-	fd, addr, done, start := s.fd, s.addr, s.done, s.start
-	e.release(idx)
 	failed := events&(unix.EPOLLERR|unix.EPOLLHUP) != 0
 	if !failed {
-		e.readTCPInfo(fd)
+		e.readTCPInfo(s.fd)
 	}
-	e.closeProbe(fd, addr, done, start, failed)
+	e.closeProbe(s.fd, s.addr, s.done, s.start, failed)
+	e.release(idx)
 }
 
 // readTCPInfo reads the socket's TCP_INFO into e.tcpInfo and returns its
@@ -558,10 +557,9 @@ func (e *Engine) expire(idx int32, now int64) {
 	s := &e.slots[idx]
 	rawClose(s.fd)
 	res := Result{Addr: s.addr, Err: ErrTimeout, Duration: time.Duration(now - s.start)}
-	done := s.done
-	e.release(idx)
 	e.count(res.Err)
-	e.finish(done, res)
+	e.finish(s.done, res)
+	e.release(idx)
 }
 
 // shutdown closes every probe socket and completes every probe with
@@ -573,10 +571,9 @@ func (e *Engine) shutdown() {
 		idx := e.heap[len(e.heap)-1]
 		s := &e.slots[idx]
 		rawClose(s.fd)
-		done, addr := s.done, s.addr
-		e.release(idx)
 		e.count(ErrClosed)
-		e.finish(done, Result{Addr: addr, Err: ErrClosed})
+		e.finish(s.done, Result{Addr: s.addr, Err: ErrClosed})
+		e.release(idx)
 	}
 	e.mu.Lock()
 	var queued []request

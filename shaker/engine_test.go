@@ -101,7 +101,7 @@ func TestProbeTimeoutFullAcceptQueue(t *testing.T) {
 			// Probe returned at its context's deadline; the loop's own
 			// timer fires then too, and closes the socket.
 			s := e.Stats()
-			for deadline := time.Now().Add(5 * time.Second); s.InFlight != 0 && time.Now().Before(deadline); s = e.Stats() {
+			for deadline := time.Now().Add(5 * time.Second); (s.Timeout != 2 || s.InFlight != 0) && time.Now().Before(deadline); s = e.Stats() {
 				runtime.Gosched()
 			}
 			if s.Timeout != 2 || s.InFlight != 0 {

@@ -144,7 +144,10 @@ func classify(op string, errno syscall.Errno) error {
 	return &opError{op, errno}
 }
 
-// Stats is a snapshot of an Engine's counters.
+// Stats is a snapshot of an Engine's counters, read one by one while the
+// engine runs: a probe being started may be missing from both Queued and
+// InFlight for an instant, and a probe's result is counted before it leaves
+// InFlight.
 type Stats struct {
 	Up          uint64 // probes answered with a SYN-ACK
 	Refused     uint64 // probes answered with an RST

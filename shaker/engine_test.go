@@ -139,8 +139,8 @@ func TestProbeInvalidAddress(t *testing.T) {
 	e := newEngine(t, Options{})
 	for _, bad := range []netip.AddrPort{{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 0)} {
 		r := e.Probe(probeCtx(t, time.Second), bad)
-		if r.Err == nil || !errors.Is(r.Err, syscall.EINVAL) {
-			t.Fatalf("probe of %v: %v, want an EINVAL error", bad, r.Err)
+		if r.Err == nil || !errors.Is(r.Err, syscall.EINVAL) || errors.Is(r.Err, ErrLocal) {
+			t.Fatalf("probe of %v: %v, want an EINVAL error, not ErrLocal", bad, r.Err)
 		}
 	}
 	// The engine keeps running.

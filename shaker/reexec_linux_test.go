@@ -112,7 +112,7 @@ func helperEMFILE(t *testing.T) {
 				switch {
 				case r.Err == nil:
 					u.Add(1)
-				case errors.Is(r.Err, syscall.EMFILE):
+				case errors.Is(r.Err, syscall.EMFILE) && errors.Is(r.Err, ErrLocal):
 					m.Add(1)
 				default:
 					o.Add(1)

@@ -71,9 +71,9 @@ type Result struct {
 	// Err is nil when the port answered with a SYN-ACK. Otherwise it
 	// matches one of ErrRefused, ErrTimeout, ErrUnreachable or ErrClosed
 	// with errors.Is, or it wraps the syscall.Errno of the failing
-	// system call (EMFILE, EADDRNOTAVAIL, ...). ErrUnreachable errors and
-	// wrapped errors also match their syscall.Errno (EHOSTUNREACH,
-	// ENETUNREACH, ...).
+	// system call (EMFILE, EADDRNOTAVAIL, ...), and also matches ErrLocal
+	// when that failure is this host's. ErrUnreachable errors also match
+	// their syscall.Errno (EHOSTUNREACH, ENETUNREACH).
 	Err error
 
 	// RTT is the kernel's measure (tcpi_rtt) of the SYN to SYN-ACK round
@@ -101,6 +101,11 @@ var (
 	ErrUnreachable = errors.New("shaker: unreachable")
 	// ErrClosed: the engine was closed before the probe had a result.
 	ErrClosed = errors.New("shaker: engine closed")
+	// ErrLocal: the probe could not be made on this host: out of file
+	// descriptors, local ports or memory. The error also wraps the errno.
+	// It says nothing about the backend, so a health checker should not
+	// count it against one.
+	ErrLocal = errors.New("shaker: probe failed on this host")
 )
 
 // errnoError is an error that matches both a category (ErrUnreachable) and
@@ -127,7 +132,30 @@ type opError struct {
 }
 
 func (e *opError) Error() string { return fmt.Sprintf("shaker: %s: %v", e.op, e.errno) }
-func (e *opError) Unwrap() error { return e.errno }
+
+func (e *opError) Unwrap() []error {
+	if e.local() {
+		return []error{e.errno, ErrLocal}
+	}
+	return []error{e.errno}
+}
+
+// local reports whether the error is this host's, not the backend's: any
+// failure of a call other than connect, and connect's own lack of ports,
+// buffers or memory.
+func (e *opError) local() bool {
+	if e == errInvalidAddr {
+		return false
+	}
+	if e.op != "connect" {
+		return true
+	}
+	switch e.errno {
+	case syscall.EADDRNOTAVAIL, syscall.EAGAIN, syscall.ENOBUFS, syscall.ENOMEM, syscall.EMFILE, syscall.ENFILE:
+		return true
+	}
+	return false
+}
 
 // classify maps the errno of a failed connect to a Result error.
 func classify(op string, errno syscall.Errno) error {

@@ -73,6 +73,7 @@ type Engine struct {
 	events  []unix.EpollEvent
 	batch   []request
 	results []pending
+	idle    [2][]int // sockets kept for reuse, IPv4 and IPv6
 	tcpInfo unix.TCPInfo
 	linger  unix.Linger
 	evbuf   [8]byte
@@ -402,20 +403,17 @@ func (e *Engine) start(req *request) {
 		return
 	}
 
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		res.Err = &opError{"socket", errnoOf(err)}
+	fd, op, errno := e.socket(family)
+	if errno != 0 {
+		res.Err = &opError{op, errno}
 		e.count(res.Err)
 		e.finish(req.done, res)
 		return
 	}
+	// Delayed-ACK mode, before every connect: a disconnect resets it.
 	var zero int32
 	if errno := rawSetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, unsafe.Pointer(&zero), 4); errno != 0 {
 		e.abort(fd, req, "setsockopt TCP_QUICKACK", errno)
-		return
-	}
-	if errno := rawSetsockopt(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&e.linger), unsafe.Sizeof(e.linger)); errno != 0 {
-		e.abort(fd, req, "setsockopt SO_LINGER", errno)
 		return
 	}
 
@@ -434,7 +432,7 @@ func (e *Engine) start(req *request) {
 	// inside connect(). Then the socket is closed now, with no epoll
 	// round trip at all; TCP_INFO is read anyway for the RTT.
 	if state, ok := e.readTCPInfo(fd); ok && state != unix.BPF_TCP_SYN_SENT && !e.epollOnly {
-		e.closeProbe(fd, req.addr, req.done, start, state != unix.BPF_TCP_ESTABLISHED)
+		e.closeProbe(fd, family, req.addr, req.done, start, state != unix.BPF_TCP_ESTABLISHED)
 		return
 	}
 	idx := e.alloc(fd, req, start, deadline)
@@ -446,6 +444,56 @@ func (e *Engine) start(req *request) {
 		e.count(res.Err)
 		e.finish(req.done, res)
 	}
+}
+
+// maxIdle is how many sockets of each family the loop keeps for reuse. A
+// socket is reused only when its probe ended inside start, so one or two
+// are enough.
+const maxIdle = 4
+
+func familyIndex(family int) int {
+	if family == unix.AF_INET6 {
+		return 1
+	}
+	return 0
+}
+
+// socket returns a TCP socket of the family, non-blocking, with a zero
+// linger, from the idle ones or new. On error it names the failing call.
+func (e *Engine) socket(family int) (int, string, syscall.Errno) {
+	idle := &e.idle[familyIndex(family)]
+	if n := len(*idle); n > 0 {
+		fd := (*idle)[n-1]
+		*idle = (*idle)[:n-1]
+		return fd, "", 0
+	}
+	r, _, errno := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if errno != 0 {
+		return -1, "socket", errno
+	}
+	fd := int(r)
+	if errno := rawSetsockopt(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&e.linger), unsafe.Sizeof(e.linger)); errno != 0 {
+		rawClose(fd)
+		return -1, "setsockopt SO_LINGER", errno
+	}
+	return fd, "", 0
+}
+
+// unspec is the address of a disconnect: connect() to AF_UNSPEC.
+var unspec = unix.RawSockaddr{Family: unix.AF_UNSPEC}
+
+// recycle ends the connection of a socket whose probe is over and keeps
+// the socket for another probe. connect(AF_UNSPEC) aborts the connection
+// as close() with a zero linger does, an RST if the handshake was answered,
+// and leaves the socket unbound and ready to connect again: reuse saves a
+// socket(), a close() and a setsockopt per probe.
+func (e *Engine) recycle(fd, family int) {
+	idle := &e.idle[familyIndex(family)]
+	if len(*idle) >= maxIdle || rawConnect(fd, unsafe.Pointer(&unspec), unsafe.Sizeof(unspec)) != 0 {
+		rawClose(fd)
+		return
+	}
+	*idle = append(*idle, fd)
 }
 
 // abort closes the socket of a probe that could not be started.
@@ -503,7 +551,7 @@ func (e *Engine) complete(idx, gen int32, events uint32) {
 	if !failed {
 		e.readTCPInfo(s.fd)
 	}
-	e.closeProbe(s.fd, s.addr, s.done, s.start, failed)
+	e.closeProbe(s.fd, 0, s.addr, s.done, s.start, failed)
 	e.release(idx)
 }
 
@@ -518,10 +566,11 @@ func (e *Engine) readTCPInfo(fd int) (state uint8, ok bool) {
 	return e.tcpInfo.State, true
 }
 
-// closeProbe reads the outcome of a probe whose answer has come, closes its
-// socket and queues the result. When failed is false, e.tcpInfo holds the
-// socket's TCP_INFO.
-func (e *Engine) closeProbe(fd int, addr netip.AddrPort, done func(Result), start int64, failed bool) {
+// closeProbe reads the outcome of a probe whose answer has come, ends its
+// connection and queues the result. When failed is false, e.tcpInfo holds
+// the socket's TCP_INFO. A socket that never entered epoll (family != 0) is
+// kept for another probe; others are closed.
+func (e *Engine) closeProbe(fd, family int, addr netip.AddrPort, done func(Result), start int64, failed bool) {
 	res := Result{Addr: addr}
 	var rtt int64
 	if failed {
@@ -539,7 +588,11 @@ func (e *Engine) closeProbe(fd int, addr netip.AddrPort, done func(Result), star
 	} else {
 		rtt = int64(e.tcpInfo.Rtt) * int64(time.Microsecond)
 	}
-	rawClose(fd) // zero linger: the RST goes out now
+	if family != 0 {
+		e.recycle(fd, family) // the RST goes out now
+	} else {
+		rawClose(fd) // zero linger: the RST goes out now
+	}
 	end := e.now()
 	res.Duration = time.Duration(end - start)
 	if res.Err == nil {
@@ -584,6 +637,12 @@ func (e *Engine) shutdown() {
 	for i := range queued {
 		e.count(ErrClosed)
 		e.finish(queued[i].done, Result{Addr: queued[i].addr, Err: ErrClosed})
+	}
+	for i := range e.idle {
+		for _, fd := range e.idle[i] {
+			rawClose(fd)
+		}
+		e.idle[i] = nil
 	}
 	unix.Close(e.evfd)
 	unix.Close(e.epfd)

@@ -38,6 +38,8 @@ func TestHelperProcess(t *testing.T) {
 		helperProbe(t)
 	case "emfile":
 		helperEMFILE(t)
+	case "rsts":
+		helperRSTs(t)
 	default:
 		t.Fatalf("unknown helper %q", os.Getenv(helperEnv))
 	}
@@ -154,6 +156,77 @@ func helperEMFILE(t *testing.T) {
 	fmt.Printf("RESULT freed %d %d %d\n", up, emfile, other)
 }
 
+// helperRSTs probes a listener of its own, inline and through epoll, and
+// prints for each path how many probes were up, how much the namespace's
+// TcpExt EmbryonicRsts counter grew, and how many connections the listener
+// accepted: RESULT path up rsts accepted.
+func helperRSTs(t *testing.T) {
+	const probes = 1000
+	for _, path := range paths {
+		l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+		e, err := New(path.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := tcpExt(t, "EmbryonicRsts")
+		up := 0
+		for i := 0; i < probes; i++ {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if e.Probe(ctx, l.addr).Err == nil {
+				up++
+			}
+			cancel()
+		}
+		e.Close()
+		rsts := tcpExt(t, "EmbryonicRsts") - before
+		fmt.Printf("RESULT %s %d %d %d\n", path.name, up, rsts, l.probeAccepts(t))
+	}
+}
+
+// tcpExt reads a TcpExt counter of this network namespace.
+func tcpExt(t *testing.T, name string) int64 {
+	b, err := os.ReadFile("/proc/net/netstat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i+1 < len(lines); i++ {
+		keys, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		if len(keys) == 0 || keys[0] != "TcpExt:" || len(vals) != len(keys) {
+			continue
+		}
+		for j, k := range keys {
+			if k == name {
+				v, err := strconv.ParseInt(vals[j], 10, 64)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return v
+			}
+		}
+	}
+	t.Fatalf("no TcpExt %s in /proc/net/netstat", name)
+	return 0
+}
+
+// TestEveryProbeResets: each probe's half-made connection is reset by an
+// RST from the prober (the backend's kernel counts an embryonic reset),
+// rather than left for the backend to time out; none is accepted. It runs
+// in a network namespace of its own so that no other traffic moves the
+// counter.
+func TestEveryProbeResets(t *testing.T) {
+	ns := newNetns(t, "")
+	res := runHelper(t, ns, "rsts")
+	if len(res) != len(paths) {
+		t.Fatalf("%d results, want %d", len(res), len(paths))
+	}
+	for _, r := range res {
+		if r[1] != "1000" || r[2] != "1000" || r[3] != "0" {
+			t.Errorf("%s path: %s of 1000 up, %s embryonic resets, %s accepted; want 1000, 1000, 0", r[0], r[1], r[2], r[3])
+		}
+	}
+}
+
 // runHelper runs the test binary as a helper, optionally inside network
 // namespace ns, and returns its RESULT lines, split into fields.
 func runHelper(t *testing.T, ns, mode string, env ...string) [][]string {
@@ -187,14 +260,18 @@ func runHelper(t *testing.T, ns, mode string, env ...string) [][]string {
 }
 
 // newNetns creates a network namespace with loopback up and the given
-// nftables ruleset, deleted at the end of the test. It skips the test when
+// nftables ruleset (if any), deleted at the end of the test. It skips the test when
 // this machine cannot.
 func newNetns(t *testing.T, ruleset string) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to create a network namespace (CI runs as root)")
 	}
-	for _, tool := range []string{"ip", "nft"} {
+	tools := []string{"ip"}
+	if ruleset != "" {
+		tools = append(tools, "nft")
+	}
+	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("needs %s (Debian packages iproute2 and nftables; .ci/run installs them)", tool)
 		}
@@ -210,6 +287,9 @@ func newNetns(t *testing.T, ruleset string) string {
 	})
 	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		t.Fatalf("ip link set lo up: %v: %s", err, out)
+	}
+	if ruleset == "" {
+		return ns
 	}
 	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
 	cmd.Stdin = strings.NewReader(ruleset)

@@ -1,0 +1,169 @@
+package caddyshaker
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("shaker", parseGlobalOption)
+}
+
+// parseGlobalOption sets up the shaker app from the global options
+// block. It is optional: the app runs with its defaults without it.
+//
+//	{
+//	    shaker {
+//	        max_in_flight <n>
+//	    }
+//	}
+func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
+	app := new(App)
+	d.Next() // consume option name
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "max_in_flight":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			val := d.Val()
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(val)
+			if err != nil || n < 1 {
+				return nil, d.Errf("max_in_flight '%s': must be an integer of at least 1", val)
+			}
+			app.MaxInFlight = n
+		default:
+			return nil, d.Errf("unrecognized shaker global option '%s'", d.Val())
+		}
+	}
+	return httpcaddyfile.App{
+		Name:  "shaker",
+		Value: caddyconfig.JSON(app, nil),
+	}, nil
+}
+
+// UnmarshalCaddyfile sets up the source from Caddyfile tokens. Syntax:
+//
+//	dynamic shaker [<upstreams...>] {
+//	    to               <upstreams...>
+//	    interval         <duration>
+//	    timeout          <duration>
+//	    passes           <n>
+//	    fails            <n>
+//	    port             <port>
+//	    resolve_interval <duration>
+//	    resolve_timeout  <duration>
+//	}
+//
+// Upstreams are host:port, on the `dynamic shaker` line, on `to` lines in
+// the block, or both. Every subdirective is optional; the defaults are
+// interval 2s, timeout 1s, passes 2, fails 3, the upstream's own port,
+// resolve_interval 1m and resolve_timeout 5s.
+func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume upstream source name
+
+	addUpstreams := func(args []string) error {
+		for _, a := range args {
+			if _, err := parseUpstream(a); err != nil {
+				return d.Err(err.Error())
+			}
+			su.Upstreams = append(su.Upstreams, a)
+		}
+		return nil
+	}
+	if err := addUpstreams(d.RemainingArgs()); err != nil {
+		return err
+	}
+
+	duration := func(name string) (caddy.Duration, error) {
+		if !d.NextArg() {
+			return 0, d.ArgErr()
+		}
+		val := d.Val()
+		if d.NextArg() {
+			return 0, d.ArgErr()
+		}
+		dur, err := caddy.ParseDuration(val)
+		if err != nil {
+			return 0, d.Errf("%s '%s': %v", name, val, err)
+		}
+		if dur <= 0 {
+			return 0, d.Errf("%s '%s': must be positive", name, val)
+		}
+		return caddy.Duration(dur), nil
+	}
+	integer := func(name string, lo, hi int) (int, error) {
+		if !d.NextArg() {
+			return 0, d.ArgErr()
+		}
+		val := d.Val()
+		if d.NextArg() {
+			return 0, d.ArgErr()
+		}
+		n, err := strconv.Atoi(val)
+		if err != nil {
+			return 0, d.Errf("%s '%s': not an integer", name, val)
+		}
+		if n < lo || n > hi {
+			if hi == maxInt {
+				return 0, d.Errf("%s '%s': must be at least %d", name, val, lo)
+			}
+			return 0, d.Errf("%s '%s': out of range %d-%d", name, val, lo, hi)
+		}
+		return n, nil
+	}
+
+	var err error
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "to":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			if err := addUpstreams(args); err != nil {
+				return err
+			}
+		case "interval":
+			su.Interval, err = duration("interval")
+		case "timeout":
+			su.Timeout, err = duration("timeout")
+		case "resolve_interval":
+			su.ResolveInterval, err = duration("resolve_interval")
+		case "resolve_timeout":
+			su.ResolveTimeout, err = duration("resolve_timeout")
+		case "passes":
+			su.Passes, err = integer("passes", 1, maxInt)
+		case "fails":
+			su.Fails, err = integer("fails", 1, maxInt)
+		case "port":
+			su.Port, err = integer("port", 1, 65535)
+		default:
+			return d.Errf("unrecognized shaker option '%s'", d.Val())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if len(su.Upstreams) == 0 {
+		return d.Err("no upstreams: give host:port upstreams after 'dynamic shaker' or on 'to' lines")
+	}
+	return nil
+}
+
+const maxInt = int(^uint(0) >> 1)
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*Upstreams)(nil)
+)

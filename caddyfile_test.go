@@ -1,0 +1,244 @@
+package caddyshaker
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+)
+
+// adaptDynamic adapts a reverse_proxy block and returns its
+// dynamic_upstreams object.
+func adaptDynamic(t *testing.T, block string) (map[string]any, error) {
+	t.Helper()
+	src := ":8080 {\n\treverse_proxy {\n" + block + "\n\t}\n}\n"
+	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
+	if err != nil {
+		return nil, err
+	}
+	var cfg any
+	if err := json.Unmarshal(out, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if d := findKey(cfg, "dynamic_upstreams"); d != nil {
+		return d, nil
+	}
+	t.Fatalf("no dynamic_upstreams in %s", out)
+	return nil, nil
+}
+
+// findKey returns the first object found under key, depth first.
+func findKey(v any, key string) map[string]any {
+	switch v := v.(type) {
+	case map[string]any:
+		if d, ok := v[key].(map[string]any); ok {
+			return d
+		}
+		for _, x := range v {
+			if d := findKey(x, key); d != nil {
+				return d
+			}
+		}
+	case []any:
+		for _, x := range v {
+			if d := findKey(x, key); d != nil {
+				return d
+			}
+		}
+	}
+	return nil
+}
+
+func TestCaddyfileAdapt(t *testing.T) {
+	for _, tc := range []struct {
+		name, block, want string
+	}{
+		{
+			"defaults",
+			`dynamic shaker 10.0.0.1:8080`,
+			`{"source":"shaker","upstreams":["10.0.0.1:8080"]}`,
+		},
+		{
+			"issue example",
+			`dynamic shaker 10.0.0.1:8080 app.internal:8080 {
+				interval 2s
+				timeout  1s
+				passes   2
+				fails    3
+				port     9000
+			}`,
+			`{"fails":3,"interval":2000000000,"passes":2,"port":9000,"source":"shaker","timeout":1000000000,"upstreams":["10.0.0.1:8080","app.internal:8080"]}`,
+		},
+		{
+			"to lines and resolve options",
+			`dynamic shaker {
+				to [::1]:8080 127.0.0.1:8080
+				to db.internal:5432
+				resolve_interval 30s
+				resolve_timeout 2s
+			}`,
+			`{"resolve_interval":30000000000,"resolve_timeout":2000000000,"source":"shaker","upstreams":["[::1]:8080","127.0.0.1:8080","db.internal:5432"]}`,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := adaptDynamic(t, tc.block)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := json.Marshal(got)
+			if string(b) != tc.want {
+				t.Errorf("got  %s\nwant %s", b, tc.want)
+			}
+		})
+	}
+}
+
+func TestCaddyfileErrors(t *testing.T) {
+	for _, tc := range []struct{ block, want string }{
+		{`dynamic shaker`, "no upstreams"},
+		{`dynamic shaker {
+			interval 1s
+		}`, "no upstreams"},
+		{`dynamic shaker a:1 {
+			interval 0s
+		}`, "interval '0s': must be positive"},
+		{`dynamic shaker a:1 {
+			interval -5s
+		}`, "interval '-5s'"},
+		{`dynamic shaker a:1 {
+			interval soon
+		}`, "interval 'soon'"},
+		{`dynamic shaker a:1 {
+			timeout 0
+		}`, "timeout '0'"},
+		{`dynamic shaker a:1 {
+			passes 0
+		}`, "passes '0': must be at least 1"},
+		{`dynamic shaker a:1 {
+			fails -1
+		}`, "fails '-1': must be at least 1"},
+		{`dynamic shaker a:1 {
+			fails three
+		}`, "fails 'three': not an integer"},
+		{`dynamic shaker a:1 {
+			port 65536
+		}`, "port '65536': out of range 1-65535"},
+		{`dynamic shaker a:1 {
+			port 0
+		}`, "port '0'"},
+		{`dynamic shaker a:1 {
+			rise 2
+		}`, "unrecognized shaker option 'rise'"},
+		{`dynamic shaker a:1 {
+			interval
+		}`, "wrong argument count"},
+		{`dynamic shaker a:1 {
+			passes 1 2
+		}`, "wrong argument count"},
+		{`dynamic shaker 10.0.0.1`, `upstream "10.0.0.1": missing port`},
+		{`dynamic shaker 10.0.0.1:99999`, `upstream "10.0.0.1:99999": port "99999"`},
+		{`dynamic shaker {
+			to not/a/host:80
+		}`, `upstream "not/a/host:80"`},
+		{`dynamic shaker {
+			to
+		}`, "wrong argument count"},
+	} {
+		_, err := adaptDynamic(t, tc.block)
+		if err == nil {
+			t.Errorf("%s: no error", tc.block)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s:\nerror %q\nwant  %q", tc.block, err, tc.want)
+		}
+	}
+}
+
+func TestCaddyfileGlobalOption(t *testing.T) {
+	adapt := func(src string) (string, error) {
+		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
+		return string(out), err
+	}
+	out, err := adapt("{\n\tshaker {\n\t\tmax_in_flight 256\n\t}\n}\n:8080 {\n\treverse_proxy {\n\t\tdynamic shaker 127.0.0.1:9001\n\t}\n}\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, `"shaker":{"max_in_flight":256}`) {
+		t.Errorf("no shaker app in %s", out)
+	}
+	for src, want := range map[string]string{
+		"{\n\tshaker {\n\t\tmax_in_flight 0\n\t}\n}\n": "max_in_flight '0'",
+		"{\n\tshaker {\n\t\tmax_in_fly 10\n\t}\n}\n":   "unrecognized shaker global option 'max_in_fly'",
+	} {
+		if _, err := adapt(src); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: error %v, want %q", src, err, want)
+		}
+	}
+}
+
+// TestJSONLoadErrors checks that a bad JSON config fails at load with an
+// error that names the value.
+func TestJSONLoadErrors(t *testing.T) {
+	for _, tc := range []struct{ dyn, want string }{
+		{`{"source":"shaker"}`, "no upstreams"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"interval":"-1s"}`, "interval -1s"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"timeout":"-2s"}`, "timeout -2s"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"passes":-1}`, "passes -1"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"fails":-3}`, "fails -3"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"port":65536}`, "port 65536"},
+		{`{"source":"shaker","upstreams":["127.0.0.1"]}`, `upstream "127.0.0.1": missing port`},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"rise":2}`, `unknown field "rise"`},
+	} {
+		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
+		var c caddy.Config
+		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
+			t.Fatal(err)
+		}
+		err := caddy.Validate(&c)
+		if err == nil {
+			t.Errorf("%s: no error", tc.dyn)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s:\nerror %q\nwant  %q", tc.dyn, err, tc.want)
+		}
+	}
+}
+
+// TestExamplesAdapt checks that the examples load as they are.
+func TestExamplesAdapt(t *testing.T) {
+	src, err := os.ReadFile("examples/Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, warn, err := caddyconfig.GetAdapter("caddyfile").Adapt(src, map[string]any{"filename": "examples/Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(warn) > 0 {
+		t.Errorf("warnings: %v", warn)
+	}
+	for name, raw := range map[string][]byte{"Caddyfile": out, "caddy.json": mustRead(t, "examples/caddy.json")} {
+		var c caddy.Config
+		if err := json.Unmarshal(raw, &c); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if err := caddy.Validate(&c); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func mustRead(t *testing.T, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}

@@ -1,0 +1,809 @@
+package caddyshaker
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+// Probe settings of the integration tests.
+const (
+	tInterval = 50 * time.Millisecond
+	tTimeout  = 40 * time.Millisecond // <= tInterval: the bound interval x fails + timeout holds
+	tPasses   = 2
+	tFails    = 3
+	// slack for scheduling under -race on a busy 2-core machine
+	tSlack = 150 * time.Millisecond
+	// config reloads in test (5)
+	reloads = 20
+)
+
+// backend is an HTTP server on 127.0.0.1 whose listener counts accept():
+// a half-open probe must never reach it. A connection that was accepted
+// but never carried a request is what a leaked probe looks like.
+type backend struct {
+	t    testing.TB
+	name string
+	addr string
+
+	mu  sync.Mutex
+	srv *http.Server
+
+	accepts atomic.Int64 // connections accepted
+	served  atomic.Int64 // requests answered
+	empty   atomic.Int64 // connections closed without a request
+}
+
+type countingListener struct {
+	net.Listener
+	b *backend
+}
+
+func (l countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.b.accepts.Add(1)
+	}
+	return c, err
+}
+
+func startBackend(t testing.TB, name, addr string) *backend {
+	t.Helper()
+	b := &backend{t: t, name: name, addr: addr}
+	b.start()
+	t.Cleanup(b.stop)
+	return b
+}
+
+func (b *backend) start() {
+	b.t.Helper()
+	var ln net.Listener
+	var err error
+	// the port may linger briefly after a stop: retry, bounded
+	for i := 0; i < 100; i++ {
+		ln, err = net.Listen("tcp", b.addr)
+		if err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err != nil {
+		b.t.Fatalf("backend %s: %v", b.name, err)
+	}
+	b.addr = ln.Addr().String()
+	active := sync.Map{}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b.served.Add(1)
+			io.WriteString(w, b.name)
+		}),
+		ConnState: func(c net.Conn, s http.ConnState) {
+			switch s {
+			case http.StateActive:
+				active.Store(c, true)
+			case http.StateClosed, http.StateHijacked:
+				if _, ok := active.LoadAndDelete(c); !ok {
+					b.empty.Add(1)
+				}
+			}
+		},
+	}
+	b.mu.Lock()
+	b.srv = srv
+	b.mu.Unlock()
+	go srv.Serve(countingListener{ln, b})
+}
+
+func (b *backend) stop() {
+	b.mu.Lock()
+	srv := b.srv
+	b.srv = nil
+	b.mu.Unlock()
+	if srv != nil {
+		srv.Close()
+	}
+}
+
+// freePort returns a port free on 127.0.0.1 at the time of the call.
+func freePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// recorder is an events handler module that tests subscribe to
+// "healthy" and "unhealthy".
+type recorder struct{}
+
+func (recorder) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "events.handlers.shaker_test_recorder",
+		New: func() caddy.Module { return new(recorder) },
+	}
+}
+
+type seenEvent struct{ name, host string }
+
+var events = struct {
+	sync.Mutex
+	list []seenEvent
+}{}
+
+func (recorder) Handle(_ context.Context, e caddy.Event) error {
+	host, _ := e.Data["host"].(string)
+	events.Lock()
+	events.list = append(events.list, seenEvent{e.Name(), host})
+	events.Unlock()
+	return nil
+}
+
+func init() { caddy.RegisterModule(recorder{}) }
+
+// waitEvent waits until an event name with host has been recorded.
+func waitEvent(t testing.TB, name, host string, within time.Duration) {
+	t.Helper()
+	waitFor(t, within, fmt.Sprintf("event %s for %s", name, host), func() bool {
+		events.Lock()
+		defer events.Unlock()
+		for _, e := range events.list {
+			if e.name == name && e.host == host {
+				return true
+			}
+		}
+		return false
+	})
+}
+
+// waitFor polls cond every 2 ms until it holds or within has passed.
+func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		if cond() {
+			return time.Since(start)
+		}
+		if time.Since(start) > within {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// harness is Caddy running in this process: a proxy with `dynamic
+// shaker` in front of backends, admin on a free localhost port.
+type harness struct {
+	t         testing.TB
+	admin     string
+	proxy     string
+	backends  []*backend
+	client    *http.Client
+	extraKnob int    // changes the config so that Load reloads
+	resolve   string // resolve_interval, if set
+}
+
+func (h *harness) config(interval time.Duration) []byte {
+	ups := make([]string, len(h.backends))
+	for i, b := range h.backends {
+		ups[i] = b.addr
+	}
+	cfg := map[string]any{
+		"admin": map[string]any{"listen": h.admin},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
+			"level": "ERROR",
+		}}},
+		"apps": map[string]any{
+			"events": map[string]any{"subscriptions": []any{map[string]any{
+				"events":   []string{"healthy", "unhealthy"},
+				"handlers": []any{map[string]any{"handler": "shaker_test_recorder"}},
+			}}},
+			"http": map[string]any{"servers": map[string]any{"proxy": map[string]any{
+				"listen":          []string{h.proxy},
+				"automatic_https": map[string]any{"disable": true},
+				"routes": []any{map[string]any{"handle": []any{
+					map[string]any{
+						"handler": "headers",
+						"response": map[string]any{"set": map[string]any{
+							"X-Knob": []string{fmt.Sprint(h.extraKnob)},
+						}},
+					},
+					map[string]any{
+						"handler": "reverse_proxy",
+						"dynamic_upstreams": map[string]any{
+							"source":    "shaker",
+							"upstreams": ups,
+							"interval":  interval.String(),
+							"timeout":   tTimeout.String(),
+							"passes":    tPasses,
+							"fails":     tFails,
+						},
+					},
+				}}},
+			}}},
+		},
+	}
+	if h.resolve != "" {
+		dyn := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["proxy"].(map[string]any)["routes"].([]any)[0].(map[string]any)["handle"].([]any)[1].(map[string]any)["dynamic_upstreams"].(map[string]any)
+		dyn["resolve_interval"] = h.resolve
+	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return b
+}
+
+func newHarness(t testing.TB, nBackends int) *harness {
+	t.Helper()
+	h := &harness{
+		t:      t,
+		admin:  fmt.Sprintf("localhost:%d", freePort(t)),
+		proxy:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		client: &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}},
+	}
+	for i := range nBackends {
+		h.backends = append(h.backends, startBackend(t, fmt.Sprintf("b%d", i+1), "127.0.0.1:0"))
+	}
+	h.load(tInterval)
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("caddy.Stop: %v", err)
+		}
+		h.client.CloseIdleConnections()
+	})
+	return h
+}
+
+func (h *harness) load(interval time.Duration) {
+	h.t.Helper()
+	if err := caddy.Load(h.config(interval), true); err != nil {
+		h.t.Fatalf("caddy.Load: %v", err)
+	}
+}
+
+func (h *harness) statuses() map[string]Status {
+	h.t.Helper()
+	resp, err := http.Get("http://" + h.admin + "/shaker/upstreams")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		h.t.Fatalf("admin: %s", resp.Status)
+	}
+	var list []Status
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		h.t.Fatal(err)
+	}
+	m := make(map[string]Status, len(list))
+	for _, s := range list {
+		m[s.Address] = s
+	}
+	return m
+}
+
+// checkMetrics checks that the admin /metrics page has each line prefix.
+func (h *harness) checkMetrics(prefixes ...string) {
+	h.t.Helper()
+	resp, err := http.Get("http://" + h.admin + "/metrics")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, p := range prefixes {
+		if !strings.Contains("\n"+string(body), "\n"+p) {
+			h.t.Errorf("metrics: no line %q", p)
+		}
+	}
+}
+
+func (h *harness) get() (int, string) {
+	resp, err := h.client.Get("http://" + h.proxy + "/")
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+func (h *harness) totalAccepts() int64 {
+	var n int64
+	for _, b := range h.backends {
+		n += b.accepts.Load()
+	}
+	return n
+}
+
+// waitProbes waits until every backend has at least n more probe results
+// than in before.
+func (h *harness) waitProbes(before map[string]Status, n uint64, within time.Duration) map[string]Status {
+	h.t.Helper()
+	var st map[string]Status
+	waitFor(h.t, within, fmt.Sprintf("%d probes of every backend", n), func() bool {
+		st = h.statuses()
+		for _, b := range h.backends {
+			if st[b.addr].Probes < before[b.addr].Probes+n {
+				return false
+			}
+		}
+		return true
+	})
+	return st
+}
+
+func countFDs(t testing.TB) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("no /proc/self/fd: %v", err)
+	}
+	return len(ents)
+}
+
+func TestIntegration(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	events.Lock()
+	events.list = nil
+	events.Unlock()
+
+	h := newHarness(t, 3)
+	b1, b2, b3 := h.backends[0], h.backends[1], h.backends[2]
+
+	// (1) many probe intervals, no client traffic: nothing accepted
+	st := h.waitProbes(nil, 20, 20*tInterval+2*time.Second)
+	for _, b := range h.backends {
+		s := st[b.addr]
+		if !s.Healthy || s.LastError != "" || s.CheckedAt == nil || s.Upstream != b.addr {
+			t.Errorf("%s: status %+v, want healthy", b.name, s)
+		}
+	}
+	if n := h.totalAccepts(); n != 0 {
+		t.Fatalf("(1) backends accepted %d connections from health probes alone", n)
+	}
+	if e := reg.cur.Load(); e == nil {
+		t.Fatal("no engine")
+	} else if d := e.Stats().MaxCloseDelay; d > 50*time.Millisecond {
+		t.Errorf("engine MaxCloseDelay %v: probes close too late", d)
+	}
+	t.Logf("(1) %d probes per backend, 0 connections accepted", st[b1.addr].Probes)
+
+	// (2) requests succeed and reach every backend
+	seen := map[string]int{}
+	for range 60 {
+		code, body := h.get()
+		if code != 200 {
+			t.Fatalf("(2) request: %d %s", code, body)
+		}
+		seen[body]++
+	}
+	if len(seen) != 3 {
+		t.Errorf("(2) requests reached %v, want all 3 backends", seen)
+	}
+
+	// (3) a stopped backend is marked down within interval x fails + timeout
+	stopped := time.Now()
+	b2.stop()
+	bound := tInterval*tFails + tTimeout + tSlack
+	down := waitFor(t, 5*time.Second, "b2 down", func() bool { return !h.statuses()[b2.addr].Healthy })
+	t.Logf("(3) stopped backend marked down after %v (bound %v)", down, bound)
+	if down > bound {
+		t.Errorf("(3) marked down after %v, want <= %v", down, bound)
+	}
+	s := h.statuses()[b2.addr]
+	if s.LastError != "refused" || s.Fails < tFails {
+		t.Errorf("(3) status %+v, want last_error refused and fails >= %d", s, tFails)
+	}
+	waitEvent(t, "unhealthy", b2.addr, time.Second)
+	_ = stopped
+	h.checkMetrics(fmt.Sprintf(`caddy_shaker_upstream_healthy{address=%q} 0`, b2.addr),
+		fmt.Sprintf(`caddy_shaker_upstream_healthy{address=%q} 1`, b1.addr),
+		`caddy_shaker_probes_total{result="refused"}`,
+		`caddy_shaker_probe_rtt_seconds_count`)
+	if resp, err := http.Post("http://"+h.admin+"/shaker/upstreams", "application/json", nil); err != nil {
+		t.Fatal(err)
+	} else if resp.Body.Close(); resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("POST /shaker/upstreams: %s, want 405", resp.Status)
+	}
+	for i := range 60 {
+		code, body := h.get()
+		if code != 200 || body == "b2" {
+			t.Fatalf("(3) request %d after b2 marked down: %d %q", i, code, body)
+		}
+	}
+
+	// (4) restarted, it is marked up after `passes` probes
+	b2.start()
+	before := h.statuses()[b2.addr].Probes
+	up := waitFor(t, 5*time.Second, "b2 up", func() bool { return h.statuses()[b2.addr].Healthy })
+	s = h.statuses()[b2.addr]
+	t.Logf("(4) restarted backend marked up after %v (%d probes)", up, s.Probes-before)
+	if s.Passes < tPasses {
+		t.Errorf("(4) up with passes=%d, want >= %d", s.Passes, tPasses)
+	}
+	if got := s.Probes - before; got > tPasses+1 {
+		t.Errorf("(4) up after %d probes, want %d", got, tPasses)
+	}
+	if bound := tInterval*tPasses + tSlack; up > bound {
+		t.Errorf("(4) marked up after %v, want <= %v", up, bound)
+	}
+	waitEvent(t, "healthy", b2.addr, time.Second)
+
+	// (5) config reloads while probing: nothing accepted, no fd or
+	// goroutine growth, and a down backend stays down
+	b3.stop()
+	waitFor(t, 5*time.Second, "b3 down", func() bool { return !h.statuses()[b3.addr].Healthy })
+	h.client.CloseIdleConnections()
+	h.extraKnob++
+	h.load(tInterval) // warm up whatever a reload creates once
+	acc0 := h.totalAccepts()
+	idle := http.DefaultTransport.(*http.Transport).CloseIdleConnections
+	idle() // the admin API client's keep-alive connection
+	fd0, g0 := countFDs(t), runtime.NumGoroutine()
+	probes0 := h.statuses()[b1.addr].Probes
+	for i := range reloads {
+		h.extraKnob++
+		interval := tInterval
+		if i%5 == 4 {
+			interval = tInterval + time.Millisecond // new settings: new checkers inherit state
+		}
+		h.load(interval)
+		if s := h.statuses()[b3.addr]; s.Healthy {
+			t.Fatalf("(5) reload %d: stopped backend b3 looks up: %+v", i, s)
+		}
+		// let some probes run between reloads
+		st := h.statuses()
+		h.waitProbes(st, 1, 2*time.Second)
+	}
+	h.load(tInterval)
+	if n := h.totalAccepts() - acc0; n != 0 {
+		t.Errorf("(5) backends accepted %d connections during reloads", n)
+	}
+	if p := h.statuses()[b1.addr].Probes; p <= probes0 {
+		t.Errorf("(5) probe count went from %d to %d: state lost at reload", probes0, p)
+	}
+	var fd1, g1 int
+	waitFor(t, 5*time.Second, "fds and goroutines back to their count", func() bool {
+		idle()
+		fd1, g1 = countFDs(t), runtime.NumGoroutine()
+		return fd1 <= fd0 && g1 <= g0+1
+	})
+	t.Logf("(5) %d reloads: fds %d -> %d, goroutines %d -> %d, 0 accepted", reloads+1, fd0, fd1, g0, g1)
+	if d := reg.cur.Load().Stats().MaxCloseDelay; d > 50*time.Millisecond {
+		t.Errorf("engine MaxCloseDelay %v", d)
+	}
+
+	// no probe ever became a connection
+	for _, b := range h.backends {
+		if n := b.empty.Load(); n != 0 {
+			t.Errorf("%s: %d connections without a request (leaked probes)", b.name, n)
+		}
+	}
+}
+
+// TestShutdownLeavesNothing checks that stopping Caddy stops the engine,
+// every checker and every goroutine, and that no backend accepted
+// anything.
+func TestShutdownLeavesNothing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	g0 := runtime.NumGoroutine()
+	fd0 := countFDs(t)
+	h := newHarness(t, 2)
+	h.waitProbes(nil, 5, 5*time.Second)
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if reg.cur.Load() != nil {
+		t.Error("engine still running after caddy.Stop")
+	}
+	reg.mu.Lock()
+	n := len(reg.checkers)
+	reg.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d checkers left after caddy.Stop", n)
+	}
+	for _, b := range h.backends {
+		b.stop()
+		if a := b.accepts.Load(); a != 0 {
+			t.Errorf("%s accepted %d connections", b.name, a)
+		}
+	}
+	h.client.CloseIdleConnections()
+	waitFor(t, 5*time.Second, "goroutines and fds back", func() bool {
+		return runtime.NumGoroutine() <= g0+3 && countFDs(t) <= fd0+2
+	})
+}
+
+// TestAllDown checks that with every backend down reverse_proxy answers
+// 503, and that a backend never seen up is down from its first probe.
+func TestAllDown(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := newHarness(t, 1)
+	b := h.backends[0]
+	b.stop()
+	waitFor(t, 5*time.Second, "down", func() bool { return !h.statuses()[b.addr].Healthy })
+	code, body := h.get()
+	if code != http.StatusServiceUnavailable {
+		t.Errorf("all down: got %d %q, want 503", code, strings.TrimSpace(body))
+	}
+}
+
+// queueListener returns a listener on 127.0.0.1 with a backlog of 0
+// whose application never calls accept(), and a function that fills its
+// accept queue with one connection: the kernel then drops new SYNs and
+// probes time out. It is what a hung application looks like to a
+// half-open probe.
+func queueListener(t *testing.T) (addr string, fill func()) {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr = fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+	return addr, func() {
+		filler, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { filler.Close() })
+	}
+}
+
+// TestTimeoutMarksDown checks the timeout path: an up address whose
+// accept queue fills up (the application hangs) drops SYNs; it goes down
+// within interval x fails + timeout, with the reason "timeout after
+// 100ms".
+func TestTimeoutMarksDown(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	addr, fill := queueListener(t)
+	h := newHarness(t, 1)
+	hung := &backend{t: t, name: "hung", addr: addr}
+	h.backends = append(h.backends, hung)
+	h.load(tInterval)
+	waitFor(t, 5*time.Second, "queue backend up", func() bool {
+		s := h.statuses()[addr]
+		return s.Healthy && s.Passes >= 1
+	})
+	fill()
+	down := waitFor(t, 5*time.Second, "hung backend down", func() bool { return !h.statuses()[addr].Healthy })
+	s := h.statuses()[addr]
+	bound := tInterval*tFails + tTimeout + tSlack
+	t.Logf("full accept queue: marked down after %v (bound %v): last_error %q", down, bound, s.LastError)
+	if down > bound {
+		t.Errorf("marked down after %v, want <= %v", down, bound)
+	}
+	if want := "timeout after " + tTimeout.String(); s.LastError != want {
+		t.Errorf("last_error %q, want %q", s.LastError, want)
+	}
+	waitEvent(t, "unhealthy", addr, time.Second)
+	for range 20 {
+		if code, body := h.get(); code != 200 || body != "b1" {
+			t.Fatalf("request: %d %q", code, body)
+		}
+	}
+}
+
+// TestHostnameAllAddresses checks that a host name is resolved to all
+// its addresses and that each is probed and judged on its own: the name
+// resolves to 127.0.0.1 and ::1, and the backend listens on 127.0.0.1 only.
+func TestHostnameAllAddresses(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	if ln, err := net.Listen("tcp", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	} else {
+		ln.Close()
+	}
+	const name = "both.shaker-test.invalid"
+	var answer atomic.Pointer[[]netip.Addr]
+	answer.Store(&[]netip.Addr{netip.MustParseAddr("::1"), netip.MustParseAddr("127.0.0.1")})
+	old := resolveFunc
+	t.Cleanup(func() { resolveFunc = old }) // runs after Caddy stops
+	resolveFunc = func(ctx context.Context, network, host string) ([]netip.Addr, error) {
+		if host != name {
+			return old(ctx, network, host)
+		}
+		return *answer.Load(), nil
+	}
+	h := newHarness(t, 1)
+	b := h.backends[0]
+	_, port, _ := net.SplitHostPort(b.addr)
+	b.addr = name + ":" + port
+	h.resolve = "20ms"
+	h.load(tInterval)
+	v4, v6 := "127.0.0.1:"+port, "[::1]:"+port
+	waitFor(t, 5*time.Second, "both addresses probed, ::1 down", func() bool {
+		st := h.statuses()
+		s4, ok4 := st[v4]
+		s6, ok6 := st[v6]
+		return ok4 && ok6 && s4.Healthy && !s6.Healthy && s4.CheckedAt != nil &&
+			s4.Upstream == b.addr && s6.Upstream == b.addr && s6.LastError == "refused"
+	})
+	for range 20 {
+		if code, body := h.get(); code != 200 || body != "b1" {
+			t.Fatalf("request: %d %q", code, body)
+		}
+	}
+
+	// re-resolution: the name moves to 127.0.0.2 (nothing listens there)
+	answer.Store(&[]netip.Addr{netip.MustParseAddr("127.0.0.2")})
+	v2 := "127.0.0.2:" + port
+	waitFor(t, 5*time.Second, "re-resolved to 127.0.0.2 only, down", func() bool {
+		st := h.statuses()
+		_, ok4 := st[v4]
+		_, ok6 := st[v6]
+		s2, ok2 := st[v2]
+		return !ok4 && !ok6 && ok2 && !s2.Healthy
+	})
+	if code, _ := h.get(); code != http.StatusServiceUnavailable {
+		t.Errorf("name moved to a dead address: got %d, want 503", code)
+	}
+}
+
+// TestStopAndReloadWhileProbing loads and stops Caddy, and reloads it,
+// while 40 addresses are probed every 5 ms (8,000 probes/s): probes in
+// flight at a stop are aborted and their sockets closed at once, so no
+// listener ever accepts a connection.
+func TestStopAndReloadWhileProbing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	const n = 40
+	var accepted atomic.Int64
+	var ups []string
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				accepted.Add(1)
+				c.Close()
+			}
+		}()
+		ups = append(ups, ln.Addr().String())
+	}
+	cfg := func() []byte { // a new proxy port each time: each Load is a real reload
+		b, _ := json.Marshal(map[string]any{
+			"admin":   map[string]any{"disabled": true},
+			"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+			"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"p": map[string]any{
+				"listen":          []string{fmt.Sprintf("127.0.0.1:%d", freePort(t))},
+				"automatic_https": map[string]any{"disable": true},
+				"routes": []any{map[string]any{"handle": []any{map[string]any{
+					"handler": "reverse_proxy",
+					"dynamic_upstreams": map[string]any{
+						"source": "shaker", "upstreams": ups, "interval": "5ms", "timeout": "5ms",
+					},
+				}}}},
+			}}}},
+		})
+		return b
+	}
+	probes := func() uint64 {
+		if e := reg.cur.Load(); e != nil {
+			return e.Stats().Total()
+		}
+		return 0
+	}
+	for range 10 {
+		if err := caddy.Load(cfg(), true); err != nil {
+			t.Fatal(err)
+		}
+		// a reload in the middle of the probing
+		waitFor(t, 5*time.Second, "probes", func() bool { return probes() > 2*n })
+		if err := caddy.Load(cfg(), true); err != nil {
+			t.Fatal(err)
+		}
+		p0 := probes()
+		waitFor(t, 5*time.Second, "probes after reload", func() bool { return probes() > p0+2*n })
+		if err := caddy.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		if reg.cur.Load() != nil {
+			t.Fatal("engine running after Stop")
+		}
+	}
+	// a leaked probe would be accepted about 200 ms after its SYN-ACK
+	// (the kernel's delayed ACK): give it the time to show, bounded
+	deadline := time.Now().Add(400 * time.Millisecond)
+	for time.Now().Before(deadline) && accepted.Load() == 0 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if a := accepted.Load(); a != 0 {
+		t.Fatalf("listeners accepted %d connections", a)
+	}
+}
+
+// TestFirstProbesSpread checks that new addresses are probed at once
+// (the first one) and that their first probes are spread over the
+// interval, not sent in one burst.
+func TestFirstProbesSpread(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := &harness{
+		t:      t,
+		admin:  fmt.Sprintf("localhost:%d", freePort(t)),
+		proxy:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		client: &http.Client{Timeout: 5 * time.Second},
+	}
+	for i := range 4 {
+		h.backends = append(h.backends, startBackend(t, fmt.Sprintf("b%d", i+1), "127.0.0.1:0"))
+	}
+	const interval = 400 * time.Millisecond
+	loaded := time.Now()
+	h.load(interval)
+	t.Cleanup(func() { caddy.Stop() })
+	// the time of each address's first result; if polling saw it late,
+	// count back on the (exact) period
+	firsts := map[string]time.Time{}
+	waitFor(t, 3*time.Second, "a first probe of every address", func() bool {
+		for addr, s := range h.statuses() {
+			if _, ok := firsts[addr]; !ok && s.CheckedAt != nil {
+				firsts[addr] = s.CheckedAt.Add(-time.Duration(s.Probes-1) * interval)
+			}
+		}
+		return len(firsts) == len(h.backends)
+	})
+	var first, last time.Time
+	for _, c := range firsts {
+		if first.IsZero() || c.Before(first) {
+			first = c
+		}
+		if c.After(last) {
+			last = c
+		}
+	}
+	t.Logf("first probes: first %v after load, spread over %v", first.Sub(loaded), last.Sub(first))
+	if d := first.Sub(loaded); d > 100*time.Millisecond {
+		t.Errorf("first probe %v after load, want at once", d)
+	}
+	if d := last.Sub(first); d < interval/2 || d > interval {
+		t.Errorf("first probes spread over %v, want about 3/4 of %v", d, interval)
+	}
+}

@@ -1,0 +1,521 @@
+package caddyshaker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+)
+
+// Upstreams is a reverse_proxy upstream source that returns the upstreams
+// whose addresses answer half-open TCP probes (SYN, SYN-ACK, RST): the
+// backends' kernels answer, their applications never see a connection.
+//
+// Each upstream is host:port. A host that is a name is resolved to all its
+// IPv4 and IPv6 addresses, with a timeout, and re-resolved periodically;
+// every address is probed on its own and is up or down on its own. An
+// address not probed yet counts as up until its first result, which sets
+// its state; after that it goes down after `fails` consecutive failed
+// probes and up again after `passes` consecutive answers. When no address
+// is up, no upstream is returned and reverse_proxy answers 503.
+//
+// The probe engine, and each address's health state, belong to the
+// `shaker` app: the same address with the same settings is probed once
+// however many handlers use it, and its state survives config reloads.
+//
+// GetUpstreams never waits for a probe: it reads the current state.
+type Upstreams struct {
+	// The upstreams to probe and proxy to, as host:port (an IPv6 address
+	// in brackets). Required.
+	Upstreams []string `json:"upstreams,omitempty"`
+
+	// The time between the starts of two probes of one address.
+	// Default: 2s.
+	Interval caddy.Duration `json:"interval,omitempty"`
+
+	// How long a probe waits for a SYN-ACK before it counts as failed
+	// ("timeout"). Probes of one address never overlap: with a timeout
+	// longer than the interval, the next probe starts when the last one
+	// ends. Default: 1s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// The consecutive answered probes that bring a down address back up.
+	// Default: 2.
+	Passes int `json:"passes,omitempty"`
+
+	// The consecutive failed probes (refused, timeout, unreachable, or
+	// another error) that take an up address down. Default: 3.
+	Fails int `json:"fails,omitempty"`
+
+	// If set, probe this port instead of each upstream's own port
+	// (requests still go to the upstream's port). 1-65535.
+	Port int `json:"port,omitempty"`
+
+	// How often host names are resolved again. Default: 1m.
+	ResolveInterval caddy.Duration `json:"resolve_interval,omitempty"`
+
+	// How long one resolution of a host name may take. On failure the
+	// addresses found last are kept. Default: 5s.
+	ResolveTimeout caddy.Duration `json:"resolve_timeout,omitempty"`
+
+	specs  []upstreamSpec
+	app    *App
+	ctx    caddy.Context
+	logger *zap.Logger
+	*sourceState
+}
+
+// sourceState is the mutable part of a source, set up by Provision.
+type sourceState struct {
+	mu     sync.Mutex
+	closed bool
+	held   []want                  // references taken in reg
+	names  map[string][]netip.Addr // host name -> addresses in use
+	snap   atomic.Pointer[[]entry]
+	stop   chan struct{} // closed by Cleanup
+	wg     sync.WaitGroup
+}
+
+// upstreamSpec is a configured upstream, parsed.
+type upstreamSpec struct {
+	raw  string
+	host string     // host name, or "" when ip is set
+	ip   netip.Addr // valid for an IP literal
+	port uint16
+}
+
+// entry is one address GetUpstreams may return.
+type entry struct {
+	dial string
+	c    *checker
+}
+
+// CaddyModule returns the Caddy module information.
+func (Upstreams) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.upstreams.shaker",
+		New: func() caddy.Module { return new(Upstreams) },
+	}
+}
+
+// Provision sets defaults, checks the configuration, resolves host names
+// (each bounded by resolve_timeout) and starts probing.
+func (su *Upstreams) Provision(ctx caddy.Context) error {
+	su.ctx = ctx
+	su.logger = ctx.Logger()
+	su.sourceState = &sourceState{stop: make(chan struct{})}
+	if su.Interval == 0 {
+		su.Interval = caddy.Duration(DefaultInterval)
+	}
+	if su.Timeout == 0 {
+		su.Timeout = caddy.Duration(DefaultTimeout)
+	}
+	if su.Passes == 0 {
+		su.Passes = DefaultPasses
+	}
+	if su.Fails == 0 {
+		su.Fails = DefaultFails
+	}
+	if su.ResolveInterval == 0 {
+		su.ResolveInterval = caddy.Duration(DefaultResolveInterval)
+	}
+	if su.ResolveTimeout == 0 {
+		su.ResolveTimeout = caddy.Duration(DefaultResolveTimeout)
+	}
+	if err := su.Validate(); err != nil {
+		return err
+	}
+	specs, err := parseUpstreams(su.Upstreams)
+	if err != nil {
+		return err
+	}
+	su.specs = specs
+
+	// the app owns the engine; loading it here makes sure it runs
+	appIface, err := ctx.App("shaker")
+	if err != nil {
+		return fmt.Errorf("loading shaker app: %v", err)
+	}
+	su.app = appIface.(*App)
+
+	su.names = make(map[string][]netip.Addr)
+	var hosts []string
+	for _, s := range specs {
+		if s.host != "" && !slices.Contains(hosts, s.host) {
+			hosts = append(hosts, s.host)
+		}
+	}
+	if len(hosts) > 0 {
+		found := su.resolveAll(ctx, hosts)
+		for _, h := range hosts {
+			su.names[h] = found[h]
+		}
+	}
+	su.mu.Lock()
+	su.rebuildLocked()
+	su.mu.Unlock()
+
+	if len(hosts) > 0 {
+		su.wg.Add(1)
+		go su.refresh(hosts)
+	}
+	return nil
+}
+
+// Validate checks the settings; each error names the bad value.
+func (su *Upstreams) Validate() error {
+	if len(su.Upstreams) == 0 {
+		return fmt.Errorf("no upstreams: give at least one host:port")
+	}
+	if su.Interval < 0 {
+		return fmt.Errorf("interval %v: must be positive", time.Duration(su.Interval))
+	}
+	if su.Timeout < 0 {
+		return fmt.Errorf("timeout %v: must be positive", time.Duration(su.Timeout))
+	}
+	if su.Passes < 0 {
+		return fmt.Errorf("passes %d: must be at least 1", su.Passes)
+	}
+	if su.Fails < 0 {
+		return fmt.Errorf("fails %d: must be at least 1", su.Fails)
+	}
+	if su.Port < 0 || su.Port > 65535 {
+		return fmt.Errorf("port %d: out of range 1-65535", su.Port)
+	}
+	if su.ResolveInterval < 0 {
+		return fmt.Errorf("resolve_interval %v: must be positive", time.Duration(su.ResolveInterval))
+	}
+	if su.ResolveTimeout < 0 {
+		return fmt.Errorf("resolve_timeout %v: must be positive", time.Duration(su.ResolveTimeout))
+	}
+	return nil
+}
+
+// Cleanup stops re-resolving and releases this source's checkers; a
+// checker that no other source (of this config or the next) uses stops.
+func (su *Upstreams) Cleanup() error {
+	if su.sourceState == nil {
+		return nil
+	}
+	su.mu.Lock()
+	if su.closed {
+		su.mu.Unlock()
+		return nil
+	}
+	su.closed = true
+	close(su.stop)
+	su.mu.Unlock()
+	su.wg.Wait() // refresh returns soon: its lookups see the stop
+	su.mu.Lock()
+	defer su.mu.Unlock()
+	reg.release(su.held)
+	su.held = nil
+	su.snap.Store(nil)
+	return nil
+}
+
+// GetUpstreams returns a fresh Upstream (reverse_proxy mutates them) for
+// each address that is up, or none when none is up. It never waits for a
+// probe and makes two allocations.
+func (su *Upstreams) GetUpstreams(*http.Request) ([]*reverseproxy.Upstream, error) {
+	if su.sourceState == nil {
+		return nil, nil
+	}
+	p := su.snap.Load()
+	if p == nil {
+		return nil, nil
+	}
+	es := *p
+	n := 0
+	for i := range es {
+		if es[i].c.healthy.Load() {
+			n++
+		}
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	vals := make([]reverseproxy.Upstream, n)
+	out := make([]*reverseproxy.Upstream, 0, n)
+	for i := range es {
+		if len(out) == n {
+			break
+		}
+		if es[i].c.healthy.Load() {
+			v := &vals[len(out)]
+			v.Dial = es[i].dial
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
+// rebuildLocked takes references to the checkers of the current
+// addresses, publishes them for GetUpstreams, then drops the references
+// held before (in that order, so that an address kept keeps its state).
+func (su *Upstreams) rebuildLocked() {
+	if su.closed {
+		return
+	}
+	type planned struct {
+		dial string
+		want want
+	}
+	var plan []planned
+	seen := make(map[string]bool)
+	add := func(s upstreamSpec, ip netip.Addr) {
+		dial := net.JoinHostPort(ip.String(), strconv.Itoa(int(s.port)))
+		if seen[dial] {
+			return
+		}
+		seen[dial] = true
+		probePort := s.port
+		if su.Port != 0 {
+			probePort = uint16(su.Port)
+		}
+		plan = append(plan, planned{dial, want{
+			key: checkKey{
+				addr:     netip.AddrPortFrom(ip, probePort),
+				interval: time.Duration(su.Interval),
+				timeout:  time.Duration(su.Timeout),
+				passes:   su.Passes,
+				fails:    su.Fails,
+			},
+			name: s.raw,
+		}})
+	}
+	for _, s := range su.specs {
+		if s.host == "" {
+			add(s, s.ip)
+			continue
+		}
+		for _, ip := range su.names[s.host] {
+			add(s, ip)
+		}
+	}
+	ws := make([]want, len(plan))
+	for i, p := range plan {
+		ws[i] = p.want
+	}
+	cs, fresh := reg.acquire(ws)
+	su.app.schedule(fresh)
+	es := make([]entry, len(plan))
+	for i, p := range plan {
+		es[i] = entry{dial: p.dial, c: cs[i]}
+	}
+	su.snap.Store(&es)
+	old := su.held
+	su.held = ws
+	reg.release(old)
+}
+
+// resolveAll resolves host names in parallel, each bounded by
+// resolve_timeout. A name that fails keeps the addresses found last (in
+// this process); its error is logged.
+func (su *Upstreams) resolveAll(ctx context.Context, hosts []string) map[string][]netip.Addr {
+	out := make(map[string][]netip.Addr, len(hosts))
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, h := range hosts {
+		wg.Go(func() {
+			addrs, err := resolve(ctx, h, time.Duration(su.ResolveTimeout))
+			if err != nil {
+				addrs = lastResolved(h)
+				su.logger.Warn("resolving upstream host failed",
+					zap.String("host", h), zap.Error(err),
+					zap.Int("keeping_addresses", len(addrs)))
+			}
+			mu.Lock()
+			out[h] = addrs
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return out
+}
+
+// refresh re-resolves host names until the config is unloaded.
+func (su *Upstreams) refresh(hosts []string) {
+	defer su.wg.Done()
+	every := time.Duration(su.ResolveInterval)
+	retry := min(every, 5*time.Second)
+	t := time.NewTimer(every)
+	defer t.Stop()
+	ctx, cancel := context.WithCancel(su.ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-su.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		found := su.resolveAll(ctx, hosts)
+		if ctx.Err() != nil {
+			return
+		}
+		missing := false
+		su.mu.Lock()
+		changed := false
+		for _, h := range hosts {
+			if !slices.Equal(su.names[h], found[h]) {
+				su.logger.Info("upstream host addresses changed",
+					zap.String("host", h),
+					zap.Stringers("old", su.names[h]),
+					zap.Stringers("new", found[h]))
+				su.names[h] = found[h]
+				changed = true
+			}
+			if len(found[h]) == 0 {
+				missing = true
+			}
+		}
+		if changed {
+			su.rebuildLocked()
+		}
+		su.mu.Unlock()
+		if missing {
+			t.Reset(retry)
+		} else {
+			t.Reset(every)
+		}
+	}
+}
+
+// resolved keeps the addresses each host name had last, so that a failed
+// resolution (at a reload, say) keeps the addresses and their state.
+var resolved = struct {
+	sync.Mutex
+	m map[string][]netip.Addr
+}{m: make(map[string][]netip.Addr)}
+
+func lastResolved(host string) []netip.Addr {
+	resolved.Lock()
+	defer resolved.Unlock()
+	return resolved.m[host]
+}
+
+// resolveFunc resolves a host name; tests replace it.
+var resolveFunc = net.DefaultResolver.LookupNetIP
+
+// resolve returns the sorted IPv4 and IPv6 addresses of host.
+func resolve(ctx context.Context, host string, timeout time.Duration) ([]netip.Addr, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	ips, err := resolveFunc(ctx, "ip", host)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.Addr, 0, len(ips))
+	for _, ip := range ips {
+		ip = ip.Unmap()
+		if !slices.Contains(out, ip) {
+			out = append(out, ip)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s: no addresses", host)
+	}
+	slices.SortFunc(out, func(a, b netip.Addr) int { return a.Compare(b) })
+	resolved.Lock()
+	resolved.m[host] = out
+	resolved.Unlock()
+	return out, nil
+}
+
+// parseUpstreams parses host:port upstreams; errors name the bad value.
+func parseUpstreams(ups []string) ([]upstreamSpec, error) {
+	specs := make([]upstreamSpec, 0, len(ups))
+	for _, raw := range ups {
+		s, err := parseUpstream(raw)
+		if err != nil {
+			return nil, err
+		}
+		specs = append(specs, s)
+	}
+	return specs, nil
+}
+
+func parseUpstream(raw string) (upstreamSpec, error) {
+	bad := func(why string) (upstreamSpec, error) {
+		return upstreamSpec{}, fmt.Errorf("upstream %q: %s", raw, why)
+	}
+	if strings.Contains(raw, "://") {
+		return bad("give host:port, without a scheme")
+	}
+	if strings.ContainsAny(raw, "{}") {
+		return bad("placeholders are not supported")
+	}
+	host, portStr, err := net.SplitHostPort(raw)
+	if err != nil {
+		var ae *net.AddrError
+		if errors.As(err, &ae) {
+			if ae.Err == "missing port in address" {
+				return bad("missing port")
+			}
+			return bad("not host:port: " + ae.Err)
+		}
+		return bad("not host:port: " + err.Error())
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil || port < 1 || port > 65535 {
+		return bad(fmt.Sprintf("port %q out of range 1-65535", portStr))
+	}
+	s := upstreamSpec{raw: raw, port: uint16(port)}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		s.ip = ip.Unmap()
+		return s, nil
+	}
+	if !validHostName(host) {
+		return bad(fmt.Sprintf("host %q is neither an IP address nor a host name", host))
+	}
+	s.host = strings.ToLower(strings.TrimSuffix(host, "."))
+	return s, nil
+}
+
+// validHostName reports whether h is a DNS name (letters, digits, '-',
+// '_', dots between labels of 1-63 characters).
+func validHostName(h string) bool {
+	h = strings.TrimSuffix(h, ".")
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	for label := range strings.SplitSeq(h, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, r := range label {
+			ok := r == '-' || r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
+			if !ok {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Upstreams)(nil)
+	_ caddy.Validator             = (*Upstreams)(nil)
+	_ caddy.CleanerUpper          = (*Upstreams)(nil)
+	_ reverseproxy.UpstreamSource = (*Upstreams)(nil)
+)

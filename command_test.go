@@ -1,0 +1,129 @@
+package caddyshaker
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+)
+
+func TestShakeCommandRegistered(t *testing.T) {
+	if _, ok := caddycmd.Commands()["shake"]; !ok {
+		t.Fatal("caddy shake is not registered")
+	}
+}
+
+// shakeListener is a loopback listener that counts what it accepts.
+func shakeListener(t *testing.T, network, addr string) (string, *atomic.Int64) {
+	t.Helper()
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		t.Skipf("listen %s: %v", addr, err)
+	}
+	var n atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.Add(1)
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+	return ln.Addr().String(), &n
+}
+
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := ln.Addr().String()
+	ln.Close()
+	return a
+}
+
+func TestShakeCommand(t *testing.T) {
+	up4, n4 := shakeListener(t, "tcp4", "127.0.0.1:0")
+	up6, n6 := shakeListener(t, "tcp6", "[::1]:0")
+	down := closedPort(t)
+
+	var out bytes.Buffer
+	code, err := runShake(context.Background(), []string{"--json", "--count", "2", "--interval", "10ms", up4, up6}, &out)
+	if code != 0 || err != nil {
+		t.Fatalf("all up: exit %d, %v\n%s", code, err, out.String())
+	}
+	var lines []shakeResult
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var r shakeResult
+		if err := json.Unmarshal([]byte(l), &r); err != nil {
+			t.Fatalf("line %q: %v", l, err)
+		}
+		lines = append(lines, r)
+	}
+	if len(lines) != 4 {
+		t.Fatalf("%d lines, want 2 rounds x 2 addresses:\n%s", len(lines), out.String())
+	}
+	for i, r := range lines {
+		want := []string{up4, up6}[i%2]
+		if r.Address != want || r.Result != "up" || r.RTTus < 0 || r.Error != "" {
+			t.Fatalf("line %d: %+v, want %s up", i, r, want)
+		}
+	}
+
+	out.Reset()
+	code, err = runShake(context.Background(), []string{up4, down}, &out)
+	if code != 1 || err == nil {
+		t.Fatalf("one down: exit %d, %v, want 1", code, err)
+	}
+	text := out.String()
+	if !strings.Contains(text, up4) || !strings.Contains(text, down+" ") || !strings.Contains(text, "refused") {
+		t.Fatalf("text output:\n%s", text)
+	}
+
+	// localhost resolves to loopback addresses; each is probed.
+	_, port, _ := net.SplitHostPort(up4)
+	out.Reset()
+	runShake(context.Background(), []string{"--json", "localhost:" + port}, &out)
+	if !strings.Contains(out.String(), `"address":"127.0.0.1:`+port+`"`) || !strings.Contains(out.String(), `"target":"localhost:`+port+`"`) {
+		t.Fatalf("localhost not resolved to 127.0.0.1:\n%s", out.String())
+	}
+
+	if n4.Load()+n6.Load() != 0 {
+		t.Fatalf("listeners accepted %d connections from caddy shake", n4.Load()+n6.Load())
+	}
+}
+
+func TestShakeCommandUsage(t *testing.T) {
+	for _, args := range [][]string{
+		{},
+		{"--timeout", "0s", "127.0.0.1:1"},
+		{"--timeout", "-1s", "127.0.0.1:1"},
+		{"--count", "0", "127.0.0.1:1"},
+		{"--interval", "0s", "127.0.0.1:1"},
+		{"--bogus", "127.0.0.1:1"},
+		{"127.0.0.1"},
+		{"127.0.0.1:0"},
+		{"127.0.0.1:70000"},
+		{":80"},
+	} {
+		var out bytes.Buffer
+		code, err := runShake(context.Background(), args, &out)
+		if code != 2 || err == nil {
+			t.Errorf("%q: exit %d, %v, want 2 with an error", args, code, err)
+		}
+	}
+	// The message names the bad value.
+	_, err := runShake(context.Background(), []string{"--count", "0", "127.0.0.1:1"}, new(bytes.Buffer))
+	if !strings.Contains(err.Error(), "--count 0") {
+		t.Errorf("error %q does not name the value", err)
+	}
+}

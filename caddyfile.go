@@ -57,6 +57,8 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	dynamic shaker [<upstreams...>] {
 //	    to               <upstreams...>
 //	    interval         <duration>
+//	    fast_interval    <duration>
+//	    down_interval    <duration>
 //	    timeout          <duration>
 //	    passes           <n>
 //	    fails            <n>
@@ -67,8 +69,9 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //
 // Upstreams are host:port, on the `dynamic shaker` line, on `to` lines in
 // the block, or both. Every subdirective is optional; the defaults are
-// interval 2s, timeout 1s, passes 2, fails 3, the upstream's own port,
-// resolve_interval 1m and resolve_timeout 5s.
+// interval 2s, fast_interval and down_interval the interval, timeout 1s,
+// passes 2, fails 3, the upstream's own port, resolve_interval 1m and
+// resolve_timeout 5s.
 func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume upstream source name
 
@@ -136,6 +139,10 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "interval":
 			su.Interval, err = duration("interval")
+		case "fast_interval":
+			su.FastInterval, err = duration("fast_interval")
+		case "down_interval":
+			su.DownInterval, err = duration("down_interval")
 		case "timeout":
 			su.Timeout, err = duration("timeout")
 		case "resolve_interval":

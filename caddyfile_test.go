@@ -83,6 +83,15 @@ func TestCaddyfileAdapt(t *testing.T) {
 			}`,
 			`{"resolve_interval":30000000000,"resolve_timeout":2000000000,"source":"shaker","upstreams":["[::1]:8080","127.0.0.1:8080","db.internal:5432"]}`,
 		},
+		{
+			"fast and down intervals",
+			`dynamic shaker 127.0.0.1:8080 {
+				interval 5s
+				fast_interval 500ms
+				down_interval 30s
+			}`,
+			`{"down_interval":30000000000,"fast_interval":500000000,"interval":5000000000,"source":"shaker","upstreams":["127.0.0.1:8080"]}`,
+		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := adaptDynamic(t, tc.block)
@@ -118,6 +127,12 @@ func TestCaddyfileErrors(t *testing.T) {
 		{`dynamic shaker a:1 {
 			passes 0
 		}`, "passes '0': must be at least 1"},
+		{`dynamic shaker a:1 {
+			fast_interval 0s
+		}`, "fast_interval '0s': must be positive"},
+		{`dynamic shaker a:1 {
+			down_interval never
+		}`, "down_interval 'never'"},
 		{`dynamic shaker a:1 {
 			fails -1
 		}`, "fails '-1': must be at least 1"},
@@ -189,6 +204,8 @@ func TestJSONLoadErrors(t *testing.T) {
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"interval":"-1s"}`, "interval -1s"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"timeout":"-2s"}`, "timeout -2s"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"passes":-1}`, "passes -1"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"fast_interval":"-1ms"}`, "fast_interval -1ms"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"down_interval":"-1m"}`, "down_interval -1m0s"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"fails":-3}`, "fails -3"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"port":65536}`, "port 65536"},
 		{`{"source":"shaker","upstreams":["127.0.0.1"]}`, `upstream "127.0.0.1": missing port`},

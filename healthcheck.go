@@ -50,6 +50,11 @@ type checkKey struct {
 	timeout  time.Duration
 	passes   int
 	fails    int
+	// fastInterval is used while the address is changing state (failed
+	// probes while up, answered ones while down), downInterval while it
+	// is down; 0 means interval.
+	fastInterval time.Duration
+	downInterval time.Duration
 }
 
 // checker is the health state of one address, and its probe schedule.
@@ -280,12 +285,28 @@ func (c *checker) done(res shaker.Result) {
 			go c.announce()
 		}
 	}
-	delay := c.key.interval - now.Sub(c.probeStart)
-	if delay < 0 {
-		delay = 0
-	}
-	c.timer.Reset(delay)
+	c.timer.Reset(max(c.nextIntervalLocked()-now.Sub(c.probeStart), 0))
 	c.mu.Unlock()
+}
+
+// nextIntervalLocked is the time from the start of the last probe to the
+// next one: fast_interval while the address is changing state (failures
+// counted while it is up, answers while it is down), down_interval while
+// it is down, interval otherwise, as HAProxy's fastinter and downinter.
+func (c *checker) nextIntervalLocked() time.Duration {
+	healthy := c.healthy.Load()
+	switch {
+	case !c.known:
+	case healthy && c.fails > 0, !healthy && c.passes > 0:
+		if c.key.fastInterval > 0 {
+			return c.key.fastInterval
+		}
+	case !healthy:
+		if c.key.downInterval > 0 {
+			return c.key.downInterval
+		}
+	}
+	return c.key.interval
 }
 
 // announce logs, emits and counts the queued transitions, in order.
@@ -407,9 +428,12 @@ type Status struct {
 	Fails  int `json:"fails"`
 	// Probes is the number of probes with a result.
 	Probes uint64 `json:"probes"`
-	// Interval and Timeout are the settings the address is probed with.
-	Interval string `json:"interval"`
-	Timeout  string `json:"timeout"`
+	// Interval and Timeout are the settings the address is probed with;
+	// FastInterval and DownInterval are shown when set.
+	Interval     string `json:"interval"`
+	Timeout      string `json:"timeout"`
+	FastInterval string `json:"fast_interval,omitempty"`
+	DownInterval string `json:"down_interval,omitempty"`
 }
 
 // statuses returns the state of every probed address, sorted by upstream
@@ -434,6 +458,12 @@ func (r *registry) statuses() []Status {
 			Probes:        c.probesTotal,
 			Interval:      c.key.interval.String(),
 			Timeout:       c.key.timeout.String(),
+		}
+		if c.key.fastInterval > 0 {
+			s.FastInterval = c.key.fastInterval.String()
+		}
+		if c.key.downInterval > 0 {
+			s.DownInterval = c.key.downInterval.String()
 		}
 		if c.lastErr != nil {
 			s.LastError = reason(c.lastErr, c.key.timeout)

@@ -178,3 +178,51 @@ func TestRegistrySharesAndInherits(t *testing.T) {
 		t.Fatal("last release did not stop the checker")
 	}
 }
+
+// TestCheckerIntervals: fast_interval while an address changes state,
+// down_interval while it is down, interval otherwise.
+func TestCheckerIntervals(t *testing.T) {
+	const interval, fast, down = time.Hour, time.Minute, 10 * time.Minute
+	c := testChecker(t, 2, 3)
+	c.key.fastInterval, c.key.downInterval = fast, down
+	next := func() time.Duration {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.nextIntervalLocked()
+	}
+	if got := next(); got != interval {
+		t.Fatalf("not probed yet: %v, want the interval", got)
+	}
+	for i, s := range []struct {
+		res  shaker.Result
+		want time.Duration
+	}{
+		{up, interval},  // up, steady
+		{refused, fast}, // up, 1 fail: changing
+		{refused, fast}, // up, 2 fails
+		{refused, down}, // down (fails 3)
+		{refused, down}, // down, steady
+		{up, fast},      // down, 1 pass: changing
+		{refused, down}, // down again, steady
+		{up, fast},      // down, 1 pass
+		{up, interval},  // up (passes 2)
+		{refused, fast}, // up, 1 fail
+		{up, interval},  // up, steady again
+	} {
+		c.done(s.res)
+		if got := next(); got != s.want {
+			t.Fatalf("step %d (%v): next probe after %v, want %v", i, s.res.Err, got, s.want)
+		}
+	}
+	// Unset, both are the interval.
+	c2 := testChecker(t, 2, 3)
+	for _, r := range []shaker.Result{up, refused, refused, refused, up} {
+		c2.done(r)
+		c2.mu.Lock()
+		got := c2.nextIntervalLocked()
+		c2.mu.Unlock()
+		if got != interval {
+			t.Fatalf("without fast/down intervals: %v, want %v", got, interval)
+		}
+	}
+}

@@ -196,8 +196,8 @@ type harness struct {
 	proxy     string
 	backends  []*backend
 	client    *http.Client
-	extraKnob int    // changes the config so that Load reloads
-	resolve   string // resolve_interval, if set
+	extraKnob int            // changes the config so that Load reloads
+	extra     map[string]any // more fields of the shaker source
 }
 
 func (h *harness) config(interval time.Duration) []byte {
@@ -240,9 +240,9 @@ func (h *harness) config(interval time.Duration) []byte {
 			}}},
 		},
 	}
-	if h.resolve != "" {
-		dyn := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["proxy"].(map[string]any)["routes"].([]any)[0].(map[string]any)["handle"].([]any)[1].(map[string]any)["dynamic_upstreams"].(map[string]any)
-		dyn["resolve_interval"] = h.resolve
+	dyn := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["proxy"].(map[string]any)["routes"].([]any)[0].(map[string]any)["handle"].([]any)[1].(map[string]any)["dynamic_upstreams"].(map[string]any)
+	for k, v := range h.extra {
+		dyn[k] = v
 	}
 	b, err := json.Marshal(cfg)
 	if err != nil {
@@ -647,7 +647,7 @@ func TestHostnameAllAddresses(t *testing.T) {
 	b := h.backends[0]
 	_, port, _ := net.SplitHostPort(b.addr)
 	b.addr = name + ":" + port
-	h.resolve = "20ms"
+	h.extra = map[string]any{"resolve_interval": "20ms"}
 	h.load(tInterval)
 	v4, v6 := "127.0.0.1:"+port, "[::1]:"+port
 	waitFor(t, 5*time.Second, "both addresses probed, ::1 down", func() bool {
@@ -805,5 +805,44 @@ func TestFirstProbesSpread(t *testing.T) {
 	}
 	if d := last.Sub(first); d < interval/2 || d > interval {
 		t.Errorf("first probes spread over %v, want about 3/4 of %v", d, interval)
+	}
+}
+
+// TestFastInterval: with a fast_interval, a stopped backend is marked down
+// within interval + (fails-1) x fast_interval + timeout, far sooner than
+// interval x fails; with a down_interval, a down backend is probed at that
+// pace.
+func TestFastInterval(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	const interval, fast, down = 600 * time.Millisecond, 20 * time.Millisecond, 40 * time.Millisecond
+	h := newHarness(t, 2)
+	h.extra = map[string]any{"fast_interval": fast.String(), "down_interval": down.String()}
+	h.load(interval)
+	b := h.backends[0]
+	h.waitProbes(nil, 1, 5*time.Second)
+
+	b.stop()
+	took := waitFor(t, 10*time.Second, "backend down", func() bool { return !h.statuses()[b.addr].Healthy })
+	bound := interval + (tFails-1)*fast + tTimeout + tSlack
+	t.Logf("marked down after %v (bound %v; without fast_interval up to %v)", took, bound, interval*tFails+tTimeout)
+	if took > bound {
+		t.Errorf("marked down after %v, want <= %v", took, bound)
+	}
+	// Down: probed every down_interval, not every interval.
+	before := h.statuses()
+	start := time.Now()
+	after := h.waitProbes(before, 5, 5*time.Second)
+	per := time.Since(start) / time.Duration(after[b.addr].Probes-before[b.addr].Probes)
+	t.Logf("while down: a probe every %v (down_interval %v, interval %v)", per, down, interval)
+	if per >= interval/2 {
+		t.Errorf("while down: a probe every %v, want about down_interval %v", per, down)
+	}
+	if s := h.statuses()[b.addr]; s.FastInterval != fast.String() || s.DownInterval != down.String() {
+		t.Errorf("admin API: fast_interval %q down_interval %q", s.FastInterval, s.DownInterval)
+	}
+	if n := h.totalAccepts(); n != 0 {
+		t.Fatalf("backends accepted %d connections", n)
 	}
 }

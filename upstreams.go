@@ -51,6 +51,19 @@ type Upstreams struct {
 	// ends. Default: 1s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 
+	// The time between probes of an address that is changing state: one
+	// that is up but whose last probes failed, or down but whose last
+	// probes were answered. A short one makes detection faster without
+	// probing steady addresses more often (HAProxy's fastinter): an
+	// address goes down within interval + (fails-1) x fast_interval +
+	// timeout. Default: the interval.
+	FastInterval caddy.Duration `json:"fast_interval,omitempty"`
+
+	// The time between probes of an address that is down (HAProxy's
+	// downinter): longer to probe dead backends less, shorter to bring
+	// them back sooner. Default: the interval.
+	DownInterval caddy.Duration `json:"down_interval,omitempty"`
+
 	// The consecutive answered probes that bring a down address back up.
 	// Default: 2.
 	Passes int `json:"passes,omitempty"`
@@ -185,6 +198,12 @@ func (su *Upstreams) Validate() error {
 	if su.Timeout < 0 {
 		return fmt.Errorf("timeout %v: must be positive", time.Duration(su.Timeout))
 	}
+	if su.FastInterval < 0 {
+		return fmt.Errorf("fast_interval %v: must be positive", time.Duration(su.FastInterval))
+	}
+	if su.DownInterval < 0 {
+		return fmt.Errorf("down_interval %v: must be positive", time.Duration(su.DownInterval))
+	}
 	if su.Passes < 0 {
 		return fmt.Errorf("passes %d: must be at least 1", su.Passes)
 	}
@@ -292,6 +311,9 @@ func (su *Upstreams) rebuildLocked() {
 				timeout:  time.Duration(su.Timeout),
 				passes:   su.Passes,
 				fails:    su.Fails,
+
+				fastInterval: time.Duration(su.FastInterval),
+				downInterval: time.Duration(su.DownInterval),
 			},
 			name: s.raw,
 		}})

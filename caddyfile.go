@@ -2,6 +2,7 @@ package caddyshaker
 
 import (
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -63,6 +64,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	    passes           <n>
 //	    fails            <n>
 //	    port             <port>
+//	    panic_threshold  <fraction|percent>
 //	    resolve_interval <duration>
 //	    resolve_timeout  <duration>
 //	}
@@ -70,8 +72,8 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 // Upstreams are host:port, on the `dynamic shaker` line, on `to` lines in
 // the block, or both. Every subdirective is optional; the defaults are
 // interval 2s, fast_interval and down_interval the interval, timeout 1s,
-// passes 2, fails 3, the upstream's own port, resolve_interval 1m and
-// resolve_timeout 5s.
+// passes 2, fails 3, the upstream's own port, no panic threshold (503
+// when none is up), resolve_interval 1m and resolve_timeout 5s.
 func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume upstream source name
 
@@ -126,6 +128,26 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return n, nil
 	}
 
+	// fraction takes 0.5 or 50%.
+	fraction := func(name string) (float64, error) {
+		if !d.NextArg() {
+			return 0, d.ArgErr()
+		}
+		val := d.Val()
+		if d.NextArg() {
+			return 0, d.ArgErr()
+		}
+		num, scale := val, 1.0
+		if strings.HasSuffix(val, "%") {
+			num, scale = strings.TrimSuffix(val, "%"), 100
+		}
+		f, err := strconv.ParseFloat(num, 64)
+		if err != nil || f/scale <= 0 || f/scale > 1 {
+			return 0, d.Errf("%s '%s': must be a fraction above 0 and at most 1 (0.5) or a percentage (50%%)", name, val)
+		}
+		return f / scale, nil
+	}
+
 	var err error
 	for d.NextBlock(0) {
 		switch d.Val() {
@@ -155,6 +177,8 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			su.Fails, err = integer("fails", 1, maxInt)
 		case "port":
 			su.Port, err = integer("port", 1, 65535)
+		case "panic_threshold":
+			su.PanicThreshold, err = fraction("panic_threshold")
 		default:
 			return d.Errf("unrecognized shaker option '%s'", d.Val())
 		}

@@ -92,6 +92,20 @@ func TestCaddyfileAdapt(t *testing.T) {
 			}`,
 			`{"down_interval":30000000000,"fast_interval":500000000,"interval":5000000000,"source":"shaker","upstreams":["127.0.0.1:8080"]}`,
 		},
+		{
+			"panic threshold as a percentage",
+			`dynamic shaker 127.0.0.1:8080 {
+				panic_threshold 50%
+			}`,
+			`{"panic_threshold":0.5,"source":"shaker","upstreams":["127.0.0.1:8080"]}`,
+		},
+		{
+			"panic threshold as a fraction",
+			`dynamic shaker 127.0.0.1:8080 {
+				panic_threshold 0.25
+			}`,
+			`{"panic_threshold":0.25,"source":"shaker","upstreams":["127.0.0.1:8080"]}`,
+		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := adaptDynamic(t, tc.block)
@@ -130,6 +144,15 @@ func TestCaddyfileErrors(t *testing.T) {
 		{`dynamic shaker a:1 {
 			fast_interval 0s
 		}`, "fast_interval '0s': must be positive"},
+		{`dynamic shaker a:1 {
+			panic_threshold 0
+		}`, "panic_threshold '0': must be a fraction above 0 and at most 1"},
+		{`dynamic shaker a:1 {
+			panic_threshold 150%
+		}`, "panic_threshold '150%'"},
+		{`dynamic shaker a:1 {
+			panic_threshold half
+		}`, "panic_threshold 'half'"},
 		{`dynamic shaker a:1 {
 			down_interval never
 		}`, "down_interval 'never'"},
@@ -205,6 +228,8 @@ func TestJSONLoadErrors(t *testing.T) {
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"timeout":"-2s"}`, "timeout -2s"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"passes":-1}`, "passes -1"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"fast_interval":"-1ms"}`, "fast_interval -1ms"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"panic_threshold":1.5}`, "panic_threshold 1.5: must be a fraction from 0 to 1"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"panic_threshold":-0.1}`, "panic_threshold -0.1"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"down_interval":"-1m"}`, "down_interval -1m0s"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"fails":-3}`, "fails -3"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"port":65536}`, "port 65536"},

@@ -846,3 +846,42 @@ func TestFastInterval(t *testing.T) {
 		t.Fatalf("backends accepted %d connections", n)
 	}
 }
+
+// TestPanicThresholdFailsOpen: when the probes say every address is down
+// but the backends serve (here: the probes go to a closed port), the
+// default answers 503 and panic_threshold sends the requests on.
+func TestPanicThresholdFailsOpen(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	closed := freePort(t) // nothing listens there
+	h := newHarness(t, 2)
+	h.extra = map[string]any{"port": closed}
+	h.load(tInterval)
+	// Both upstreams are probed at one address, 127.0.0.1 at the closed
+	// port: one checker.
+	allDown := func() bool {
+		st := h.statuses()
+		for _, s := range st {
+			if s.Healthy {
+				return false
+			}
+		}
+		return len(st) == 1
+	}
+	waitFor(t, 5*time.Second, "every address down", allDown)
+	if code, body := h.get(); code != http.StatusServiceUnavailable {
+		t.Fatalf("default, all down: %d %q, want 503", code, body)
+	}
+
+	h.extra["panic_threshold"] = 0.5
+	h.load(tInterval)
+	for range 10 {
+		if code, body := h.get(); code != 200 {
+			t.Fatalf("panic_threshold 0.5, all down: %d %q, want the backends' 200", code, body)
+		}
+	}
+	if !allDown() {
+		t.Fatal("a reload made a down address look up")
+	}
+}

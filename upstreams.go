@@ -72,6 +72,13 @@ type Upstreams struct {
 	// another error) that take an up address down. Default: 3.
 	Fails int `json:"fails,omitempty"`
 
+	// Fail open below this fraction of addresses up (0 to 1, like Envoy's
+	// panic threshold): when fewer than panic_threshold x all addresses
+	// are up, every address is returned, up or down, instead of only
+	// those up. 0, the default, never fails open: only addresses that are
+	// up are returned, and with none up reverse_proxy answers 503.
+	PanicThreshold float64 `json:"panic_threshold,omitempty"`
+
 	// If set, probe this port instead of each upstream's own port
 	// (requests still go to the upstream's port). 1-65535.
 	Port int `json:"port,omitempty"`
@@ -97,6 +104,7 @@ type sourceState struct {
 	held   []want                  // references taken in reg
 	names  map[string][]netip.Addr // host name -> addresses in use
 	snap   atomic.Pointer[[]entry]
+	panic  atomic.Bool   // failing open (panic_threshold)
 	stop   chan struct{} // closed by Cleanup
 	wg     sync.WaitGroup
 }
@@ -210,6 +218,9 @@ func (su *Upstreams) Validate() error {
 	if su.Fails < 0 {
 		return fmt.Errorf("fails %d: must be at least 1", su.Fails)
 	}
+	if su.PanicThreshold < 0 || su.PanicThreshold > 1 {
+		return fmt.Errorf("panic_threshold %v: must be a fraction from 0 to 1", su.PanicThreshold)
+	}
 	if su.Port < 0 || su.Port > 65535 {
 		return fmt.Errorf("port %d: out of range 1-65535", su.Port)
 	}
@@ -246,8 +257,8 @@ func (su *Upstreams) Cleanup() error {
 }
 
 // GetUpstreams returns a fresh Upstream (reverse_proxy mutates them) for
-// each address that is up, or none when none is up. It never waits for a
-// probe and makes two allocations.
+// each address that is up, or none when none is up; below panic_threshold,
+// for every address. It never waits for a probe and makes two allocations.
 func (su *Upstreams) GetUpstreams(*http.Request) ([]*reverseproxy.Upstream, error) {
 	if su.sourceState == nil {
 		return nil, nil
@@ -263,6 +274,13 @@ func (su *Upstreams) GetUpstreams(*http.Request) ([]*reverseproxy.Upstream, erro
 			n++
 		}
 	}
+	all := su.PanicThreshold > 0 && float64(n) < su.PanicThreshold*float64(len(es))
+	if all != su.panic.Load() && su.panic.CompareAndSwap(!all, all) {
+		su.logPanic(all, n, len(es))
+	}
+	if all {
+		n = len(es)
+	}
 	if n == 0 {
 		return nil, nil
 	}
@@ -272,13 +290,23 @@ func (su *Upstreams) GetUpstreams(*http.Request) ([]*reverseproxy.Upstream, erro
 		if len(out) == n {
 			break
 		}
-		if es[i].c.healthy.Load() {
+		if all || es[i].c.healthy.Load() {
 			v := &vals[len(out)]
 			v.Dial = es[i].dial
 			out = append(out, v)
 		}
 	}
 	return out, nil
+}
+
+// logPanic logs that the source starts or stops failing open.
+func (su *Upstreams) logPanic(on bool, up, total int) {
+	fields := []zap.Field{zap.Int("up", up), zap.Int("addresses", total), zap.Float64("panic_threshold", su.PanicThreshold)}
+	if on {
+		su.logger.Error("too few upstreams up: failing open, sending requests to every address", fields...)
+	} else {
+		su.logger.Info("enough upstreams up again: sending requests only to those up", fields...)
+	}
 }
 
 // rebuildLocked takes references to the checkers of the current

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"go.uber.org/zap"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -94,7 +96,7 @@ func TestValidateNamesBadValue(t *testing.T) {
 // sourceWith returns a source whose snapshot holds n addresses, every
 // third one down.
 func sourceWith(n int) (*Upstreams, []*checker) {
-	su := &Upstreams{sourceState: new(sourceState)}
+	su := &Upstreams{sourceState: new(sourceState), logger: zap.NewNop()}
 	es := make([]entry, n)
 	cs := make([]*checker, n)
 	for i := range n {
@@ -206,5 +208,45 @@ func BenchmarkGetUpstreams(b *testing.B) {
 				}
 			})
 		})
+	}
+}
+
+// TestPanicThreshold: below the threshold every address is returned, up or
+// down; at or above it, only those up; at 0, none when none is up.
+func TestPanicThreshold(t *testing.T) {
+	r, _ := http.NewRequest("GET", "/", nil)
+	su, cs := sourceWith(4) // 10.0.0.2 down: 3 of 4 up
+	count := func() int {
+		ups, err := su.GetUpstreams(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ups)
+	}
+	for _, tc := range []struct {
+		threshold float64
+		down      []int // which addresses are down
+		want      int
+		panic     bool
+	}{
+		{0, []int{2}, 3, false},
+		{0, []int{0, 1, 2, 3}, 0, false},   // default: nothing, Caddy answers 503
+		{0.5, []int{2}, 3, false},          // 75% up
+		{0.5, []int{1, 2}, 2, false},       // 50% up: not below
+		{0.5, []int{0, 1, 2}, 4, true},     // 25% up: every address
+		{0.5, []int{0, 1, 2, 3}, 4, true},  // none up: every address
+		{1, []int{2}, 4, true},             // anything down: every address
+		{1, nil, 4, false},                 // all up
+		{0.25, []int{0, 1, 2, 3}, 4, true}, // none up
+		{0.25, []int{0, 1, 2}, 1, false},   // 25% up: not below
+	} {
+		su.PanicThreshold = tc.threshold
+		for i, c := range cs {
+			c.healthy.Store(!slices.Contains(tc.down, i))
+		}
+		if got := count(); got != tc.want || su.panic.Load() != tc.panic {
+			t.Errorf("threshold %v, down %v: %d upstreams (panic %v), want %d (panic %v)",
+				tc.threshold, tc.down, got, su.panic.Load(), tc.want, tc.panic)
+		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 )
 
 func init() {
@@ -57,6 +58,8 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //
 //	dynamic shaker [<upstreams...>] {
 //	    to               <upstreams...>
+//	    source           <module> [<args...>] [{ <module options> }]
+//	    forget_after     <duration>
 //	    interval         <duration>
 //	    fast_interval    <duration>
 //	    down_interval    <duration>
@@ -70,7 +73,10 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	}
 //
 // Upstreams are host:port, on the `dynamic shaker` line, on `to` lines in
-// the block, or both. Every subdirective is optional; the defaults are
+// the block, or both; or they come from another upstream source, `source
+// a my-service.internal 8080 { refresh 10s }` (any
+// http.reverse_proxy.upstreams module, with its own Caddyfile syntax),
+// whose upstreams are then probed and filtered by health. Every subdirective is optional; the defaults are
 // interval 2s, fast_interval and down_interval the interval, timeout 1s,
 // passes 2, fails 3, the upstream's own port, no panic threshold (503
 // when none is up), resolve_interval 1m and resolve_timeout 5s.
@@ -179,6 +185,28 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			su.Port, err = integer("port", 1, 65535)
 		case "panic_threshold":
 			su.PanicThreshold, err = fraction("panic_threshold")
+		case "forget_after":
+			su.ForgetAfter, err = duration("forget_after")
+		case "source":
+			if su.SourceRaw != nil {
+				return d.Err("source already given: one source per shaker block (use 'source multi' for several)")
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			name := d.Val()
+			if name == "shaker" {
+				return d.Err("source shaker: a shaker source cannot wrap another shaker source")
+			}
+			unm, err := caddyfile.UnmarshalModule(d, "http.reverse_proxy.upstreams."+name)
+			if err != nil {
+				return err
+			}
+			src, ok := unm.(reverseproxy.UpstreamSource)
+			if !ok {
+				return d.Errf("source %s (%T) is not an upstream source", name, unm)
+			}
+			su.SourceRaw = caddyconfig.JSONModuleObject(src, "source", name, nil)
 		default:
 			return d.Errf("unrecognized shaker option '%s'", d.Val())
 		}
@@ -186,8 +214,11 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return err
 		}
 	}
-	if len(su.Upstreams) == 0 {
-		return d.Err("no upstreams: give host:port upstreams after 'dynamic shaker' or on 'to' lines")
+	switch {
+	case len(su.Upstreams) == 0 && su.SourceRaw == nil:
+		return d.Err("no upstreams: give host:port upstreams after 'dynamic shaker' or on 'to' lines, or a 'source' to discover them")
+	case len(su.Upstreams) > 0 && su.SourceRaw != nil:
+		return d.Errf("upstreams %v and a source: give one or the other", su.Upstreams)
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package caddyshaker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -38,8 +39,25 @@ import (
 // GetUpstreams never waits for a probe: it reads the current state.
 type Upstreams struct {
 	// The upstreams to probe and proxy to, as host:port (an IPv6 address
-	// in brackets). Required.
+	// in brackets). Give either these or discover.
 	Upstreams []string `json:"upstreams,omitempty"`
+
+	// Another upstream source whose upstreams are probed: any
+	// http.reverse_proxy.upstreams module (a, srv, multi, ...). It says
+	// which upstreams exist; this source probes every address it returns
+	// (host names resolved to all their addresses) and returns its list
+	// filtered by health. Caddy runs no active checks for dynamic
+	// upstreams; this does. Its upstreams are probed from the moment they
+	// first appear, and this source polls it every interval so that it
+	// does not depend on traffic. Give either this or upstreams. (In the
+	// Caddyfile, the `source` subdirective; in JSON "source" is already
+	// the name of this module.)
+	SourceRaw json.RawMessage `json:"discover,omitempty" caddy:"namespace=http.reverse_proxy.upstreams inline_key=source"`
+
+	// How long an upstream that the discover source stopped returning is
+	// still probed and remembered, with its health, in case it returns.
+	// Default: 5 intervals.
+	ForgetAfter caddy.Duration `json:"forget_after,omitempty"`
 
 	// The time between the starts of two probes of one address.
 	// Default: 2s.
@@ -91,6 +109,7 @@ type Upstreams struct {
 	ResolveTimeout caddy.Duration `json:"resolve_timeout,omitempty"`
 
 	specs  []upstreamSpec
+	inner  reverseproxy.UpstreamSource
 	app    *App
 	ctx    caddy.Context
 	logger *zap.Logger
@@ -104,9 +123,13 @@ type sourceState struct {
 	held   []want                  // references taken in reg
 	names  map[string][]netip.Addr // host name -> addresses in use
 	snap   atomic.Pointer[[]entry]
-	panic  atomic.Bool   // failing open (panic_threshold)
-	stop   chan struct{} // closed by Cleanup
+	table  atomic.Pointer[map[string]*discovered] // with discover: dial -> upstream
+	panic  atomic.Bool                            // failing open (panic_threshold)
+	stop   chan struct{}                          // closed by Cleanup
 	wg     sync.WaitGroup
+
+	stopCtx    context.Context // canceled by Cleanup
+	stopCancel context.CancelFunc
 }
 
 // upstreamSpec is a configured upstream, parsed.
@@ -137,6 +160,7 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 	su.ctx = ctx
 	su.logger = ctx.Logger()
 	su.sourceState = &sourceState{stop: make(chan struct{})}
+	su.stopCtx, su.stopCancel = context.WithCancel(context.Background())
 	if su.Interval == 0 {
 		su.Interval = caddy.Duration(DefaultInterval)
 	}
@@ -155,6 +179,9 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 	if su.ResolveTimeout == 0 {
 		su.ResolveTimeout = caddy.Duration(DefaultResolveTimeout)
 	}
+	if su.ForgetAfter == 0 {
+		su.ForgetAfter = DefaultForgetAfterIntervals * su.Interval
+	}
 	if err := su.Validate(); err != nil {
 		return err
 	}
@@ -170,6 +197,9 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("loading shaker app: %v", err)
 	}
 	su.app = appIface.(*App)
+	if su.SourceRaw != nil {
+		return su.provisionInner(ctx)
+	}
 
 	su.names = make(map[string][]netip.Addr)
 	var hosts []string
@@ -197,8 +227,13 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 
 // Validate checks the settings; each error names the bad value.
 func (su *Upstreams) Validate() error {
-	if len(su.Upstreams) == 0 {
-		return fmt.Errorf("no upstreams: give at least one host:port")
+	// Caddy clears SourceRaw once it has loaded the module into inner.
+	hasSource := su.SourceRaw != nil || su.inner != nil
+	switch {
+	case len(su.Upstreams) == 0 && !hasSource:
+		return fmt.Errorf("no upstreams: give at least one host:port, or a source to discover them")
+	case len(su.Upstreams) > 0 && hasSource:
+		return fmt.Errorf("upstreams %v and a discover source: give one or the other", su.Upstreams)
 	}
 	if su.Interval < 0 {
 		return fmt.Errorf("interval %v: must be positive", time.Duration(su.Interval))
@@ -230,6 +265,9 @@ func (su *Upstreams) Validate() error {
 	if su.ResolveTimeout < 0 {
 		return fmt.Errorf("resolve_timeout %v: must be positive", time.Duration(su.ResolveTimeout))
 	}
+	if su.ForgetAfter < 0 {
+		return fmt.Errorf("forget_after %v: must be positive", time.Duration(su.ForgetAfter))
+	}
 	return nil
 }
 
@@ -246,6 +284,7 @@ func (su *Upstreams) Cleanup() error {
 	}
 	su.closed = true
 	close(su.stop)
+	su.stopCancel()
 	su.mu.Unlock()
 	su.wg.Wait() // refresh returns soon: its lookups see the stop
 	su.mu.Lock()
@@ -253,15 +292,21 @@ func (su *Upstreams) Cleanup() error {
 	reg.release(su.held)
 	su.held = nil
 	su.snap.Store(nil)
+	if su.inner != nil {
+		su.releaseDiscoveredLocked()
+	}
 	return nil
 }
 
 // GetUpstreams returns a fresh Upstream (reverse_proxy mutates them) for
 // each address that is up, or none when none is up; below panic_threshold,
 // for every address. It never waits for a probe and makes two allocations.
-func (su *Upstreams) GetUpstreams(*http.Request) ([]*reverseproxy.Upstream, error) {
+func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
 	if su.sourceState == nil {
 		return nil, nil
+	}
+	if su.inner != nil {
+		return su.discoverUpstreams(r)
 	}
 	p := su.snap.Load()
 	if p == nil {
@@ -333,16 +378,7 @@ func (su *Upstreams) rebuildLocked() {
 			probePort = uint16(su.Port)
 		}
 		plan = append(plan, planned{dial, want{
-			key: checkKey{
-				addr:     netip.AddrPortFrom(ip, probePort),
-				interval: time.Duration(su.Interval),
-				timeout:  time.Duration(su.Timeout),
-				passes:   su.Passes,
-				fails:    su.Fails,
-
-				fastInterval: time.Duration(su.FastInterval),
-				downInterval: time.Duration(su.DownInterval),
-			},
+			key:  su.checkKey(netip.AddrPortFrom(ip, probePort)),
 			name: s.raw,
 		}})
 	}

@@ -1,0 +1,322 @@
+package caddyshaker
+
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+)
+
+// listSource is an upstream source for tests: it returns the dials of a
+// named list that the test changes at will.
+type listSource struct {
+	List string `json:"list"`
+}
+
+var lists = struct {
+	sync.Mutex
+	m map[string][]string
+}{m: map[string][]string{}}
+
+func setList(name string, dials ...string) {
+	lists.Lock()
+	lists.m[name] = dials
+	lists.Unlock()
+}
+
+func (listSource) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.upstreams.shaker_test_list",
+		New: func() caddy.Module { return new(listSource) },
+	}
+}
+
+func (s listSource) GetUpstreams(*http.Request) ([]*reverseproxy.Upstream, error) {
+	lists.Lock()
+	defer lists.Unlock()
+	var out []*reverseproxy.Upstream
+	for _, d := range lists.m[s.List] {
+		out = append(out, &reverseproxy.Upstream{Dial: d})
+	}
+	return out, nil
+}
+
+func init() { caddy.RegisterModule(listSource{}) }
+
+func TestParseDial(t *testing.T) {
+	for _, tc := range []struct {
+		dial  string
+		probe bool
+		host  string
+		ip    string
+		port  uint16
+	}{
+		{"127.0.0.1:8080", true, "", "127.0.0.1", 8080},
+		{"tcp/[::1]:443", true, "", "::1", 443},
+		{"tcp4/10.0.0.1:80", true, "", "10.0.0.1", 80},
+		{"Backend.Internal.:5432", true, "backend.internal", "", 5432},
+		{"unix//run/app.sock", false, "", "", 0},
+		{"udp/10.0.0.1:53", false, "", "", 0},
+		{"{http.request.host}:80", false, "", "", 0},
+		{"127.0.0.1", false, "", "", 0},
+		{"127.0.0.1:0", false, "", "", 0},
+		{"bad host:80", false, "", "", 0},
+	} {
+		d := parseDial(tc.dial)
+		ip := ""
+		if d.ip.IsValid() {
+			ip = d.ip.String()
+		}
+		if d.probe != tc.probe || d.host != tc.host || ip != tc.ip || d.port != tc.port {
+			t.Errorf("%q: probe %v host %q ip %q port %d; want %v %q %q %d",
+				tc.dial, d.probe, d.host, ip, d.port, tc.probe, tc.host, tc.ip, tc.port)
+		}
+	}
+}
+
+// discoverHarness is a harness whose shaker source wraps another source.
+func discoverHarness(t *testing.T, n int, inner map[string]any, extra map[string]any) *harness {
+	h := newHarness(t, n)
+	h.extra = map[string]any{"upstreams": nil, "discover": inner}
+	for k, v := range extra {
+		h.extra[k] = v
+	}
+	h.load(tInterval)
+	return h
+}
+
+// TestDiscover: the upstreams of another source are probed from the moment
+// they appear, filtered by health, and forgotten after they go.
+func TestDiscover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	const forget = 300 * time.Millisecond
+	h := newHarness(t, 3)
+	b1, b2, b3 := h.backends[0], h.backends[1], h.backends[2]
+	setList("discover", b1.addr, b2.addr)
+	h.extra = map[string]any{
+		"upstreams":    nil,
+		"discover":     map[string]any{"source": "shaker_test_list", "list": "discover"},
+		"forget_after": forget.String(),
+	}
+	h.load(tInterval)
+
+	// Probed without any request: the source polls the inner one.
+	probed := func(addr string) bool { s, ok := h.statuses()[addr]; return ok && s.CheckedAt != nil }
+	waitFor(t, 5*time.Second, "b1 and b2 probed", func() bool { return probed(b1.addr) && probed(b2.addr) })
+	if _, ok := h.statuses()[b3.addr]; ok {
+		t.Fatal("b3 probed before the source returned it")
+	}
+	if n := h.totalAccepts(); n != 0 {
+		t.Fatalf("backends accepted %d connections from probes", n)
+	}
+	for range 20 {
+		if code, body := h.get(); code != 200 || body == b3.name {
+			t.Fatalf("request: %d %q, want 200 from b1 or b2", code, body)
+		}
+	}
+
+	// A new upstream is probed from its first appearance.
+	setList("discover", b1.addr, b2.addr, b3.addr)
+	took := waitFor(t, 5*time.Second, "b3 probed", func() bool { return probed(b3.addr) })
+	t.Logf("new upstream first probed %v after it appeared", took)
+
+	// A stopped one is filtered out; no request fails after that.
+	b2.stop()
+	down := waitFor(t, 5*time.Second, "b2 down", func() bool { return !h.statuses()[b2.addr].Healthy })
+	t.Logf("stopped backend marked down after %v", down)
+	seen := map[string]int{}
+	for range 40 {
+		code, body := h.get()
+		if code != 200 {
+			t.Fatalf("request after b2 was marked down: %d %q", code, body)
+		}
+		seen[body]++
+	}
+	if seen[b2.name] != 0 || seen[b1.name] == 0 || seen[b3.name] == 0 {
+		t.Fatalf("requests reached %v, want b1 and b3 only", seen)
+	}
+
+	// A reload keeps the state: b2 does not look up.
+	h.extraKnob++
+	h.load(tInterval)
+	if s := h.statuses()[b2.addr]; s.Healthy || s.CheckedAt == nil {
+		t.Fatalf("after a reload b2 is %+v, want still down", s)
+	}
+
+	// One that the source stops returning is forgotten after forget_after.
+	setList("discover", b2.addr, b3.addr)
+	gone := waitFor(t, 5*time.Second, "b1 forgotten", func() bool { _, ok := h.statuses()[b1.addr]; return !ok })
+	t.Logf("upstream gone from the source forgotten after %v (forget_after %v)", gone, forget)
+	// The source last returned it at its last poll, up to an interval
+	// before the list changed.
+	if gone < forget-tInterval {
+		t.Errorf("forgotten after %v, before forget_after %v", gone, forget)
+	}
+	// b2 stays down while the source returns it: the state is kept.
+	if s := h.statuses()[b2.addr]; s.Healthy {
+		t.Fatal("b2 looks up")
+	}
+	for _, b := range h.backends {
+		if n := b.empty.Load(); n != 0 {
+			t.Errorf("%s: %d connections without a request", b.name, n)
+		}
+	}
+}
+
+// TestDiscoverHostName: an upstream given by name is resolved to all its
+// addresses, each probed.
+func TestDiscoverHostName(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := newHarness(t, 1)
+	b := h.backends[0]
+	_, port, _ := strings.Cut(b.addr, "127.0.0.1:")
+	setList("hostname", "localhost:"+port)
+	h.extra = map[string]any{"upstreams": nil, "discover": map[string]any{"source": "shaker_test_list", "list": "hostname"}}
+	h.load(tInterval)
+	waitFor(t, 5*time.Second, "localhost resolved and probed", func() bool {
+		s, ok := h.statuses()[b.addr]
+		return ok && s.CheckedAt != nil && s.Healthy && s.Upstream == "localhost:"+port
+	})
+}
+
+// TestDiscoverASource: Caddy's own `a` source, whose upstreams Caddy never
+// checks. localhost resolves to 127.0.0.1, and on some machines to ::1
+// too; the backend listens on 127.0.0.1 only, so ::1, where it is
+// returned, must be marked down and get no request.
+func TestDiscoverASource(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := newHarness(t, 1)
+	b := h.backends[0]
+	_, port, _ := strings.Cut(b.addr, "127.0.0.1:")
+	h.extra = map[string]any{"upstreams": nil, "discover": map[string]any{"source": "a", "name": "localhost", "port": port}}
+	h.load(tInterval)
+	var st map[string]Status
+	waitFor(t, 5*time.Second, "localhost's addresses probed", func() bool {
+		st = h.statuses()
+		for _, s := range st {
+			if s.CheckedAt == nil {
+				return false
+			}
+		}
+		return len(st) > 0
+	})
+	if !st[b.addr].Healthy {
+		t.Fatalf("%s not up: %+v", b.addr, st)
+	}
+	if s, ok := st["[::1]:"+port]; ok && s.Healthy {
+		t.Fatalf("[::1]:%s up, but nothing listens there", port)
+	}
+	for range 20 {
+		if code, body := h.get(); code != 200 {
+			t.Fatalf("request: %d %q", code, body)
+		}
+	}
+	t.Logf("addresses: %d", len(st))
+}
+
+func TestDiscoverCaddyfile(t *testing.T) {
+	got, err := adaptDynamic(t, `dynamic shaker {
+		source a my-service.internal 8080 {
+			refresh 10s
+		}
+		interval 1s
+		forget_after 30s
+	}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(got)
+	want := `{"discover":{"name":"my-service.internal","port":"8080","refresh":10000000000,"source":"a"},"forget_after":30000000000,"interval":1000000000,"source":"shaker"}`
+	if string(b) != want {
+		t.Fatalf("got  %s\nwant %s", b, want)
+	}
+	for _, tc := range []struct{ block, want string }{
+		{`dynamic shaker 127.0.0.1:80 {
+			source a localhost 80
+		}`, "give one or the other"},
+		{`dynamic shaker {
+			source shaker 127.0.0.1:80
+		}`, "cannot wrap another shaker source"},
+		{`dynamic shaker {
+			source nosuchsource x
+		}`, "http.reverse_proxy.upstreams.nosuchsource"},
+		{`dynamic shaker {
+			source a localhost 80
+			source a localhost 81
+		}`, "source already given"},
+		{`dynamic shaker {
+			source
+		}`, "wrong argument count"},
+		{`dynamic shaker {
+			source a localhost 80
+			forget_after 0s
+		}`, "forget_after '0s': must be positive"},
+	} {
+		_, err := adaptDynamic(t, tc.block)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s:\nerror %v\nwant  %q", tc.block, err, tc.want)
+		}
+	}
+}
+
+func TestDiscoverJSONErrors(t *testing.T) {
+	for _, tc := range []struct{ dyn, want string }{
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"discover":{"source":"a","name":"localhost","port":"1"}}`, "give one or the other"},
+		{`{"source":"shaker","discover":{"source":"shaker","upstreams":["127.0.0.1:1"]}}`, "cannot wrap another shaker source"},
+		{`{"source":"shaker","discover":{"source":"nosuch"}}`, "nosuch"},
+		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"},"forget_after":"-1s"}`, "forget_after -1s"},
+	} {
+		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
+		var c caddy.Config
+		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
+			t.Fatal(err)
+		}
+		err := caddy.Validate(&c)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s:\nerror %v\nwant  %q", tc.dyn, err, tc.want)
+		}
+	}
+}
+
+// BenchmarkGetUpstreamsDiscover: the per-request cost of filtering another
+// source's upstreams (the inner source's own cost included).
+func BenchmarkGetUpstreamsDiscover(b *testing.B) {
+	r, _ := http.NewRequest("GET", "/", nil)
+	for _, n := range []int{3, 100} {
+		name := "bench" + strconv.Itoa(n)
+		su, cs := sourceWith(n)
+		table := map[string]*discovered{}
+		var dials []string
+		for i, c := range cs {
+			d := parseDial(c.addr)
+			one := []*checker{cs[i]}
+			d.cs.Store(&one)
+			d.lastSeen.Store(time.Now().UnixNano())
+			table[c.addr] = d
+			dials = append(dials, c.addr)
+		}
+		su.table.Store(&table)
+		su.inner = listSource{List: name}
+		setList(name, dials...)
+		b.Run(strconv.Itoa(n), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if ups, _ := su.GetUpstreams(r); len(ups) == 0 {
+					b.Fatal("no upstreams")
+				}
+			}
+		})
+	}
+}

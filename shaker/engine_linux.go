@@ -173,6 +173,14 @@ func (e *Engine) ProbeAsync(addr netip.AddrPort, timeout time.Duration, done fun
 }
 
 func (e *Engine) submit(req request) {
+	if req.done == nil {
+		panic("shaker: ProbeAsync with a nil done")
+	}
+	// An IPv6 zone name is looked up here, on the caller's goroutine,
+	// never on the loop.
+	if z := req.addr.Addr().Zone(); z != "" && req.addr.Addr().Is6() && !req.addr.Addr().Is4In6() {
+		req.scope, req.err = zoneIndex(z)
+	}
 	e.mu.Lock()
 	if e.closed {
 		e.mu.Unlock()
@@ -181,12 +189,13 @@ func (e *Engine) submit(req request) {
 		return
 	}
 	e.queue.push(req)
-	wake := e.sleeping
-	e.sleeping = false
-	e.mu.Unlock()
-	if wake {
+	if e.sleeping {
+		// Under mu: the loop closes the eventfd under mu too, so this
+		// never writes to a closed (or reused) fd number.
+		e.sleeping = false
 		e.wake()
 	}
+	e.mu.Unlock()
 }
 
 var one = [8]byte{1}
@@ -202,12 +211,11 @@ func (e *Engine) wake() {
 // Close is idempotent. It must not be called from a done callback.
 func (e *Engine) Close() error {
 	e.mu.Lock()
-	already := e.closed
-	e.closed = true
-	e.mu.Unlock()
-	if !already {
+	if !e.closed {
+		e.closed = true
 		e.wake()
 	}
+	e.mu.Unlock()
 	<-e.loopDone
 	return nil
 }
@@ -293,8 +301,11 @@ func (e *Engine) loop() {
 			}
 		}
 		e.deliver()
-		// Then new probes, a batch at a time.
-		e.startQueued()
+		// Then new probes, a batch at a time; but if the events buffer
+		// was full, more answers may be waiting: read them first.
+		if n < len(e.events) {
+			e.startQueued()
+		}
 	}
 }
 
@@ -352,15 +363,12 @@ func (e *Engine) count(err error) {
 
 // start sends the SYN of a probe.
 func (e *Engine) start(req *request) {
-	now := e.now()
-	deadline := now + int64(req.timeout)
-	if req.deadline != 0 && req.deadline < deadline {
-		deadline = req.deadline
-	}
-	res := Result{Addr: req.addr}
-	if deadline <= now {
+	res := Result{Addr: req.addr, Err: req.err}
+	if req.deadline != 0 && req.deadline <= e.now() {
 		// Probe's context ended while the probe was queued.
 		res.Err = ErrTimeout
+	}
+	if res.Err != nil {
 		e.count(res.Err)
 		e.finish(req.done, res)
 		return
@@ -388,13 +396,7 @@ func (e *Engine) start(req *request) {
 		sa6.Family = unix.AF_INET6
 		sa6.Addr = ip.As16()
 		putPort(&sa6.Port, port)
-		if z := ip.Zone(); z != "" {
-			id, err := zoneIndex(z)
-			if err != nil {
-				res.Err = err
-			}
-			sa6.Scope_id = id
-		}
+		sa6.Scope_id = req.scope
 		sa, salen = unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
 	}
 	if res.Err != nil {
@@ -417,7 +419,12 @@ func (e *Engine) start(req *request) {
 		return
 	}
 
+	// The timeout runs from the SYN.
 	start := e.now()
+	deadline := start + int64(req.timeout)
+	if req.deadline != 0 && req.deadline < deadline {
+		deadline = req.deadline
+	}
 	switch errno := rawConnect(fd, sa, salen); errno {
 	case 0, unix.EINPROGRESS:
 	default:
@@ -644,7 +651,9 @@ func (e *Engine) shutdown() {
 		}
 		e.idle[i] = nil
 	}
-	unix.Close(e.evfd)
+	e.mu.Lock()
+	unix.Close(e.evfd) // under mu: see submit
+	e.mu.Unlock()
 	unix.Close(e.epfd)
 	e.deliver()
 }

@@ -86,6 +86,9 @@ func (e *Engine) ProbeAsync(addr netip.AddrPort, timeout time.Duration, done fun
 }
 
 func (e *Engine) submit(req request) {
+	if req.done == nil {
+		panic("shaker: ProbeAsync with a nil done")
+	}
 	e.mu.Lock()
 	if e.closed {
 		e.mu.Unlock()

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/netip"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -162,12 +163,23 @@ func TestIPv4MappedIPv6(t *testing.T) {
 func TestQueueBeyondCap(t *testing.T) {
 	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
 	slow := fullQueueListener(t, "127.0.0.1")
-	e := newEngine(t, Options{MaxInFlight: 2})
+	e := newEngine(t, Options{MaxInFlight: 2, epollOnly: true}) // answers wait in epoll: in flight
 	var wg sync.WaitGroup
-	var up, timedOut atomic.Int64
-	wg.Add(2 + 100)
-	for i := 0; i < 2; i++ {
-		e.ProbeAsync(slow, 100*time.Millisecond, func(r Result) {
+	var up, timedOut, maxInFlight atomic.Int64
+	// Each callback runs on the loop, between turns: what is in flight
+	// then never exceeds the cap.
+	watch := func() {
+		if n := int64(e.Stats().InFlight); n > maxInFlight.Load() {
+			maxInFlight.Store(n)
+		}
+	}
+	// Slow probes with staggered timeouts: were the cap ignored, the
+	// first to time out would see the others still in flight.
+	const slowN = 6
+	wg.Add(slowN + 100)
+	for i := 0; i < slowN; i++ {
+		e.ProbeAsync(slow, time.Duration(i+1)*40*time.Millisecond, func(r Result) {
+			watch()
 			if errors.Is(r.Err, ErrTimeout) {
 				timedOut.Add(1)
 			}
@@ -176,18 +188,19 @@ func TestQueueBeyondCap(t *testing.T) {
 	}
 	for i := 0; i < 100; i++ {
 		e.ProbeAsync(l.addr, time.Second, func(r Result) {
+			watch()
 			if r.Err == nil {
 				up.Add(1)
 			}
 			wg.Done()
 		})
 	}
-	if s := e.Stats(); s.InFlight > 2 {
-		t.Fatalf("%d in flight, cap is 2", s.InFlight)
-	}
 	wg.Wait()
-	if up.Load() != 100 || timedOut.Load() != 2 {
-		t.Fatalf("up %d timed out %d, want 100 and 2", up.Load(), timedOut.Load())
+	if n := maxInFlight.Load(); n > 2 {
+		t.Fatalf("%d in flight, cap is 2", n)
+	}
+	if up.Load() != 100 || timedOut.Load() != slowN {
+		t.Fatalf("up %d timed out %d, want 100 and %d", up.Load(), timedOut.Load(), slowN)
 	}
 	if n := l.probeAccepts(t); n != 0 {
 		t.Fatalf("listener accepted %d probe connections", n)
@@ -485,4 +498,33 @@ func TestCloseIdempotent(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = e.Stats()
+}
+
+// TestIPv6Zone: a zone names an interface, looked up by the caller; one that
+// names none fails that probe only.
+func TestIPv6Zone(t *testing.T) {
+	l := newCountingListener(t, "tcp6", "[::1]:0")
+	e := newEngine(t, Options{})
+	zoned := netip.AddrPortFrom(l.addr.Addr().WithZone("lo"), l.addr.Port())
+	if r := e.Probe(probeCtx(t, 5*time.Second), zoned); r.Err != nil {
+		t.Fatalf("probe of %v: %v", zoned, r.Err)
+	}
+	bad := netip.AddrPortFrom(l.addr.Addr().WithZone("nosuchif0"), l.addr.Port())
+	r := e.Probe(probeCtx(t, 5*time.Second), bad)
+	if r.Err == nil || !strings.Contains(r.Err.Error(), "nosuchif0") {
+		t.Fatalf("probe of %v: %v, want an error naming the zone", bad, r.Err)
+	}
+	if r := e.Probe(probeCtx(t, 5*time.Second), l.addr); r.Err != nil {
+		t.Fatalf("probe after a bad zone: %v", r.Err)
+	}
+}
+
+func TestProbeAsyncNilDone(t *testing.T) {
+	e := newEngine(t, Options{})
+	defer func() {
+		if recover() == nil {
+			t.Fatal("ProbeAsync with a nil done did not panic at the call")
+		}
+	}()
+	e.ProbeAsync(netip.MustParseAddrPort("127.0.0.1:1"), time.Second, nil)
 }

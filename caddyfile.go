@@ -40,8 +40,8 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 				return nil, d.ArgErr()
 			}
 			n, err := strconv.Atoi(val)
-			if err != nil || n < 1 {
-				return nil, d.Errf("max_in_flight '%s': must be an integer of at least 1", val)
+			if err != nil || n < 1 || n > MaxMaxInFlight {
+				return nil, d.Errf("max_in_flight '%s': must be an integer from 1 to %d", val, MaxMaxInFlight)
 			}
 			app.MaxInFlight = n
 		default:

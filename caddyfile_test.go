@@ -210,8 +210,9 @@ func TestCaddyfileGlobalOption(t *testing.T) {
 		t.Errorf("no shaker app in %s", out)
 	}
 	for src, want := range map[string]string{
-		"{\n\tshaker {\n\t\tmax_in_flight 0\n\t}\n}\n": "max_in_flight '0'",
-		"{\n\tshaker {\n\t\tmax_in_fly 10\n\t}\n}\n":   "unrecognized shaker global option 'max_in_fly'",
+		"{\n\tshaker {\n\t\tmax_in_flight 0\n\t}\n}\n":      "max_in_flight '0'",
+		"{\n\tshaker {\n\t\tmax_in_flight 100000\n\t}\n}\n": "max_in_flight '100000': must be an integer from 1 to 65536",
+		"{\n\tshaker {\n\t\tmax_in_fly 10\n\t}\n}\n":        "unrecognized shaker global option 'max_in_fly'",
 	} {
 		if _, err := adapt(src); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%q: error %v, want %q", src, err, want)
@@ -228,6 +229,8 @@ func TestJSONLoadErrors(t *testing.T) {
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"timeout":"-2s"}`, "timeout -2s"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"passes":-1}`, "passes -1"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"fast_interval":"-1ms"}`, "fast_interval -1ms"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"interval":"1ns"}`, "interval 1ns: must be at least 1ms"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"down_interval":"500us"}`, "down_interval 500µs: must be at least 1ms"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"panic_threshold":1.5}`, "panic_threshold 1.5: must be a fraction from 0 to 1"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"panic_threshold":-0.1}`, "panic_threshold -0.1"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"down_interval":"-1m"}`, "down_interval -1m0s"},

@@ -23,6 +23,10 @@ const (
 	DefaultFails           = 3
 	DefaultResolveInterval = time.Minute
 	DefaultResolveTimeout  = 5 * time.Second
+
+	// MinInterval is the shortest interval, fast_interval or
+	// down_interval: below it an address would be probed back to back.
+	MinInterval = time.Millisecond
 )
 
 // reg is the process-wide state: the engine and every address's checker.
@@ -114,9 +118,9 @@ func (r *registry) acquire(ws []want) (all, fresh []*checker) {
 		if c == nil {
 			c = newChecker(w.key)
 			r.inheritLocked(c)
-			setHealthyGauge(c.addr, c.healthy.Load())
 			r.checkers[w.key] = c
 			r.byAddr[w.key.addr] = append(r.byAddr[w.key.addr], c)
+			r.refreshGaugeLocked(w.key.addr)
 			fresh = append(fresh, c)
 		}
 		c.mu.Lock()
@@ -192,10 +196,10 @@ func (r *registry) release(ws []want) {
 			others := slices.DeleteFunc(r.byAddr[w.key.addr], func(x *checker) bool { return x == c })
 			if len(others) == 0 {
 				delete(r.byAddr, w.key.addr)
-				forgetAddress(c.addr)
 			} else {
 				r.byAddr[w.key.addr] = others
 			}
+			r.refreshGaugeLocked(w.key.addr)
 		}
 	}
 }
@@ -322,7 +326,7 @@ func (c *checker) announce() {
 		c.queue = c.queue[1:]
 		name := c.nameLocked()
 		c.mu.Unlock()
-		setHealthyGauge(c.addr, tr.up)
+		reg.refreshGauge(c.key.addr)
 		herald := reg.herald.Load()
 		if herald == nil {
 			continue
@@ -482,7 +486,9 @@ func (r *registry) statuses() []Status {
 		if out[i].Address != out[j].Address {
 			return out[i].Address < out[j].Address
 		}
-		return out[i].Interval < out[j].Interval
+		di, _ := time.ParseDuration(out[i].Interval)
+		dj, _ := time.ParseDuration(out[j].Interval)
+		return di < dj
 	})
 	return out
 }

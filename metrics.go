@@ -2,6 +2,8 @@ package caddyshaker
 
 import (
 	"errors"
+	"fmt"
+	"net/netip"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -67,20 +69,21 @@ func initMetrics() {
 }
 
 // registerMetrics registers the collectors on a config's registry.
-func registerMetrics(r *prometheus.Registry) {
+func registerMetrics(r *prometheus.Registry) error {
 	initMetrics()
 	if r == nil {
-		return
+		return nil
 	}
 	m := &shakerMetrics
 	for _, c := range []prometheus.Collector{m.probes, m.healthy, m.rtt, m.inFlight, m.closeWait} {
 		if err := r.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if !errors.As(err, &are) {
-				panic(err)
+				return fmt.Errorf("registering shaker metrics: %v", err)
 			}
 		}
 	}
+	return nil
 }
 
 // observeProbe counts a probe's result. It runs on the engine's loop.
@@ -108,21 +111,33 @@ func observeProbe(res shaker.Result) {
 	m.byResult[k].Inc()
 }
 
-// setHealthyGauge sets the healthy gauge of an address.
-func setHealthyGauge(addr string, up bool) {
-	if shakerMetrics.healthy == nil {
+// refreshGaugeLocked sets the healthy gauge of an address from its
+// checkers (1 when any is up: several sources may probe it with different
+// settings), or deletes it when none is left. It runs under reg.mu, so a
+// late update cannot bring back the gauge of a forgotten address.
+func (r *registry) refreshGaugeLocked(addr netip.AddrPort) {
+	g := shakerMetrics.healthy
+	if g == nil {
+		return
+	}
+	cs := r.byAddr[addr]
+	if len(cs) == 0 {
+		g.DeleteLabelValues(addr.String())
 		return
 	}
 	v := 0.0
-	if up {
-		v = 1
+	for _, c := range cs {
+		if c.healthy.Load() {
+			v = 1
+			break
+		}
 	}
-	shakerMetrics.healthy.WithLabelValues(addr).Set(v)
+	g.WithLabelValues(addr.String()).Set(v)
 }
 
-// forgetAddress drops the gauge of an address no longer probed.
-func forgetAddress(addr string) {
-	if shakerMetrics.healthy != nil {
-		shakerMetrics.healthy.DeleteLabelValues(addr)
-	}
+// refreshGauge is refreshGaugeLocked for callers without reg.mu.
+func (r *registry) refreshGauge(addr netip.AddrPort) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.refreshGaugeLocked(addr)
 }

@@ -50,7 +50,7 @@ type App struct {
 	// below the kernel's 200 ms delayed-ACK window. It is read when the
 	// engine starts; a change takes effect when the engine restarts (Caddy
 	// restart, or a reload after one without shaker upstreams).
-	// Default: 1024.
+	// Default: 1024; at most 65536.
 	MaxInFlight int `json:"max_in_flight,omitempty"`
 
 	ctx    caddy.Context
@@ -58,6 +58,11 @@ type App struct {
 	events *caddyevents.App
 	*startState
 }
+
+// MaxMaxInFlight bounds max_in_flight: each probe in flight holds a file
+// descriptor, and a burst of that many SYN-ACKs must still be closed far
+// inside the kernel's 200 ms delayed-ACK window.
+const MaxMaxInFlight = 65536
 
 // startState is the mutable part of the app (behind a pointer, since
 // Caddy copies the app to read its module info).
@@ -95,7 +100,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := a.events.On("started", startedHandler{a}); err != nil {
 		return fmt.Errorf("subscribing to the started event: %v", err)
 	}
-	registerMetrics(ctx.GetMetricsRegistry())
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
 	if err := reg.acquireEngine(a); err != nil {
 		return err
 	}
@@ -107,8 +114,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 
 // Validate checks the app's configuration.
 func (a *App) Validate() error {
-	if a.MaxInFlight < 0 {
-		return fmt.Errorf("max_in_flight %d: must not be negative", a.MaxInFlight)
+	if a.MaxInFlight < 0 || a.MaxInFlight > MaxMaxInFlight {
+		return fmt.Errorf("max_in_flight %d: must be from 1 to %d", a.MaxInFlight, MaxMaxInFlight)
 	}
 	return nil
 }

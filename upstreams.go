@@ -238,6 +238,14 @@ func (su *Upstreams) Validate() error {
 	if su.Interval < 0 {
 		return fmt.Errorf("interval %v: must be positive", time.Duration(su.Interval))
 	}
+	for _, iv := range []struct {
+		name string
+		d    caddy.Duration
+	}{{"interval", su.Interval}, {"fast_interval", su.FastInterval}, {"down_interval", su.DownInterval}} {
+		if iv.d > 0 && time.Duration(iv.d) < MinInterval {
+			return fmt.Errorf("%s %v: must be at least %v", iv.name, time.Duration(iv.d), MinInterval)
+		}
+	}
 	if su.Timeout < 0 {
 		return fmt.Errorf("timeout %v: must be positive", time.Duration(su.Timeout))
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"testing"
 	"time"
@@ -12,11 +13,13 @@ import (
 )
 
 // BenchmarkProxy measures requests/s through Caddy to the same three
-// backends, given with plain `to` (static upstreams) and with `dynamic
-// shaker`, side by side in one Caddy config (one server each). Each
-// side runs twice (to, dynamic_shaker, dynamic_shaker#01, to#01).
+// backends, given with plain `to` (static upstreams), with `dynamic
+// shaker`, and with Caddy's own unchecked dynamic upstreams (`dynamic
+// multi` over `a` sources), side by side in one Caddy config (one server
+// each). The sides run in a mirrored order (to, shaker, a, a, shaker, to)
+// so that none always runs first or last.
 //
-//	go test -run '^$' -bench BenchmarkProxy -benchtime 3s -count 3 .
+//	go test -run '^$' -bench Proxy -benchtime 3s -count 2 .
 func BenchmarkProxy(b *testing.B) {
 	var backends []*backend
 	var ups []string
@@ -32,6 +35,15 @@ func BenchmarkProxy(b *testing.B) {
 	ports := map[string]string{
 		"to":             fmt.Sprintf("127.0.0.1:%d", freePort(b)),
 		"dynamic_shaker": fmt.Sprintf("127.0.0.1:%d", freePort(b)),
+		"dynamic_a":      fmt.Sprintf("127.0.0.1:%d", freePort(b)),
+	}
+	// Caddy's own dynamic upstreams, unchecked, for the cost of Caddy's
+	// dynamic-upstream path itself: multi over one `a` source per
+	// backend (an IP literal resolves to itself).
+	var aSources []map[string]string
+	for _, u := range ups {
+		host, port, _ := net.SplitHostPort(u)
+		aSources = append(aSources, map[string]string{"source": "a", "name": host, "port": port})
 	}
 	server := func(listen string, proxy map[string]any) map[string]any {
 		proxy["handler"] = "reverse_proxy"
@@ -49,6 +61,9 @@ func BenchmarkProxy(b *testing.B) {
 			"dynamic_shaker": server(ports["dynamic_shaker"], map[string]any{"dynamic_upstreams": map[string]any{
 				"source": "shaker", "upstreams": ups, "interval": "100ms", "timeout": "100ms",
 			}}),
+			"dynamic_a": server(ports["dynamic_a"], map[string]any{"dynamic_upstreams": map[string]any{
+				"source": "multi", "sources": aSources,
+			}}),
 		}}},
 	}
 	raw, err := json.Marshal(cfg)
@@ -62,7 +77,7 @@ func BenchmarkProxy(b *testing.B) {
 
 	// two rounds in opposite orders, so that neither side always runs
 	// first (warm-up) or last (a hotter machine)
-	order := []string{"to", "dynamic_shaker", "dynamic_shaker", "to"}
+	order := []string{"to", "dynamic_shaker", "dynamic_a", "dynamic_a", "dynamic_shaker", "to"}
 	for _, name := range order {
 		b.Run(name, func(b *testing.B) {
 			tr := &http.Transport{MaxIdleConnsPerHost: 256}

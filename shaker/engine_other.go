@@ -113,7 +113,8 @@ func (e *Engine) run(req request) {
 	for {
 		res := e.probe(req)
 		e.count(res.Err)
-		req.done(res)
+		// Take the next queued probe, or leave InFlight, before done
+		// runs: Stats seen from done is then up to date.
 		e.mu.Lock()
 		var next []request
 		if !e.closed {
@@ -121,10 +122,12 @@ func (e *Engine) run(req request) {
 		}
 		if len(next) == 0 {
 			e.inFlight--
-			e.mu.Unlock()
-			return
 		}
 		e.mu.Unlock()
+		req.done(res)
+		if len(next) == 0 {
+			return
+		}
 		req = next[0]
 	}
 }

@@ -148,7 +148,7 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			num, scale = strings.TrimSuffix(val, "%"), 100
 		}
 		f, err := strconv.ParseFloat(num, 64)
-		if err != nil || f/scale <= 0 || f/scale > 1 {
+		if err != nil || !(f/scale > 0 && f/scale <= 1) { // NaN too
 			return 0, d.Errf("%s '%s': must be a fraction above 0 and at most 1 (0.5) or a percentage (50%%)", name, val)
 		}
 		return f / scale, nil

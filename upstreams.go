@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
@@ -181,6 +182,9 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 	}
 	if su.ForgetAfter == 0 {
 		su.ForgetAfter = DefaultForgetAfterIntervals * su.Interval
+		if su.ForgetAfter/DefaultForgetAfterIntervals != su.Interval {
+			su.ForgetAfter = caddy.Duration(math.MaxInt64) // a huge interval: no overflow
+		}
 	}
 	if err := su.Validate(); err != nil {
 		return err

@@ -1,0 +1,442 @@
+package caddyshaker
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-shaker/caddy-shaker/shaker"
+)
+
+// TestAdminReadOnly: /shaker/upstreams on the admin endpoint answers GET
+// only; POST, PUT, DELETE and PATCH (with or without a body) get 405 and
+// change neither the probed addresses nor the running config.
+func TestAdminReadOnly(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := newHarness(t, 2)
+	h.waitProbes(nil, 1, 5*time.Second)
+	url := "http://" + h.admin + "/shaker/upstreams"
+	config := func() string {
+		resp, err := http.Get("http://" + h.admin + "/config/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	cfg0 := config()
+	addrs0 := slices.Sorted(maps.Keys(h.statuses()))
+	if len(addrs0) != 2 {
+		t.Fatalf("probed %v, want the 2 backends", addrs0)
+	}
+	bodies := []string{"", `[]`, `[{"upstream":"127.0.0.2:1","address":"127.0.0.2:1","healthy":true}]`, `{"upstreams":["127.0.0.2:1"]}`}
+	for _, method := range []string{http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodPatch} {
+		for _, body := range bodies {
+			req, err := http.NewRequest(method, url, strings.NewReader(body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Set("Content-Type", "application/json")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusMethodNotAllowed {
+				t.Errorf("%s /shaker/upstreams %q: %s, want 405", method, body, resp.Status)
+			}
+		}
+	}
+	// below the endpoint there is nothing to change either
+	req, _ := http.NewRequest(http.MethodDelete, url+"/"+h.backends[0].addr, nil)
+	if resp, err := http.DefaultClient.Do(req); err != nil {
+		t.Fatal(err)
+	} else if resp.Body.Close(); resp.StatusCode != http.StatusNotFound && resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("DELETE %s: %s, want 404 or 405", req.URL.Path, resp.Status)
+	}
+
+	// GET works, and shows the same addresses, still probed
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/json" {
+		t.Errorf("GET: %s %q, want 200 application/json", resp.Status, resp.Header.Get("Content-Type"))
+	}
+	st := h.waitProbes(h.statuses(), 2, 5*time.Second)
+	if addrs := slices.Sorted(maps.Keys(st)); !slices.Equal(addrs, addrs0) {
+		t.Errorf("probed addresses changed from %v to %v", addrs0, addrs)
+	}
+	for _, b := range h.backends {
+		if s := st[b.addr]; !s.Healthy {
+			t.Errorf("%s: %+v, want healthy", b.name, s)
+		}
+	}
+	if cfg := config(); cfg != cfg0 {
+		t.Errorf("config changed:\n%s\n%s", cfg0, cfg)
+	}
+}
+
+// probedAddrs returns the addresses of the registry's checkers and their
+// checkers.
+func probedAddrs() map[string][]*checker {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	out := map[string][]*checker{}
+	for k, c := range reg.checkers {
+		out[k.addr.String()] = append(out[k.addr.String()], c)
+	}
+	return out
+}
+
+// probeCounts returns the engine's count of finished probes and the sum
+// of the checkers' counts; the difference only moves when something other
+// than a checker probes (give or take one probe in flight per checker).
+func probeCounts(t *testing.T) (engine, checkers uint64, n int) {
+	t.Helper()
+	e := reg.cur.Load()
+	if e == nil {
+		t.Fatal("no engine")
+	}
+	st := e.Stats()
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	for _, c := range reg.checkers {
+		c.mu.Lock()
+		checkers += c.probesTotal
+		c.mu.Unlock()
+	}
+	return st.Total() - st.Closed, checkers, len(reg.checkers)
+}
+
+// checkOnly fails unless the admin API and the registry show exactly the
+// addresses in want, and the engine probed nothing beyond the checkers'
+// probes since the counts e0, c0.
+func checkOnly(t *testing.T, h *harness, want []string, e0, c0 uint64) {
+	t.Helper()
+	slices.Sort(want)
+	if got := slices.Sorted(maps.Keys(h.statuses())); !slices.Equal(got, want) {
+		t.Errorf("admin API shows %v, want exactly %v", got, want)
+	}
+	if got := slices.Sorted(maps.Keys(probedAddrs())); !slices.Equal(got, want) {
+		t.Errorf("registry probes %v, want exactly %v", got, want)
+	}
+	e1, c1, n := probeCounts(t)
+	de, dc := int64(e1-e0), int64(c1-c0)
+	if de-dc > int64(n) || dc-de > int64(n) {
+		t.Errorf("engine finished %d probes, checkers counted %d (%d checkers): something else was probed", de, dc, n)
+	}
+}
+
+// TestOnlyConfiguredProbed: the engine probes the configured upstreams
+// (at the `port` given, when one is), the addresses a discover source
+// returns that can be probed (TCP host:port, not a Unix socket, UDP or a
+// placeholder), and nothing else; an upstream removed by a reload, or
+// forgotten by discovery, stops being probed at once and leaves the admin
+// list.
+func TestOnlyConfiguredProbed(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := newHarness(t, 3)
+	b1, b2, b3 := h.backends[0], h.backends[1], h.backends[2]
+	e0, c0, _ := probeCounts(t)
+	h.waitProbes(nil, 5, 5*time.Second)
+	checkOnly(t, h, []string{b1.addr, b2.addr, b3.addr}, e0, c0)
+
+	// A reload without b3: it leaves the list, its checker stops.
+	old := probedAddrs()[b3.addr]
+	if len(old) != 1 {
+		t.Fatalf("%d checkers for b3", len(old))
+	}
+	h.backends = h.backends[:2]
+	h.extraKnob++
+	h.load(tInterval)
+	if _, ok := h.statuses()[b3.addr]; ok {
+		t.Fatal("b3 still listed after the reload that removed it")
+	}
+	count := func() uint64 {
+		old[0].mu.Lock()
+		defer old[0].mu.Unlock()
+		return old[0].probesTotal
+	}
+	after := count()
+	e0, c0, _ = probeCounts(t)
+	h.waitProbes(h.statuses(), 5, 5*time.Second) // 5 intervals of the others
+	if n := count(); n > after+1 {               // one may have been in flight
+		t.Errorf("b3 probed %d times after it was removed", n-after)
+	}
+	checkOnly(t, h, []string{b1.addr, b2.addr}, e0, c0)
+
+	// With `port`, the upstreams are probed at that port only.
+	_, probePort, _ := strings.Cut(b3.addr, "127.0.0.1:")
+	port, _ := strconv.Atoi(probePort)
+	h.extra = map[string]any{"port": port}
+	h.load(tInterval)
+	e0, c0, _ = probeCounts(t)
+	waitFor(t, 5*time.Second, "probes at the port given", func() bool {
+		s, ok := h.statuses()[b3.addr]
+		return ok && s.Probes >= 3
+	})
+	checkOnly(t, h, []string{b3.addr}, e0, c0)
+
+	// Discovered: only what the inner source returns, and only what can
+	// be probed.
+	setList("security", b1.addr, "unix//run/shaker-test.sock", "udp/127.0.0.1:53", "{http.request.host}:80", "127.0.0.1:0")
+	h.extra = map[string]any{
+		"upstreams":    nil,
+		"discover":     map[string]any{"source": "shaker_test_list", "list": "security"},
+		"forget_after": "100ms",
+	}
+	h.load(tInterval)
+	e0, c0, _ = probeCounts(t)
+	waitFor(t, 5*time.Second, "b1 discovered and probed", func() bool {
+		s, ok := h.statuses()[b1.addr]
+		return ok && s.Probes >= 3
+	})
+	checkOnly(t, h, []string{b1.addr}, e0, c0)
+	setList("security", b2.addr)
+	waitFor(t, 5*time.Second, "b1 forgotten, b2 probed", func() bool {
+		st := h.statuses()
+		_, has1 := st[b1.addr]
+		return !has1 && st[b2.addr].Probes >= 3
+	})
+	e0, c0, _ = probeCounts(t)
+	waitFor(t, 5*time.Second, "more probes of b2", func() bool { return h.statuses()[b2.addr].Probes >= 6 })
+	checkOnly(t, h, []string{b2.addr}, e0, c0)
+
+	for _, b := range []*backend{b1, b2, b3} {
+		if n := b.accepts.Load(); n != 0 {
+			t.Errorf("%s accepted %d connections", b.name, n)
+		}
+	}
+}
+
+// secHelperEnv makes the test binary, run again as a child, the
+// unprivileged prober of TestUnprivilegedProbes.
+const secHelperEnv = "SHAKER_SECURITY_HELPER"
+
+// TestUnprivilegedProbes: nothing needs privilege. The test binary runs
+// again as user nobody (uid 65534), with no capabilities (no CAP_NET_RAW:
+// it checks that a raw socket is refused), and probes a listener of this
+// process with the engine, then through the plugin in Caddy: every probe
+// is answered, and the listener accepts nothing. It needs root to start
+// a child as another user.
+func TestUnprivilegedProbes(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to start a child process as user nobody (uid 65534); CI runs as root")
+	}
+	// a listener that never calls accept() until the child is done
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 128); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+
+	// The go test binary sits in a directory only root may enter: copy it
+	// where nobody may run it.
+	dir, err := os.MkdirTemp("", "shaker-unpriv-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	home := filepath.Join(dir, "home")
+	if err := os.Mkdir(home, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(home, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "shaker.test")
+	if err := copyFile(self, bin); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "-test.run=^TestHelperUnprivileged$", "-test.count=1", "-test.v")
+	cmd.Dir = home
+	cmd.Env = []string{
+		secHelperEnv + "=1", "SHAKER_SECURITY_ADDR=" + addr,
+		"HOME=" + home, "XDG_CONFIG_HOME=" + home, "XDG_DATA_HOME=" + home, "PATH=/usr/bin:/bin",
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		// a root that may not switch users (a user namespace, say), or
+		// a temporary directory mounted noexec
+		t.Skipf("cannot start a child as user nobody: %v", err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("child as nobody: %v\n%s", err, out.String())
+	}
+	t.Logf("child:\n%s", out.String())
+	res := map[string][]string{}
+	sc := bufio.NewScanner(&out)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) > 1 && f[0] == "RESULT" {
+			res[f[1]] = f[2:]
+		}
+	}
+	if r := res["ids"]; len(r) != 2 || r[0] != "65534" || r[1] != "65534" {
+		t.Fatalf("child uid, euid %v: want 65534 65534", r)
+	}
+	if r := res["caps"]; len(r) != 2 || r[0] != "0000000000000000" || r[1] != "0000000000000000" {
+		t.Fatalf("child CapEff, CapPrm %v: want none", r)
+	}
+	if r := res["rawsocket"]; len(r) != 1 || r[0] != "EPERM" {
+		t.Fatalf("child raw socket: %v, want EPERM (no CAP_NET_RAW)", r)
+	}
+	if r := res["engine"]; len(r) != 3 || r[0] != "20" || r[1] != "20" {
+		t.Fatalf("child engine probes (sent, up, max close delay): %v, want 20 of 20 up", r)
+	}
+	if r := res["caddy"]; len(r) != 2 || r[1] != "true" {
+		t.Fatalf("child Caddy (probes, healthy): %v, want healthy", r)
+	}
+	// Every probe's socket is closed (the child has exited): a probe
+	// that had become a connection would be waiting in the accept queue.
+	accepted := 0
+	for {
+		nfd, _, err := syscall.Accept(fd)
+		if err != nil {
+			if !errors.Is(err, syscall.EAGAIN) {
+				t.Fatal(err)
+			}
+			break
+		}
+		syscall.Close(nfd)
+		accepted++
+	}
+	if accepted != 0 {
+		t.Fatalf("the listener had %d connections to accept", accepted)
+	}
+}
+
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// TestHelperUnprivileged is the child of TestUnprivilegedProbes; it
+// prints RESULT lines.
+func TestHelperUnprivileged(t *testing.T) {
+	if os.Getenv(secHelperEnv) == "" {
+		t.Skip("only runs as the child of TestUnprivilegedProbes")
+	}
+	fmt.Printf("RESULT ids %d %d\n", os.Getuid(), os.Geteuid())
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caps := map[string]string{}
+	for _, line := range strings.Split(string(status), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok {
+			caps[k] = strings.TrimSpace(v)
+		}
+	}
+	fmt.Printf("RESULT caps %s %s\n", caps["CapEff"], caps["CapPrm"])
+	if fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_TCP); err == nil {
+		syscall.Close(fd)
+		fmt.Println("RESULT rawsocket allowed")
+	} else if errors.Is(err, syscall.EPERM) {
+		fmt.Println("RESULT rawsocket EPERM")
+	} else {
+		fmt.Printf("RESULT rawsocket %v\n", err)
+	}
+
+	addr := netip.MustParseAddrPort(os.Getenv("SHAKER_SECURITY_ADDR"))
+	e, err := shaker.New(shaker.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := 0
+	for range 20 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		r := e.Probe(ctx, addr)
+		cancel()
+		if r.Err == nil {
+			up++
+		} else {
+			fmt.Printf("probe error: %v\n", r.Err)
+		}
+	}
+	st := e.Stats()
+	e.Close()
+	fmt.Printf("RESULT engine 20 %d %v\n", up, st.MaxCloseDelay)
+
+	// the plugin, in Caddy, the same way
+	cfg := fmt.Sprintf(`{"admin":{"disabled":true,"config":{"persist":false}},
+		"logging":{"logs":{"default":{"level":"ERROR"}}},
+		"apps":{"http":{"servers":{"p":{"listen":["127.0.0.1:0"],"automatic_https":{"disable":true},
+		"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":{
+			"source":"shaker","upstreams":[%q],"interval":"10ms","timeout":"1s"}}]}]}}}}}`, addr)
+	if err := caddy.Load([]byte(cfg), true); err != nil {
+		t.Fatalf("caddy.Load as nobody: %v", err)
+	}
+	defer caddy.Stop()
+	var s Status
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if l := reg.statuses(); len(l) == 1 {
+			s = l[0]
+			if s.Probes >= 5 {
+				break
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if s.LastError != "" {
+		fmt.Printf("last error: %s\n", s.LastError)
+	}
+	fmt.Printf("RESULT caddy %d %v\n", s.Probes, s.Healthy && s.Probes >= 5 && s.LastError == "")
+}

@@ -1,0 +1,603 @@
+//go:build linux
+
+package main
+
+// The comparison (-compare): three health checkers that run for as long as
+// they are left running, each against the same listeners, taking turns over
+// the rounds:
+//
+//	engine   this repository's engine, ProbeAsync chains at full rate,
+//	         in this process; stopped with Close
+//	haproxy  HAProxy (`server ... check`, a half-open TCP check), a child
+//	         process with nbthread 1; stopped with SIGUSR1 (soft stop, what
+//	         a reload sends the old process)
+//	haproxy-term  the same, stopped with SIGTERM (hard stop)
+//	caddy    Caddy's own HTTP active health checks (health_uri /), a child
+//	         process built from ./cmd/caddy; stopped with SIGTERM
+//
+// Each round starts the checker, lets it warm up, measures a window (its CPU,
+// its checks, what the listeners accepted), then stops it while it is still
+// probing at full rate and counts what the listeners accepted from the stop
+// until 300 ms after it, past the kernel's 200 ms delayed-ACK timer.
+//
+// Checks are counted exactly: the engine counts its own; for the others the
+// comparison runs in a network namespace of its own (as root), where nothing
+// else moves the kernel's TCP counters, and a half-open check is one TcpExt
+// EmbryonicRsts (the listener's kernel got the prober's RST for a half-made
+// connection) while a full connection is one Tcp PassiveOpens.
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/caddy-shaker/caddy-shaker/shaker"
+)
+
+// checker is one long-running health checker under comparison.
+type checker interface {
+	// start begins checking every address and returns once it runs.
+	start(addrs []netip.AddrPort) error
+	// alive reports an error if the checker died on its own.
+	alive() error
+	// cpu is the checker's CPU time (user+sys) so far.
+	cpu() (time.Duration, error)
+	// own returns the checks the checker counted itself, if it counts.
+	own() (int64, bool)
+	// stop stops it as an operator would, mid-run, and returns once it has
+	// stopped (its process exited, or Close returned).
+	stop() error
+	// cleanup releases whatever start left behind, after stop or a failure.
+	cleanup()
+}
+
+// compareConfig is what the -compare flags say.
+type compareConfig struct {
+	concurrency   int
+	haproxyBin    string
+	haproxyInter  time.Duration
+	caddyBin      string
+	caddyInterval time.Duration
+	warmup        time.Duration
+}
+
+// cmeasure is what one checker did over the rounds.
+type cmeasure struct {
+	checks         int64 // as counted for the table (see countedBy)
+	ownChecks      int64
+	resets, opens  int64 // kernel: TcpExt EmbryonicRsts, Tcp PassiveOpens
+	accepted       int64 // by the listeners during the windows
+	acceptedAtStop int64 // by the listeners from each stop to 300 ms after it
+	stops          int
+	wall, cpu      time.Duration
+	worstStop      time.Duration // longest from the stop to its process's exit (or Close's return)
+}
+
+func (m *cmeasure) rate() float64 { return float64(m.checks) / m.wall.Seconds() }
+
+func (m *cmeasure) cpuPerCheck() float64 {
+	return float64(m.cpu.Microseconds()) / float64(max(m.checks, 1))
+}
+
+// cores is the CPU it used, in cores.
+func (m *cmeasure) cores() float64 { return m.cpu.Seconds() / m.wall.Seconds() }
+
+// kernelCounters reads TcpExt EmbryonicRsts and Tcp PassiveOpens of this
+// process's network namespace.
+func kernelCounters() (resets, opens int64, err error) {
+	resets, err = procNetField("/proc/net/netstat", "TcpExt:", "EmbryonicRsts")
+	if err != nil {
+		return 0, 0, err
+	}
+	opens, err = procNetField("/proc/net/snmp", "Tcp:", "PassiveOpens")
+	return resets, opens, err
+}
+
+// procNetField reads one counter from a /proc/net/{snmp,netstat} file: a
+// line of names then a line of values, both starting with prefix.
+func procNetField(path, prefix, name string) (int64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	var names []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != prefix {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i := range names {
+			if names[i] == name && i < len(f) {
+				return strconv.ParseInt(f[i], 10, 64)
+			}
+		}
+		break
+	}
+	return 0, fmt.Errorf("%s: no %s %s", path, prefix, name)
+}
+
+// procCPU is the user+sys time of process pid, all its threads, from
+// /proc/PID/stat (clock ticks of 10 ms).
+func procCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// After the command: state is field 3, utime 14, stime 15.
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
+	}
+	u, err1 := strconv.ParseInt(f[11], 10, 64)
+	s, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, err
+	}
+	const tick = 10 * time.Millisecond // USER_HZ 100 on Linux
+	return time.Duration(u+s) * tick, nil
+}
+
+// runChecker runs one round of one checker: warm-up, a window of d, a stop.
+func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool) (cmeasure, error) {
+	var m cmeasure
+	if err := c.start(ls.addrs); err != nil {
+		c.cleanup()
+		return m, err
+	}
+	defer c.cleanup()
+	time.Sleep(warmup)
+	if err := c.alive(); err != nil {
+		return m, err
+	}
+	cpu0, err := c.cpu()
+	if err != nil {
+		return m, err
+	}
+	r0, o0, err := kernelCounters()
+	if err != nil {
+		return m, err
+	}
+	acc0, err := ls.accepted()
+	if err != nil {
+		return m, err
+	}
+	own0, _ := c.own()
+	t0 := time.Now()
+
+	time.Sleep(d)
+
+	cpu1, err := c.cpu()
+	if err != nil {
+		return m, err
+	}
+	r1, o1, err := kernelCounters()
+	if err != nil {
+		return m, err
+	}
+	own1, _ := c.own()
+	m.wall = time.Since(t0)
+	acc1, err := ls.accepted()
+	if err != nil {
+		return m, err
+	}
+	if err := c.alive(); err != nil {
+		return m, err
+	}
+	m.cpu, m.resets, m.opens, m.accepted, m.ownChecks = cpu1-cpu0, r1-r0, o1-o0, acc1-acc0, own1-own0
+	m.checks = m.resets + m.opens
+	if ownCount {
+		m.checks = m.ownChecks
+	}
+
+	// Stop it while it probes at full rate, then wait past the kernel's
+	// 200 ms delayed-ACK timer: any socket it left open with a SYN-ACK in
+	// hand is a connection by then.
+	accStop, err := ls.accepted()
+	if err != nil {
+		return m, err
+	}
+	ts := time.Now()
+	if err := c.stop(); err != nil {
+		return m, err
+	}
+	m.worstStop = time.Since(ts)
+	time.Sleep(300 * time.Millisecond)
+	accAfter, err := ls.accepted()
+	if err != nil {
+		return m, err
+	}
+	m.acceptedAtStop, m.stops = accAfter-accStop, 1
+	return m, nil
+}
+
+func (m *cmeasure) add(o cmeasure) {
+	m.checks += o.checks
+	m.ownChecks += o.ownChecks
+	m.resets += o.resets
+	m.opens += o.opens
+	m.accepted += o.accepted
+	m.acceptedAtStop += o.acceptedAtStop
+	m.stops += o.stops
+	m.wall += o.wall
+	m.cpu += o.cpu
+	m.worstStop = max(m.worstStop, o.worstStop)
+}
+
+// engineChecker: the engine in this process, c ProbeAsync chains at full
+// rate, stopped with Close while they run.
+type engineChecker struct {
+	c      int
+	e      *shaker.Engine
+	n      atomic.Int64
+	failed atomic.Int64
+}
+
+func (k *engineChecker) start(addrs []netip.AddrPort) error {
+	e, err := shaker.New(shaker.Options{})
+	if err != nil {
+		return err
+	}
+	k.e = e
+	for i := 0; i < k.c; i++ {
+		j := i
+		var done func(shaker.Result)
+		done = func(r shaker.Result) {
+			if errors.Is(r.Err, shaker.ErrClosed) {
+				return
+			}
+			k.n.Add(1)
+			if r.Err != nil {
+				k.failed.Add(1)
+			}
+			j += k.c
+			e.ProbeAsync(addrs[j%len(addrs)], time.Second, done)
+		}
+		e.ProbeAsync(addrs[j%len(addrs)], time.Second, done)
+	}
+	return nil
+}
+
+func (k *engineChecker) alive() error {
+	if f := k.failed.Load(); f > 0 {
+		return fmt.Errorf("%d probes failed", f)
+	}
+	return nil
+}
+
+func (k *engineChecker) cpu() (time.Duration, error) { return cpuTime(), nil }
+func (k *engineChecker) own() (int64, bool)          { return k.n.Load(), true }
+func (k *engineChecker) stop() error                 { return k.e.Close() }
+func (k *engineChecker) cleanup() {
+	if k.e != nil {
+		k.e.Close()
+	}
+}
+
+// child is a checker running as a child process.
+type child struct {
+	name string
+	cmd  *exec.Cmd
+	dir  string
+	log  string
+	done chan struct{}
+	err  error // from Wait, once done is closed
+}
+
+func (ch *child) run(dir, bin string, args ...string) error {
+	ch.dir = dir
+	ch.log = dir + "/" + ch.name + ".log"
+	logf, err := os.Create(ch.log)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	ch.cmd = exec.Command(bin, args...)
+	ch.cmd.Dir = dir
+	ch.cmd.Stdout, ch.cmd.Stderr = logf, logf
+	ch.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir)
+	ch.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // if the bench dies
+	if err := ch.cmd.Start(); err != nil {
+		return err
+	}
+	ch.done = make(chan struct{})
+	go func() { ch.err = ch.cmd.Wait(); close(ch.done) }()
+	return nil
+}
+
+func (ch *child) alive() error {
+	select {
+	case <-ch.done:
+		return fmt.Errorf("%s exited: %v; its output ends with:\n%s", ch.name, ch.err, ch.tail())
+	default:
+		return nil
+	}
+}
+
+func (ch *child) tail() string {
+	b, _ := os.ReadFile(ch.log)
+	if len(b) > 2000 {
+		b = b[len(b)-2000:]
+	}
+	return string(b)
+}
+
+func (ch *child) cpu() (time.Duration, error) { return procCPU(ch.cmd.Process.Pid) }
+func (ch *child) own() (int64, bool)          { return 0, false }
+
+// signal stops the child with sig and waits for it to exit.
+func (ch *child) signal(sig syscall.Signal) error {
+	if err := ch.cmd.Process.Signal(sig); err != nil {
+		return err
+	}
+	select {
+	case <-ch.done:
+		return nil
+	case <-time.After(30 * time.Second):
+		ch.cmd.Process.Kill()
+		<-ch.done
+		return fmt.Errorf("%s did not exit within 30s of %v; its output ends with:\n%s", ch.name, sig, ch.tail())
+	}
+}
+
+func (ch *child) cleanup() {
+	if ch.done != nil {
+		select {
+		case <-ch.done:
+		default:
+			ch.cmd.Process.Kill()
+			<-ch.done
+		}
+	}
+	if ch.dir != "" {
+		os.RemoveAll(ch.dir)
+	}
+}
+
+// freePort returns a port on 127.0.0.1 that nothing listens on now.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// haproxyChecker: HAProxy with one server per listener, plain `check`.
+type haproxyChecker struct {
+	child
+	bin   string
+	inter time.Duration
+	sig   syscall.Signal
+}
+
+func (k *haproxyChecker) start(addrs []netip.AddrPort) error {
+	k.name = "haproxy"
+	dir, err := os.MkdirTemp("", "bench-haproxy-")
+	if err != nil {
+		return err
+	}
+	k.dir = dir
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, `global
+	nbthread 1
+	maxconn 4096
+	stats socket %s/stats.sock mode 600 level admin
+
+defaults
+	mode tcp
+	timeout connect 1s
+	timeout client 10s
+	timeout server 10s
+	timeout check 1s
+
+listen bench
+	bind 127.0.0.1:%d
+`, dir, port)
+	inter := fmt.Sprintf("%dms", max(k.inter.Milliseconds(), 1))
+	for i, a := range addrs {
+		fmt.Fprintf(&b, "\tserver s%d %s check inter %s\n", i, a, inter)
+	}
+	cfg := dir + "/haproxy.cfg"
+	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
+		return err
+	}
+	return k.run(dir, k.bin, "-f", cfg, "-db")
+}
+
+func (k *haproxyChecker) stop() error { return k.signal(k.sig) }
+
+// caddyChecker: Caddy's reverse_proxy with the listeners as static upstreams
+// and active HTTP health checks (health_uri /).
+type caddyChecker struct {
+	child
+	bin      string
+	interval time.Duration
+}
+
+func (k *caddyChecker) start(addrs []netip.AddrPort) error {
+	k.name = "caddy"
+	dir, err := os.MkdirTemp("", "bench-caddy-")
+	if err != nil {
+		return err
+	}
+	k.dir = dir
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	var ups []map[string]string
+	for _, a := range addrs {
+		ups = append(ups, map[string]string{"dial": a.String()})
+	}
+	cfg := map[string]any{
+		"admin": map[string]any{"disabled": true},
+		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"bench": map[string]any{
+			"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
+			"automatic_https": map[string]any{"disable": true},
+			"routes": []any{map[string]any{"handle": []any{map[string]any{
+				"handler":   "reverse_proxy",
+				"upstreams": ups,
+				"health_checks": map[string]any{"active": map[string]any{
+					"uri":      "/",
+					"interval": k.interval.String(),
+					"timeout":  "1s",
+				}},
+			}}}},
+		}}}},
+	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return err
+	}
+	path := dir + "/caddy.json"
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return err
+	}
+	return k.run(dir, k.bin, "run", "--config", path)
+}
+
+func (k *caddyChecker) stop() error { return k.signal(syscall.SIGTERM) }
+
+// buildCaddy builds ./cmd/caddy (Caddy with this plugin) into dir.
+func buildCaddy(dir string) (string, error) {
+	bin := dir + "/caddy"
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/caddy-shaker/caddy-shaker/cmd/caddy")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/caddy: %v: %s", err, bytes.TrimSpace(out))
+	}
+	return bin, nil
+}
+
+// inNewNetns re-runs this command with args in a network namespace of its
+// own (CLONE_NEWNET: needs root) and returns its exit status; ok is false
+// when the namespace cannot be created here.
+func inNewNetns(args []string) (status int, ok bool, err error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, false, err
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return 0, false, err
+	}
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode(), true, nil
+	}
+	return 0, true, err
+}
+
+// loopbackUp brings up lo, which is down in a new network namespace.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("SIOCGIFFLAGS lo: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("SIOCSIFFLAGS lo: %w", err)
+	}
+	return nil
+}
+
+// checkerRow is one line of the comparison, for the table and the plot.
+type checkerRow struct {
+	name, label string
+	m           cmeasure
+}
+
+// checkerLabel names a checker and how it was configured.
+func checkerLabel(name string, c int, haproxyBin string, inter time.Duration, caddyInterval time.Duration) string {
+	switch name {
+	case "engine":
+		return fmt.Sprintf("caddy-shaker engine: ProbeAsync, %d in flight; Close()", c)
+	case "haproxy", "haproxy-term":
+		stop := "SIGUSR1 (soft stop)"
+		if name == "haproxy-term" {
+			stop = "SIGTERM (hard stop)"
+		}
+		return fmt.Sprintf("HAProxy %s: `check inter %v`, nbthread 1; %s", toolVersion(haproxyBin, "-v", 2), inter, stop)
+	default:
+		return fmt.Sprintf("Caddy %s HTTP checks: `health_uri /`, `health_interval %v`; SIGTERM", caddyVersionOf, caddyInterval)
+	}
+}
+
+// caddyVersionOf is the version of the Caddy the caddy checker runs.
+var caddyVersionOf = "v2"
+
+// toolVersion runs bin with flag and returns field n (counting from 0) of
+// its first line, or "" if that fails.
+func toolVersion(bin, flag string, n int) string {
+	out, err := exec.Command(bin, flag).Output()
+	if err != nil {
+		return ""
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	f := strings.Fields(line)
+	if n < len(f) {
+		return f[n]
+	}
+	return ""
+}
+
+// machineFacts says what the figures were measured on.
+func machineFacts() string {
+	var u unix.Utsname
+	kernel := "Linux"
+	if unix.Uname(&u) == nil {
+		kernel += " " + unix.ByteSliceToString(u.Release[:])
+	}
+	cpu := ""
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				cpu = strings.TrimSpace(v) + ", "
+				break
+			}
+		}
+	}
+	load := ""
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			load = ", load average " + f[0] + " at start"
+		}
+	}
+	return fmt.Sprintf("%s, %s%d cores, %s%s", kernel, cpu, runtime.NumCPU(), runtime.Version(), load)
+}

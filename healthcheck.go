@@ -239,7 +239,7 @@ func (c *checker) done(res shaker.Result) {
 	}
 	observeProbe(res)
 	local := errors.Is(res.Err, shaker.ErrLocal)
-	noteLocal(local, res.Err)
+	noteLocal(local, res)
 	now := time.Now()
 	c.mu.Lock()
 	if c.stopped {
@@ -359,13 +359,29 @@ func (c *checker) announce() {
 	}
 }
 
-// localFailing is set while probes fail on this host (ErrLocal).
-var localFailing atomic.Bool
+// localFailing is set while probes fail on this host (ErrLocal);
+// lastLocal is the time of the last such failure (monotonic, ns).
+var (
+	localFailing atomic.Bool
+	lastLocal    atomic.Int64
+)
+
+// monoStart is the origin of lastLocal's clock.
+var monoStart = time.Now()
 
 // noteLocal logs when probes start and stop failing on this host: one
 // line each way, not one per probe. It runs on the engine's loop, so the
 // logging is handed to a goroutine.
-func noteLocal(local bool, err error) {
+func noteLocal(local bool, res shaker.Result) {
+	err := res.Err
+	now := int64(time.Since(monoStart))
+	if local {
+		lastLocal.Store(now)
+	} else if localFailing.Load() && now-int64(res.Duration) <= lastLocal.Load() {
+		// a probe whose SYN went out before the last local failure (it
+		// had its socket already) says nothing about this host now
+		return
+	}
 	if localFailing.Load() == local || localFailing.Swap(local) == local {
 		return
 	}

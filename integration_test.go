@@ -281,7 +281,16 @@ func (h *harness) load(interval time.Duration) {
 
 func (h *harness) statuses() map[string]Status {
 	h.t.Helper()
-	resp, err := http.Get("http://" + h.admin + "/shaker/upstreams")
+	// Right after a reload, Caddy stops the old admin server in the
+	// background: a request may meet it closing. Retry, boundedly.
+	var resp *http.Response
+	var err error
+	for range 50 {
+		if resp, err = http.Get("http://" + h.admin + "/shaker/upstreams"); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	if err != nil {
 		h.t.Fatal(err)
 	}

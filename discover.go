@@ -93,7 +93,7 @@ func parseDial(dial string) *discovered {
 	if err != nil || port == 0 {
 		return d
 	}
-	if ip, err := netip.ParseAddr(host); err == nil {
+	if ip, err := netip.ParseAddr(strings.TrimSuffix(host, ".")); err == nil { // as parseUpstream
 		d.ip = ip.Unmap()
 	} else if validHostName(host) {
 		d.host = strings.ToLower(strings.TrimSuffix(host, "."))

@@ -578,7 +578,9 @@ func parseUpstream(raw string) (upstreamSpec, error) {
 		return bad(fmt.Sprintf("port %q out of range 1-65535", portStr))
 	}
 	s := upstreamSpec{raw: raw, port: uint16(port)}
-	if ip, err := netip.ParseAddr(host); err == nil {
+	// A fully qualified name may end in a dot; "0.0.0.0." is then the
+	// IP address it spells, not a name to resolve.
+	if ip, err := netip.ParseAddr(strings.TrimSuffix(host, ".")); err == nil {
 		s.ip = ip.Unmap()
 		return s, nil
 	}

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
@@ -183,6 +184,8 @@ type engineState struct {
 
 	cur    atomic.Pointer[shaker.Engine]
 	herald atomic.Pointer[App]
+
+	stopWatch func() // stops watchCloseDelay and waits for it
 }
 
 // acquireEngine takes a reference to the engine for a, starting it if
@@ -198,6 +201,17 @@ func (s *engineState) acquireEngine(a *App) error {
 		s.engine = e
 		s.maxInFlight = a.MaxInFlight
 		s.cur.Store(e)
+		stop, done := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(done)
+			watchCloseDelay(e.Stats, func() *zap.Logger {
+				if h := s.herald.Load(); h != nil {
+					return h.logger
+				}
+				return nil
+			}, stop, closeDelayCheckEvery, closeDelayWarn)
+		}()
+		s.stopWatch = func() { close(stop); <-done }
 		a.logger.Info("probe engine started",
 			zap.Bool("half_open", shaker.HalfOpen()),
 			zap.Int("max_in_flight", a.MaxInFlight))
@@ -228,16 +242,54 @@ func (s *engineState) releaseEngine(a *App) error {
 	e := s.engine
 	s.engine = nil
 	s.cur.Store(nil)
+	stopWatch := s.stopWatch
+	s.stopWatch = nil
 	s.mu.Unlock()
 	if e == nil {
 		return nil
 	}
+	stopWatch()
 	st := e.Stats()
 	err := e.Close()
 	a.logger.Info("probe engine stopped",
 		zap.Uint64("probes", st.Total()),
 		zap.Duration("max_close_delay", st.MaxCloseDelay))
 	return err
+}
+
+// A probe's socket closed long after its SYN-ACK is a warning sign: at
+// about 200 ms the kernel completes the handshake itself and the backend
+// accepts a connection. The engine keeps the worst delay it has seen; the
+// app checks it every closeDelayCheckEvery and warns when it passes
+// closeDelayWarn, and again each time it grows.
+var (
+	closeDelayWarn       = 50 * time.Millisecond
+	closeDelayCheckEvery = 5 * time.Second
+)
+
+// watchCloseDelay logs a warning each time the engine's worst
+// SYN-ACK-to-close delay passes warn and the worst already reported, until
+// stop is closed.
+func watchCloseDelay(stats func() shaker.Stats, logger func() *zap.Logger, stop <-chan struct{}, every, warn time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	reported := warn
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		worst := stats().MaxCloseDelay
+		if worst <= reported {
+			continue
+		}
+		reported = worst
+		if l := logger(); l != nil {
+			l.Warn("probes closed late: at 200 ms after a SYN-ACK the kernel completes the handshake and the backend accepts a connection; the machine may be overloaded, or max_in_flight too high",
+				zap.Duration("worst_synack_to_close", worst))
+		}
+	}
 }
 
 // Interface guards

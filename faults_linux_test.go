@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strconv"
@@ -395,19 +396,26 @@ func TestFaultStoppedBackend(t *testing.T) {
 	r := runFault(t, h, victim, h.backends[0], "timeout after "+fTimeout.String(),
 		func() time.Time {
 			child.signal(syscall.SIGSTOP)
-			// fill the accept queue: connections complete until it is
-			// full, then the kernel drops SYNs and a dial times out
-			for range 8 {
-				start := time.Now()
-				c, err := net.DialTimeout("tcp", victim.addr, 300*time.Millisecond)
+			// Only once the process is really stopped does the queue
+			// stay full: before that, it may still accept.
+			waitFor(t, 5*time.Second, "child stopped", func() bool { return procState(t, child.cmd.Process.Pid) == 'T' })
+			// Fill the accept queue: connections complete until it is
+			// full (the kernel's own count, from /proc/net/tcp), then
+			// the kernel drops SYNs.
+			start := time.Now()
+			for acceptQueue(t, victim.addr) <= child.backlog {
+				if len(fillers) == 8 {
+					t.Fatalf("the accept queue of a stopped process with backlog %d took %d connections", child.backlog, len(fillers))
+				}
+				c, err := net.DialTimeout("tcp", victim.addr, 2*time.Second)
 				if err != nil {
-					t.Logf("accept queue full after %d connections (%v)", len(fillers), err)
-					return start
+					break // dropped: full
 				}
 				fillers = append(fillers, c)
+				start = time.Now()
 			}
-			t.Fatalf("the accept queue of a stopped process with backlog 1 took %d connections", len(fillers))
-			return time.Time{}
+			t.Logf("accept queue full after %d connections (%d queued)", len(fillers), acceptQueue(t, victim.addr))
+			return start
 		},
 		func() time.Time {
 			child.signal(syscall.SIGCONT)
@@ -745,4 +753,47 @@ func TestFaultFDLimit(t *testing.T) {
 	if failing != nil {
 		t.Logf("log: %s", failing[0])
 	}
+}
+
+// procState is the state letter of a process (R, S, T, ...) from
+// /proc/PID/stat.
+func procState(t *testing.T, pid int) byte {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// pid (comm) state ...: comm may hold spaces, so look after the last ')'
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		t.Fatalf("/proc/%d/stat: %q", pid, b)
+	}
+	return b[i+2]
+}
+
+// acceptQueue is the length of the accept queue of the listener on addr
+// (an IPv4 address), as the kernel counts it: rx_queue of its LISTEN line
+// in /proc/net/tcp.
+func acceptQueue(t *testing.T, addr string) int {
+	ap := netip.MustParseAddrPort(addr)
+	a4 := ap.Addr().As4()
+	want := fmt.Sprintf("%02X%02X%02X%02X:%04X", a4[3], a4[2], a4[1], a4[0], ap.Port())
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		// sl local_address rem_address st tx_queue:rx_queue ...
+		if len(f) < 5 || f[1] != want || f[3] != "0A" {
+			continue
+		}
+		_, rx, _ := strings.Cut(f[4], ":")
+		n, err := strconv.ParseUint(rx, 16, 32)
+		if err != nil {
+			t.Fatalf("/proc/net/tcp: %q", line)
+		}
+		return int(n)
+	}
+	t.Fatalf("no listener on %s in /proc/net/tcp", addr)
+	return 0
 }

@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -119,15 +121,33 @@ func (b *backend) stop() {
 	}
 }
 
-// freePort returns a port free on 127.0.0.1 at the time of the call.
+// freePort returns a port free on 127.0.0.1 at the time of the call, for a
+// listener that Caddy opens later. It comes from below the kernel's
+// ephemeral range: a port from that range (what listening on :0 gives) may
+// meanwhile become the source port of one of the many probes the tests
+// send, and the listen would fail with EADDRINUSE.
 func freePort(t testing.TB) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 2048 {
+				low = n
+			}
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	const base = 1024
+	for range 1000 {
+		port := base + rand.IntN(low-base)
+		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue // taken
+		}
+		ln.Close()
+		return port
+	}
+	t.Fatalf("no free port below %d", low)
+	return 0
 }
 
 // recorder is an events handler module that tests subscribe to

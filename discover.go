@@ -250,7 +250,7 @@ func (su *Upstreams) pollInner() {
 	defer t.Stop()
 	for {
 		select {
-		case <-su.stop:
+		case <-su.stopCtx.Done():
 			return
 		case <-t.C:
 		}

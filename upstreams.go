@@ -112,7 +112,6 @@ type Upstreams struct {
 	specs  []upstreamSpec
 	inner  reverseproxy.UpstreamSource
 	app    *App
-	ctx    caddy.Context
 	logger *zap.Logger
 	*sourceState
 }
@@ -126,10 +125,9 @@ type sourceState struct {
 	snap   atomic.Pointer[[]entry]
 	table  atomic.Pointer[map[string]*discovered] // with discover: dial -> upstream
 	panic  atomic.Bool                            // failing open (panic_threshold)
-	stop   chan struct{}                          // closed by Cleanup
 	wg     sync.WaitGroup
 
-	stopCtx    context.Context // canceled by Cleanup
+	stopCtx    context.Context // canceled by Cleanup, or when the config is unloaded
 	stopCancel context.CancelFunc
 }
 
@@ -158,10 +156,9 @@ func (Upstreams) CaddyModule() caddy.ModuleInfo {
 // Provision sets defaults, checks the configuration, resolves host names
 // (each bounded by resolve_timeout) and starts probing.
 func (su *Upstreams) Provision(ctx caddy.Context) error {
-	su.ctx = ctx
 	su.logger = ctx.Logger()
-	su.sourceState = &sourceState{stop: make(chan struct{})}
-	su.stopCtx, su.stopCancel = context.WithCancel(context.Background())
+	su.sourceState = new(sourceState)
+	su.stopCtx, su.stopCancel = context.WithCancel(ctx)
 	if su.Interval == 0 {
 		su.Interval = caddy.Duration(DefaultInterval)
 	}
@@ -295,7 +292,6 @@ func (su *Upstreams) Cleanup() error {
 		return nil
 	}
 	su.closed = true
-	close(su.stop)
 	su.stopCancel()
 	su.mu.Unlock()
 	su.wg.Wait() // refresh returns soon: its lookups see the stop
@@ -451,15 +447,7 @@ func (su *Upstreams) refresh(hosts []string) {
 	retry := min(every, 5*time.Second)
 	t := time.NewTimer(every)
 	defer t.Stop()
-	ctx, cancel := context.WithCancel(su.ctx)
-	defer cancel()
-	go func() {
-		select {
-		case <-su.stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
+	ctx := su.stopCtx
 	for {
 		select {
 		case <-ctx.Done():

@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -24,6 +23,7 @@ const halfOpen = false
 type Engine struct {
 	maxInFlight    int
 	defaultTimeout time.Duration
+	base           time.Time
 
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
@@ -43,7 +43,7 @@ func New(opts Options) (*Engine, error) {
 	if err := opts.check(); err != nil {
 		return nil, err
 	}
-	e := &Engine{maxInFlight: opts.MaxInFlight, defaultTimeout: opts.DefaultTimeout}
+	e := &Engine{maxInFlight: opts.MaxInFlight, defaultTimeout: opts.DefaultTimeout, base: time.Now()}
 	if e.maxInFlight == 0 {
 		e.maxInFlight = DefaultMaxInFlight
 	}
@@ -52,37 +52,6 @@ func New(opts Options) (*Engine, error) {
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	return e, nil
-}
-
-// Probe probes addr and blocks until the result. The deadline of ctx bounds
-// the call and is the probe's timeout; without one, the timeout is
-// Options.DefaultTimeout.
-func (e *Engine) Probe(ctx context.Context, addr netip.AddrPort) Result {
-	if err := ctx.Err(); err != nil {
-		return Result{Addr: addr, Err: ctxError(err)}
-	}
-	timeout := e.defaultTimeout
-	if d, ok := ctx.Deadline(); ok {
-		timeout = time.Until(d)
-	}
-	ch := make(chan Result, 1)
-	e.submit(request{addr: addr, timeout: timeout, done: func(r Result) { ch <- r }})
-	select {
-	case r := <-ch:
-		return r
-	case <-ctx.Done():
-		return Result{Addr: addr, Err: ctxError(ctx.Err())}
-	}
-}
-
-// ProbeAsync starts a probe of addr and returns at once; done is called
-// exactly once with the result, from another goroutine. After Close, done
-// is called with ErrClosed before ProbeAsync returns.
-func (e *Engine) ProbeAsync(addr netip.AddrPort, timeout time.Duration, done func(Result)) {
-	if timeout <= 0 {
-		timeout = e.defaultTimeout
-	}
-	e.submit(request{addr: addr, timeout: timeout, done: done})
 }
 
 func (e *Engine) submit(req request) {
@@ -181,6 +150,9 @@ func (e *Engine) count(err error) {
 		e.failed.Add(1)
 	}
 }
+
+// now is the engine's monotonic clock, in ns.
+func (e *Engine) now() int64 { return int64(time.Since(e.base)) }
 
 // Close aborts every probe in flight or queued (done gets ErrClosed) and
 // waits for their goroutines. Close is idempotent.

@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
 )
 
 // The fault tests: a backend killed, its SYNs dropped, rejected with ICMP,
@@ -498,37 +500,6 @@ func faultsResults(t *testing.T, out string) map[string][]string {
 	return res
 }
 
-// newFaultsNetns creates a network namespace with loopback up, deleted at
-// the end of the test. It skips the test when this machine cannot, or
-// cannot load nftables rules there.
-func newFaultsNetns(t *testing.T) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create a network namespace (CI runs as root)")
-	}
-	for _, tool := range []string{"ip", "nft"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s (Debian packages iproute2 and nftables; .ci/run installs them)", tool)
-		}
-	}
-	ns := fmt.Sprintf("shaker-faults-%d-%d", os.Getpid(), time.Now().UnixNano()%1e9)
-	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-		t.Skipf("cannot create a network namespace: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", ns, err, out)
-		}
-	})
-	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		t.Fatalf("ip link set lo up: %v: %s", err, out)
-	}
-	if out, err := exec.Command("ip", "netns", "exec", ns, "nft", "list", "ruleset").CombinedOutput(); err != nil {
-		t.Skipf("nftables does not work here: %v: %s", err, out)
-	}
-	return ns
-}
-
 // TestFaultsNftables: in a network namespace of its own, SYNs to a
 // backend dropped by nftables are marked down as a timeout, and an ICMP
 // host-unreachable reject as unreachable; each comes back when the rule is
@@ -542,7 +513,7 @@ func TestFaultsNftables(t *testing.T) {
 		{"icmp", "unreachable"},
 	} {
 		t.Run(c.mode, func(t *testing.T) {
-			ns := newFaultsNetns(t)
+			ns := testnet.Netns(t, true, "")
 			out := runFaultsHelper(t, ns, c.mode)
 			res := faultsResults(t, out)
 			down, up := res["down"], res["up"]

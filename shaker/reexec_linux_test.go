@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
 )
 
 // Some cases need a process of their own: a network namespace with
@@ -215,7 +217,7 @@ func tcpExt(t *testing.T, name string) int64 {
 // in a network namespace of its own so that no other traffic moves the
 // counter.
 func TestEveryProbeResets(t *testing.T) {
-	ns := newNetns(t, "")
+	ns := testnet.Netns(t, false, "")
 	res := runHelper(t, ns, "rsts")
 	if len(res) != len(paths) {
 		t.Fatalf("%d results, want %d", len(res), len(paths))
@@ -259,50 +261,10 @@ func runHelper(t *testing.T, ns, mode string, env ...string) [][]string {
 	return results
 }
 
-// newNetns creates a network namespace with loopback up and the given
-// nftables ruleset (if any), deleted at the end of the test. It skips the test when
-// this machine cannot.
-func newNetns(t *testing.T, ruleset string) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create a network namespace (CI runs as root)")
-	}
-	tools := []string{"ip"}
-	if ruleset != "" {
-		tools = append(tools, "nft")
-	}
-	for _, tool := range tools {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s (Debian packages iproute2 and nftables; .ci/run installs them)", tool)
-		}
-	}
-	ns := fmt.Sprintf("shaker-test-%d-%d", os.Getpid(), time.Now().UnixNano()%1e9)
-	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-		t.Skipf("cannot create a network namespace: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", ns, err, out)
-		}
-	})
-	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		t.Fatalf("ip link set lo up: %v: %s", err, out)
-	}
-	if ruleset == "" {
-		return ns
-	}
-	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(ruleset)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Skipf("nftables rules cannot be loaded here: %v: %s", err, out)
-	}
-	return ns
-}
-
 // TestOutcomesInNetns: dropped SYNs time out, ICMP rejects are
 // unreachable, with nftables rules in a namespace of the test's own.
 func TestOutcomesInNetns(t *testing.T) {
-	ns := newNetns(t, `
+	ns := testnet.Netns(t, true, `
 table inet shaker_test {
 	chain in {
 		type filter hook input priority 0; policy accept;

@@ -304,6 +304,18 @@ type child struct {
 	err  error // from Wait, once done is closed
 }
 
+// prepare names the child and gives it a temporary directory and a free
+// port on 127.0.0.1 for the listener its config needs.
+func (ch *child) prepare(name string) (dir string, port int, err error) {
+	ch.name = name
+	if dir, err = os.MkdirTemp("", "bench-"+name+"-"); err != nil {
+		return "", 0, err
+	}
+	ch.dir = dir
+	port, err = freePort()
+	return dir, port, err
+}
+
 func (ch *child) run(dir, bin string, args ...string) error {
 	ch.dir = dir
 	ch.log = dir + "/" + ch.name + ".log"
@@ -393,13 +405,7 @@ type haproxyChecker struct {
 }
 
 func (k *haproxyChecker) start(addrs []netip.AddrPort) error {
-	k.name = "haproxy"
-	dir, err := os.MkdirTemp("", "bench-haproxy-")
-	if err != nil {
-		return err
-	}
-	k.dir = dir
-	port, err := freePort()
+	dir, port, err := k.prepare("haproxy")
 	if err != nil {
 		return err
 	}
@@ -441,13 +447,7 @@ type caddyChecker struct {
 }
 
 func (k *caddyChecker) start(addrs []netip.AddrPort) error {
-	k.name = "caddy"
-	dir, err := os.MkdirTemp("", "bench-caddy-")
-	if err != nil {
-		return err
-	}
-	k.dir = dir
-	port, err := freePort()
+	dir, port, err := k.prepare("caddy")
 	if err != nil {
 		return err
 	}

@@ -40,7 +40,7 @@ func (adminAPI) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	w.Header().Set("Content-Type", "application/json")
-	if err := json.NewEncoder(w).Encode(reg.statuses()); err != nil {
+	if err := json.NewEncoder(w).Encode(currentStatuses()); err != nil {
 		return caddy.APIError{
 			HTTPStatus: http.StatusInternalServerError,
 			Err:        err,

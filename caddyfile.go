@@ -1,6 +1,7 @@
 package caddyshaker
 
 import (
+	"math"
 	"strconv"
 	"strings"
 
@@ -20,9 +21,13 @@ func init() {
 //
 //	{
 //	    shaker {
-//	        max_in_flight <n>
+//	        loops       <n>
+//	        max_sockets <n>
 //	    }
 //	}
+//
+// max_in_flight <n> is still accepted, and ignored with a warning: it is
+// retired (see App.MaxInFlight).
 func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 	app := new(App)
 	d.Next() // consume option name
@@ -30,23 +35,31 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 		return nil, d.ArgErr()
 	}
 	for d.NextBlock(0) {
-		switch d.Val() {
+		name := d.Val()
+		var dst *int
+		limit := math.MaxInt32
+		switch name {
+		case "loops":
+			dst, limit = &app.Loops, MaxLoops
+		case "max_sockets":
+			dst = &app.MaxSockets
 		case "max_in_flight":
-			if !d.NextArg() {
-				return nil, d.ArgErr()
-			}
-			val := d.Val()
-			if d.NextArg() {
-				return nil, d.ArgErr()
-			}
-			n, err := strconv.Atoi(val)
-			if err != nil || n < 1 || n > MaxMaxInFlight {
-				return nil, d.Errf("max_in_flight '%s': must be an integer from 1 to %d", val, MaxMaxInFlight)
-			}
-			app.MaxInFlight = n
+			dst = &app.MaxInFlight
 		default:
 			return nil, d.Errf("unrecognized shaker global option '%s'", d.Val())
 		}
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		val := d.Val()
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		n, err := strconv.Atoi(val)
+		if err != nil || n < 1 || n > limit {
+			return nil, d.Errf("%s '%s': must be an integer from 1 to %d", name, val, limit)
+		}
+		*dst = n
 	}
 	return httpcaddyfile.App{
 		Name:  "shaker",

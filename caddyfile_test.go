@@ -202,17 +202,20 @@ func TestCaddyfileGlobalOption(t *testing.T) {
 		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
 		return string(out), err
 	}
-	out, err := adapt("{\n\tshaker {\n\t\tmax_in_flight 256\n\t}\n}\n:8080 {\n\treverse_proxy {\n\t\tdynamic shaker 127.0.0.1:9001\n\t}\n}\n")
+	out, err := adapt("{\n\tshaker {\n\t\tloops 3\n\t\tmax_sockets 5000\n\t\tmax_in_flight 256\n\t}\n}\n:8080 {\n\treverse_proxy {\n\t\tdynamic shaker 127.0.0.1:9001\n\t}\n}\n")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(out, `"shaker":{"max_in_flight":256}`) {
+	if !strings.Contains(out, `"shaker":{"loops":3,"max_sockets":5000,"max_in_flight":256}`) {
 		t.Errorf("no shaker app in %s", out)
 	}
 	for src, want := range map[string]string{
-		"{\n\tshaker {\n\t\tmax_in_flight 0\n\t}\n}\n":      "max_in_flight '0'",
-		"{\n\tshaker {\n\t\tmax_in_flight 100000\n\t}\n}\n": "max_in_flight '100000': must be an integer from 1 to 65536",
-		"{\n\tshaker {\n\t\tmax_in_fly 10\n\t}\n}\n":        "unrecognized shaker global option 'max_in_fly'",
+		"{\n\tshaker {\n\t\tloops 0\n\t}\n}\n":          "loops '0': must be an integer from 1 to 256",
+		"{\n\tshaker {\n\t\tloops 1000\n\t}\n}\n":       "loops '1000': must be an integer from 1 to 256",
+		"{\n\tshaker {\n\t\tmax_sockets many\n\t}\n}\n": "max_sockets 'many'",
+		"{\n\tshaker {\n\t\tmax_sockets 1 2\n\t}\n}\n":  "wrong argument count",
+		"{\n\tshaker {\n\t\tmax_in_flight 0\n\t}\n}\n":  "max_in_flight '0'",
+		"{\n\tshaker {\n\t\tmax_in_fly 10\n\t}\n}\n":    "unrecognized shaker global option 'max_in_fly'",
 	} {
 		if _, err := adapt(src); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%q: error %v, want %q", src, err, want)

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"strconv"
 	"strings"
 	"time"
 
@@ -114,18 +113,15 @@ func runShake(ctx context.Context, args []string, stdout io.Writer) (int, error)
 	}
 	var targets []target
 	for _, a := range fs.Args() {
-		host, portStr, err := net.SplitHostPort(a)
+		s, err := parseUpstream(a)
 		if err != nil {
-			return 2, usageError{fmt.Sprintf("shake: address %q: %v (want host:port, IPv6 in brackets)", a, err)}
+			return 2, usageError{"shake: " + err.Error() + " (want host:port, IPv6 in brackets)"}
 		}
-		port, err := strconv.ParseUint(portStr, 10, 16)
-		if err != nil || port == 0 {
-			return 2, usageError{fmt.Sprintf("shake: address %q: port %q is not a number from 1 to 65535", a, portStr)}
-		}
+		host := s.host
 		if host == "" {
-			return 2, usageError{fmt.Sprintf("shake: address %q: no host", a)}
+			host = s.ip.String()
 		}
-		targets = append(targets, target{a, host, uint16(port)})
+		targets = append(targets, target{a, host, s.port})
 	}
 
 	e, err := shaker.New(shaker.Options{DefaultTimeout: *timeout})
@@ -193,7 +189,7 @@ func runShake(ctx context.Context, args []string, stdout io.Writer) (int, error)
 			} else {
 				r := results[i]
 				out.Address = p.addr.String()
-				out.Result = resultName(r.Err)
+				out.Result = r.Outcome.String()
 				if r.Err == nil {
 					out.RTTus = r.RTT.Microseconds()
 				} else if errors.Is(r.Err, shaker.ErrTimeout) {
@@ -212,7 +208,7 @@ func runShake(ctx context.Context, args []string, stdout io.Writer) (int, error)
 			line := fmt.Sprintf("%-24s %-11s", out.Address, out.Result)
 			if out.Result == "up" {
 				line += fmt.Sprintf(" rtt %v", time.Duration(out.RTTus)*time.Microsecond)
-			} else if out.Result == "timeout" || out.Result == "error" {
+			} else if r := out.Result; r == "timeout" || r == "error" || r == "local_error" {
 				line += " " + out.Error // refused and unreachable say it all
 			}
 			if out.Address != out.Target {
@@ -225,19 +221,4 @@ func runShake(ctx context.Context, args []string, stdout io.Writer) (int, error)
 		return 1, fmt.Errorf("shake: %d of %d probes got no SYN-ACK", failed, len(probes)**count)
 	}
 	return 0, nil
-}
-
-// resultName names a probe's outcome as `caddy shake` prints it.
-func resultName(err error) string {
-	switch {
-	case err == nil:
-		return "up"
-	case errors.Is(err, shaker.ErrRefused):
-		return "refused"
-	case errors.Is(err, shaker.ErrTimeout):
-		return "timeout"
-	case errors.Is(err, shaker.ErrUnreachable):
-		return "unreachable"
-	}
-	return "error"
 }

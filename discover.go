@@ -4,17 +4,16 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"net"
 	"net/http"
 	"net/netip"
-	"strconv"
-	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 // A shaker source may wrap another upstream source (a, srv, multi, or any
@@ -43,11 +42,11 @@ type discovered struct {
 	ip    netip.Addr // when host is ""
 	port  uint16
 
-	lastSeen atomic.Int64               // unix ns
-	cs       atomic.Pointer[[]*checker] // nil until resolved
+	lastSeen atomic.Int64                      // unix ns
+	cs       atomic.Pointer[[]*health.Checker] // nil until resolved
 
 	// under sourceState.mu
-	held       []want
+	held       []health.Want
 	resolvedAt time.Time
 	resolving  bool
 }
@@ -63,46 +62,11 @@ func (d *discovered) up() bool {
 		return true
 	}
 	for _, c := range *p {
-		if c.healthy.Load() {
+		if c.Healthy() {
 			return true
 		}
 	}
 	return false
-}
-
-// parseDial parses the Dial of an upstream the inner source returned.
-func parseDial(dial string) *discovered {
-	d := &discovered{dial: dial}
-	addr := dial
-	if network, rest, ok := strings.Cut(dial, "/"); ok {
-		switch network {
-		case "tcp", "tcp4", "tcp6":
-			addr = rest
-		default:
-			return d // unix, udp, ...: not probed
-		}
-	}
-	if strings.ContainsAny(addr, "{}") {
-		return d // a placeholder, known only per request
-	}
-	host, portStr, err := net.SplitHostPort(addr)
-	if err != nil {
-		return d
-	}
-	port, err := strconv.ParseUint(portStr, 10, 16)
-	if err != nil || port == 0 {
-		return d
-	}
-	if ip, err := netip.ParseAddr(strings.TrimSuffix(host, ".")); err == nil { // as parseUpstream
-		d.ip = ip.Unmap()
-	} else if validHostName(host) {
-		d.host = strings.ToLower(strings.TrimSuffix(host, "."))
-	} else {
-		return d
-	}
-	d.port = uint16(port)
-	d.probe = true
-	return d
 }
 
 // discoverUpstreams is GetUpstreams for a source that wraps another.
@@ -200,16 +164,16 @@ func (su *Upstreams) setAddrsLocked(d *discovered, addrs []netip.Addr) {
 	if su.Port != 0 {
 		port = uint16(su.Port)
 	}
-	ws := make([]want, len(addrs))
+	ws := make([]health.Want, len(addrs))
 	for i, ip := range addrs {
-		ws[i] = want{key: su.checkKey(netip.AddrPortFrom(ip, port)), name: d.dial}
+		ws[i] = su.want(netip.AddrPortFrom(ip, port), d.dial)
 	}
-	cs, fresh := reg.acquire(ws)
+	cs, fresh := reg.Acquire(ws)
 	su.app.schedule(fresh)
 	d.cs.Store(&cs)
 	old := d.held
 	d.held = ws
-	reg.release(old)
+	reg.Release(old)
 }
 
 // resolveLocked resolves d's host name in the background, bounded by
@@ -233,7 +197,7 @@ func (su *Upstreams) resolveLocked(d *discovered) {
 			su.logger.Warn("resolving discovered upstream failed",
 				zap.String("upstream", d.dial), zap.Error(err))
 			if d.cs.Load() == nil {
-				empty := []*checker{}
+				empty := []*health.Checker{}
 				d.cs.Store(&empty)
 			}
 			return
@@ -311,7 +275,7 @@ func (su *Upstreams) forget(polled bool) {
 				kept = maps.Clone(table)
 			}
 			delete(kept, dial)
-			reg.release(d.held)
+			reg.Release(d.held)
 			d.held = nil
 			su.logger.Info("upstream no longer returned by the source: forgotten", zap.String("upstream", dial))
 		case d.host != "" && !d.resolving && now.Sub(d.resolvedAt) >= time.Duration(su.ResolveInterval):
@@ -327,24 +291,24 @@ func (su *Upstreams) forget(polled bool) {
 // upstreams (at Cleanup).
 func (su *Upstreams) releaseDiscoveredLocked() {
 	for _, d := range *su.table.Load() {
-		reg.release(d.held)
+		reg.Release(d.held)
 		d.held = nil
 	}
 	empty := map[string]*discovered{}
 	su.table.Store(&empty)
 }
 
-// checkKey is the checker key of an address under this source's settings.
-func (su *Upstreams) checkKey(addr netip.AddrPort) checkKey {
-	return checkKey{
-		addr:         addr,
-		interval:     time.Duration(su.Interval),
-		timeout:      time.Duration(su.Timeout),
-		passes:       su.Passes,
-		fails:        su.Fails,
-		fastInterval: time.Duration(su.FastInterval),
-		downInterval: time.Duration(su.DownInterval),
-	}
+// want is an address to probe under this source's settings, reported
+// under name.
+func (su *Upstreams) want(addr netip.AddrPort, name string) health.Want {
+	return health.Want{Addr: addr, Name: name, Settings: health.Settings{
+		Interval:     time.Duration(su.Interval),
+		Timeout:      time.Duration(su.Timeout),
+		Passes:       su.Passes,
+		Fails:        su.Fails,
+		FastInterval: time.Duration(su.FastInterval),
+		DownInterval: time.Duration(su.DownInterval),
+	}}
 }
 
 // provisionInner loads the inner source and starts polling it.

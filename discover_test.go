@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 )
@@ -300,12 +301,13 @@ func BenchmarkGetUpstreamsDiscover(b *testing.B) {
 		table := map[string]*discovered{}
 		var dials []string
 		for i, c := range cs {
-			d := parseDial(c.addr)
-			one := []*checker{cs[i]}
+			addr := c.Addr().String()
+			d := parseDial(addr)
+			one := []*health.Checker{cs[i]}
 			d.cs.Store(&one)
 			d.lastSeen.Store(time.Now().UnixNano())
-			table[c.addr] = d
-			dials = append(dials, c.addr)
+			table[addr] = d
+			dials = append(dials, addr)
 		}
 		su.table.Store(&table)
 		su.inner = listSource{List: name}

@@ -398,7 +398,7 @@ func checkDynamicJSON(t *testing.T, dyn []byte) {
 	if err := json.Unmarshal(cfg, &c); err != nil {
 		t.Fatalf("config does not decode: %v\n%s", err, cfg)
 	}
-	idle := reg.cur.Load() == nil
+	idle := engines.cur.Load() == nil
 	err := caddy.Validate(&c)
 	switch {
 	case checkErr != nil && err == nil:
@@ -410,11 +410,9 @@ func checkDynamicJSON(t *testing.T, dyn []byte) {
 	}
 	if idle {
 		// a config that was only validated leaves nothing running
-		reg.mu.Lock()
-		n := len(reg.checkers)
-		reg.mu.Unlock()
-		if n != 0 || reg.cur.Load() != nil {
-			t.Fatalf("%s: after validation: %d checkers, engine running %v", dyn, n, reg.cur.Load() != nil)
+		n := reg.Len()
+		if n != 0 || engines.cur.Load() != nil {
+			t.Fatalf("%s: after validation: %d checkers, engine running %v", dyn, n, engines.cur.Load() != nil)
 		}
 	}
 }

@@ -410,7 +410,7 @@ func TestIntegration(t *testing.T) {
 	if n := h.totalAccepts(); n != 0 {
 		t.Fatalf("(1) backends accepted %d connections from health probes alone", n)
 	}
-	if e := reg.cur.Load(); e == nil {
+	if e := engines.cur.Load(); e == nil {
 		t.Fatal("no engine")
 	} else if d := e.Stats().MaxCloseDelay; d > 50*time.Millisecond {
 		t.Errorf("engine MaxCloseDelay %v: probes close too late", d)
@@ -518,7 +518,7 @@ func TestIntegration(t *testing.T) {
 		return fd1 <= fd0 && g1 <= g0+1
 	})
 	t.Logf("(5) %d reloads: fds %d -> %d, goroutines %d -> %d, 0 accepted", reloads+1, fd0, fd1, g0, g1)
-	if d := reg.cur.Load().Stats().MaxCloseDelay; d > 50*time.Millisecond {
+	if d := engines.cur.Load().Stats().MaxCloseDelay; d > 50*time.Millisecond {
 		t.Errorf("engine MaxCloseDelay %v", d)
 	}
 
@@ -544,12 +544,10 @@ func TestShutdownLeavesNothing(t *testing.T) {
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	if reg.cur.Load() != nil {
+	if engines.cur.Load() != nil {
 		t.Error("engine still running after caddy.Stop")
 	}
-	reg.mu.Lock()
-	n := len(reg.checkers)
-	reg.mu.Unlock()
+	n := reg.Len()
 	if n != 0 {
 		t.Errorf("%d checkers left after caddy.Stop", n)
 	}
@@ -754,7 +752,7 @@ func TestStopAndReloadWhileProbing(t *testing.T) {
 		return b
 	}
 	probes := func() uint64 {
-		if e := reg.cur.Load(); e != nil {
+		if e := engines.cur.Load(); e != nil {
 			return e.Stats().Total()
 		}
 		return 0
@@ -773,7 +771,7 @@ func TestStopAndReloadWhileProbing(t *testing.T) {
 		if err := caddy.Stop(); err != nil {
 			t.Fatal(err)
 		}
-		if reg.cur.Load() != nil {
+		if engines.cur.Load() != nil {
 			t.Fatal("engine running after Stop")
 		}
 	}

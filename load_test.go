@@ -116,7 +116,7 @@ func loadConfig(tb testing.TB, ups []string, interval string, knob int) []byte {
 }
 
 func engineProbes() uint64 {
-	if e := reg.cur.Load(); e != nil {
+	if e := engines.cur.Load(); e != nil {
 		return e.Stats().Total()
 	}
 	return 0
@@ -146,7 +146,7 @@ func TestReloadsWhileProbing1000(t *testing.T) {
 	}
 	p0 := engineProbes()
 	waitFor(t, 10*time.Second, "probing after the reloads", func() bool { return engineProbes() >= p0+n })
-	if got := len(reg.statuses()); got != n {
+	if got := len(reg.Statuses()); got != n {
 		t.Fatalf("%d addresses probed after %d reloads, want %d", got, reloads, n)
 	}
 	// fds and goroutines: back to the baseline (bounded wait for the
@@ -212,7 +212,7 @@ func BenchmarkLoad10k(b *testing.B) {
 			time.Sleep(d)
 			probes, cpu, wall := engineProbes()-p0, cpuTime()-cpu0, time.Since(t0)
 			b.StopTimer()
-			e := reg.cur.Load()
+			e := engines.cur.Load()
 			worst := e.Stats().MaxCloseDelay
 			b.ReportMetric(float64(probes)/wall.Seconds(), "probes/s")
 			b.ReportMetric(float64(cpu.Microseconds())/float64(probes), "cpu-us/probe")

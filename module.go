@@ -25,6 +25,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"go.uber.org/zap"
 
+	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
@@ -45,13 +46,28 @@ func init() {
 // upstream source is used. In JSON it may be configured under
 // "apps": {"shaker": {...}}.
 type App struct {
-	// The cap on probes in flight at once (SYN sent, no answer yet).
-	// Probes beyond it wait in a queue; they do not fail. It bounds the
-	// burst of SYN-ACKs the engine must close at once, which must stay far
-	// below the kernel's 200 ms delayed-ACK window. It is read when the
-	// engine starts; a change takes effect when the engine restarts (Caddy
-	// restart, or a reload after one without shaker upstreams).
-	// Default: 1024; at most 65536.
+	// The number of probe loops (epoll instances, each a goroutine of its
+	// own). Each address is probed by one loop. One loop keeps about
+	// 50,000 probes a second on one core; more loops use more cores. It
+	// is read when the engine starts; a change takes effect when the
+	// engine restarts (Caddy restart, or a reload after one without
+	// shaker upstreams). Default: one per CPU the Go runtime uses
+	// (GOMAXPROCS).
+	Loops int `json:"loops,omitempty"`
+
+	// The most probe sockets open at once: probes waiting for an answer,
+	// which on dead or firewalled addresses wait for their timeout. A
+	// probe due when they are all taken waits for one (it shows as
+	// overdue); it does not fail. Read when the engine starts, like
+	// loops. Default: three quarters of the process's open-file limit
+	// (RLIMIT_NOFILE), leaving the rest to Caddy's own connections.
+	MaxSockets int `json:"max_sockets,omitempty"`
+
+	// Retired: accepted, ignored, and warned about. It capped the probes
+	// in flight, which let probes waiting for their timeout on dead
+	// addresses hold back every other address. The engine now bounds
+	// the SYNs it starts between two reads of answers (64) and the
+	// sockets it holds (max_sockets).
 	MaxInFlight int `json:"max_in_flight,omitempty"`
 
 	ctx    caddy.Context
@@ -60,18 +76,16 @@ type App struct {
 	*startState
 }
 
-// MaxMaxInFlight bounds max_in_flight: each probe in flight holds a file
-// descriptor, and a burst of that many SYN-ACKs must still be closed far
-// inside the kernel's 200 ms delayed-ACK window.
-const MaxMaxInFlight = 65536
+// MaxLoops bounds loops: more loops than cores only add wake-ups.
+const MaxLoops = 256
 
 // startState is the mutable part of the app (behind a pointer, since
 // Caddy copies the app to read its module info).
 type startState struct {
 	mu      sync.Mutex
-	held    bool       // holds a reference to the engine
-	started bool       // the config's apps have all started
-	pending []*checker // new checkers waiting for that
+	held    bool              // holds a reference to the engine
+	started bool              // the config's apps have all started
+	pending []*health.Checker // new checkers waiting for that
 }
 
 // CaddyModule returns the Caddy module information.
@@ -95,6 +109,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("getting events app: %v", err)
 	}
 	a.events = eventsApp.(*caddyevents.App)
+	if a.MaxInFlight != 0 {
+		a.logger.Warn("max_in_flight is retired and ignored: probes waiting for their timeout no longer hold others back; "+
+			"the engine bounds the SYNs it starts per turn and the sockets it holds (max_sockets)",
+			zap.Int("max_in_flight", a.MaxInFlight))
+	}
 	// New addresses are first probed once every app of the config has
 	// started (Caddy's "started" event), so that backends served by the
 	// same config are listening by then.
@@ -104,7 +123,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
-	if err := reg.acquireEngine(a); err != nil {
+	if err := engines.acquire(a); err != nil {
 		return err
 	}
 	a.mu.Lock()
@@ -115,8 +134,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 
 // Validate checks the app's configuration.
 func (a *App) Validate() error {
-	if a.MaxInFlight < 0 || a.MaxInFlight > MaxMaxInFlight {
-		return fmt.Errorf("max_in_flight %d: must be from 1 to %d", a.MaxInFlight, MaxMaxInFlight)
+	if a.Loops < 0 || a.Loops > MaxLoops {
+		return fmt.Errorf("loops %d: must be from 1 to %d", a.Loops, MaxLoops)
+	}
+	if a.MaxSockets < 0 {
+		return fmt.Errorf("max_sockets %d: must be at least 1", a.MaxSockets)
+	}
+	if a.MaxInFlight < 0 {
+		return fmt.Errorf("max_in_flight %d: must not be negative (and it is retired: see max_sockets)", a.MaxInFlight)
 	}
 	return nil
 }
@@ -143,11 +168,11 @@ func (a *App) Cleanup() error {
 	if !held {
 		return nil
 	}
-	return reg.releaseEngine(a)
+	return engines.release(a)
 }
 
 // schedule starts the probes of new checkers once the config has started.
-func (a *App) schedule(fresh []*checker) {
+func (a *App) schedule(fresh []*health.Checker) {
 	if len(fresh) == 0 {
 		return
 	}
@@ -158,7 +183,7 @@ func (a *App) schedule(fresh []*checker) {
 		return
 	}
 	a.mu.Unlock()
-	arm(fresh)
+	reg.Start(fresh)
 }
 
 // startedHandler arms the checkers that waited for the config to start.
@@ -171,61 +196,71 @@ func (h startedHandler) Handle(context.Context, caddy.Event) error {
 	p := h.a.pending
 	h.a.pending = nil
 	h.a.mu.Unlock()
-	arm(p)
+	reg.Start(p)
 	return nil
 }
 
+// engines is the process's one engine and the apps that hold it.
+var engines engineState
+
 // engineState is the process-wide engine and the apps that hold it.
 type engineState struct {
-	mu          sync.Mutex
-	engine      *shaker.Engine
-	maxInFlight int    // the engine's setting
-	apps        []*App // live apps, oldest first; the last one announces
+	mu       sync.Mutex
+	engine   *shaker.Engine
+	settings [2]int // loops and max_sockets the engine runs with
+	apps     []*App // live apps, oldest first; the last one announces
 
 	cur    atomic.Pointer[shaker.Engine]
 	herald atomic.Pointer[App]
 
-	stopWatch func() // stops watchCloseDelay and waits for it
+	stopWatch func() // stops watchEngine and waits for it
 }
 
-// acquireEngine takes a reference to the engine for a, starting it if
-// needed.
-func (s *engineState) acquireEngine(a *App) error {
+// acquire takes a reference to the engine for a, starting it if needed.
+func (s *engineState) acquire(a *App) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	want := [2]int{a.Loops, a.MaxSockets}
 	if s.engine == nil {
-		e, err := shaker.New(shaker.Options{MaxInFlight: a.MaxInFlight})
+		e, err := shaker.New(shaker.Options{Loops: a.Loops, MaxSockets: a.MaxSockets})
 		if err != nil {
 			return fmt.Errorf("starting probe engine: %v", err)
 		}
 		s.engine = e
-		s.maxInFlight = a.MaxInFlight
+		s.settings = want
 		s.cur.Store(e)
 		stop, done := make(chan struct{}), make(chan struct{})
 		go func() {
 			defer close(done)
-			watchCloseDelay(e.Stats, func() *zap.Logger {
+			watchEngine(e.Stats, func() *zap.Logger {
 				if h := s.herald.Load(); h != nil {
 					return h.logger
 				}
 				return nil
-			}, stop, closeDelayCheckEvery, closeDelayWarn)
+			}, stop, watchEvery, closeDelayWarn)
 		}()
 		s.stopWatch = func() { close(stop); <-done }
+		st := e.Stats()
 		a.logger.Info("probe engine started",
 			zap.Bool("half_open", shaker.HalfOpen()),
-			zap.Int("max_in_flight", a.MaxInFlight))
-	} else if a.MaxInFlight != s.maxInFlight {
-		a.logger.Warn("max_in_flight changed: the running engine keeps its setting until it restarts",
-			zap.Int("running", s.maxInFlight), zap.Int("configured", a.MaxInFlight))
+			zap.Int("loops", st.Loops),
+			zap.Int("max_sockets", st.MaxSockets))
+		s.apps = append(s.apps, a)
+		s.herald.Store(a)
+		reg.SetEngine(e)
+		return nil
+	}
+	if want != s.settings {
+		a.logger.Warn("loops or max_sockets changed: the running engine keeps its settings until it restarts",
+			zap.Ints("running", s.settings[:]), zap.Ints("configured", want[:]))
 	}
 	s.apps = append(s.apps, a)
 	s.herald.Store(a)
 	return nil
 }
 
-// releaseEngine drops a's reference; the last one closes the engine.
-func (s *engineState) releaseEngine(a *App) error {
+// release drops a's reference; the last one closes the engine.
+func (s *engineState) release(a *App) error {
 	s.mu.Lock()
 	for i, x := range s.apps {
 		if x == a {
@@ -249,8 +284,9 @@ func (s *engineState) releaseEngine(a *App) error {
 		return nil
 	}
 	stopWatch()
-	st := e.Stats()
 	err := e.Close()
+	reg.SetEngine(nil)
+	st := e.Stats()
 	a.logger.Info("probe engine stopped",
 		zap.Uint64("probes", st.Total()),
 		zap.Duration("max_close_delay", st.MaxCloseDelay))
@@ -260,35 +296,63 @@ func (s *engineState) releaseEngine(a *App) error {
 // A probe's socket closed long after its SYN-ACK is a warning sign: at
 // about 200 ms the kernel completes the handshake itself and the backend
 // accepts a connection. The engine keeps the worst delay it has seen; the
-// app checks it every closeDelayCheckEvery and warns when it passes
-// closeDelayWarn, and again each time it grows.
+// app checks it every watchEvery and warns when it passes closeDelayWarn,
+// and again each time it grows.
+//
+// Probes that start late are the other sign of an engine that cannot keep
+// up: the app warns once when probes start later than a quarter of their
+// interval (an episode), and says when they are on time again.
 var (
-	closeDelayWarn       = 50 * time.Millisecond
-	closeDelayCheckEvery = 5 * time.Second
+	closeDelayWarn = 50 * time.Millisecond
+	watchEvery     = 5 * time.Second
 )
 
-// watchCloseDelay logs a warning each time the engine's worst
-// SYN-ACK-to-close delay passes warn and the worst already reported, until
-// stop is closed.
-func watchCloseDelay(stats func() shaker.Stats, logger func() *zap.Logger, stop <-chan struct{}, every, warn time.Duration) {
+// watchEngine logs, until stop is closed: a warning each time the engine's
+// worst SYN-ACK-to-close delay passes warn and the worst already
+// reported; a warning when probes start running late, and a line when
+// they are on time again.
+func watchEngine(stats func() shaker.Stats, logger func() *zap.Logger, stop <-chan struct{}, every, warn time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	reported := warn
+	prev := stats()
+	late := false
 	for {
 		select {
 		case <-stop:
 			return
 		case <-t.C:
 		}
-		worst := stats().MaxCloseDelay
-		if worst <= reported {
-			continue
+		st := stats()
+		l := logger()
+		if worst := st.MaxCloseDelay; worst > reported {
+			reported = worst
+			if l != nil {
+				l.Warn("probes closed late: at 200 ms after a SYN-ACK the kernel completes the handshake and the backend accepts a connection; the machine may be overloaded",
+					zap.Duration("worst_synack_to_close", worst))
+			}
 		}
-		reported = worst
-		if l := logger(); l != nil {
-			l.Warn("probes closed late: at 200 ms after a SYN-ACK the kernel completes the handshake and the backend accepts a connection; the machine may be overloaded, or max_in_flight too high",
-				zap.Duration("worst_synack_to_close", worst))
+		newLate := st.Late - prev.Late
+		switch {
+		case newLate > 0 && !late:
+			late = true
+			if l != nil {
+				l.Warn("probes starting late: addresses are probed less often than configured and failures are seen later; "+
+					"give Caddy more CPU, raise loops (one per core), raise max_sockets if it is reached, or probe less often",
+					zap.Uint64("late_probes", newLate),
+					zap.Duration("lag", st.Lag),
+					zap.Int("overdue", st.Overdue),
+					zap.Int("loops", st.Loops),
+					zap.Int("sockets", st.Sockets),
+					zap.Int("max_sockets", st.MaxSockets))
+			}
+		case newLate == 0 && late:
+			late = false
+			if l != nil {
+				l.Info("probes on time again")
+			}
 		}
+		prev = st
 	}
 }
 

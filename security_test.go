@@ -22,6 +22,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
@@ -101,12 +102,10 @@ func TestAdminReadOnly(t *testing.T) {
 
 // probedAddrs returns the addresses of the registry's checkers and their
 // checkers.
-func probedAddrs() map[string][]*checker {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	out := map[string][]*checker{}
-	for k, c := range reg.checkers {
-		out[k.addr.String()] = append(out[k.addr.String()], c)
+func probedAddrs() map[string][]*health.Checker {
+	out := map[string][]*health.Checker{}
+	for _, c := range reg.Checkers() {
+		out[c.Addr().String()] = append(out[c.Addr().String()], c)
 	}
 	return out
 }
@@ -116,19 +115,16 @@ func probedAddrs() map[string][]*checker {
 // than a checker probes (give or take one probe in flight per checker).
 func probeCounts(t *testing.T) (engine, checkers uint64, n int) {
 	t.Helper()
-	e := reg.cur.Load()
+	e := engines.cur.Load()
 	if e == nil {
 		t.Fatal("no engine")
 	}
 	st := e.Stats()
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	for _, c := range reg.checkers {
-		c.mu.Lock()
-		checkers += c.probesTotal
-		c.mu.Unlock()
+	cs := reg.Checkers()
+	for _, c := range cs {
+		checkers += c.Probes()
 	}
-	return st.Total() - st.Closed, checkers, len(reg.checkers)
+	return st.Total() - st.Closed, checkers, len(cs)
 }
 
 // checkOnly fails unless the admin API and the registry show exactly the
@@ -177,11 +173,7 @@ func TestOnlyConfiguredProbed(t *testing.T) {
 	if _, ok := h.statuses()[b3.addr]; ok {
 		t.Fatal("b3 still listed after the reload that removed it")
 	}
-	count := func() uint64 {
-		old[0].mu.Lock()
-		defer old[0].mu.Unlock()
-		return old[0].probesTotal
-	}
+	count := old[0].Probes
 	after := count()
 	e0, c0, _ = probeCounts(t)
 	h.waitProbes(h.statuses(), 5, 5*time.Second) // 5 intervals of the others
@@ -427,7 +419,7 @@ func TestHelperUnprivileged(t *testing.T) {
 	var s Status
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		if l := reg.statuses(); len(l) == 1 {
+		if l := reg.Statuses(); len(l) == 1 {
 			s = l[0]
 			if s.Probes >= 5 {
 				break

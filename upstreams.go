@@ -3,7 +3,6 @@ package caddyshaker
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -11,7 +10,6 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +17,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 // Upstreams is a reverse_proxy upstream source that returns the upstreams
@@ -120,7 +120,7 @@ type Upstreams struct {
 type sourceState struct {
 	mu     sync.Mutex
 	closed bool
-	held   []want                  // references taken in reg
+	held   []health.Want           // references taken in reg
 	names  map[string][]netip.Addr // host name -> addresses in use
 	snap   atomic.Pointer[[]entry]
 	table  atomic.Pointer[map[string]*discovered] // with discover: dial -> upstream
@@ -131,18 +131,10 @@ type sourceState struct {
 	stopCancel context.CancelFunc
 }
 
-// upstreamSpec is a configured upstream, parsed.
-type upstreamSpec struct {
-	raw  string
-	host string     // host name, or "" when ip is set
-	ip   netip.Addr // valid for an IP literal
-	port uint16
-}
-
 // entry is one address GetUpstreams may return.
 type entry struct {
 	dial string
-	c    *checker
+	c    *health.Checker
 }
 
 // CaddyModule returns the Caddy module information.
@@ -297,7 +289,7 @@ func (su *Upstreams) Cleanup() error {
 	su.wg.Wait() // refresh returns soon: its lookups see the stop
 	su.mu.Lock()
 	defer su.mu.Unlock()
-	reg.release(su.held)
+	reg.Release(su.held)
 	su.held = nil
 	su.snap.Store(nil)
 	if su.inner != nil {
@@ -323,7 +315,7 @@ func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, er
 	es := *p
 	n := 0
 	for i := range es {
-		if es[i].c.healthy.Load() {
+		if es[i].c.Healthy() {
 			n++
 		}
 	}
@@ -343,7 +335,7 @@ func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, er
 		if len(out) == n {
 			break
 		}
-		if all || es[i].c.healthy.Load() {
+		if all || es[i].c.Healthy() {
 			v := &vals[len(out)]
 			v.Dial = es[i].dial
 			out = append(out, v)
@@ -371,7 +363,7 @@ func (su *Upstreams) rebuildLocked() {
 	}
 	type planned struct {
 		dial string
-		want want
+		want health.Want
 	}
 	var plan []planned
 	seen := make(map[string]bool)
@@ -385,10 +377,7 @@ func (su *Upstreams) rebuildLocked() {
 		if su.Port != 0 {
 			probePort = uint16(su.Port)
 		}
-		plan = append(plan, planned{dial, want{
-			key:  su.checkKey(netip.AddrPortFrom(ip, probePort)),
-			name: s.raw,
-		}})
+		plan = append(plan, planned{dial, su.want(netip.AddrPortFrom(ip, probePort), s.raw)})
 	}
 	for _, s := range su.specs {
 		if s.host == "" {
@@ -399,11 +388,11 @@ func (su *Upstreams) rebuildLocked() {
 			add(s, ip)
 		}
 	}
-	ws := make([]want, len(plan))
+	ws := make([]health.Want, len(plan))
 	for i, p := range plan {
 		ws[i] = p.want
 	}
-	cs, fresh := reg.acquire(ws)
+	cs, fresh := reg.Acquire(ws)
 	su.app.schedule(fresh)
 	es := make([]entry, len(plan))
 	for i, p := range plan {
@@ -412,7 +401,7 @@ func (su *Upstreams) rebuildLocked() {
 	su.snap.Store(&es)
 	old := su.held
 	su.held = ws
-	reg.release(old)
+	reg.Release(old)
 }
 
 // resolveAll resolves host names in parallel, each bounded by
@@ -525,79 +514,6 @@ func resolve(ctx context.Context, host string, timeout time.Duration) ([]netip.A
 	resolved.m[host] = out
 	resolved.Unlock()
 	return out, nil
-}
-
-// parseUpstreams parses host:port upstreams; errors name the bad value.
-func parseUpstreams(ups []string) ([]upstreamSpec, error) {
-	specs := make([]upstreamSpec, 0, len(ups))
-	for _, raw := range ups {
-		s, err := parseUpstream(raw)
-		if err != nil {
-			return nil, err
-		}
-		specs = append(specs, s)
-	}
-	return specs, nil
-}
-
-func parseUpstream(raw string) (upstreamSpec, error) {
-	bad := func(why string) (upstreamSpec, error) {
-		return upstreamSpec{}, fmt.Errorf("upstream %q: %s", raw, why)
-	}
-	if strings.Contains(raw, "://") {
-		return bad("give host:port, without a scheme")
-	}
-	if strings.ContainsAny(raw, "{}") {
-		return bad("placeholders are not supported")
-	}
-	host, portStr, err := net.SplitHostPort(raw)
-	if err != nil {
-		var ae *net.AddrError
-		if errors.As(err, &ae) {
-			if ae.Err == "missing port in address" {
-				return bad("missing port")
-			}
-			return bad("not host:port: " + ae.Err)
-		}
-		return bad("not host:port: " + err.Error())
-	}
-	port, err := strconv.Atoi(portStr)
-	if err != nil || port < 1 || port > 65535 {
-		return bad(fmt.Sprintf("port %q out of range 1-65535", portStr))
-	}
-	s := upstreamSpec{raw: raw, port: uint16(port)}
-	// A fully qualified name may end in a dot; "0.0.0.0." is then the
-	// IP address it spells, not a name to resolve.
-	if ip, err := netip.ParseAddr(strings.TrimSuffix(host, ".")); err == nil {
-		s.ip = ip.Unmap()
-		return s, nil
-	}
-	if !validHostName(host) {
-		return bad(fmt.Sprintf("host %q is neither an IP address nor a host name", host))
-	}
-	s.host = strings.ToLower(strings.TrimSuffix(host, "."))
-	return s, nil
-}
-
-// validHostName reports whether h is a DNS name (letters, digits, '-',
-// '_', dots between labels of 1-63 characters).
-func validHostName(h string) bool {
-	h = strings.TrimSuffix(h, ".")
-	if h == "" || len(h) > 253 {
-		return false
-	}
-	for label := range strings.SplitSeq(h, ".") {
-		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return false
-		}
-		for _, r := range label {
-			ok := r == '-' || r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
-			if !ok {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 // Interface guards

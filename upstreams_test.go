@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/shaker"
 	"github.com/caddyserver/caddy/v2"
 )
 
@@ -95,21 +97,36 @@ func TestValidateNamesBadValue(t *testing.T) {
 
 // sourceWith returns a source whose snapshot holds n addresses, every
 // third one down.
-func sourceWith(n int) (*Upstreams, []*checker) {
+func sourceWith(n int) (*Upstreams, []*health.Checker) {
 	su := &Upstreams{sourceState: new(sourceState), logger: zap.NewNop()}
 	es := make([]entry, n)
-	cs := make([]*checker, n)
+	ws := make([]health.Want, n)
 	for i := range n {
 		ap := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 8080)
-		c := newChecker(checkKey{addr: ap})
+		ws[i] = health.Want{Addr: ap, Name: ap.String(), Settings: health.Settings{
+			Interval: time.Hour, Timeout: time.Second, Passes: 1, Fails: 1,
+		}}
+	}
+	// a registry of their own, never given an engine: nothing is probed
+	cs, _ := health.NewRegistry().Acquire(ws)
+	for i, c := range cs {
 		if i%3 == 2 {
-			c.healthy.Store(false)
+			setHealthy(c, false)
 		}
-		es[i] = entry{dial: ap.String(), c: c}
-		cs[i] = c
+		es[i] = entry{dial: ws[i].Addr.String(), c: c}
 	}
 	su.snap.Store(&es)
 	return su, cs
+}
+
+// setHealthy drives a checker with passes 1 and fails 1 to a state, as a
+// probe result would.
+func setHealthy(c *health.Checker, up bool) {
+	if up {
+		c.Observe(shaker.Result{Outcome: shaker.Up, RTT: time.Microsecond})
+	} else {
+		c.Observe(shaker.Result{Outcome: shaker.Refused, Err: shaker.ErrRefused})
+	}
 }
 
 func TestGetUpstreams(t *testing.T) {
@@ -134,7 +151,7 @@ func TestGetUpstreams(t *testing.T) {
 		t.Fatal("GetUpstreams returned the same Upstream twice")
 	}
 	for _, c := range cs {
-		c.healthy.Store(false)
+		setHealthy(c, false)
 	}
 	none, err := su.GetUpstreams(r)
 	if err != nil || len(none) != 0 {
@@ -242,7 +259,7 @@ func TestPanicThreshold(t *testing.T) {
 	} {
 		su.PanicThreshold = tc.threshold
 		for i, c := range cs {
-			c.healthy.Store(!slices.Contains(tc.down, i))
+			setHealthy(c, !slices.Contains(tc.down, i))
 		}
 		if got := count(); got != tc.want || su.panic.Load() != tc.panic {
 			t.Errorf("threshold %v, down %v: %d upstreams (panic %v), want %d (panic %v)",

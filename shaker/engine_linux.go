@@ -3,9 +3,9 @@
 package shaker
 
 import (
-	"net"
+	"math"
 	"net/netip"
-	"strconv"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -20,17 +20,33 @@ import (
 const halfOpen = true
 
 const (
-	// startBatch is the most probes the loop starts before it looks for
-	// completions again, so that SYN-ACKs never wait behind a long run of
-	// connect() calls.
+	// startBatch is the most probes a loop starts before it reads
+	// answers again, so that SYN-ACKs never wait behind a long run of
+	// connect() calls: at a few microseconds a connect, a batch takes
+	// well under a millisecond.
 	startBatch = 64
 	// maxEvents is the most completions read by one epoll_wait.
 	maxEvents = 256
 	// wakeIndex marks the eventfd in epoll's user data.
 	wakeIndex = -1
+	// overdueEvery is how often a loop that is behind its schedule counts
+	// its overdue probes (the count walks them).
+	overdueEvery = int64(100 * time.Millisecond)
+	// farFuture bounds due times, far from overflow.
+	farFuture = math.MaxInt64 / 2
 )
 
-// slot is a probe in flight. Slots are owned by the loop goroutine.
+// Engine runs half-open probes from one or more epoll loops, each a
+// goroutine that owns its probes' sockets from connect() to close().
+// Its methods are safe for concurrent use.
+type Engine struct {
+	defaultTimeout time.Duration
+	maxSockets     int
+	base           time.Time
+	loops          []*loop
+}
+
+// slot is a probe in flight. Slots are owned by their loop's goroutine.
 type slot struct {
 	fd       int   // -1 when free
 	gen      int32 // bumped each time the slot is freed; stale events carry an old one
@@ -38,200 +54,341 @@ type slot struct {
 	start    int64 // engine time of connect()
 	deadline int64 // engine time
 	addr     netip.AddrPort
-	done     func(Result)
+	done     func(Result) // a one-off probe's callback, or
+	sched    *Schedule    // a periodic probe's schedule
 }
 
 // pending is a result whose callback has not run yet.
 type pending struct {
-	done func(Result)
-	res  Result
+	done  func(Result)
+	sched *Schedule
+	res   Result
 }
 
-// Engine runs half-open probes from one epoll loop goroutine.
-// Its methods are safe for concurrent use.
-type Engine struct {
-	maxInFlight    int
-	defaultTimeout time.Duration
-	epollOnly      bool
-	base           time.Time
+// Schedule is a periodic probe registered with Every. Stop it when it is
+// no longer wanted.
+type Schedule struct {
+	l        *loop
+	addr     netip.AddrPort
+	scope    uint32
+	err      error // a zone lookup failure, each probe's result
+	timeout  int64
+	interval int64 // Period.Interval
+	fn       func(Result) time.Duration
 
-	epfd int
-	evfd int
+	// Owned by the loop goroutine.
+	cur      int64 // the interval that set due (for lateness)
+	due      int64 // engine time of the next probe
+	idx      int32 // place in the loop's timer heap; -1 when not there
+	inFlight bool
+	removed  bool // gone from the loop for good
+
+	stopped atomic.Bool
+}
+
+// Stop ends the schedule: no probe of it starts afterwards, and its
+// callback is not called again (a call already running may finish). A
+// probe in flight still ends with its SYN-ACK, timeout or Close. Stop is
+// cheap, idempotent and safe from any goroutine, the callback included.
+func (s *Schedule) Stop() {
+	if s == nil || s.stopped.Swap(true) || s.l == nil {
+		return
+	}
+	l := s.l
+	l.mu.Lock()
+	if !l.closed {
+		l.scheduled.Add(-1)
+		l.stops = append(l.stops, s)
+		l.wakeLocked()
+	}
+	l.mu.Unlock()
+}
+
+// loop is one epoll instance and its goroutine.
+type loop struct {
+	e      *Engine
+	epfd   int
+	evfd   int
+	budget int // probes this loop may have waiting for an answer
 
 	mu       sync.Mutex
-	queue    ring
+	queue    ring        // one-off probes waiting to start
+	adds     []*Schedule // schedules to take in
+	stops    []*Schedule // schedules to drop
 	closed   bool
 	sleeping bool // the loop is in, or about to enter, a blocking epoll_wait
 
-	loopDone chan struct{}
+	done chan struct{}
 
 	// Owned by the loop goroutine.
-	slots   []slot
-	free    []int32
-	heap    []int32 // slot indices, min-heap by deadline
-	events  []unix.EpollEvent
-	batch   []request
-	results []pending
-	idle    [2][]int // sockets kept for reuse, IPv4 and IPv6
-	tcpInfo unix.TCPInfo
-	linger  unix.Linger
-	evbuf   [8]byte
+	slots       []slot
+	free        []int32
+	heap        []int32     // slot indices, min-heap by deadline
+	timers      []*Schedule // min-heap by due
+	events      []unix.EpollEvent
+	batch       []request
+	addBuf      []*Schedule
+	stopBuf     []*Schedule
+	results     []pending
+	idle        [2][]int // sockets kept for reuse, IPv4 and IPv6
+	tcpInfo     unix.TCPInfo
+	linger      unix.Linger
+	evbuf       [8]byte
+	woke        int64 // engine time at which the last epoll_wait returned
+	open        int   // sockets open: in flight and idle
+	queueFirst  bool  // which kind of probe starts first this turn
+	countAfter  int64 // engine time after which overdue may be counted again
+	epollOnly   bool
+	startBatchN int
 
-	inFlight       atomic.Int64
-	up             atomic.Uint64
-	refused        atomic.Uint64
-	timeout        atomic.Uint64
-	unreachable    atomic.Uint64
-	failed         atomic.Uint64
-	closedCount    atomic.Uint64
-	maxCloseDelayN atomic.Int64
+	// Read by Stats from any goroutine.
+	outcomes      outcomeCounts
+	inFlight      atomic.Int64
+	sockets       atomic.Int64
+	queued        atomic.Int64
+	scheduled     atomic.Int64
+	overdue       atomic.Int64
+	headDue       atomic.Int64 // due time of the earliest timer; MaxInt64 when none
+	late          atomic.Uint64
+	delays        [numDelayBuckets]atomic.Uint64
+	delaySum      atomic.Int64
+	maxCloseDelay atomic.Int64
 }
 
-// New creates an engine: one epoll instance and the goroutine that runs its
-// loop. Call Close to stop it.
+// New creates an engine: its loops, each with an epoll instance and a
+// goroutine. Call Close to stop it.
 func New(opts Options) (*Engine, error) {
-	e := &Engine{
-		maxInFlight:    opts.MaxInFlight,
-		defaultTimeout: opts.DefaultTimeout,
-		epollOnly:      opts.epollOnly,
-		base:           time.Now(),
-		loopDone:       make(chan struct{}),
-		events:         make([]unix.EpollEvent, maxEvents),
-		batch:          make([]request, 0, startBatch),
-		linger:         unix.Linger{Onoff: 1, Linger: 0},
-	}
 	if err := opts.check(); err != nil {
 		return nil, err
 	}
-	if e.maxInFlight == 0 {
-		e.maxInFlight = DefaultMaxInFlight
+	n := opts.Loops
+	if n == 0 {
+		n = runtime.GOMAXPROCS(0)
+	}
+	e := &Engine{
+		defaultTimeout: opts.DefaultTimeout,
+		maxSockets:     opts.MaxSockets,
+		base:           time.Now(),
 	}
 	if e.defaultTimeout == 0 {
 		e.defaultTimeout = DefaultTimeout
 	}
+	if e.maxSockets == 0 {
+		e.maxSockets = DefaultMaxSockets()
+	}
+	per := max(e.maxSockets/n, 1)
+	for i := 0; i < n; i++ {
+		l, err := newLoop(e, per, opts.epollOnly)
+		if err != nil {
+			for _, l := range e.loops {
+				l.close()
+			}
+			return nil, err
+		}
+		e.loops = append(e.loops, l)
+	}
+	for _, l := range e.loops {
+		go l.run()
+	}
+	return e, nil
+}
+
+// DefaultMaxSockets is the bound on probe sockets when Options.MaxSockets
+// is zero: the RLIMIT_NOFILE soft limit, less a quarter of it (at least
+// 256, at most half) for the process's own files and connections.
+func DefaultMaxSockets() int {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur == 0 {
+		return 768
+	}
+	soft := int(min(rl.Cur, 1<<30))
+	reserve := min(max(soft/4, 256), soft/2)
+	return max(soft-reserve, 1)
+}
+
+func newLoop(e *Engine, budget int, epollOnly bool) (*loop, error) {
+	l := &loop{
+		e:         e,
+		budget:    budget,
+		done:      make(chan struct{}),
+		events:    make([]unix.EpollEvent, maxEvents),
+		batch:     make([]request, 0, startBatch),
+		linger:    unix.Linger{Onoff: 1, Linger: 0},
+		epollOnly: epollOnly,
+	}
+	l.headDue.Store(math.MaxInt64)
 	var err error
-	e.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	l.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, &opError{"epoll_create1", errnoOf(err)}
 	}
-	e.evfd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	l.evfd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
-		unix.Close(e.epfd)
+		unix.Close(l.epfd)
 		return nil, &opError{"eventfd", errnoOf(err)}
 	}
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: wakeIndex}
-	if err := unix.EpollCtl(e.epfd, unix.EPOLL_CTL_ADD, e.evfd, &ev); err != nil {
-		unix.Close(e.evfd)
-		unix.Close(e.epfd)
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, l.evfd, &ev); err != nil {
+		l.close()
 		return nil, &opError{"epoll_ctl", errnoOf(err)}
 	}
-	go e.loop()
-	return e, nil
+	return l, nil
+}
+
+// close releases a loop that never ran.
+func (l *loop) close() {
+	unix.Close(l.evfd)
+	unix.Close(l.epfd)
+}
+
+// loopOf is the loop that probes addr: the same one every time.
+func (e *Engine) loopOf(addr netip.AddrPort) *loop {
+	if len(e.loops) == 1 {
+		return e.loops[0]
+	}
+	// FNV-1a over the address and port.
+	b := addr.Addr().As16()
+	h := uint32(2166136261)
+	for _, c := range b {
+		h = (h ^ uint32(c)) * 16777619
+	}
+	p := addr.Port()
+	h = (h ^ uint32(p>>8)) * 16777619
+	h = (h ^ uint32(p&0xff)) * 16777619
+	return e.loops[h%uint32(len(e.loops))]
 }
 
 func (e *Engine) submit(req request) {
 	if req.done == nil {
 		panic("shaker: ProbeAsync with a nil done")
 	}
-	// An IPv6 zone name is looked up here, on the caller's goroutine,
-	// never on the loop.
-	if z := req.addr.Addr().Zone(); z != "" && req.addr.Addr().Is6() && !req.addr.Addr().Is4In6() {
-		req.scope, req.err = zoneIndex(z)
-	}
-	e.mu.Lock()
-	if e.closed {
-		e.mu.Unlock()
-		e.closedCount.Add(1)
-		req.done(Result{Addr: req.addr, Err: ErrClosed})
+	req.scope, req.err = scopeOf(req.addr)
+	l := e.loopOf(req.addr)
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		l.outcomes.add(Closed)
+		req.done(result(Result{Addr: req.addr, Err: ErrClosed}))
 		return
 	}
-	e.queue.push(req)
-	if e.sleeping {
-		// Under mu: the loop closes the eventfd under mu too, so this
-		// never writes to a closed (or reused) fd number.
-		e.sleeping = false
-		e.wake()
+	l.queue.push(req)
+	l.queued.Add(1)
+	l.wakeLocked()
+	l.mu.Unlock()
+}
+
+// every hands a new schedule to its loop.
+func (e *Engine) every(s *Schedule, first time.Duration) {
+	l := e.loopOf(s.addr)
+	s.l = l
+	s.due = e.now() + min(int64(max(first, 0)), farFuture/2)
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		s.stopped.Store(true)
+		return
 	}
-	e.mu.Unlock()
+	l.scheduled.Add(1)
+	l.adds = append(l.adds, s)
+	l.wakeLocked()
+	l.mu.Unlock()
 }
 
 var one = [8]byte{1}
 
-func (e *Engine) wake() {
-	// EAGAIN means the counter is full: the loop is awake anyway.
-	unix.Write(e.evfd, one[:])
+// wakeLocked wakes the loop if it sleeps. Under mu: the loop closes the
+// eventfd under mu too, so this never writes to a closed (or reused) fd
+// number.
+func (l *loop) wakeLocked() {
+	if l.sleeping {
+		l.sleeping = false
+		// EAGAIN means the counter is full: the loop is awake anyway.
+		unix.Write(l.evfd, one[:])
+	}
 }
 
 // Close aborts every probe in flight or queued, closing their sockets at
-// once (done gets ErrClosed), stops the loop and releases its descriptors.
-// After Close returns, no backend can accept a connection from this engine.
-// Close is idempotent. It must not be called from a done callback.
+// once (one-off probes' done gets ErrClosed; schedules' callbacks are not
+// called again), stops the loops and releases their descriptors. After
+// Close returns, no backend can accept a connection from this engine.
+// Every loop is told to stop before Close waits for any. Close is
+// idempotent. It must not be called from a callback.
 func (e *Engine) Close() error {
-	e.mu.Lock()
-	if !e.closed {
-		e.closed = true
-		e.wake()
+	for _, l := range e.loops {
+		l.mu.Lock()
+		if !l.closed {
+			l.closed = true
+			l.sleeping = true // force the write
+			l.wakeLocked()
+		}
+		l.mu.Unlock()
 	}
-	e.mu.Unlock()
-	<-e.loopDone
+	for _, l := range e.loops {
+		<-l.done
+	}
 	return nil
 }
 
-// Stats returns a snapshot of the engine's counters.
+// Stats returns a snapshot of the engine's counters, summed over its
+// loops.
 func (e *Engine) Stats() Stats {
-	e.mu.Lock()
-	q := e.queue.n
-	e.mu.Unlock()
-	return Stats{
-		Up:            e.up.Load(),
-		Refused:       e.refused.Load(),
-		Timeout:       e.timeout.Load(),
-		Unreachable:   e.unreachable.Load(),
-		Failed:        e.failed.Load(),
-		Closed:        e.closedCount.Load(),
-		InFlight:      int(e.inFlight.Load()),
-		Queued:        q,
-		MaxCloseDelay: time.Duration(e.maxCloseDelayN.Load()),
+	s := Stats{Loops: len(e.loops), MaxSockets: e.maxSockets}
+	s.StartDelay.Counts = make([]uint64, len(StartDelayBuckets)+1)
+	now := e.now()
+	for _, l := range e.loops {
+		l.outcomes.addTo(&s)
+		s.InFlight += int(l.inFlight.Load())
+		s.Queued += int(l.queued.Load())
+		s.Sockets += int(l.sockets.Load())
+		s.Scheduled += int(l.scheduled.Load())
+		s.Overdue += int(l.overdue.Load())
+		if lag := time.Duration(now - l.headDue.Load()); lag > s.Lag {
+			s.Lag = lag
+		}
+		s.Late += l.late.Load()
+		for i := range l.delays {
+			s.StartDelay.Counts[i] += l.delays[i].Load()
+		}
+		s.StartDelay.Sum += time.Duration(l.delaySum.Load())
+		s.MaxCloseDelay = max(s.MaxCloseDelay, time.Duration(l.maxCloseDelay.Load()))
 	}
+	return s
 }
 
 // now is the engine's monotonic clock, in ns.
 func (e *Engine) now() int64 { return int64(time.Since(e.base)) }
 
-func (e *Engine) loop() {
-	defer close(e.loopDone)
+func (l *loop) run() {
+	defer close(l.done)
 	for {
-		wait := -1
-		if len(e.heap) > 0 {
-			d := e.slots[e.heap[0]].deadline - e.now()
-			switch {
-			case d <= 0:
-				wait = 0
-			case d >= int64(time.Hour):
-				wait = int(time.Hour / time.Millisecond)
-			default:
-				wait = int((d + int64(time.Millisecond) - 1) / int64(time.Millisecond))
-			}
-		}
-		e.mu.Lock()
-		if e.closed {
-			e.mu.Unlock()
-			e.shutdown()
+		l.mu.Lock()
+		if l.closed {
+			l.mu.Unlock()
+			l.shutdown()
 			return
 		}
-		if e.queue.n > 0 && len(e.heap) < e.maxInFlight {
-			wait = 0
-		}
-		if wait != 0 {
-			e.sleeping = true
-		}
-		e.mu.Unlock()
+		l.addBuf, l.adds = l.adds, l.addBuf[:0]
+		l.stopBuf, l.stops = l.stops, l.stopBuf[:0]
+		l.mu.Unlock()
+		l.takeSchedules()
 
-		n, errno := epollWait(e.epfd, e.events, wait)
+		wait := l.waitMs(l.e.now())
 		if wait != 0 {
-			e.mu.Lock()
-			e.sleeping = false
-			e.mu.Unlock()
+			l.mu.Lock()
+			if l.closed || len(l.adds) > 0 || len(l.stops) > 0 || l.queue.n > 0 && len(l.heap) < l.budget {
+				wait = 0
+			} else {
+				l.sleeping = true
+			}
+			l.mu.Unlock()
+		}
+
+		n, errno := epollWait(l.epfd, l.events, wait)
+		l.woke = l.e.now()
+		if wait != 0 {
+			l.mu.Lock()
+			l.sleeping = false
+			l.mu.Unlock()
 		}
 		if errno != 0 {
 			if errno != unix.EINTR {
@@ -243,91 +400,229 @@ func (e *Engine) loop() {
 
 		// Completions first: close every socket that has its answer.
 		for i := 0; i < n; i++ {
-			ev := &e.events[i]
+			ev := &l.events[i]
 			if ev.Fd == wakeIndex {
-				unix.Read(e.evfd, e.evbuf[:])
+				unix.Read(l.evfd, l.evbuf[:])
 				continue
 			}
-			e.complete(ev.Fd, ev.Pad, ev.Events)
+			l.complete(ev.Fd, ev.Pad, ev.Events)
 		}
 		// Then deadlines.
-		if len(e.heap) > 0 {
-			now := e.now()
-			for len(e.heap) > 0 && e.slots[e.heap[0]].deadline <= now {
-				e.expire(e.heap[0], now)
+		if len(l.heap) > 0 {
+			now := l.e.now()
+			for len(l.heap) > 0 && l.slots[l.heap[0]].deadline <= now {
+				l.expire(l.heap[0], now)
 			}
 		}
-		e.deliver()
+		l.deliver()
 		// Then new probes, a batch at a time; but if the events buffer
 		// was full, more answers may be waiting: read them first.
-		if n < len(e.events) {
-			e.startQueued()
+		if n < len(l.events) {
+			l.startDue()
 		}
 	}
 }
 
-// deliver runs the callbacks of the results collected so far.
-func (e *Engine) deliver() {
-	for i := range e.results {
-		p := &e.results[i]
-		done, res := p.done, p.res
-		*p = pending{}
-		done(res)
+// waitMs is how long epoll_wait may sleep: until the next deadline or
+// due probe, 0 if one has passed, -1 for ever.
+func (l *loop) waitMs(now int64) int {
+	next := int64(math.MaxInt64)
+	if len(l.heap) > 0 {
+		next = l.slots[l.heap[0]].deadline
 	}
-	e.results = e.results[:0]
+	if len(l.timers) > 0 && len(l.heap) < l.budget {
+		next = min(next, l.timers[0].due)
+	}
+	if next == math.MaxInt64 {
+		return -1
+	}
+	d := next - now
+	switch {
+	case d <= 0:
+		return 0
+	case d >= int64(time.Hour):
+		return int(time.Hour / time.Millisecond)
+	}
+	return int((d + int64(time.Millisecond) - 1) / int64(time.Millisecond))
 }
 
-func (e *Engine) startQueued() {
-	room := e.maxInFlight - len(e.heap)
-	if room <= 0 {
+// takeSchedules takes in the schedules added and stopped since the last
+// turn.
+func (l *loop) takeSchedules() {
+	for i, s := range l.addBuf {
+		l.addBuf[i] = nil
+		if s.stopped.Load() {
+			s.removed = true
+			continue
+		}
+		l.timerPush(s)
+	}
+	for i, s := range l.stopBuf {
+		l.stopBuf[i] = nil
+		if s.removed {
+			continue
+		}
+		s.removed = true
+		if s.idx >= 0 {
+			l.timerRemove(int(s.idx))
+		}
+	}
+	l.addBuf, l.stopBuf = l.addBuf[:0], l.stopBuf[:0]
+}
+
+// deliver runs the callbacks of the results collected so far, and
+// re-arms the schedules among them.
+func (l *loop) deliver() {
+	for i := range l.results {
+		p := &l.results[i]
+		done, s, res := p.done, p.sched, p.res
+		*p = pending{}
+		if s != nil {
+			l.rearm(s, res)
+		} else {
+			done(res)
+		}
+	}
+	l.results = l.results[:0]
+}
+
+// rearm gives a periodic probe's result to its callback and puts the
+// schedule back in the timer heap.
+func (l *loop) rearm(s *Schedule, res Result) {
+	s.inFlight = false
+	if s.removed || s.stopped.Load() {
+		s.removed = true
 		return
 	}
-	if room > startBatch {
-		room = startBatch
+	next := int64(s.fn(res))
+	if s.stopped.Load() {
+		s.removed = true // Stop from the callback
+		return
 	}
-	e.mu.Lock()
-	e.batch = e.queue.popN(e.batch[:0], room)
-	e.mu.Unlock()
-	for i := range e.batch {
-		e.start(&e.batch[i])
-		e.batch[i] = request{}
+	if next <= 0 {
+		next = s.interval
+	}
+	s.cur = next
+	due := s.due + next
+	if next > farFuture-s.due {
+		due = farFuture // an interval of centuries: no overflow
+	}
+	if now := l.e.now(); due < now {
+		due = now
+	}
+	s.due = due
+	l.timerPush(s)
+}
+
+// startDue starts the probes that are due: periodic ones whose time has
+// come and queued one-off ones, up to startBatch, and while sockets are
+// free. The two kinds take turns at going first.
+func (l *loop) startDue() {
+	room := startBatch
+	l.queueFirst = !l.queueFirst
+	if l.queueFirst {
+		room = l.startQueued(room)
+		l.startTimers(room)
+	} else {
+		room = l.startTimers(room)
+		l.startQueued(room)
 	}
 	// Failures at start (socket errors, deadlines already passed) have
 	// their results now.
-	e.deliver()
+	l.deliver()
+	l.noteBacklog()
 }
 
-func (e *Engine) finish(done func(Result), res Result) {
-	e.results = append(e.results, pending{done, res})
-}
-
-func (e *Engine) count(err error) {
-	switch {
-	case err == nil:
-		e.up.Add(1)
-	case err == ErrRefused:
-		e.refused.Add(1)
-	case err == ErrTimeout:
-		e.timeout.Add(1)
-	case err == errHostUnreach || err == errNetUnreach:
-		e.unreachable.Add(1)
-	case err == ErrClosed:
-		e.closedCount.Add(1)
-	default:
-		e.failed.Add(1)
+// startTimers starts up to room due periodic probes and returns the room
+// left.
+func (l *loop) startTimers(room int) int {
+	if len(l.timers) == 0 {
+		return room
 	}
+	now := l.e.now()
+	for room > 0 && len(l.timers) > 0 && len(l.heap) < l.budget {
+		s := l.timers[0]
+		if s.due > now {
+			break
+		}
+		l.timerRemove(0)
+		delay := now - s.due
+		l.delays[bucketOf(time.Duration(delay))].Add(1)
+		l.delaySum.Add(delay)
+		if delay > max(s.cur/4, int64(LateMin)) {
+			l.late.Add(1)
+		}
+		s.inFlight = true
+		req := request{addr: s.addr, timeout: time.Duration(s.timeout), scope: s.scope, err: s.err, sched: s}
+		l.start(&req)
+		room--
+	}
+	return room
+}
+
+// startQueued starts up to room queued one-off probes and returns the
+// room left.
+func (l *loop) startQueued(room int) int {
+	room = min(room, l.budget-len(l.heap))
+	if room <= 0 {
+		return max(room, 0)
+	}
+	l.mu.Lock()
+	l.batch = l.queue.popN(l.batch[:0], room)
+	l.mu.Unlock()
+	l.queued.Add(-int64(len(l.batch)))
+	for i := range l.batch {
+		l.start(&l.batch[i])
+		l.batch[i] = request{}
+	}
+	return room - len(l.batch)
+}
+
+// noteBacklog publishes the earliest due time and, while the loop is
+// behind, the number of overdue probes.
+func (l *loop) noteBacklog() {
+	if len(l.timers) == 0 {
+		l.headDue.Store(math.MaxInt64)
+		l.overdue.Store(0)
+		return
+	}
+	head := l.timers[0].due
+	l.headDue.Store(head)
+	now := l.e.now()
+	if head > now {
+		l.overdue.Store(0)
+		return
+	}
+	if now < l.countAfter {
+		return
+	}
+	l.countAfter = now + overdueEvery
+	l.overdue.Store(int64(l.countDue(0, now)))
+}
+
+// countDue counts the timers at or below heap index i that are due.
+func (l *loop) countDue(i int, now int64) int {
+	if i >= len(l.timers) || l.timers[i].due > now {
+		return 0
+	}
+	return 1 + l.countDue(2*i+1, now) + l.countDue(2*i+2, now)
+}
+
+func (l *loop) finish(done func(Result), sched *Schedule, res Result) {
+	res.Outcome = outcomeOf(res.Err)
+	l.outcomes.add(res.Outcome)
+	l.results = append(l.results, pending{done, sched, res})
 }
 
 // start sends the SYN of a probe.
-func (e *Engine) start(req *request) {
+func (l *loop) start(req *request) {
 	res := Result{Addr: req.addr, Err: req.err}
-	if req.deadline != 0 && req.deadline <= e.now() {
+	if req.deadline != 0 && req.deadline <= l.e.now() {
 		// Probe's context ended while the probe was queued.
 		res.Err = ErrTimeout
 	}
 	if res.Err != nil {
-		e.count(res.Err)
-		e.finish(req.done, res)
+		l.finish(req.done, req.sched, res)
 		return
 	}
 	var (
@@ -357,27 +652,27 @@ func (e *Engine) start(req *request) {
 		sa, salen = unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
 	}
 	if res.Err != nil {
-		e.count(res.Err)
-		e.finish(req.done, res)
+		l.finish(req.done, req.sched, res)
 		return
 	}
 
-	fd, op, errno := e.socket(family)
+	fd, op, errno := l.socket(family)
 	if errno != 0 {
 		res.Err = &opError{op, errno}
-		e.count(res.Err)
-		e.finish(req.done, res)
+		l.finish(req.done, req.sched, res)
 		return
 	}
 	// Delayed-ACK mode, before every connect: a disconnect resets it.
 	var zero int32
 	if errno := rawSetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, unsafe.Pointer(&zero), 4); errno != 0 {
-		e.abort(fd, req, "setsockopt TCP_QUICKACK", errno)
+		l.closeFD(fd)
+		res.Err = &opError{"setsockopt TCP_QUICKACK", errno}
+		l.finish(req.done, req.sched, res)
 		return
 	}
 
 	// The timeout runs from the SYN.
-	start := e.now()
+	start := l.e.now()
 	deadline := start + int64(req.timeout)
 	if req.deadline != 0 && req.deadline < deadline {
 		deadline = req.deadline
@@ -385,32 +680,30 @@ func (e *Engine) start(req *request) {
 	switch errno := rawConnect(fd, sa, salen); errno {
 	case 0, unix.EINPROGRESS:
 	default:
-		rawClose(fd)
+		l.closeFD(fd)
 		res.Err = classify("connect", errno)
-		res.Duration = time.Duration(e.now() - start)
-		e.count(res.Err)
-		e.finish(req.done, res)
+		res.Duration = time.Duration(l.e.now() - start)
+		l.finish(req.done, req.sched, res)
 		return
 	}
 	// On loopback and other local paths the handshake has often finished
 	// inside connect(). Then the socket is closed now, with no epoll
 	// round trip at all; TCP_INFO is read anyway for the RTT.
-	if state, ok := e.readTCPInfo(fd); ok && state != unix.BPF_TCP_SYN_SENT && !e.epollOnly {
-		e.closeProbe(fd, family, req.addr, req.done, start, state != unix.BPF_TCP_ESTABLISHED)
+	if state, ok := l.readTCPInfo(fd); ok && state != unix.BPF_TCP_SYN_SENT && !l.epollOnly {
+		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, state != unix.BPF_TCP_ESTABLISHED)
 		return
 	}
-	idx := e.alloc(fd, req, start, deadline)
-	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: idx, Pad: e.slots[idx].gen}
-	if errno := rawEpollCtl(e.epfd, unix.EPOLL_CTL_ADD, fd, &ev); errno != 0 {
-		e.release(idx)
-		rawClose(fd)
+	idx := l.alloc(fd, req, start, deadline)
+	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: idx, Pad: l.slots[idx].gen}
+	if errno := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); errno != 0 {
+		l.release(idx)
+		l.closeFD(fd)
 		res.Err = &opError{"epoll_ctl", errno}
-		e.count(res.Err)
-		e.finish(req.done, res)
+		l.finish(req.done, req.sched, res)
 	}
 }
 
-// maxIdle is how many sockets of each family the loop keeps for reuse. A
+// maxIdle is how many sockets of each family a loop keeps for reuse. A
 // socket is reused only when its probe ended inside start, so one or two
 // are enough.
 const maxIdle = 4
@@ -424,8 +717,8 @@ func familyIndex(family int) int {
 
 // socket returns a TCP socket of the family, non-blocking, with a zero
 // linger, from the idle ones or new. On error it names the failing call.
-func (e *Engine) socket(family int) (int, string, syscall.Errno) {
-	idle := &e.idle[familyIndex(family)]
+func (l *loop) socket(family int) (int, string, syscall.Errno) {
+	idle := &l.idle[familyIndex(family)]
 	if n := len(*idle); n > 0 {
 		fd := (*idle)[n-1]
 		*idle = (*idle)[:n-1]
@@ -436,11 +729,21 @@ func (e *Engine) socket(family int) (int, string, syscall.Errno) {
 		return -1, "socket", errno
 	}
 	fd := int(r)
-	if errno := rawSetsockopt(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&e.linger), unsafe.Sizeof(e.linger)); errno != 0 {
-		rawClose(fd)
+	l.open++
+	l.sockets.Store(int64(l.open))
+	if errno := rawSetsockopt(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l.linger), unsafe.Sizeof(l.linger)); errno != 0 {
+		l.closeFD(fd)
 		return -1, "setsockopt SO_LINGER", errno
 	}
 	return fd, "", 0
+}
+
+// closeFD closes a probe socket (with its zero linger, an RST if the
+// handshake was answered).
+func (l *loop) closeFD(fd int) {
+	rawClose(fd)
+	l.open--
+	l.sockets.Store(int64(l.open))
 }
 
 // unspec is the address of a disconnect: connect() to AF_UNSPEC.
@@ -451,92 +754,89 @@ var unspec = unix.RawSockaddr{Family: unix.AF_UNSPEC}
 // as close() with a zero linger does, an RST if the handshake was answered,
 // and leaves the socket unbound and ready to connect again: reuse saves a
 // socket(), a close() and a setsockopt per probe.
-func (e *Engine) recycle(fd, family int) {
-	idle := &e.idle[familyIndex(family)]
+func (l *loop) recycle(fd, family int) {
+	idle := &l.idle[familyIndex(family)]
 	if len(*idle) >= maxIdle || rawConnect(fd, unsafe.Pointer(&unspec), unsafe.Sizeof(unspec)) != 0 {
-		rawClose(fd)
+		l.closeFD(fd)
 		return
 	}
 	*idle = append(*idle, fd)
 }
 
-// abort closes the socket of a probe that could not be started.
-func (e *Engine) abort(fd int, req *request, op string, errno syscall.Errno) {
-	rawClose(fd)
-	res := Result{Addr: req.addr, Err: &opError{op, errno}}
-	e.count(res.Err)
-	e.finish(req.done, res)
-}
-
 // alloc takes a slot for a probe whose SYN is out and puts it in the
 // deadline heap.
-func (e *Engine) alloc(fd int, req *request, start, deadline int64) int32 {
+func (l *loop) alloc(fd int, req *request, start, deadline int64) int32 {
 	var idx int32
-	if n := len(e.free); n > 0 {
-		idx = e.free[n-1]
-		e.free = e.free[:n-1]
+	if n := len(l.free); n > 0 {
+		idx = l.free[n-1]
+		l.free = l.free[:n-1]
 	} else {
-		e.slots = append(e.slots, slot{})
-		idx = int32(len(e.slots) - 1)
+		l.slots = append(l.slots, slot{})
+		idx = int32(len(l.slots) - 1)
 	}
-	s := &e.slots[idx]
+	s := &l.slots[idx]
 	s.fd = fd
 	s.start = start
 	s.deadline = deadline
 	s.addr = req.addr
 	s.done = req.done
-	e.heapPush(idx)
-	e.inFlight.Add(1)
+	s.sched = req.sched
+	l.heapPush(idx)
+	l.inFlight.Add(1)
 	return idx
 }
 
 // release takes a slot out of the heap and frees it.
-func (e *Engine) release(idx int32) {
-	s := &e.slots[idx]
-	e.heapRemove(s.heapIdx)
+func (l *loop) release(idx int32) {
+	s := &l.slots[idx]
+	l.heapRemove(s.heapIdx)
 	s.fd = -1
 	s.gen++
 	s.done = nil
+	s.sched = nil
 	s.addr = netip.AddrPort{}
-	e.free = append(e.free, idx)
-	e.inFlight.Add(-1)
+	l.free = append(l.free, idx)
+	l.inFlight.Add(-1)
 }
 
 // complete handles the epoll event of a probe in flight.
-func (e *Engine) complete(idx, gen int32, events uint32) {
-	if idx < 0 || int(idx) >= len(e.slots) {
+func (l *loop) complete(idx, gen int32, events uint32) {
+	if idx < 0 || int(idx) >= len(l.slots) {
 		return
 	}
-	s := &e.slots[idx]
+	s := &l.slots[idx]
 	if s.gen != gen || s.fd < 0 {
 		return // an event for a probe that is already over
 	}
 	failed := events&(unix.EPOLLERR|unix.EPOLLHUP) != 0
 	if !failed {
-		e.readTCPInfo(s.fd)
+		l.readTCPInfo(s.fd)
 	}
-	e.closeProbe(s.fd, 0, s.addr, s.done, s.start, failed)
-	e.release(idx)
+	l.closeProbe(s.fd, 0, s.addr, s.done, s.sched, s.start, l.woke, failed)
+	l.release(idx)
 }
 
-// readTCPInfo reads the socket's TCP_INFO into e.tcpInfo and returns its
+// readTCPInfo reads the socket's TCP_INFO into l.tcpInfo and returns its
 // state.
-func (e *Engine) readTCPInfo(fd int) (state uint8, ok bool) {
-	size := uint32(unsafe.Sizeof(e.tcpInfo))
-	if errno := rawGetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&e.tcpInfo), &size); errno != 0 {
-		e.tcpInfo.Rtt = 0
+func (l *loop) readTCPInfo(fd int) (state uint8, ok bool) {
+	size := uint32(unsafe.Sizeof(l.tcpInfo))
+	if errno := rawGetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&l.tcpInfo), &size); errno != 0 {
+		l.tcpInfo.Rtt = 0
+		l.tcpInfo.Last_ack_recv = 0
 		return 0, false
 	}
-	return e.tcpInfo.State, true
+	return l.tcpInfo.State, true
 }
 
 // closeProbe reads the outcome of a probe whose answer has come, ends its
-// connection and queues the result. When failed is false, e.tcpInfo holds
-// the socket's TCP_INFO. A socket that never entered epoll (family != 0) is
-// kept for another probe; others are closed.
-func (e *Engine) closeProbe(fd, family int, addr netip.AddrPort, done func(Result), start int64, failed bool) {
+// connection and queues the result. seen is when the loop saw the answer
+// (the return of epoll_wait, or the connect() that completed inline).
+// When failed is false, l.tcpInfo holds the socket's TCP_INFO. A socket
+// that never entered epoll (family != 0) is kept for another probe;
+// others are closed.
+func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result), sched *Schedule, start, seen int64, failed bool) {
 	res := Result{Addr: addr}
-	var rtt int64
+	var rtt, ackAgo int64
 	if failed {
 		var soerr int32
 		size := uint32(4)
@@ -550,86 +850,92 @@ func (e *Engine) closeProbe(fd, family int, addr netip.AddrPort, done func(Resul
 			// was made and lost at once. The port answered.
 		}
 	} else {
-		rtt = int64(e.tcpInfo.Rtt) * int64(time.Microsecond)
+		rtt = int64(l.tcpInfo.Rtt) * int64(time.Microsecond)
+		// The kernel's own clock of the SYN-ACK's arrival, in ms
+		// (jiffies): it counts time the loop spent off the CPU before
+		// epoll_wait returned, which seen does not.
+		ackAgo = int64(l.tcpInfo.Last_ack_recv) * int64(time.Millisecond)
 	}
 	if family != 0 {
-		e.recycle(fd, family) // the RST goes out now
+		l.recycle(fd, family) // the RST goes out now
 	} else {
-		rawClose(fd) // zero linger: the RST goes out now
+		l.closeFD(fd) // zero linger: the RST goes out now
 	}
-	end := e.now()
+	end := l.e.now()
 	res.Duration = time.Duration(end - start)
 	if res.Err == nil {
 		res.RTT = time.Duration(rtt)
-		if delay := end - (start + rtt); delay > e.maxCloseDelayN.Load() {
-			e.maxCloseDelayN.Store(delay)
+		delay := end - seen
+		if ackAgo <= end-start && ackAgo > delay {
+			delay = ackAgo // never older than the SYN itself
+		}
+		if delay > l.maxCloseDelay.Load() {
+			l.maxCloseDelay.Store(delay)
 		}
 	}
-	e.count(res.Err)
-	e.finish(done, res)
+	l.finish(done, sched, res)
 }
 
 // expire ends a probe whose deadline has passed.
-func (e *Engine) expire(idx int32, now int64) {
-	s := &e.slots[idx]
-	rawClose(s.fd)
+func (l *loop) expire(idx int32, now int64) {
+	s := &l.slots[idx]
+	l.closeFD(s.fd)
 	res := Result{Addr: s.addr, Err: ErrTimeout, Duration: time.Duration(now - s.start)}
-	e.count(res.Err)
-	e.finish(s.done, res)
-	e.release(idx)
+	l.finish(s.done, s.sched, res)
+	l.release(idx)
 }
 
-// shutdown closes every probe socket and completes every probe with
-// ErrClosed. It runs on the loop goroutine once closed is set, so no new
-// request can enter the queue.
-func (e *Engine) shutdown() {
+// shutdown closes every probe socket and completes every one-off probe
+// with ErrClosed. It runs on the loop goroutine once closed is set, so no
+// new request or schedule can come in.
+func (l *loop) shutdown() {
 	// Sockets first, all of them, before any callback runs.
-	for len(e.heap) > 0 {
-		idx := e.heap[len(e.heap)-1]
-		s := &e.slots[idx]
-		rawClose(s.fd)
-		e.count(ErrClosed)
-		e.finish(s.done, Result{Addr: s.addr, Err: ErrClosed})
-		e.release(idx)
-	}
-	e.mu.Lock()
-	var queued []request
-	for e.queue.n > 0 {
-		queued = e.queue.popN(queued, e.queue.n)
-	}
-	e.mu.Unlock()
-	for i := range queued {
-		e.count(ErrClosed)
-		e.finish(queued[i].done, Result{Addr: queued[i].addr, Err: ErrClosed})
-	}
-	for i := range e.idle {
-		for _, fd := range e.idle[i] {
-			rawClose(fd)
+	for len(l.heap) > 0 {
+		idx := l.heap[len(l.heap)-1]
+		s := &l.slots[idx]
+		l.closeFD(s.fd)
+		if s.sched != nil {
+			s.sched.removed = true
+			l.outcomes.add(Closed)
+		} else {
+			l.finish(s.done, nil, Result{Addr: s.addr, Err: ErrClosed})
 		}
-		e.idle[i] = nil
+		l.release(idx)
 	}
-	e.mu.Lock()
-	unix.Close(e.evfd) // under mu: see submit
-	e.mu.Unlock()
-	unix.Close(e.epfd)
-	e.deliver()
+	for i := range l.idle {
+		for _, fd := range l.idle[i] {
+			l.closeFD(fd)
+		}
+		l.idle[i] = nil
+	}
+	l.mu.Lock()
+	var queued []request
+	for l.queue.n > 0 {
+		queued = l.queue.popN(queued, l.queue.n)
+	}
+	l.queued.Store(0)
+	l.adds, l.stops = nil, nil
+	unix.Close(l.evfd) // under mu: see wakeLocked
+	l.mu.Unlock()
+	unix.Close(l.epfd)
+	for i := range queued {
+		l.finish(queued[i].done, nil, Result{Addr: queued[i].addr, Err: ErrClosed})
+	}
+	for _, s := range l.timers {
+		s.idx = -1
+		s.removed = true
+	}
+	l.timers = nil
+	l.scheduled.Store(0)
+	l.headDue.Store(math.MaxInt64)
+	l.overdue.Store(0)
+	l.deliver()
 }
 
 func putPort(p *uint16, port uint16) {
 	b := (*[2]byte)(unsafe.Pointer(p))
 	b[0] = byte(port >> 8)
 	b[1] = byte(port)
-}
-
-func zoneIndex(zone string) (uint32, error) {
-	if n, err := strconv.ParseUint(zone, 10, 32); err == nil {
-		return uint32(n), nil
-	}
-	ifi, err := net.InterfaceByName(zone)
-	if err != nil {
-		return 0, &zoneError{zone, err}
-	}
-	return uint32(ifi.Index), nil
 }
 
 func errnoOf(err error) syscall.Errno {

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -21,7 +22,7 @@ const halfOpen = false
 // its own goroutine, closed with a zero linger (an RST); see HalfOpen.
 // Its methods are safe for concurrent use.
 type Engine struct {
-	maxInFlight    int
+	maxInFlight    int // Options.MaxSockets
 	defaultTimeout time.Duration
 	base           time.Time
 
@@ -34,8 +35,85 @@ type Engine struct {
 	closed   bool
 	inFlight int
 
-	up, refused, timeout, unreachable, failed, closedCount atomic.Uint64
-	maxCloseDelayN                                         atomic.Int64
+	outcomes  outcomeCounts
+	scheduled atomic.Int64
+}
+
+// Schedule is a periodic probe registered with Every. Stop it when it is
+// no longer wanted.
+type Schedule struct {
+	e        *Engine
+	addr     netip.AddrPort
+	scope    uint32
+	err      error
+	timeout  int64
+	interval int64
+	cur      int64
+	idx      int32
+	fn       func(Result) time.Duration
+
+	mu      sync.Mutex
+	timer   *time.Timer
+	due     time.Time
+	stopped atomic.Bool
+}
+
+// Stop ends the schedule: no probe of it starts afterwards, and its
+// callback is not called again (a call already running may finish).
+// Stop is cheap, idempotent and safe from any goroutine.
+func (s *Schedule) Stop() {
+	if s == nil || s.stopped.Swap(true) {
+		return
+	}
+	s.mu.Lock()
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+	s.mu.Unlock()
+	if s.e != nil {
+		s.e.scheduled.Add(-1)
+	}
+}
+
+// every arms a schedule's first probe; each result arms the next.
+func (e *Engine) every(s *Schedule, first time.Duration) {
+	s.e = e
+	e.mu.Lock()
+	closed := e.closed
+	e.mu.Unlock()
+	if closed {
+		s.stopped.Store(true)
+		return
+	}
+	e.scheduled.Add(1)
+	s.mu.Lock()
+	s.due = time.Now().Add(max(first, 0))
+	s.timer = time.AfterFunc(max(first, 0), s.fire)
+	s.mu.Unlock()
+}
+
+func (s *Schedule) fire() {
+	if s.stopped.Load() {
+		return
+	}
+	s.e.submit(request{addr: s.addr, timeout: time.Duration(s.timeout), err: s.err, done: s.done})
+}
+
+func (s *Schedule) done(res Result) {
+	if res.Outcome == Closed || s.stopped.Load() {
+		return
+	}
+	next := s.fn(res)
+	if next <= 0 {
+		next = time.Duration(s.interval)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped.Load() {
+		return
+	}
+	s.due = s.due.Add(next)
+	s.timer.Reset(max(time.Until(s.due), 0))
 }
 
 // New creates an engine. Call Close to stop it.
@@ -43,9 +121,9 @@ func New(opts Options) (*Engine, error) {
 	if err := opts.check(); err != nil {
 		return nil, err
 	}
-	e := &Engine{maxInFlight: opts.MaxInFlight, defaultTimeout: opts.DefaultTimeout, base: time.Now()}
+	e := &Engine{maxInFlight: opts.MaxSockets, defaultTimeout: opts.DefaultTimeout, base: time.Now()}
 	if e.maxInFlight == 0 {
-		e.maxInFlight = DefaultMaxInFlight
+		e.maxInFlight = DefaultMaxSockets()
 	}
 	if e.defaultTimeout == 0 {
 		e.defaultTimeout = DefaultTimeout
@@ -61,8 +139,8 @@ func (e *Engine) submit(req request) {
 	e.mu.Lock()
 	if e.closed {
 		e.mu.Unlock()
-		e.closedCount.Add(1)
-		req.done(Result{Addr: req.addr, Err: ErrClosed})
+		e.outcomes.add(Closed)
+		req.done(result(Result{Addr: req.addr, Err: ErrClosed}))
 		return
 	}
 	if e.inFlight >= e.maxInFlight {
@@ -80,8 +158,8 @@ func (e *Engine) submit(req request) {
 func (e *Engine) run(req request) {
 	defer e.wg.Done()
 	for {
-		res := e.probe(req)
-		e.count(res.Err)
+		res := result(e.probe(req))
+		e.outcomes.add(res.Outcome)
 		// Take the next queued probe, or leave InFlight, before done
 		// runs: Stats seen from done is then up to date.
 		e.mu.Lock()
@@ -134,23 +212,6 @@ func (e *Engine) probe(req request) Result {
 	return res
 }
 
-func (e *Engine) count(err error) {
-	switch {
-	case err == nil:
-		e.up.Add(1)
-	case err == ErrRefused:
-		e.refused.Add(1)
-	case err == ErrTimeout:
-		e.timeout.Add(1)
-	case err == errHostUnreach || err == errNetUnreach:
-		e.unreachable.Add(1)
-	case err == ErrClosed:
-		e.closedCount.Add(1)
-	default:
-		e.failed.Add(1)
-	}
-}
-
 // now is the engine's monotonic clock, in ns.
 func (e *Engine) now() int64 { return int64(time.Since(e.base)) }
 
@@ -163,8 +224,8 @@ func (e *Engine) Close() error {
 	e.mu.Unlock()
 	e.cancel()
 	for _, req := range queued {
-		e.closedCount.Add(1)
-		req.done(Result{Addr: req.addr, Err: ErrClosed})
+		e.outcomes.add(Closed)
+		req.done(result(Result{Addr: req.addr, Err: ErrClosed}))
 	}
 	e.wg.Wait()
 	return nil
@@ -175,9 +236,15 @@ func (e *Engine) Stats() Stats {
 	e.mu.Lock()
 	q, n := e.queue.n, e.inFlight
 	e.mu.Unlock()
-	return Stats{
-		Up: e.up.Load(), Refused: e.refused.Load(), Timeout: e.timeout.Load(),
-		Unreachable: e.unreachable.Load(), Failed: e.failed.Load(), Closed: e.closedCount.Load(),
-		InFlight: n, Queued: q, MaxCloseDelay: time.Duration(e.maxCloseDelayN.Load()),
+	s := Stats{
+		Loops: 1, InFlight: n, Queued: q, Sockets: n, MaxSockets: e.maxInFlight,
+		Scheduled:  int(e.scheduled.Load()),
+		StartDelay: Histogram{Counts: make([]uint64, numDelayBuckets)},
 	}
+	e.outcomes.addTo(&s)
+	return s
 }
+
+// DefaultMaxSockets is the bound on probes in flight when
+// Options.MaxSockets is zero.
+func DefaultMaxSockets() int { return 768 }

@@ -159,11 +159,11 @@ func TestIPv4MappedIPv6(t *testing.T) {
 	}
 }
 
-// TestQueueBeyondCap: probes beyond MaxInFlight wait, they do not fail.
+// TestQueueBeyondCap: probes beyond MaxSockets wait, they do not fail.
 func TestQueueBeyondCap(t *testing.T) {
 	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
 	slow := fullQueueListener(t, "127.0.0.1")
-	e := newEngine(t, Options{MaxInFlight: 2, epollOnly: true}) // answers wait in epoll: in flight
+	e := newEngine(t, Options{Loops: 1, MaxSockets: 2, epollOnly: true}) // answers wait in epoll: in flight
 	var wg sync.WaitGroup
 	var up, timedOut, maxInFlight atomic.Int64
 	// Each callback runs on the loop, between turns: what is in flight
@@ -281,7 +281,7 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 				const rounds, perRound, held, closeAfter = 5, 8000, 2000, 2000
 				for round := 0; round < rounds; round++ {
 					opts := path.opts
-					opts.MaxInFlight = 4096
+					opts.MaxSockets = 4096
 					e, err := New(opts)
 					if err != nil {
 						t.Fatal(err)
@@ -324,7 +324,7 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 					if s := e.Stats(); s.InFlight != 0 || s.Queued != 0 {
 						t.Fatalf("after Close: %+v", s)
 					}
-					t.Logf("round %d: %d in flight at Close; %d up, %d closed", round, inFlight, upN.Load(), closedN.Load())
+					t.Logf("round %d: %d in flight at Close; %d up, %d closed; worst close delay %v", round, inFlight, upN.Load(), closedN.Load(), e.Stats().MaxCloseDelay)
 					// After Close: ErrClosed at once, from both calls.
 					var after Result
 					e.ProbeAsync(ls[0].addr, time.Second, func(r Result) { after = r })
@@ -402,7 +402,7 @@ func TestConcurrentCallers(t *testing.T) {
 	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
 	l6 := newCountingListener(t, "tcp6", "[::1]:0")
 	closed := boundNotListening(t, "127.0.0.1")
-	e, err := New(Options{MaxInFlight: 32})
+	e, err := New(Options{MaxSockets: 32})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -463,15 +463,15 @@ func TestConcurrentCallers(t *testing.T) {
 }
 
 func TestNewOptions(t *testing.T) {
-	for _, o := range []Options{{MaxInFlight: -1}, {DefaultTimeout: -time.Second}} {
+	for _, o := range []Options{{MaxSockets: -1}, {Loops: -1}, {DefaultTimeout: -time.Second}} {
 		if e, err := New(o); err == nil {
 			e.Close()
 			t.Fatalf("New(%+v) accepted bad options", o)
 		}
 	}
 	e := newEngine(t, Options{})
-	if e.maxInFlight != DefaultMaxInFlight || e.defaultTimeout != DefaultTimeout {
-		t.Fatalf("defaults: %d %v", e.maxInFlight, e.defaultTimeout)
+	if e.maxSockets != DefaultMaxSockets() || e.defaultTimeout != DefaultTimeout || len(e.loops) != runtime.GOMAXPROCS(0) {
+		t.Fatalf("defaults: %d sockets, timeout %v, %d loops", e.maxSockets, e.defaultTimeout, len(e.loops))
 	}
 }
 

@@ -29,7 +29,7 @@ func TestFallbackOutcomes(t *testing.T) {
 	if HalfOpen() {
 		t.Fatal("HalfOpen() true for the fallback engine")
 	}
-	e, err := New(Options{MaxInFlight: 2})
+	e, err := New(Options{MaxSockets: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +86,7 @@ func TestFallbackSelfCheck(t *testing.T) {
 }
 
 func TestFallbackClose(t *testing.T) {
-	e, err := New(Options{MaxInFlight: 1})
+	e, err := New(Options{MaxSockets: 1})
 	if err != nil {
 		t.Fatal(err)
 	}

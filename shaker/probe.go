@@ -13,7 +13,7 @@ import (
 // still closed by the engine.
 func (e *Engine) Probe(ctx context.Context, addr netip.AddrPort) Result {
 	if err := ctx.Err(); err != nil {
-		return Result{Addr: addr, Err: ctxError(err)}
+		return result(Result{Addr: addr, Err: ctxError(err)})
 	}
 	req := request{addr: addr, timeout: e.defaultTimeout}
 	if d, ok := ctx.Deadline(); ok {
@@ -28,13 +28,13 @@ func (e *Engine) Probe(ctx context.Context, addr netip.AddrPort) Result {
 	case r := <-ch:
 		return r
 	case <-ctx.Done():
-		return Result{Addr: addr, Err: ctxError(ctx.Err())}
+		return result(Result{Addr: addr, Err: ctxError(ctx.Err())})
 	}
 }
 
 // ProbeAsync starts a probe of addr and returns at once. The timeout runs
-// from the probe's SYN (time spent queued behind MaxInFlight does not
-// count); timeout <= 0 means Options.DefaultTimeout.
+// from the probe's SYN (time spent queued, waiting for a socket under
+// MaxSockets, does not count); timeout <= 0 means Options.DefaultTimeout.
 //
 // done is called exactly once with the result, on the engine's loop
 // goroutine (with the fallback engine of other systems, on the probe's

@@ -13,8 +13,9 @@ type request struct {
 	// whatever its timeout; 0 means none. Probe sets it from its context.
 	deadline int64
 	done     func(Result)
-	scope    uint32 // IPv6 zone index, looked up by submit
-	err      error  // a failure found by submit, delivered by the loop
+	sched    *Schedule // a periodic probe's schedule, instead of done
+	scope    uint32    // IPv6 zone index, looked up by submit
+	err      error     // a failure found by submit, delivered by the loop
 }
 
 // ring is a FIFO queue of requests that reuses its storage.

@@ -28,6 +28,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"strconv"
 	"syscall"
@@ -39,23 +40,27 @@ import (
 // Options.DefaultTimeout is zero.
 const DefaultTimeout = time.Second
 
-// DefaultMaxInFlight is the cap on probes in flight when
-// Options.MaxInFlight is zero.
-const DefaultMaxInFlight = 1024
-
 // Options configures an Engine. The zero value is ready to use.
 type Options struct {
-	// MaxInFlight caps the probes whose SYN has been sent and whose result
-	// is not known yet. Probes beyond the cap wait in a queue, in the order
-	// they were asked for; they do not fail, and their timeout starts when
-	// their SYN is sent. The cap bounds the burst of SYN-ACKs the loop may
-	// have to close at once, which must stay far below the kernel's
-	// 200 ms delayed-ACK window. Zero means DefaultMaxInFlight.
-	MaxInFlight int
+	// Loops is the number of epoll loops, each a goroutine of its own
+	// with its own epoll instance. Every address is probed by one loop,
+	// chosen by a hash of the address. Zero means one loop per CPU the Go
+	// runtime uses (runtime.GOMAXPROCS).
+	Loops int
+
+	// MaxSockets bounds the probe sockets open at once, over all loops:
+	// probes waiting for an answer (a few more per loop are kept open
+	// for reuse).
+	// A probe due when the bound is reached waits (it shows as overdue
+	// in Stats) until a socket is free; it does not fail. Zero means
+	// three quarters of the RLIMIT_NOFILE soft limit (Go raises it to the
+	// hard limit at start), leaving the rest to the process's own files
+	// and connections; see DefaultMaxSockets.
+	MaxSockets int
 
 	// DefaultTimeout is the timeout of probes that are given none: Probe
-	// with a context without deadline, ProbeAsync with a timeout <= 0.
-	// Zero means DefaultTimeout.
+	// with a context without deadline, ProbeAsync with a timeout <= 0,
+	// Every with Period.Timeout <= 0. Zero means DefaultTimeout.
 	DefaultTimeout time.Duration
 
 	// epollOnly, for tests: always wait for the answer through epoll,
@@ -67,6 +72,10 @@ type Options struct {
 type Result struct {
 	// Addr is the address probed.
 	Addr netip.AddrPort
+
+	// Outcome classifies Err: Up when Err is nil. Every consumer reads
+	// this one classification instead of matching errors itself.
+	Outcome Outcome
 
 	// Err is nil when the port answered with a SYN-ACK. Otherwise it
 	// matches one of ErrRefused, ErrTimeout, ErrUnreachable or ErrClosed
@@ -172,31 +181,103 @@ func classify(op string, errno syscall.Errno) error {
 	return &opError{op, errno}
 }
 
-// Stats is a snapshot of an Engine's counters, read one by one while the
-// engine runs: a probe being started may be missing from both Queued and
-// InFlight for an instant, and a probe's result is counted before it leaves
-// InFlight.
+// Stats is a snapshot of an Engine's counters, summed over its loops and
+// read one by one while the engine runs: a probe being started may be
+// missing from both Queued and InFlight for an instant, and a probe's
+// result is counted before it leaves InFlight.
 type Stats struct {
 	Up          uint64 // probes answered with a SYN-ACK
 	Refused     uint64 // probes answered with an RST
 	Timeout     uint64 // probes that timed out
 	Unreachable uint64 // probes answered with an ICMP error
-	Failed      uint64 // probes that failed otherwise (EMFILE, ...)
+	Local       uint64 // probes that failed on this host (ErrLocal: EMFILE, ...)
+	Failed      uint64 // probes that failed otherwise
 	Closed      uint64 // probes aborted by Close
 
-	InFlight int // probes whose SYN is out and whose result is not known
-	Queued   int // probes waiting for a place under MaxInFlight
+	Loops      int // epoll loops
+	InFlight   int // probes whose SYN is out and whose result is not known
+	Queued     int // one-off probes (Probe, ProbeAsync) waiting to start
+	Sockets    int // probe sockets open: in flight, plus a few kept for reuse
+	MaxSockets int // the bound on Sockets (Options.MaxSockets)
+
+	// Scheduled is the number of periodic probes registered with Every
+	// and not stopped.
+	Scheduled int
+	// Overdue is the number of periodic probes whose start time has
+	// passed and that have not started, as last counted (at most every
+	// 100 ms while there are any). It is 0 while every loop keeps up.
+	Overdue int
+	// Lag is how late the most overdue periodic probe that has not
+	// started is, now: 0 while every loop keeps up. It grows while a loop
+	// cannot keep its schedule (too few CPUs, too few loops, MaxSockets
+	// reached) or is kept off the CPU.
+	Lag time.Duration
+	// Late counts periodic probes that started later than a quarter of
+	// their interval (and at least LateMin late).
+	Late uint64
+	// StartDelay is the distribution of how late periodic probes
+	// started, from their due time to their SYN.
+	StartDelay Histogram
 
 	// MaxCloseDelay is the worst delay seen between a SYN-ACK's arrival
-	// (estimated as the SYN time plus the kernel's RTT) and the close of
-	// its socket. It must stay far below the kernel's 200 ms delayed-ACK
-	// window; a probe whose delay reached it became a real connection.
+	// and the close of its socket (the RST). The arrival is when the loop
+	// saw the answer, or earlier if the kernel says so (TCP_INFO's
+	// tcpi_last_ack_recv, in ms): never the SYN's time plus the RTT,
+	// which is wrong when a retransmitted SYN was answered. It must stay
+	// far below the kernel's 200 ms delayed-ACK window; a probe whose
+	// delay reached it became a real connection.
 	MaxCloseDelay time.Duration
 }
 
 // Total is the number of probes with a result.
 func (s Stats) Total() uint64 {
-	return s.Up + s.Refused + s.Timeout + s.Unreachable + s.Failed + s.Closed
+	return s.Up + s.Refused + s.Timeout + s.Unreachable + s.Local + s.Failed + s.Closed
+}
+
+// LateMin is the least start delay that counts as late (Stats.Late), so
+// that very short intervals do not count the loop's normal jitter.
+const LateMin = 2 * time.Millisecond
+
+// StartDelayBuckets are the upper bounds of Histogram's buckets: a start
+// delay d falls in the first bucket with d <= bound, or in the last,
+// unbounded, one.
+var StartDelayBuckets = []time.Duration{
+	time.Millisecond, 5 * time.Millisecond, 10 * time.Millisecond,
+	25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond,
+	250 * time.Millisecond, 500 * time.Millisecond, time.Second,
+	2500 * time.Millisecond, 5 * time.Second, 10 * time.Second,
+}
+
+// numDelayBuckets is len(StartDelayBuckets)+1, for arrays of counters.
+const numDelayBuckets = 13
+
+// Histogram is a distribution of durations over StartDelayBuckets.
+type Histogram struct {
+	// Counts has len(StartDelayBuckets)+1 entries; each counts the
+	// observations of its bucket alone (not cumulative). The last one
+	// counts those above every bound.
+	Counts []uint64
+	// Sum is the sum of the observations.
+	Sum time.Duration
+}
+
+// Count is the number of observations.
+func (h Histogram) Count() uint64 {
+	var n uint64
+	for _, c := range h.Counts {
+		n += c
+	}
+	return n
+}
+
+// bucketOf is the index of d's bucket.
+func bucketOf(d time.Duration) int {
+	for i, b := range StartDelayBuckets {
+		if d <= b {
+			return i
+		}
+	}
+	return len(StartDelayBuckets)
 }
 
 // errInvalidAddr is the error of a probe of an invalid address or port 0.
@@ -215,8 +296,11 @@ func (e *zoneError) Unwrap() error { return e.err }
 
 // check rejects options that make no sense.
 func (o Options) check() error {
-	if o.MaxInFlight < 0 {
-		return fmt.Errorf("shaker: MaxInFlight %d is negative", o.MaxInFlight)
+	if o.Loops < 0 {
+		return fmt.Errorf("shaker: Loops %d is negative", o.Loops)
+	}
+	if o.MaxSockets < 0 {
+		return fmt.Errorf("shaker: MaxSockets %d is negative", o.MaxSockets)
 	}
 	if o.DefaultTimeout < 0 {
 		return fmt.Errorf("shaker: DefaultTimeout %v is negative", o.DefaultTimeout)
@@ -238,3 +322,14 @@ func ctxError(err error) error {
 // with an RST, and the backend's accept() returns. SelfCheck verifies the
 // claim at run time.
 func HalfOpen() bool { return halfOpen }
+
+func zoneIndex(zone string) (uint32, error) {
+	if n, err := strconv.ParseUint(zone, 10, 32); err == nil {
+		return uint32(n), nil
+	}
+	ifi, err := net.InterfaceByName(zone)
+	if err != nil {
+		return 0, &zoneError{zone, err}
+	}
+	return uint32(ifi.Index), nil
+}

@@ -1,4 +1,4 @@
-package caddyshaker
+package health
 
 import (
 	"errors"
@@ -11,36 +11,27 @@ import (
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
-// testChecker returns a checker driven by hand: its timer never fires
-// during the test.
-func testChecker(t *testing.T, passes, fails int) *checker {
+// testChecker returns a checker driven by hand: it is never given to
+// Start, so no engine probes it.
+func testChecker(t *testing.T, passes, fails int) *Checker {
 	t.Helper()
-	c := newChecker(checkKey{
-		addr:     netip.MustParseAddrPort("127.0.0.1:1"),
-		interval: time.Hour,
-		timeout:  time.Second,
-		passes:   passes,
-		fails:    fails,
-	})
-	c.timer = time.AfterFunc(time.Hour, func() {})
-	c.probeStart = time.Now()
-	t.Cleanup(func() {
-		c.mu.Lock()
-		c.stopped = true
-		c.timer.Stop()
-		c.mu.Unlock()
-	})
-	return c
+	r := NewRegistry()
+	w := Want{Addr: netip.MustParseAddrPort("127.0.0.1:1"), Name: "x:1", Settings: Settings{
+		Interval: time.Hour, Timeout: time.Second, Passes: passes, Fails: fails,
+	}}
+	cs, _ := r.Acquire([]Want{w})
+	t.Cleanup(func() { r.Release([]Want{w}) })
+	return cs[0]
 }
 
 var (
-	up      = shaker.Result{RTT: 42 * time.Microsecond}
-	refused = shaker.Result{Err: shaker.ErrRefused}
+	up      = shaker.Result{RTT: 42 * time.Microsecond, Outcome: shaker.Up}
+	refused = shaker.Result{Err: shaker.ErrRefused, Outcome: shaker.Refused}
 )
 
 func TestCheckerTransitions(t *testing.T) {
 	c := testChecker(t, 2, 3)
-	if !c.healthy.Load() {
+	if !c.Healthy() {
 		t.Fatal("not probed yet: want up")
 	}
 	steps := []struct {
@@ -62,75 +53,76 @@ func TestCheckerTransitions(t *testing.T) {
 		{up, true},
 	}
 	for i, s := range steps {
-		c.done(s.res)
-		if got := c.healthy.Load(); got != s.want {
+		c.Observe(s.res)
+		if got := c.Healthy(); got != s.want {
 			t.Fatalf("step %d (%v): healthy=%v, want %v", i, s.res.Err, got, s.want)
 		}
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.passes != 2 || c.fails != 0 || c.probesTotal != uint64(len(steps)) || c.lastRTT != up.RTT {
-		t.Errorf("counters: passes %d fails %d probes %d rtt %v", c.passes, c.fails, c.probesTotal, c.lastRTT)
+	if c.passes != 2 || c.fails != 0 || c.probes != uint64(len(steps)) || c.lastRTT != up.RTT {
+		t.Errorf("counters: passes %d fails %d probes %d rtt %v", c.passes, c.fails, c.probes, c.lastRTT)
 	}
 }
 
 func TestCheckerFirstUp(t *testing.T) {
 	c := testChecker(t, 2, 1)
-	c.done(up)
-	if !c.healthy.Load() {
+	c.Observe(up)
+	if !c.Healthy() {
 		t.Fatal("first answer: want up")
 	}
-	c.done(refused)
-	if c.healthy.Load() {
+	c.Observe(refused)
+	if c.Healthy() {
 		t.Fatal("fails 1: want down after one failure")
 	}
 }
 
 func TestCheckerIgnoresClosedAndStopped(t *testing.T) {
 	c := testChecker(t, 1, 1)
-	c.done(shaker.Result{Err: shaker.ErrClosed})
-	if !c.healthy.Load() || c.known {
+	c.Observe(shaker.Result{Err: shaker.ErrClosed, Outcome: shaker.Closed})
+	if !c.Healthy() || c.known {
 		t.Fatal("ErrClosed changed the state")
 	}
 	c.mu.Lock()
 	c.stopped = true
 	c.mu.Unlock()
-	c.done(refused)
-	if !c.healthy.Load() {
+	c.Observe(refused)
+	if !c.Healthy() {
 		t.Fatal("a stopped checker took a result")
 	}
 }
 
 func TestCheckerIgnoresLocalErrors(t *testing.T) {
 	c := testChecker(t, 1, 1)
-	c.done(up)
-	local := shaker.Result{Err: fmt.Errorf("socket: %w", errors.Join(syscall.EMFILE, shaker.ErrLocal))}
+	c.Observe(up)
+	local := shaker.Result{Err: fmt.Errorf("socket: %w", errors.Join(syscall.EMFILE, shaker.ErrLocal)), Outcome: shaker.Local}
 	for range 5 {
-		c.done(local)
+		c.Observe(local)
 	}
-	if !c.healthy.Load() || c.fails != 0 || c.probesTotal != 1 {
-		t.Fatalf("local errors counted against the backend: healthy=%v fails=%d", c.healthy.Load(), c.fails)
+	if !c.Healthy() || c.fails != 0 || c.probes != 1 {
+		t.Fatalf("local errors counted against the backend: healthy=%v fails=%d", c.Healthy(), c.fails)
 	}
-	c.done(refused)
-	if c.healthy.Load() {
+	c.Observe(refused)
+	if c.Healthy() {
 		t.Fatal("fails 1: want down")
 	}
 }
 
 func TestReason(t *testing.T) {
 	for _, tc := range []struct {
+		o    shaker.Outcome
 		err  error
 		want string
 	}{
-		{nil, ""},
-		{shaker.ErrRefused, "refused"},
-		{shaker.ErrTimeout, "timeout after 250ms"},
-		{fmt.Errorf("wrapped: %w", shaker.ErrUnreachable), "unreachable"},
-		{errors.New("socket: too many open files"), "socket: too many open files"},
-		{syscall.EMFILE, syscall.EMFILE.Error()},
+		{shaker.Up, nil, ""},
+		{shaker.Refused, shaker.ErrRefused, "refused"},
+		{shaker.Timeout, shaker.ErrTimeout, "timeout after 250ms"},
+		{shaker.Unreachable, fmt.Errorf("wrapped: %w", shaker.ErrUnreachable), "unreachable"},
+		{shaker.Failed, errors.New("socket: too many open files"), "socket: too many open files"},
+		{shaker.Local, syscall.EMFILE, syscall.EMFILE.Error()},
 	} {
-		if got := reason(tc.err, 250*time.Millisecond); got != tc.want {
-			t.Errorf("reason(%v) = %q, want %q", tc.err, got, tc.want)
+		if got := Reason(tc.o, tc.err, 250*time.Millisecond); got != tc.want {
+			t.Errorf("Reason(%v, %v) = %q, want %q", tc.o, tc.err, got, tc.want)
 		}
 	}
 }
@@ -139,40 +131,42 @@ func TestReason(t *testing.T) {
 // new settings for a known address inherit its state, and that release
 // forgets a checker only with its last reference.
 func TestRegistrySharesAndInherits(t *testing.T) {
-	r := &registry{checkers: map[checkKey]*checker{}, byAddr: map[netip.AddrPort][]*checker{}}
-	k := checkKey{addr: netip.MustParseAddrPort("127.0.0.1:2"), interval: time.Hour, timeout: time.Second, passes: 1, fails: 1}
-	a := []want{{k, "x:2"}}
-	c1, fresh := r.acquire(a)
+	r := NewRegistry()
+	set := Settings{Interval: time.Hour, Timeout: time.Second, Passes: 1, Fails: 1}
+	addr := netip.MustParseAddrPort("127.0.0.1:2")
+	a := []Want{{addr, set, "x:2"}}
+	c1, fresh := r.Acquire(a)
 	if len(fresh) != 1 {
 		t.Fatalf("fresh %d", len(fresh))
 	}
-	c2, fresh := r.acquire([]want{{k, "y:2"}})
+	c2, fresh := r.Acquire([]Want{{addr, set, "y:2"}})
 	if len(fresh) != 0 || c1[0] != c2[0] {
 		t.Fatal("same key: want the same checker")
 	}
 	c := c1[0]
-	c.timer = time.AfterFunc(time.Hour, func() {})
-	defer c.timer.Stop()
-	c.done(refused)
-	if c.healthy.Load() {
+	c.Observe(refused)
+	if c.Healthy() {
 		t.Fatal("want down")
 	}
-	k2 := k
-	k2.interval = 2 * time.Hour
-	c3, fresh := r.acquire([]want{{k2, "x:2"}})
-	if len(fresh) != 1 || c3[0].healthy.Load() || c3[0].probesTotal != 1 {
-		t.Fatalf("new settings: want a new checker that inherits down; healthy=%v", c3[0].healthy.Load())
+	set2 := set
+	set2.Interval = 2 * time.Hour
+	c3, fresh := r.Acquire([]Want{{addr, set2, "x:2"}})
+	if len(fresh) != 1 || c3[0].Healthy() || c3[0].Probes() != 1 {
+		t.Fatalf("new settings: want a new checker that inherits down; healthy=%v", c3[0].Healthy())
 	}
-	if got := len(r.statuses()); got != 2 {
+	if got := len(r.Statuses()); got != 2 {
 		t.Errorf("statuses: %d", got)
 	}
-	r.release(a)
-	if len(r.checkers) != 2 {
+	r.Release(a)
+	if r.Len() != 2 {
 		t.Fatal("released with a reference left")
 	}
-	r.release([]want{{k, "y:2"}, {k2, "x:2"}})
-	if len(r.checkers) != 0 || len(r.byAddr) != 0 {
-		t.Fatalf("left: %d checkers, %d addresses", len(r.checkers), len(r.byAddr))
+	if st := c.Status(); st.Upstream != "y:2" {
+		t.Errorf("after x:2 left, reported as %q, want y:2", st.Upstream)
+	}
+	r.Release([]Want{{addr, set, "y:2"}, {addr, set2, "x:2"}})
+	if r.Len() != 0 || len(r.checkers) != 0 {
+		t.Fatalf("left: %d checkers, %d addresses", r.Len(), len(r.checkers))
 	}
 	if !c.stopped {
 		t.Fatal("last release did not stop the checker")
@@ -184,7 +178,7 @@ func TestRegistrySharesAndInherits(t *testing.T) {
 func TestCheckerIntervals(t *testing.T) {
 	const interval, fast, down = time.Hour, time.Minute, 10 * time.Minute
 	c := testChecker(t, 2, 3)
-	c.key.fastInterval, c.key.downInterval = fast, down
+	c.set.FastInterval, c.set.DownInterval = fast, down
 	next := func() time.Duration {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -209,7 +203,7 @@ func TestCheckerIntervals(t *testing.T) {
 		{refused, fast}, // up, 1 fail
 		{up, interval},  // up, steady again
 	} {
-		c.done(s.res)
+		c.Observe(s.res)
 		if got := next(); got != s.want {
 			t.Fatalf("step %d (%v): next probe after %v, want %v", i, s.res.Err, got, s.want)
 		}
@@ -217,7 +211,7 @@ func TestCheckerIntervals(t *testing.T) {
 	// Unset, both are the interval.
 	c2 := testChecker(t, 2, 3)
 	for _, r := range []shaker.Result{up, refused, refused, refused, up} {
-		c2.done(r)
+		c2.Observe(r)
 		c2.mu.Lock()
 		got := c2.nextIntervalLocked()
 		c2.mu.Unlock()

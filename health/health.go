@@ -1,0 +1,689 @@
+// Package health is the middle layer of caddy-shaker: the health state of
+// every probed address and its probe schedule on the engine. It knows
+// nothing of Caddy. The Caddy glue above it (the caddyshaker package)
+// asks for addresses to be probed, reads their health on every request,
+// and is told of every probe and every change of state through an
+// Observer; the engine below it (package shaker) runs the probes.
+//
+// One address probed with one set of Settings is one Checker, however
+// many upstream sources and configs use it: a Registry hands out
+// references, and a checker stops when its last one is released. Its
+// state therefore survives config reloads.
+package health
+
+import (
+	"fmt"
+	"net/netip"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/shaker"
+)
+
+// Settings say how an address is probed and judged.
+type Settings struct {
+	// Interval is the time between the starts of two probes.
+	Interval time.Duration
+	// Timeout is how long a probe waits for a SYN-ACK.
+	Timeout time.Duration
+	// FastInterval, when set, is used while the address is changing
+	// state (failures counted while it is up, answers while it is down),
+	// as HAProxy's fastinter.
+	FastInterval time.Duration
+	// DownInterval, when set, is used while the address is down, as
+	// HAProxy's downinter.
+	DownInterval time.Duration
+	// Passes is the consecutive answered probes that bring a down
+	// address back up.
+	Passes int
+	// Fails is the consecutive failed probes that take an up address
+	// down.
+	Fails int
+}
+
+// Validate reports settings the state machine cannot use.
+func (s Settings) Validate() error {
+	switch {
+	case s.Interval <= 0:
+		return fmt.Errorf("interval %v: must be positive", s.Interval)
+	case s.Timeout <= 0:
+		return fmt.Errorf("timeout %v: must be positive", s.Timeout)
+	case s.Passes < 1:
+		return fmt.Errorf("passes %d: must be at least 1", s.Passes)
+	case s.Fails < 1:
+		return fmt.Errorf("fails %d: must be at least 1", s.Fails)
+	case s.FastInterval < 0:
+		return fmt.Errorf("fast_interval %v: must be positive", s.FastInterval)
+	case s.DownInterval < 0:
+		return fmt.Errorf("down_interval %v: must be positive", s.DownInterval)
+	}
+	return nil
+}
+
+// Want is an address a source needs probed, under the name it was
+// configured as.
+type Want struct {
+	Addr     netip.AddrPort
+	Settings Settings
+	Name     string
+}
+
+// Transition is a change of an address's health, or its first result.
+type Transition struct {
+	Addr netip.AddrPort
+	// Name is the upstream as configured that the address is reported
+	// under.
+	Name string
+	// Up is the new state.
+	Up bool
+	// First is true for the address's first result: an address counts
+	// as up before it, so a first Up changes nothing.
+	First bool
+	// Outcome and Err are the last probe's; RTT its round trip when up.
+	Outcome shaker.Outcome
+	Err     error
+	RTT     time.Duration
+	// N is the number of consecutive results that made the change.
+	N int
+	// Settings are the checker's.
+	Settings Settings
+	At       time.Time
+}
+
+// Reason says why the last probe failed, in words for logs: refused,
+// "timeout after 1s", unreachable, or the error.
+func (t Transition) Reason() string { return Reason(t.Outcome, t.Err, t.Settings.Timeout) }
+
+// Reason says why a probe failed, in words for logs and the admin API.
+func Reason(o shaker.Outcome, err error, timeout time.Duration) string {
+	switch o {
+	case shaker.Up:
+		return ""
+	case shaker.Refused, shaker.Unreachable:
+		return o.String()
+	case shaker.Timeout:
+		return "timeout after " + timeout.String()
+	}
+	if err != nil {
+		return err.Error()
+	}
+	return o.String()
+}
+
+// Observer is told what happens. The glue implements it: metrics, logs
+// and events.
+type Observer interface {
+	// Probed is called with every probe's result, on the engine's loop
+	// goroutine: it must be quick and must not block.
+	Probed(res shaker.Result)
+	// Changed is called for each transition, in order, on one goroutine
+	// of the registry's (never the loop's).
+	Changed(t Transition)
+	// LocalFailing is called when probes start failing on this host
+	// (failing true, with the error: out of file descriptors, ports or
+	// memory) and when they work again, once each way; on a goroutine
+	// of its own.
+	LocalFailing(failing bool, err error)
+}
+
+// Registry holds the checkers of every probed address and schedules their
+// probes on an engine. Its methods are safe for concurrent use.
+type Registry struct {
+	obs atomic.Pointer[Observer]
+
+	mu       sync.Mutex
+	engine   *shaker.Engine
+	checkers map[netip.AddrPort]*Checker // first checker of each address; others follow in next
+	n        int
+
+	qmu        sync.Mutex
+	queue      []Transition
+	announcing bool
+
+	localFailing atomic.Bool
+	lastLocal    atomic.Int64 // monotonic ns of the last local failure
+	base         time.Time
+}
+
+// NewRegistry returns an empty registry, with no engine yet.
+func NewRegistry() *Registry {
+	return &Registry{checkers: make(map[netip.AddrPort]*Checker), base: time.Now()}
+}
+
+// SetObserver sets who is told of probes and transitions; nil for no one.
+func (r *Registry) SetObserver(o Observer) {
+	if o == nil {
+		r.obs.Store(nil)
+		return
+	}
+	r.obs.Store(&o)
+}
+
+func (r *Registry) observer() Observer {
+	if p := r.obs.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// SetEngine gives the registry the engine to probe with, or takes it away
+// (nil) when it is closed. A new engine takes over every checker, with
+// their first probes spread over their intervals.
+func (r *Registry) SetEngine(e *shaker.Engine) {
+	r.mu.Lock()
+	if r.engine == e {
+		r.mu.Unlock()
+		return
+	}
+	r.engine = e
+	var all []*Checker
+	for _, c := range r.checkers {
+		for ; c != nil; c = c.next {
+			c.mu.Lock()
+			if c.sched != nil {
+				c.sched.Stop() // the old engine's
+				c.sched = nil
+			}
+			if c.armed {
+				all = append(all, c)
+			}
+			c.mu.Unlock()
+		}
+	}
+	r.mu.Unlock()
+	if e != nil {
+		r.arm(e, all)
+	}
+}
+
+// Acquire takes a reference to the checker of each want, creating those
+// that are missing. It returns the checkers, in the order of ws, and the
+// new ones, whose probes do not start until they are given to Start.
+func (r *Registry) Acquire(ws []Want) (all, fresh []*Checker) {
+	all = make([]*Checker, len(ws))
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i, w := range ws {
+		c := r.findLocked(w.Addr, w.Settings)
+		if c == nil {
+			c = &Checker{r: r, addr: w.Addr, set: w.Settings}
+			c.healthy.Store(true)
+			r.inheritLocked(c)
+			c.next = r.checkers[w.Addr]
+			r.checkers[w.Addr] = c
+			r.n++
+			fresh = append(fresh, c)
+		}
+		c.mu.Lock()
+		c.addName(w.Name)
+		c.mu.Unlock()
+		all[i] = c
+	}
+	return all, fresh
+}
+
+func (r *Registry) findLocked(addr netip.AddrPort, s Settings) *Checker {
+	for c := r.checkers[addr]; c != nil; c = c.next {
+		if c.set == s {
+			return c
+		}
+	}
+	return nil
+}
+
+// inheritLocked gives a new checker the state of another checker of the
+// same address (with other settings, as after a reload that changed
+// them), so that a down address does not look up while the new settings
+// take over.
+func (r *Registry) inheritLocked(c *Checker) {
+	for o := r.checkers[c.addr]; o != nil; o = o.next {
+		o.mu.Lock()
+		if o.known {
+			c.known = true
+			c.healthy.Store(o.healthy.Load())
+			c.passes, c.fails = o.passes, o.fails
+			c.lastRTT, c.lastOutcome, c.lastErr, c.checkedAt = o.lastRTT, o.lastOutcome, o.lastErr, o.checkedAt
+			c.probes = o.probes
+		}
+		o.mu.Unlock()
+		if c.known {
+			return
+		}
+	}
+}
+
+// Start starts the probes of new checkers, their first ones spread over
+// the interval (the first at once, the others at even steps) so that many
+// addresses do not make one burst of SYNs.
+func (r *Registry) Start(cs []*Checker) {
+	if len(cs) == 0 {
+		return
+	}
+	r.mu.Lock()
+	e := r.engine
+	for _, c := range cs {
+		c.mu.Lock()
+		c.armed = true
+		c.mu.Unlock()
+	}
+	r.mu.Unlock()
+	if e != nil {
+		r.arm(e, cs)
+	}
+}
+
+// arm registers the schedules of cs on e, but for those that have one.
+func (r *Registry) arm(e *shaker.Engine, cs []*Checker) {
+	for i, c := range cs {
+		c.mu.Lock()
+		if !c.stopped && c.sched == nil {
+			first := c.set.Interval * time.Duration(i) / time.Duration(len(cs))
+			c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout, First: first}, c.Observe)
+		}
+		c.mu.Unlock()
+	}
+}
+
+// Release drops the references taken by Acquire. A checker without
+// references stops: no probe of it starts again, and its state is
+// forgotten.
+func (r *Registry) Release(ws []Want) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, w := range ws {
+		c := r.findLocked(w.Addr, w.Settings)
+		if c == nil {
+			continue
+		}
+		c.mu.Lock()
+		last := c.dropName(w.Name)
+		var sched *shaker.Schedule
+		if last {
+			c.stopped = true
+			sched, c.sched = c.sched, nil
+		}
+		c.mu.Unlock()
+		if !last {
+			continue
+		}
+		sched.Stop()
+		p := r.checkers[w.Addr]
+		if p == c {
+			if c.next == nil {
+				delete(r.checkers, w.Addr)
+			} else {
+				r.checkers[w.Addr] = c.next
+			}
+		} else {
+			for p.next != c {
+				p = p.next
+			}
+			p.next = c.next
+		}
+		c.next = nil
+		r.n--
+	}
+}
+
+// Len is the number of checkers.
+func (r *Registry) Len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.n
+}
+
+// EachAddress calls fn for every probed address with its health: up when
+// any of its checkers is up (several sources may probe it with different
+// settings). fn runs under the registry's lock: it must be quick and must
+// not call the registry.
+func (r *Registry) EachAddress(fn func(addr netip.AddrPort, healthy bool)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for addr, c := range r.checkers {
+		up := false
+		for ; c != nil && !up; c = c.next {
+			up = c.healthy.Load()
+		}
+		fn(addr, up)
+	}
+}
+
+// Checkers returns every checker, for tests and reports.
+func (r *Registry) Checkers() []*Checker {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*Checker, 0, r.n)
+	for _, c := range r.checkers {
+		for ; c != nil; c = c.next {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// Checker is the health state of one address under one set of settings,
+// and its probe schedule.
+type Checker struct {
+	r    *Registry
+	addr netip.AddrPort
+	set  Settings
+	next *Checker // under r.mu
+
+	// healthy is read on every proxied request. An address not probed
+	// yet counts as up.
+	healthy atomic.Bool
+
+	mu          sync.Mutex
+	sched       *shaker.Schedule
+	name        string           // the name referenced first, or the least
+	names       map[string]int32 // references per name, once there are several names
+	refs        int32
+	armed       bool // given to Start
+	stopped     bool
+	known       bool // has a first result
+	passes      int32
+	fails       int32
+	lastOutcome shaker.Outcome
+	lastRTT     time.Duration
+	lastErr     error
+	checkedAt   int64 // unix ns of the last result
+	probes      uint64
+}
+
+// Addr is the address probed.
+func (c *Checker) Addr() netip.AddrPort { return c.addr }
+
+// Settings are the checker's settings.
+func (c *Checker) Settings() Settings { return c.set }
+
+// Healthy reports whether the address is in service: up, or not probed
+// yet. It is cheap enough for every request.
+func (c *Checker) Healthy() bool { return c.healthy.Load() }
+
+// Probes is the number of probes with a result.
+func (c *Checker) Probes() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.probes
+}
+
+// addName counts a reference under name. Most checkers have one name, so
+// the map exists only once there is a second.
+func (c *Checker) addName(name string) {
+	c.refs++
+	switch {
+	case c.refs == 1:
+		c.name = name
+	case c.names == nil && name == c.name:
+		// still one name
+	default:
+		if c.names == nil {
+			c.names = map[string]int32{c.name: c.refs - 1}
+		}
+		c.names[name]++
+		c.name = minName(c.names)
+	}
+}
+
+// dropName drops a reference under name and reports whether it was the
+// last.
+func (c *Checker) dropName(name string) bool {
+	c.refs--
+	if c.names != nil {
+		if c.names[name]--; c.names[name] <= 0 {
+			delete(c.names, name)
+		}
+		if len(c.names) == 1 {
+			for n := range c.names {
+				c.name = n
+			}
+			c.names = nil
+		} else if len(c.names) > 1 {
+			c.name = minName(c.names)
+		}
+	}
+	return c.refs <= 0
+}
+
+func minName(m map[string]int32) string {
+	first, ok := "", false
+	for n := range m {
+		if !ok || n < first {
+			first, ok = n, true
+		}
+	}
+	return first
+}
+
+// Observe takes a probe's result and returns the time from that probe's
+// start to the next one. The engine calls it on its loop goroutine for
+// every scheduled probe (others may call it too, with results from
+// elsewhere): it must not block, so it updates state under a short lock
+// and hands transitions to the registry's announcer. Results that say
+// nothing about the backend (Local, Closed) change nothing.
+func (c *Checker) Observe(res shaker.Result) time.Duration {
+	r := c.r
+	obs := r.observer()
+	if obs != nil {
+		obs.Probed(res)
+	}
+	local := res.Outcome == shaker.Local
+	r.noteLocal(obs, local, res)
+	now := time.Now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopped {
+		return 0
+	}
+	if !res.Outcome.Backend() {
+		// this host could not make the probe (out of fds, ports or
+		// memory), or the engine is closing: it says nothing about the
+		// backend, so it counts neither way; probe again after the
+		// interval
+		return c.set.Interval
+	}
+	c.probes++
+	c.checkedAt = now.UnixNano()
+	c.lastOutcome = res.Outcome
+	var tr *Transition
+	if res.Outcome == shaker.Up {
+		c.lastRTT, c.lastErr = res.RTT, nil
+		c.passes++
+		c.fails = 0
+		switch {
+		case !c.known:
+			tr = &Transition{Up: true, First: true}
+		case !c.healthy.Load() && int(c.passes) >= c.set.Passes:
+			tr = &Transition{Up: true}
+		}
+	} else {
+		c.lastErr = res.Err
+		c.fails++
+		c.passes = 0
+		switch {
+		case !c.known:
+			tr = &Transition{Up: false, First: true}
+		case c.healthy.Load() && int(c.fails) >= c.set.Fails:
+			tr = &Transition{Up: false}
+		}
+	}
+	c.known = true
+	if tr != nil {
+		c.healthy.Store(tr.Up)
+		tr.Addr, tr.Name, tr.Settings = c.addr, c.name, c.set
+		tr.Outcome, tr.Err, tr.RTT, tr.At = res.Outcome, res.Err, res.RTT, now
+		tr.N = int(max(c.passes, c.fails))
+		r.announce(*tr)
+	}
+	return c.nextIntervalLocked()
+}
+
+// nextIntervalLocked is the time from the start of the last probe to the
+// next one: fast_interval while the address is changing state (failures
+// counted while it is up, answers while it is down), down_interval while
+// it is down, interval otherwise, as HAProxy's fastinter and downinter.
+func (c *Checker) nextIntervalLocked() time.Duration {
+	healthy := c.healthy.Load()
+	switch {
+	case !c.known:
+	case healthy && c.fails > 0, !healthy && c.passes > 0:
+		if c.set.FastInterval > 0 {
+			return c.set.FastInterval
+		}
+	case !healthy:
+		if c.set.DownInterval > 0 {
+			return c.set.DownInterval
+		}
+	}
+	return c.set.Interval
+}
+
+// announce queues a transition for the observer; one goroutine at a time
+// hands them over, in order.
+func (r *Registry) announce(t Transition) {
+	r.qmu.Lock()
+	r.queue = append(r.queue, t)
+	start := !r.announcing
+	r.announcing = true
+	r.qmu.Unlock()
+	if start {
+		go r.announceLoop()
+	}
+}
+
+func (r *Registry) announceLoop() {
+	for {
+		r.qmu.Lock()
+		q := r.queue
+		r.queue = nil
+		if len(q) == 0 {
+			r.announcing = false
+			r.qmu.Unlock()
+			return
+		}
+		r.qmu.Unlock()
+		obs := r.observer()
+		for _, t := range q {
+			if obs != nil {
+				obs.Changed(t)
+			}
+		}
+	}
+}
+
+// noteLocal tells the observer when probes start and stop failing on this
+// host: once each way, not once per probe.
+func (r *Registry) noteLocal(obs Observer, local bool, res shaker.Result) {
+	now := int64(time.Since(r.base))
+	if local {
+		r.lastLocal.Store(now)
+	} else if r.localFailing.Load() && now-int64(res.Duration) <= r.lastLocal.Load() {
+		// a probe whose SYN went out before the last local failure (it
+		// had its socket already) says nothing about this host now
+		return
+	}
+	if r.localFailing.Load() == local || r.localFailing.Swap(local) == local {
+		return
+	}
+	if obs != nil {
+		go obs.LocalFailing(local, res.Err)
+	}
+}
+
+// LocalFailing reports whether probes fail on this host now.
+func (r *Registry) LocalFailing() bool { return r.localFailing.Load() }
+
+// Status is the health of one probed address under one set of settings,
+// as the admin API shows it.
+type Status struct {
+	// Upstream is the upstream as configured (the first, in order, if
+	// several configured upstreams resolve to this address).
+	Upstream string `json:"upstream"`
+	// Address is the address probed, host:port, IPv6 in brackets.
+	Address string `json:"address"`
+	// Healthy is true when the address is in service.
+	Healthy bool `json:"healthy"`
+	// LastRTTMicros is the kernel's SYN to SYN-ACK round trip of the
+	// last successful probe, in microseconds.
+	LastRTTMicros int64 `json:"last_rtt_us"`
+	// LastError is why the last probe failed; "" when it succeeded.
+	LastError string `json:"last_error"`
+	// CheckedAt is the time of the last result (RFC 3339); null before
+	// the first one.
+	CheckedAt *time.Time `json:"checked_at"`
+	// Passes and Fails are the consecutive successes and failures.
+	Passes int `json:"passes"`
+	Fails  int `json:"fails"`
+	// Probes is the number of probes with a result.
+	Probes uint64 `json:"probes"`
+	// Interval and Timeout are the settings the address is probed with;
+	// FastInterval and DownInterval are shown when set.
+	Interval     string `json:"interval"`
+	Timeout      string `json:"timeout"`
+	FastInterval string `json:"fast_interval,omitempty"`
+	DownInterval string `json:"down_interval,omitempty"`
+}
+
+// Status returns the checker's state.
+func (c *Checker) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := Status{
+		Upstream:      c.name,
+		Address:       c.addr.String(),
+		Healthy:       c.healthy.Load(),
+		LastRTTMicros: c.lastRTT.Microseconds(),
+		Passes:        int(c.passes),
+		Fails:         int(c.fails),
+		Probes:        c.probes,
+		Interval:      c.set.Interval.String(),
+		Timeout:       c.set.Timeout.String(),
+	}
+	if c.set.FastInterval > 0 {
+		s.FastInterval = c.set.FastInterval.String()
+	}
+	if c.set.DownInterval > 0 {
+		s.DownInterval = c.set.DownInterval.String()
+	}
+	if c.known && c.lastOutcome != shaker.Up {
+		s.LastError = Reason(c.lastOutcome, c.lastErr, c.set.Timeout)
+	}
+	if c.known {
+		t := time.Unix(0, c.checkedAt).UTC()
+		s.CheckedAt = &t
+	}
+	return s
+}
+
+// Statuses returns the state of every checker, sorted by upstream, then
+// address, then interval.
+func (r *Registry) Statuses() []Status {
+	cs := r.Checkers()
+	out := make([]Status, len(cs))
+	ivs := make([]time.Duration, len(cs))
+	for i, c := range cs {
+		out[i] = c.Status()
+		ivs[i] = c.set.Interval
+	}
+	idx := make([]int, len(cs))
+	for i := range idx {
+		idx[i] = i
+	}
+	sort.Slice(idx, func(a, b int) bool {
+		x, y := &out[idx[a]], &out[idx[b]]
+		if x.Upstream != y.Upstream {
+			return x.Upstream < y.Upstream
+		}
+		if x.Address != y.Address {
+			return x.Address < y.Address
+		}
+		return ivs[idx[a]] < ivs[idx[b]]
+	})
+	sorted := make([]Status, len(out))
+	for i, j := range idx {
+		sorted[i] = out[j]
+	}
+	return sorted
+}

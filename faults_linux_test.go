@@ -595,6 +595,11 @@ func faultsFDLimitMain(t *testing.T) {
 	// socket, which is right, but not what this test watches)
 	cfg["apps"].(map[string]any)["shaker"] = map[string]any{"loops": 1}
 	raw, _ := json.Marshal(cfg)
+	// the harness's first config started an engine with the default
+	// loops: stop it, so that this config starts one with one loop
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
 	if err := caddy.Load(raw, true); err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,200 @@
+//go:build linux && !shaker_fallback
+
+package shaker
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
+)
+
+// The lossy path: two network namespaces of the test's own, A (the
+// prober) and B (the listeners), joined by a veth pair with a tbf qdisc on
+// both ends (this kernel has no netem). tbf queues packets beyond its rate
+// and drops them beyond its latency, so at full probe rate SYN-ACKs arrive
+// after connect() has returned (the epoll path) and some SYNs are dropped
+// and retransmitted a second later.
+
+const (
+	lossyEnv   = "SHAKER_LOSSY_HELPER" // the child's ns B, when set
+	lossyAddrA = "198.18.7.1"          // benchmarking range, inside our namespaces only
+	lossyAddrB = "198.18.7.2"
+)
+
+// lossyPath creates the two namespaces and the veth pair between them and
+// returns their names. It skips, saying why, where this machine cannot.
+func lossyPath(t *testing.T) (nsA, nsB string) {
+	t.Helper()
+	nsA = testnet.Netns(t, false, "")
+	nsB = testnet.Netns(t, false, "")
+	if _, err := exec.LookPath("tc"); err != nil {
+		t.Skip("needs tc (Debian package iproute2)")
+	}
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Skipf("%s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("ip", "link", "add", "shk-a", "netns", nsA, "type", "veth", "peer", "name", "shk-b", "netns", nsB)
+	run("ip", "-n", nsA, "addr", "add", lossyAddrA+"/30", "dev", "shk-a")
+	run("ip", "-n", nsB, "addr", "add", lossyAddrB+"/30", "dev", "shk-b")
+	run("ip", "-n", nsA, "link", "set", "shk-a", "up")
+	run("ip", "-n", nsB, "link", "set", "shk-b", "up")
+	for _, end := range [][2]string{{nsA, "shk-a"}, {nsB, "shk-b"}} {
+		run("ip", "netns", "exec", end[0], "tc", "qdisc", "add", "dev", end[1], "root",
+			"tbf", "rate", "2mbit", "burst", "3000", "latency", "100ms")
+	}
+	return nsA, nsB
+}
+
+// TestCloseDelayOnLossyPath: on a path that delays and drops SYNs, the
+// close delay is measured from the SYN-ACK's arrival. A probe whose first
+// SYN was lost and whose retransmission was answered a second later reads
+// as a late close if the delay is taken from the SYN's time plus the RTT;
+// it must not. Nothing is accepted.
+func TestCloseDelayOnLossyPath(t *testing.T) {
+	if testing.Short() {
+		t.Skip("namespaces and 6 s of probes")
+	}
+	nsA, nsB := lossyPath(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", nsA, self, "-test.run=^TestLossyHelper$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), lossyEnv+"="+nsB)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("helper: %v\n%s", err, out.String())
+	}
+	var up, timeouts, retrans, accepted int64
+	var worst, naive time.Duration
+	for _, line := range strings.Split(out.String(), "\n") {
+		if f := strings.Fields(line); len(f) == 7 && f[0] == "RESULT" {
+			up, _ = strconv.ParseInt(f[1], 10, 64)
+			timeouts, _ = strconv.ParseInt(f[2], 10, 64)
+			retrans, _ = strconv.ParseInt(f[3], 10, 64)
+			worst, _ = time.ParseDuration(f[4])
+			naive, _ = time.ParseDuration(f[5])
+			accepted, _ = strconv.ParseInt(f[6], 10, 64)
+		}
+	}
+	t.Logf("lossy path: %d up, %d timeouts, %d SYNs retransmitted; worst close delay %v (from SYN + RTT it would read %v); %d accepted",
+		up, timeouts, retrans, worst, naive, accepted)
+	switch {
+	case up == 0:
+		t.Fatalf("no probe answered:\n%s", out.String())
+	case retrans == 0:
+		t.Skipf("tbf dropped no SYN on this machine (%d up): the case is not exercised", up)
+	case accepted != 0:
+		t.Fatalf("listeners accepted %d probe connections", accepted)
+	case worst >= 150*time.Millisecond:
+		t.Fatalf("worst close delay %v: a false alarm (or a real late close) on a lossy path", worst)
+	}
+	if naive < 500*time.Millisecond {
+		t.Logf("no answered probe had a retransmitted SYN this run (SYN + RTT reads %v)", naive)
+	}
+}
+
+// TestLossyHelper is the child of TestCloseDelayOnLossyPath, in ns A.
+func TestLossyHelper(t *testing.T) {
+	nsB := os.Getenv(lossyEnv)
+	if nsB == "" {
+		t.Skip("only runs as a child of TestCloseDelayOnLossyPath")
+	}
+	ls := listenIn(t, nsB, 8)
+	e, err := New(Options{Loops: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	retrans0 := tcpExt(t, "TCPSynRetrans")
+	var up, timeouts atomic.Int64
+	var naive atomic.Int64
+	var wg sync.WaitGroup
+	stop := time.Now().Add(4 * time.Second)
+	const chains = 512
+	for i := 0; i < chains; i++ {
+		wg.Add(1)
+		var done func(Result)
+		k := i
+		done = func(r Result) {
+			switch r.Outcome {
+			case Up:
+				up.Add(1)
+				if d := int64(r.Duration - r.RTT); d > naive.Load() {
+					naive.Store(d)
+				}
+			case Timeout:
+				timeouts.Add(1)
+			}
+			if time.Now().After(stop) || r.Outcome == Closed {
+				wg.Done()
+				return
+			}
+			k++
+			e.ProbeAsync(ls[k%len(ls)].addr, 3*time.Second, done)
+		}
+		e.ProbeAsync(ls[k%len(ls)].addr, 3*time.Second, done)
+	}
+	wg.Wait()
+	st := e.Stats()
+	e.Close()
+	var accepted int64
+	for _, l := range ls {
+		accepted += l.probeAccepts(t)
+	}
+	fmt.Printf("RESULT %d %d %d %v %v %d\n", up.Load(), timeouts.Load(), tcpExt(t, "TCPSynRetrans")-retrans0,
+		st.MaxCloseDelay, time.Duration(naive.Load()), accepted)
+}
+
+// listenIn opens n counting listeners on lossyAddrB inside network
+// namespace ns: their sockets are made on a thread moved into ns.
+func listenIn(t *testing.T, ns string, n int) []*countingListener {
+	f, err := os.Open("/var/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	own, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer own.Close()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+		t.Fatal(err)
+	}
+	var ls []*countingListener
+	for i := 0; i < n; i++ {
+		ls = append(ls, newCountingListener(t, "tcp4", net.JoinHostPort(lossyAddrB, "0")))
+	}
+	if err := unix.Setns(int(own.Fd()), unix.CLONE_NEWNET); err != nil {
+		t.Fatal(err) // the thread stays locked and dies with the goroutine
+	}
+	for _, l := range ls {
+		if !l.addr.Addr().Is4() || l.addr.Addr() != netip.MustParseAddr(lossyAddrB) {
+			t.Fatalf("listener on %v", l.addr)
+		}
+	}
+	return ls
+}

@@ -210,6 +210,10 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 		m.checks = m.ownChecks
 	}
 
+	if w, ok := c.(interface{ windowEnd() }); ok {
+		w.windowEnd() // after the window's figures are read, before the stop
+	}
+
 	// Stop it while it probes at full rate, then wait past the kernel's
 	// 200 ms delayed-ACK timer: any socket it left open with a SYN-ACK in
 	// hand is a connection by then.
@@ -544,8 +548,10 @@ type checkerRow struct {
 }
 
 // checkerLabel names a checker and how it was configured.
-func checkerLabel(name string, c int, haproxyBin string, inter time.Duration, caddyInterval time.Duration) string {
+func checkerLabel(name string, c int, haproxyBin string, inter time.Duration, caddyInterval, shakerInterval time.Duration) string {
 	switch name {
+	case "shaker":
+		return fmt.Sprintf("Caddy %s with caddy-shaker: `dynamic shaker`, interval %v; SIGTERM", caddyVersionOf, shakerInterval)
 	case "engine":
 		return fmt.Sprintf("caddy-shaker engine: ProbeAsync, %d in flight; Close()", c)
 	case "haproxy", "haproxy-term":

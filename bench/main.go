@@ -46,6 +46,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -66,6 +67,7 @@ func main() {
 		modes       = flag.String("probers", "engine-async,engine-probe,dialer-halfopen,dialer-full,raw-sequential", "comma-separated probers to run")
 		check       = flag.Bool("check", false, "exit 1 unless the engine meets its targets (0 accepted, CPU per probe <= 0.5x dialer-halfopen, >= 100k probes/s)")
 		serve       = flag.Bool("serve", false, "internal: run the listeners (the child process)")
+		serveAny    = flag.Bool("serve-any", false, "internal: the listeners bind 0.0.0.0")
 
 		compare       = flag.Bool("compare", false, "also compare long-running health checkers (-checkers) against the same listeners: CPU per check, what the backends accepted, and what they accepted when each was stopped mid-run")
 		checkerList   = flag.String("checkers", "engine,haproxy,haproxy-term,caddy", "with -compare: comma-separated checkers to run (haproxy is stopped with SIGUSR1, a soft stop as a reload does to the old process; haproxy-term with SIGTERM, a hard stop)")
@@ -76,11 +78,14 @@ func main() {
 		warmup        = flag.Duration("warmup", time.Second, "with -compare: time each checker runs before its window is measured")
 		useNetns      = flag.Bool("netns", true, "with -compare, as root: run everything in a network namespace of its own, so that the kernel's TCP counters count only the bench's checks")
 		plotFile      = flag.String("plot", "", "write an SVG plot of the results to this file")
+		addresses     = flag.Int("addresses", 0, "addresses to probe (0: one per listener); more than -listeners spreads them over 127.0.0.0/8, the listeners binding 0.0.0.0")
+		shakerIval    = flag.Duration("shaker-interval", time.Second, "with -compare: the shaker checker's interval (Caddy with this plugin)")
+		shakerLoops   = flag.Int("shaker-loops", 0, "with -compare: the shaker checker's loops (0: the default, one per CPU)")
 		inNetns       = flag.Bool("in-netns", false, "internal: running in the bench's own network namespace")
 	)
 	flag.Parse()
 	if *serve {
-		serveListeners(*listeners)
+		serveListeners(*listeners, *serveAny)
 		return
 	}
 	if *duration <= 0 || *rounds < 1 || *listeners < 1 || *concurrency < 1 {
@@ -95,16 +100,17 @@ func main() {
 	if *compare {
 		for _, c := range strings.Split(*checkerList, ",") {
 			switch c {
-			case "engine", "haproxy", "haproxy-term", "caddy":
+			case "engine", "haproxy", "haproxy-term", "caddy", "shaker":
 				checkerNames = append(checkerNames, c)
 			default:
-				fmt.Fprintf(os.Stderr, "bench: unknown checker %q (engine, haproxy, haproxy-term, caddy)\n", c)
+				fmt.Fprintf(os.Stderr, "bench: unknown checker %q (engine, haproxy, haproxy-term, caddy, shaker)\n", c)
 				os.Exit(2)
 			}
 		}
 	}
 	probers := map[string]prober{
 		"engine-async":    engineAsync,
+		"engine-1loop":    engineAsyncLoops(1),
 		"engine-probe":    engineProbe,
 		"dialer-halfopen": dialer(true),
 		"dialer-full":     dialer(false),
@@ -123,7 +129,7 @@ func main() {
 
 	var notes []string
 	note := func(format string, args ...any) { notes = append(notes, fmt.Sprintf(format, args...)) }
-	if wants("caddy") && *caddyBin == "" {
+	if (wants("caddy") || wants("shaker")) && *caddyBin == "" {
 		dir, err := os.MkdirTemp("", "bench-caddy-bin-")
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "bench:", err)
@@ -164,7 +170,7 @@ func main() {
 		}
 	}
 	if *caddyBin == "-" {
-		checkerNames = slices.DeleteFunc(checkerNames, func(s string) bool { return s == "caddy" })
+		checkerNames = slices.DeleteFunc(checkerNames, func(s string) bool { return s == "caddy" || s == "shaker" })
 		if !slices.ContainsFunc(notes, func(n string) bool { return strings.HasPrefix(n, "caddy skipped") }) {
 			note("caddy skipped: ./cmd/caddy did not build")
 		}
@@ -183,12 +189,16 @@ func main() {
 		}
 	}
 	facts := machineFacts()
-	ls, err := startListeners(*listeners)
+	ls, err := startListeners(*listeners, *addresses > *listeners)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 	defer ls.stop()
+	if *addresses > 0 {
+		ls.addrs = expandAddrs(ls.addrs, *addresses)
+	}
+	heaps := map[string]int64{}
 
 	totals := map[string]*measure{}
 	for _, m := range order {
@@ -206,6 +216,8 @@ func main() {
 			return &haproxyChecker{bin: *haproxyBin, inter: *haproxyInter, sig: syscall.SIGUSR1}, false
 		case "haproxy-term":
 			return &haproxyChecker{bin: *haproxyBin, inter: *haproxyInter, sig: syscall.SIGTERM}, false
+		case "shaker":
+			return &shakerChecker{bin: *caddyBin, interval: *shakerIval, loops: *shakerLoops}, false
 		default:
 			return &caddyChecker{bin: *caddyBin, interval: *caddyInterval}, false
 		}
@@ -223,6 +235,15 @@ func main() {
 		}
 		for _, name := range checkerNames {
 			c, ownCount := newChecker(name)
+			if sc, ok := c.(*shakerChecker); ok {
+				sc.onWindowEnd = func() {
+					if h, err := sc.heapAfterGC(); err == nil {
+						heaps[name] = max(heaps[name], h)
+					} else {
+						note("shaker heap: %v", err)
+					}
+				}
+			}
 			got, err := runChecker(c, ls, per, *warmup, ownCount)
 			if err != nil {
 				fmt.Fprintf(os.Stderr, "bench: %s: %v\n", name, err)
@@ -236,8 +257,8 @@ func main() {
 	if *inNetns {
 		where += " in a network namespace of the bench's own"
 	}
-	fmt.Printf("%d listeners on %s, %d in flight, %v per prober in %d rounds, %s\n",
-		*listeners, where, *concurrency, *duration, *rounds, time.Now().UTC().Format("2006-01-02"))
+	fmt.Printf("%d listeners on %s, %d addresses, %d in flight, %v per prober in %d rounds, %s\n",
+		*listeners, where, len(ls.addrs), *concurrency, *duration, *rounds, time.Now().UTC().Format("2006-01-02"))
 	fmt.Printf("%s\n\n", facts)
 	fmt.Println("| prober | probes/s | CPU per probe | vs dialer-halfopen | accepted by backends | failed | worst SYN-ACK to close |")
 	fmt.Println("|---|---:|---:|---:|---:|---:|---:|")
@@ -264,12 +285,22 @@ func main() {
 		fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|")
 		for _, name := range checkerNames {
 			t := ctotals[name]
-			row := checkerRow{name: name, label: checkerLabel(name, *concurrency, *haproxyBin, *haproxyInter, *caddyInterval), m: *t}
+			row := checkerRow{name: name, label: checkerLabel(name, *concurrency, *haproxyBin, *haproxyInter, *caddyInterval, *shakerIval), m: *t}
 			rows = append(rows, row)
 			fmt.Printf("| %s | %.0f | %.2f us | %.2f cores | %d | %d in %d stops | %v | %d / %d |\n",
 				row.label, t.rate(), t.cpuPerCheck(), t.cores(), t.accepted, t.acceptedAtStop, t.stops, roundDuration(t.worstStop), t.resets, t.opens)
 		}
 		fmt.Println()
+		if h, ok := heaps["shaker"]; ok {
+			fmt.Printf("shaker: configured %.0f checks/s (%d addresses every %v); live heap of the Caddy process after a GC %.1f MB, %.0f bytes per address\n",
+				float64(len(ls.addrs))/shakerIval.Seconds(), len(ls.addrs), *shakerIval, float64(h)/1e6, float64(h)/float64(len(ls.addrs)))
+		}
+		if a, b := ctotals["shaker"], ctotals["haproxy"]; a != nil && b != nil && a.checks > 0 && b.checks > 0 {
+			fmt.Printf("shaker vs HAProxy, CPU per check: %.2fx\n", a.cpuPerCheck()/b.cpuPerCheck())
+		}
+		if a, b := totals["engine-async"], totals["engine-1loop"]; a != nil && b != nil && b.probes > 0 {
+			fmt.Printf("engine-async (%d loops) vs engine-1loop, probes/s: %.2fx\n", runtime.GOMAXPROCS(0), a.rate()/b.rate())
+		}
 		fmt.Println("Checks: the engine counts its own; HAProxy's are the kernel's count of half-made connections its RSTs dropped (TcpExt EmbryonicRsts) plus full connections (Tcp PassiveOpens); Caddy's are the connections the listeners accepted (each HTTP check is one). CPU is user+sys time of the checker's process over the window (/proc/PID/stat for the children, getrusage for the engine, which runs in the bench process); on loopback it includes the kernel's work for both ends. \"Accepted at stop\": connections the listeners accepted from the stop until 300 ms after the process exited (or Close returned), past the kernel's 200 ms delayed-ACK timer.")
 		if wants("haproxy") || wants("haproxy-term") {
 			fmt.Println("HAProxy runs with nbthread 1: one event loop, like the engine.")
@@ -384,7 +415,18 @@ func cpuTime() time.Duration {
 }
 
 func engineAsync(addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {
-	e, err := shaker.New(shaker.Options{})
+	return engineAsyncLoops(0)(addrs, c, stop)
+}
+
+// engineAsyncLoops is engine-async with that many loops (0: the default).
+func engineAsyncLoops(loops int) prober {
+	return func(addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {
+		return engineChains(shaker.Options{Loops: loops}, addrs, c, stop)
+	}
+}
+
+func engineChains(opts shaker.Options, addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {
+	e, err := shaker.New(opts)
 	if err != nil {
 		return 0, 0, 0, err
 	}
@@ -488,12 +530,12 @@ type listeners struct {
 	addrs []netip.AddrPort
 }
 
-func startListeners(n int) (*listeners, error) {
+func startListeners(n int, any bool) (*listeners, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(self, "-serve", "-listeners", strconv.Itoa(n))
+	cmd := exec.Command(self, "-serve", "-listeners", strconv.Itoa(n), "-serve-any="+strconv.FormatBool(any))
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {
@@ -548,18 +590,23 @@ func (ls *listeners) stop() {
 	}
 }
 
-// serveListeners is the child: n listeners on 127.0.0.1 whose addresses it
-// prints, one a line; it answers "count" with the connections accepted so
-// far and exits when its stdin closes.
-func serveListeners(n int) {
+// serveListeners is the child: n listeners on 127.0.0.1 (or 0.0.0.0, which
+// answers every 127.x.y.z, with any) whose addresses it prints, one a line;
+// it answers "count" with the connections accepted so far and exits when
+// its stdin closes.
+func serveListeners(n int, any bool) {
 	var total atomic.Int64
+	host := "127.0.0.1"
+	if any {
+		host = "0.0.0.0"
+	}
 	for i := 0; i < n; i++ {
-		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		ln, err := net.Listen("tcp4", host+":0")
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "bench -serve:", err)
 			os.Exit(1)
 		}
-		fmt.Println(ln.Addr())
+		fmt.Println(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ln.Addr().(*net.TCPAddr).Port)))
 		go func() {
 			for {
 				c, err := ln.Accept()

@@ -34,6 +34,15 @@ const (
 	overdueEvery = int64(100 * time.Millisecond)
 	// farFuture bounds due times, far from overflow.
 	farFuture = math.MaxInt64 / 2
+	// maxSlack is the most a loop lets a periodic probe wait past its due
+	// time so that it starts in one wake-up with others: waking once for
+	// many probes costs far less CPU than once for each (one epoll_wait,
+	// warm caches). A loop's slack is a 64th of the shortest interval it
+	// started in the last second, at most maxSlack: 10 ms for 1 s
+	// intervals, well under a millisecond for fast ones.
+	maxSlack = int64(10 * time.Millisecond)
+	// slackWindow is how often a loop forgets its shortest interval.
+	slackWindow = int64(time.Second)
 )
 
 // Engine runs half-open probes from one or more epoll loops, each a
@@ -138,6 +147,9 @@ type loop struct {
 	open        int   // sockets open: in flight and idle
 	queueFirst  bool  // which kind of probe starts first this turn
 	countAfter  int64 // engine time after which overdue may be counted again
+	slack       int64 // how long past its due time a periodic probe may wait for others
+	minCur      int64 // the shortest interval started since slackFrom
+	slackFrom   int64
 	epollOnly   bool
 	startBatchN int
 
@@ -431,7 +443,7 @@ func (l *loop) waitMs(now int64) int {
 		next = l.slots[l.heap[0]].deadline
 	}
 	if len(l.timers) > 0 && len(l.heap) < l.budget {
-		next = min(next, l.timers[0].due)
+		next = min(next, l.timers[0].due+l.slack)
 	}
 	if next == math.MaxInt64 {
 		return -1
@@ -552,6 +564,9 @@ func (l *loop) startTimers(room int) int {
 		if delay > max(s.cur/4, int64(LateMin)) {
 			l.late.Add(1)
 		}
+		if s.cur < l.minCur || l.minCur == 0 {
+			l.minCur = s.cur
+		}
 		s.inFlight = true
 		req := request{addr: s.addr, timeout: time.Duration(s.timeout), scope: s.scope, err: s.err, sched: s}
 		l.start(&req)
@@ -586,9 +601,15 @@ func (l *loop) noteBacklog() {
 		l.overdue.Store(0)
 		return
 	}
-	head := l.timers[0].due
+	head := l.timers[0].due + l.slack // not overdue while it waits for others
 	l.headDue.Store(head)
 	now := l.e.now()
+	if now-l.slackFrom >= slackWindow {
+		if l.minCur > 0 {
+			l.slack = min(l.minCur/64, maxSlack)
+		}
+		l.minCur, l.slackFrom = 0, now
+	}
 	if head > now {
 		l.overdue.Store(0)
 		return

@@ -1,0 +1,141 @@
+//go:build linux
+
+package main
+
+// Scheduled checks (-addresses, the shaker checker): the plugin as users
+// run it, a Caddy child built from ./cmd/caddy whose `dynamic shaker`
+// source probes every address at an interval, beside HAProxy checking the
+// same addresses at the same interval. With -addresses larger than
+// -listeners, the listeners bind 0.0.0.0 (they answer every 127.x.y.z) and
+// the addresses are spread over 127.0.0.0/8 and the listeners' ports.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// expandAddrs returns n addresses over the listeners' ports: address i is
+// port i mod len(ports) on 127.a.b.c with a.b.c = i / len(ports) + 1.
+func expandAddrs(ls []netip.AddrPort, n int) []netip.AddrPort {
+	out := make([]netip.AddrPort, n)
+	for i := range out {
+		k := i/len(ls) + 1
+		ip := netip.AddrFrom4([4]byte{127, byte(k >> 16), byte(k >> 8), byte(k)})
+		out[i] = netip.AddrPortFrom(ip, ls[i%len(ls)].Port())
+	}
+	return out
+}
+
+// shakerChecker: Caddy with this plugin, one reverse_proxy whose dynamic
+// shaker source probes every address at interval.
+type shakerChecker struct {
+	child
+	bin      string
+	interval time.Duration
+	loops    int
+	admin    string
+	// onWindowEnd, if set, runs after each measured window, while the
+	// child still runs (the bench reads its heap then).
+	onWindowEnd func()
+}
+
+func (k *shakerChecker) start(addrs []netip.AddrPort) error {
+	dir, port, err := k.prepare("shaker")
+	if err != nil {
+		return err
+	}
+	aport, err := freePort()
+	if err != nil {
+		return err
+	}
+	k.admin = fmt.Sprintf("127.0.0.1:%d", aport)
+	ups := make([]string, len(addrs))
+	for i, a := range addrs {
+		ups[i] = a.String()
+	}
+	apps := map[string]any{"http": map[string]any{"servers": map[string]any{"bench": map[string]any{
+		"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
+		"automatic_https": map[string]any{"disable": true},
+		"routes": []any{map[string]any{"handle": []any{map[string]any{
+			"handler": "reverse_proxy",
+			"dynamic_upstreams": map[string]any{
+				"source":    "shaker",
+				"upstreams": ups,
+				"interval":  k.interval.String(),
+				"timeout":   "1s",
+			},
+		}}}},
+	}}}}
+	if k.loops > 0 {
+		apps["shaker"] = map[string]any{"loops": k.loops}
+	}
+	cfg := map[string]any{
+		"admin":   map[string]any{"listen": k.admin},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "WARN"}}},
+		"apps":    apps,
+	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return err
+	}
+	path := dir + "/caddy.json"
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return err
+	}
+	return k.run(dir, k.bin, "run", "--config", path)
+}
+
+func (k *shakerChecker) stop() error { return k.signal(syscall.SIGTERM) }
+
+// heapAfterGC asks the child's admin endpoint for a heap profile after a
+// GC (net/http/pprof's gc=1) and returns its live heap (HeapAlloc).
+func (k *shakerChecker) heapAfterGC() (int64, error) {
+	c := http.Client{Timeout: 60 * time.Second}
+	resp, err := c.Get("http://" + k.admin + "/debug/pprof/heap?gc=1&debug=1")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(io.LimitReader(resp.Body, 1<<30))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "# HeapAlloc = "); ok {
+			return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no HeapAlloc in the heap profile of %s", k.admin)
+}
+
+// metric reads one value of the child's Prometheus metrics.
+func (k *shakerChecker) metric(name string) (float64, error) {
+	c := http.Client{Timeout: 30 * time.Second}
+	resp, err := c.Get("http://" + k.admin + "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(v), 64)
+		}
+	}
+	return 0, fmt.Errorf("no metric %s", name)
+}
+
+// windowEnd runs onWindowEnd, if set, after a measured window.
+func (k *shakerChecker) windowEnd() {
+	if k.onWindowEnd != nil {
+		k.onWindowEnd()
+	}
+}

@@ -65,6 +65,8 @@ func TestFaultsHelper(t *testing.T) {
 		faultsNftMain(t, "meta nfproto ipv4 tcp dport %d reject with icmp type host-unreachable", "unreachable")
 	case "fdlimit":
 		faultsFDLimitMain(t)
+	case "deadhosts":
+		faultsDeadHostsMain(t)
 	default:
 		t.Fatalf("unknown helper %q", mode)
 	}

@@ -25,7 +25,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
-	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // The fault tests: a backend killed, its SYNs dropped, rejected with ICMP,
@@ -513,7 +513,7 @@ func TestFaultsNftables(t *testing.T) {
 		{"icmp", "unreachable"},
 	} {
 		t.Run(c.mode, func(t *testing.T) {
-			ns := testnet.Netns(t, true, "")
+			ns := testkit.Netns(t, true, "")
 			out := runFaultsHelper(t, ns, c.mode)
 			res := faultsResults(t, out)
 			down, up := res["down"], res["up"]

@@ -22,7 +22,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // Some cases need a process of their own: a network namespace with
@@ -217,7 +217,7 @@ func tcpExt(t *testing.T, name string) int64 {
 // in a network namespace of its own so that no other traffic moves the
 // counter.
 func TestEveryProbeResets(t *testing.T) {
-	ns := testnet.Netns(t, false, "")
+	ns := testkit.Netns(t, false, "")
 	res := runHelper(t, ns, "rsts")
 	if len(res) != len(paths) {
 		t.Fatalf("%d results, want %d", len(res), len(paths))
@@ -264,7 +264,7 @@ func runHelper(t *testing.T, ns, mode string, env ...string) [][]string {
 // TestOutcomesInNetns: dropped SYNs time out, ICMP rejects are
 // unreachable, with nftables rules in a namespace of the test's own.
 func TestOutcomesInNetns(t *testing.T) {
-	ns := testnet.Netns(t, true, `
+	ns := testkit.Netns(t, true, `
 table inet shaker_test {
 	chain in {
 		type filter hook input priority 0; policy accept;

@@ -576,7 +576,8 @@ func faultsFDLimitMain(t *testing.T) {
 	}
 	limit := uint64(low[len(low)-1].Fd()) + 1
 
-	hungAddr, fill := queueListener(t)
+	hungAP, fill := testkit.QueueListener(t, "127.0.0.1")
+	hungAddr := hungAP.String()
 	fill()
 	h := newHarness(t, 2)
 	b1, b2 := h.backends[0], h.backends[1]

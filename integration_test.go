@@ -15,12 +15,13 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // Probe settings of the integration tests.
@@ -49,19 +50,6 @@ type backend struct {
 	accepts atomic.Int64 // connections accepted
 	served  atomic.Int64 // requests answered
 	empty   atomic.Int64 // connections closed without a request
-}
-
-type countingListener struct {
-	net.Listener
-	b *backend
-}
-
-func (l countingListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err == nil {
-		l.b.accepts.Add(1)
-	}
-	return c, err
 }
 
 func startBackend(t testing.TB, name, addr string) *backend {
@@ -108,7 +96,7 @@ func (b *backend) start() {
 	b.mu.Lock()
 	b.srv = srv
 	b.mu.Unlock()
-	go srv.Serve(countingListener{ln, b})
+	go srv.Serve(testkit.CountAccepts(ln, &b.accepts))
 }
 
 func (b *backend) stop() {
@@ -581,38 +569,6 @@ func TestAllDown(t *testing.T) {
 	}
 }
 
-// queueListener returns a listener on 127.0.0.1 with a backlog of 0
-// whose application never calls accept(), and a function that fills its
-// accept queue with one connection: the kernel then drops new SYNs and
-// probes time out. It is what a hung application looks like to a
-// half-open probe.
-func queueListener(t *testing.T) (addr string, fill func()) {
-	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { syscall.Close(fd) })
-	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, err := syscall.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr = fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
-	return addr, func() {
-		filler, err := net.DialTimeout("tcp", addr, time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { filler.Close() })
-	}
-}
-
 // TestTimeoutMarksDown checks the timeout path: an up address whose
 // accept queue fills up (the application hangs) drops SYNs; it goes down
 // within interval x fails + timeout, with the reason "timeout after
@@ -621,7 +577,8 @@ func TestTimeoutMarksDown(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	addr, fill := queueListener(t)
+	ap, fill := testkit.QueueListener(t, "127.0.0.1")
+	addr := ap.String()
 	h := newHarness(t, 1)
 	hung := &backend{t: t, name: "hung", addr: addr}
 	h.backends = append(h.backends, hung)

@@ -54,6 +54,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
@@ -552,29 +553,18 @@ func (ls *listeners) stop() {
 // prints, one a line; it answers "count" with the connections accepted so
 // far and exits when its stdin closes.
 func serveListeners(n int) {
-	var total atomic.Int64
-	for i := 0; i < n; i++ {
-		ln, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "bench -serve:", err)
-			os.Exit(1)
-		}
-		fmt.Println(ln.Addr())
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				total.Add(1)
-				c.Close()
-			}
-		}()
+	ls, err := testkit.ListenMany(n, "tcp4", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench -serve:", err)
+		os.Exit(1)
+	}
+	for _, l := range ls {
+		fmt.Println(l.Addr)
 	}
 	sc := bufio.NewScanner(os.Stdin)
 	for sc.Scan() {
 		if sc.Text() == "count" {
-			fmt.Println(total.Load())
+			fmt.Println(ls.Accepted())
 		}
 	}
 }

@@ -165,7 +165,7 @@ func helperEMFILE(t *testing.T) {
 func helperRSTs(t *testing.T) {
 	const probes = 1000
 	for _, path := range paths {
-		l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+		l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
 		e, err := New(path.opts)
 		if err != nil {
 			t.Fatal(err)
@@ -174,14 +174,14 @@ func helperRSTs(t *testing.T) {
 		up := 0
 		for i := 0; i < probes; i++ {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			if e.Probe(ctx, l.addr).Err == nil {
+			if e.Probe(ctx, l.Addr).Err == nil {
 				up++
 			}
 			cancel()
 		}
 		e.Close()
 		rsts := tcpExt(t, "EmbryonicRsts") - before
-		fmt.Printf("RESULT %s %d %d %d\n", path.name, up, rsts, l.probeAccepts(t))
+		fmt.Printf("RESULT %s %d %d %d\n", path.name, up, rsts, l.ProbeAccepts(t))
 	}
 }
 

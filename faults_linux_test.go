@@ -3,7 +3,6 @@
 package caddyshaker
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -176,13 +175,11 @@ func startChildBackend(t *testing.T, name, addr string, backlog int) *childBacke
 
 func (c *childBackend) start() {
 	c.t.Helper()
-	self, err := os.Executable()
+	cmd, err := testkit.TestCommand(context.Background(), "", "TestFaultsHelper", faultsHelperEnv+"=backend", "FAULTS_ADDR="+c.addr,
+		"FAULTS_NAME="+c.name, "FAULTS_BACKLOG="+strconv.Itoa(c.backlog))
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	cmd := exec.Command(self, "-test.run=^TestFaultsHelper$", "-test.count=1")
-	cmd.Env = append(os.Environ(), faultsHelperEnv+"=backend", "FAULTS_ADDR="+c.addr,
-		"FAULTS_NAME="+c.name, "FAULTS_BACKLOG="+strconv.Itoa(c.backlog))
 	out := &faultsOutput{ready: make(chan string, 1)}
 	cmd.Stdout, cmd.Stderr = out, out
 	if _, err := cmd.StdinPipe(); err != nil { // closed when we exit: the child then exits
@@ -461,45 +458,6 @@ func faultsNftMain(t *testing.T, rule, reason string) {
 	fmt.Printf("RESULT up %v %d\n", r.up, r.upProbes)
 }
 
-// runFaultsHelper runs the test binary as a fault helper, inside network
-// namespace ns if not "", and returns its output; it fails the test with
-// the output if the child fails.
-func runFaultsHelper(t *testing.T, ns, mode string) string {
-	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	args := []string{self, "-test.run=^TestFaultsHelper$", "-test.count=1", "-test.v"}
-	if ns != "" {
-		args = append([]string{"ip", "netns", "exec", ns}, args...)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
-	cmd.Env = append(os.Environ(), faultsHelperEnv+"="+mode)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("helper %s: %v\n%s", mode, err, out.String())
-	}
-	return out.String()
-}
-
-// faultsResults returns the RESULT lines of a helper's output, by their
-// first field.
-func faultsResults(t *testing.T, out string) map[string][]string {
-	t.Helper()
-	res := map[string][]string{}
-	sc := bufio.NewScanner(strings.NewReader(out))
-	for sc.Scan() {
-		if f := strings.Fields(sc.Text()); len(f) > 1 && f[0] == "RESULT" {
-			res[f[1]] = f[2:]
-		}
-	}
-	return res
-}
-
 // TestFaultsNftables: in a network namespace of its own, SYNs to a
 // backend dropped by nftables are marked down as a timeout, and an ICMP
 // host-unreachable reject as unreachable; each comes back when the rule is
@@ -514,8 +472,8 @@ func TestFaultsNftables(t *testing.T) {
 	} {
 		t.Run(c.mode, func(t *testing.T) {
 			ns := testkit.Netns(t, true, "")
-			out := runFaultsHelper(t, ns, c.mode)
-			res := faultsResults(t, out)
+			out := testkit.RunTest(t, ns, "TestFaultsHelper", faultsHelperEnv+"="+c.mode)
+			res := testkit.ResultsByName(out)
 			down, up := res["down"], res["up"]
 			if len(down) < 3 || len(up) < 2 {
 				t.Fatalf("helper printed no results:\n%s", out)
@@ -689,8 +647,8 @@ func TestFaultFDLimit(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	out := runFaultsHelper(t, "", "fdlimit")
-	res := faultsResults(t, out)
+	out := testkit.RunTest(t, "", "TestFaultsHelper", faultsHelperEnv+"=fdlimit")
+	res := testkit.ResultsByName(out)
 	if len(res["failing"]) < 2 || len(res["recovered"]) < 1 {
 		t.Fatalf("helper printed no results:\n%s", out)
 	}

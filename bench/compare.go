@@ -28,6 +28,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -44,6 +45,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
@@ -498,11 +500,10 @@ func buildCaddy(dir string) (string, error) {
 // own (CLONE_NEWNET: needs root) and returns its exit status; ok is false
 // when the namespace cannot be created here.
 func inNewNetns(args []string) (status int, ok bool, err error) {
-	self, err := os.Executable()
+	cmd, err := testkit.Command(context.Background(), "", args...)
 	if err != nil {
 		return 0, false, err
 	}
-	cmd := exec.Command(self, args...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -490,11 +490,10 @@ type listeners struct {
 }
 
 func startListeners(n int) (*listeners, error) {
-	self, err := os.Executable()
+	cmd, err := testkit.Command(context.Background(), "", "-serve", "-listeners", strconv.Itoa(n))
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(self, "-serve", "-listeners", strconv.Itoa(n))
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {

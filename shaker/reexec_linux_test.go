@@ -3,15 +3,12 @@
 package shaker
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -233,32 +230,9 @@ func TestEveryProbeResets(t *testing.T) {
 // namespace ns, and returns its RESULT lines, split into fields.
 func runHelper(t *testing.T, ns, mode string, env ...string) [][]string {
 	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	args := []string{self, "-test.run=^TestHelperProcess$", "-test.count=1"}
-	if ns != "" {
-		args = append([]string{"ip", "netns", "exec", ns}, args...)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
-	cmd.Env = append(append(os.Environ(), helperEnv+"="+mode), env...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("helper %s: %v\n%s", mode, err, out.String())
-	}
-	t.Logf("helper %s:\n%s", mode, out.String())
-	var results [][]string
-	sc := bufio.NewScanner(&out)
-	for sc.Scan() {
-		if f := strings.Fields(sc.Text()); len(f) > 0 && f[0] == "RESULT" {
-			results = append(results, f[1:])
-		}
-	}
-	return results
+	out := testkit.RunTest(t, ns, "TestHelperProcess", append([]string{helperEnv + "=" + mode}, env...)...)
+	t.Logf("helper %s:\n%s", mode, out)
+	return testkit.Results(out)
 }
 
 // TestOutcomesInNetns: dropped SYNs time out, ICMP rejects are

@@ -397,7 +397,7 @@ func TestFaultStoppedBackend(t *testing.T) {
 			child.signal(syscall.SIGSTOP)
 			// Only once the process is really stopped does the queue
 			// stay full: before that, it may still accept.
-			waitFor(t, 5*time.Second, "child stopped", func() bool { return procState(t, child.cmd.Process.Pid) == 'T' })
+			waitFor(t, 5*time.Second, "child stopped", func() bool { return testkit.ProcState(t, child.cmd.Process.Pid) == 'T' })
 			// Fill the accept queue: connections complete until it is
 			// full (the kernel's own count, from /proc/net/tcp), then
 			// the kernel drops SYNs.
@@ -683,21 +683,6 @@ func TestFaultFDLimit(t *testing.T) {
 	if failing != nil {
 		t.Logf("log: %s", failing[0])
 	}
-}
-
-// procState is the state letter of a process (R, S, T, ...) from
-// /proc/PID/stat.
-func procState(t *testing.T, pid int) byte {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	// pid (comm) state ...: comm may hold spaces, so look after the last ')'
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 || i+2 >= len(b) {
-		t.Fatalf("/proc/%d/stat: %q", pid, b)
-	}
-	return b[i+2]
 }
 
 // acceptQueue is the length of the accept queue of the listener on addr

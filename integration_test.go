@@ -368,14 +368,6 @@ func (h *harness) waitProbes(before map[string]Status, n uint64, within time.Dur
 	return st
 }
 
-func countFDs(t testing.TB) int {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Skipf("no /proc/self/fd: %v", err)
-	}
-	return len(ents)
-}
-
 func TestIntegration(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
@@ -476,7 +468,7 @@ func TestIntegration(t *testing.T) {
 	acc0 := h.totalAccepts()
 	idle := http.DefaultTransport.(*http.Transport).CloseIdleConnections
 	idle() // the admin API client's keep-alive connection
-	fd0, g0 := countFDs(t), runtime.NumGoroutine()
+	fd0, g0 := testkit.CountFDs(t), runtime.NumGoroutine()
 	probes0 := h.statuses()[b1.addr].Probes
 	for i := range reloads {
 		h.extraKnob++
@@ -502,7 +494,7 @@ func TestIntegration(t *testing.T) {
 	var fd1, g1 int
 	waitFor(t, 5*time.Second, "fds and goroutines back to their count", func() bool {
 		idle()
-		fd1, g1 = countFDs(t), runtime.NumGoroutine()
+		fd1, g1 = testkit.CountFDs(t), runtime.NumGoroutine()
 		return fd1 <= fd0 && g1 <= g0+1
 	})
 	t.Logf("(5) %d reloads: fds %d -> %d, goroutines %d -> %d, 0 accepted", reloads+1, fd0, fd1, g0, g1)
@@ -526,7 +518,7 @@ func TestShutdownLeavesNothing(t *testing.T) {
 		t.Skip("integration test")
 	}
 	g0 := runtime.NumGoroutine()
-	fd0 := countFDs(t)
+	fd0 := testkit.CountFDs(t)
 	h := newHarness(t, 2)
 	h.waitProbes(nil, 5, 5*time.Second)
 	if err := caddy.Stop(); err != nil {
@@ -549,7 +541,7 @@ func TestShutdownLeavesNothing(t *testing.T) {
 	}
 	h.client.CloseIdleConnections()
 	waitFor(t, 5*time.Second, "goroutines and fds back", func() bool {
-		return runtime.NumGoroutine() <= g0+3 && countFDs(t) <= fd0+2
+		return runtime.NumGoroutine() <= g0+3 && testkit.CountFDs(t) <= fd0+2
 	})
 }
 

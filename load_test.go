@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os/exec"
 	"runtime"
-	"syscall"
 	"testing"
 	"time"
 
@@ -64,7 +63,7 @@ func TestReloadsWhileProbing1000(t *testing.T) {
 	}
 	waitFor(t, 10*time.Second, "every address probed", func() bool { return engineProbes() >= 2*n })
 	runtime.GC()
-	fds0, gs0 := countFDs(t), runtime.NumGoroutine()
+	fds0, gs0 := testkit.CountFDs(t), runtime.NumGoroutine()
 
 	for i := 1; i <= reloads; i++ {
 		if err := caddy.Load(loadConfig(t, l.Strings(), "200ms", i), true); err != nil {
@@ -81,7 +80,7 @@ func TestReloadsWhileProbing1000(t *testing.T) {
 	var fds, gs int
 	waitFor(t, 10*time.Second, "fds and goroutines back to the baseline", func() bool {
 		runtime.GC()
-		fds, gs = countFDs(t), runtime.NumGoroutine()
+		fds, gs = testkit.CountFDs(t), runtime.NumGoroutine()
 		return fds <= fds0 && gs <= gs0
 	})
 	t.Logf("%d reloads while probing %d upstreams: fds %d -> %d, goroutines %d -> %d", reloads, n, fds0, fds, gs0, gs)
@@ -129,7 +128,7 @@ func BenchmarkLoad10k(b *testing.B) {
 			runtime.GC()
 			runtime.ReadMemStats(&m1)
 			b.ResetTimer()
-			p0, cpu0, t0 := engineProbes(), cpuTime(), time.Now()
+			p0, cpu0, t0 := engineProbes(), testkit.CPUTime(), time.Now()
 			// -benchtime as a duration; 10 s otherwise (it is not a
 			// loop of b.N operations: the probes run on their own)
 			d := 10 * time.Second
@@ -137,7 +136,7 @@ func BenchmarkLoad10k(b *testing.B) {
 				d = bt
 			}
 			time.Sleep(d)
-			probes, cpu, wall := engineProbes()-p0, cpuTime()-cpu0, time.Since(t0)
+			probes, cpu, wall := engineProbes()-p0, testkit.CPUTime()-cpu0, time.Since(t0)
 			b.StopTimer()
 			e := reg.cur.Load()
 			worst := e.Stats().MaxCloseDelay
@@ -161,12 +160,6 @@ func benchTime() time.Duration {
 		}
 	}
 	return 0
-}
-
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func flagLookup(name string) string {

@@ -135,31 +135,6 @@ func procNetField(path, prefix, name string) (int64, error) {
 	return 0, fmt.Errorf("%s: no %s %s", path, prefix, name)
 }
 
-// procCPU is the user+sys time of process pid, all its threads, from
-// /proc/PID/stat (clock ticks of 10 ms).
-func procCPU(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	// After the command: state is field 3, utime 14, stime 15.
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
-	}
-	u, err1 := strconv.ParseInt(f[11], 10, 64)
-	s, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
-		return 0, err
-	}
-	const tick = 10 * time.Millisecond // USER_HZ 100 on Linux
-	return time.Duration(u+s) * tick, nil
-}
-
 // runChecker runs one round of one checker: warm-up, a window of d, a stop.
 func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool) (cmeasure, error) {
 	var m cmeasure
@@ -287,7 +262,7 @@ func (k *engineChecker) alive() error {
 	return nil
 }
 
-func (k *engineChecker) cpu() (time.Duration, error) { return cpuTime(), nil }
+func (k *engineChecker) cpu() (time.Duration, error) { return testkit.CPUTime(), nil }
 func (k *engineChecker) own() (int64, bool)          { return k.n.Load(), true }
 func (k *engineChecker) stop() error                 { return k.e.Close() }
 func (k *engineChecker) cleanup() {
@@ -356,7 +331,7 @@ func (ch *child) tail() string {
 	return string(b)
 }
 
-func (ch *child) cpu() (time.Duration, error) { return procCPU(ch.cmd.Process.Pid) }
+func (ch *child) cpu() (time.Duration, error) { return testkit.ProcCPU(ch.cmd.Process.Pid) }
 func (ch *child) own() (int64, bool)          { return 0, false }
 
 // signal stops the child with sig and waits for it to exit.

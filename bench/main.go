@@ -363,10 +363,10 @@ func run(p prober, ls *listeners, d time.Duration, c int) (measure, error) {
 	stop := make(chan struct{})
 	t := time.AfterFunc(d, func() { close(stop) })
 	defer t.Stop()
-	cpu0, wall0 := cpuTime(), time.Now()
+	cpu0, wall0 := testkit.CPUTime(), time.Now()
 	probes, failed, worst, err := p(ls.addrs, c, stop)
 	m := measure{probes: probes, failed: failed, maxCloseDelay: worst,
-		wall: time.Since(wall0), cpu: cpuTime() - cpu0}
+		wall: time.Since(wall0), cpu: testkit.CPUTime() - cpu0}
 	if err != nil {
 		return m, err
 	}
@@ -376,12 +376,6 @@ func run(p prober, ls *listeners, d time.Duration, c int) (measure, error) {
 	after, err := ls.accepted()
 	m.accepted = after - before
 	return m, err
-}
-
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func engineAsync(addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {

@@ -353,7 +353,7 @@ func TestNoLeaks(t *testing.T) {
 	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
 	closed := testkit.BoundNotListening(t, "127.0.0.1")
 	runtime.GC()
-	fds0, gs0 := countFDs(t), runtime.NumGoroutine()
+	fds0, gs0 := testkit.CountFDs(t), runtime.NumGoroutine()
 
 	e, err := New(Options{})
 	if err != nil {
@@ -381,16 +381,16 @@ func TestNoLeaks(t *testing.T) {
 	}
 	// The engine holds its epoll fd and eventfd, and at most maxIdle
 	// sockets of each family kept for reuse.
-	if n := countFDs(t); n < fds0+2 || n > fds0+2+2*maxIdle {
+	if n := testkit.CountFDs(t); n < fds0+2 || n > fds0+2+2*maxIdle {
 		t.Fatalf("%d fds open after %d probes, want %d to %d", n, probes, fds0+2, fds0+2+2*maxIdle)
 	}
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := countFDs(t); n != fds0 {
+	if n := testkit.CountFDs(t); n != fds0 {
 		t.Fatalf("%d fds open after Close, want %d", n, fds0)
 	}
-	if n := waitGoroutines(gs0); n > gs0 {
+	if n := testkit.WaitGoroutines(gs0); n > gs0 {
 		t.Fatalf("%d goroutines after Close, want %d", n, gs0)
 	}
 	if n := l.ProbeAccepts(t); n != 0 {

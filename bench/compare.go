@@ -37,7 +37,6 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -97,44 +96,6 @@ func (m *cmeasure) cpuPerCheck() float64 {
 // cores is the CPU it used, in cores.
 func (m *cmeasure) cores() float64 { return m.cpu.Seconds() / m.wall.Seconds() }
 
-// kernelCounters reads TcpExt EmbryonicRsts and Tcp PassiveOpens of this
-// process's network namespace.
-func kernelCounters() (resets, opens int64, err error) {
-	resets, err = procNetField("/proc/net/netstat", "TcpExt:", "EmbryonicRsts")
-	if err != nil {
-		return 0, 0, err
-	}
-	opens, err = procNetField("/proc/net/snmp", "Tcp:", "PassiveOpens")
-	return resets, opens, err
-}
-
-// procNetField reads one counter from a /proc/net/{snmp,netstat} file: a
-// line of names then a line of values, both starting with prefix.
-func procNetField(path, prefix, name string) (int64, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
-	}
-	var names []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != prefix {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		for i := range names {
-			if names[i] == name && i < len(f) {
-				return strconv.ParseInt(f[i], 10, 64)
-			}
-		}
-		break
-	}
-	return 0, fmt.Errorf("%s: no %s %s", path, prefix, name)
-}
-
 // runChecker runs one round of one checker: warm-up, a window of d, a stop.
 func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool) (cmeasure, error) {
 	var m cmeasure
@@ -151,7 +112,7 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 	if err != nil {
 		return m, err
 	}
-	r0, o0, err := kernelCounters()
+	r0, o0, err := testkit.KernelCounters()
 	if err != nil {
 		return m, err
 	}
@@ -168,7 +129,7 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 	if err != nil {
 		return m, err
 	}
-	r1, o1, err := kernelCounters()
+	r1, o1, err := testkit.KernelCounters()
 	if err != nil {
 		return m, err
 	}

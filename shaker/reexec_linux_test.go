@@ -167,7 +167,7 @@ func helperRSTs(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		before := tcpExt(t, "EmbryonicRsts")
+		before := testkit.TCPExt(t, "EmbryonicRsts")
 		up := 0
 		for i := 0; i < probes; i++ {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -177,35 +177,9 @@ func helperRSTs(t *testing.T) {
 			cancel()
 		}
 		e.Close()
-		rsts := tcpExt(t, "EmbryonicRsts") - before
+		rsts := testkit.TCPExt(t, "EmbryonicRsts") - before
 		fmt.Printf("RESULT %s %d %d %d\n", path.name, up, rsts, l.ProbeAccepts(t))
 	}
-}
-
-// tcpExt reads a TcpExt counter of this network namespace.
-func tcpExt(t *testing.T, name string) int64 {
-	b, err := os.ReadFile("/proc/net/netstat")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.Split(string(b), "\n")
-	for i := 0; i+1 < len(lines); i++ {
-		keys, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
-		if len(keys) == 0 || keys[0] != "TcpExt:" || len(vals) != len(keys) {
-			continue
-		}
-		for j, k := range keys {
-			if k == name {
-				v, err := strconv.ParseInt(vals[j], 10, 64)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return v
-			}
-		}
-	}
-	t.Fatalf("no TcpExt %s in /proc/net/netstat", name)
-	return 0
 }
 
 // TestEveryProbeResets: each probe's half-made connection is reset by an

@@ -5,13 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -107,35 +104,6 @@ func (b *backend) stop() {
 	if srv != nil {
 		srv.Close()
 	}
-}
-
-// freePort returns a port free on 127.0.0.1 at the time of the call, for a
-// listener that Caddy opens later. It comes from below the kernel's
-// ephemeral range: a port from that range (what listening on :0 gives) may
-// meanwhile become the source port of one of the many probes the tests
-// send, and the listen would fail with EADDRINUSE.
-func freePort(t testing.TB) int {
-	t.Helper()
-	low := 32768
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil && n > 2048 {
-				low = n
-			}
-		}
-	}
-	const base = 1024
-	for range 1000 {
-		port := base + rand.IntN(low-base)
-		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-		if err != nil {
-			continue // taken
-		}
-		ln.Close()
-		return port
-	}
-	t.Fatalf("no free port below %d", low)
-	return 0
 }
 
 // recorder is an events handler module that tests subscribe to
@@ -263,8 +231,8 @@ func newHarness(t testing.TB, nBackends int) *harness {
 	t.Helper()
 	h := &harness{
 		t:      t,
-		admin:  fmt.Sprintf("localhost:%d", freePort(t)),
-		proxy:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		admin:  fmt.Sprintf("localhost:%d", testkit.FreePort(t)),
+		proxy:  fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
 		client: &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}},
 	}
 	for i := range nBackends {
@@ -690,7 +658,7 @@ func TestStopAndReloadWhileProbing(t *testing.T) {
 			"admin":   map[string]any{"disabled": true},
 			"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
 			"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"p": map[string]any{
-				"listen":          []string{fmt.Sprintf("127.0.0.1:%d", freePort(t))},
+				"listen":          []string{fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))},
 				"automatic_https": map[string]any{"disable": true},
 				"routes": []any{map[string]any{"handle": []any{map[string]any{
 					"handler": "reverse_proxy",
@@ -746,8 +714,8 @@ func TestFirstProbesSpread(t *testing.T) {
 	}
 	h := &harness{
 		t:      t,
-		admin:  fmt.Sprintf("localhost:%d", freePort(t)),
-		proxy:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		admin:  fmt.Sprintf("localhost:%d", testkit.FreePort(t)),
+		proxy:  fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
 		client: &http.Client{Timeout: 5 * time.Second},
 	}
 	for i := range 4 {
@@ -832,7 +800,7 @@ func TestPanicThresholdFailsOpen(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	closed := freePort(t) // nothing listens there
+	closed := testkit.FreePort(t) // nothing listens there
 	h := newHarness(t, 2)
 	h.extra = map[string]any{"port": closed}
 	h.load(tInterval)

@@ -32,7 +32,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -250,7 +249,7 @@ func (ch *child) prepare(name string) (dir string, port int, err error) {
 		return "", 0, err
 	}
 	ch.dir = dir
-	port, err = freePort()
+	port, err = testkit.LoopbackPort()
 	return dir, port, err
 }
 
@@ -322,16 +321,6 @@ func (ch *child) cleanup() {
 	if ch.dir != "" {
 		os.RemoveAll(ch.dir)
 	}
-}
-
-// freePort returns a port on 127.0.0.1 that nothing listens on now.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 // haproxyChecker: HAProxy with one server per listener, plain `check`.

@@ -12,7 +12,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
-	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // The dead-hosts scenario: 1,000 live addresses and 5,000 whose SYNs are
@@ -45,9 +45,9 @@ func TestDeadHostsKeepSchedule(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test: 6,001 addresses for about 15 s")
 	}
-	ns := testnet.Netns(t, true, deadRuleset)
-	out := runFaultsHelper(t, ns, "deadhosts")
-	res := faultsResults(t, out)
+	ns := testkit.Netns(t, true, deadRuleset)
+	out := testkit.RunTest(t, ns, "TestFaultsHelper", faultsHelperEnv+"=deadhosts")
+	res := testkit.ResultsByName(out)
 	rate, down, acc := res["rate"], res["down"], res["accepted"]
 	if len(rate) < 2 || len(down) < 2 || len(acc) < 1 {
 		t.Fatalf("helper printed no results:\n%s", out)
@@ -73,8 +73,8 @@ func TestDeadHostsKeepSchedule(t *testing.T) {
 
 // faultsDeadHostsMain is the child of TestDeadHostsKeepSchedule.
 func faultsDeadHostsMain(t *testing.T) {
-	live := newLoadListeners(t, 1)             // on 127.0.0.1 ...
-	ln, err := net.Listen("tcp4", "0.0.0.0:0") // ... and one that answers every 127.x.y.z
+	live := testkit.NewListener(t, "tcp4", "127.0.0.1:0") // on 127.0.0.1 ...
+	ln, err := net.Listen("tcp4", "0.0.0.0:0")            // ... and one that answers every 127.x.y.z
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,7 +88,7 @@ func faultsDeadHostsMain(t *testing.T) {
 	for i := 0; i < liveN-1; i++ {
 		ups = append(ups, fmt.Sprintf("127.1.%d.%d:%d", i>>8, i&255, anyPort))
 	}
-	ups = append(ups, live.addrs[0])
+	ups = append(ups, live.Addr.String())
 	for i := 0; i < deadN; i++ {
 		ups = append(ups, fmt.Sprintf("127.2.%d.%d:%d", i>>8, i&255, deadPort))
 	}
@@ -135,7 +135,7 @@ func faultsDeadHostsMain(t *testing.T) {
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	accepted := live.probeAccepts(t)
+	accepted := live.ProbeAccepts(t)
 	ln.(*net.TCPListener).SetDeadline(time.Now().Add(300 * time.Millisecond))
 	for {
 		c, err := ln.Accept()

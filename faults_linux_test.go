@@ -3,7 +3,6 @@
 package caddyshaker
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -25,7 +24,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
-	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // The fault tests: a backend killed, its SYNs dropped, rejected with ICMP,
@@ -178,13 +177,11 @@ func startChildBackend(t *testing.T, name, addr string, backlog int) *childBacke
 
 func (c *childBackend) start() {
 	c.t.Helper()
-	self, err := os.Executable()
+	cmd, err := testkit.TestCommand(context.Background(), "", "TestFaultsHelper", faultsHelperEnv+"=backend", "FAULTS_ADDR="+c.addr,
+		"FAULTS_NAME="+c.name, "FAULTS_BACKLOG="+strconv.Itoa(c.backlog))
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	cmd := exec.Command(self, "-test.run=^TestFaultsHelper$", "-test.count=1")
-	cmd.Env = append(os.Environ(), faultsHelperEnv+"=backend", "FAULTS_ADDR="+c.addr,
-		"FAULTS_NAME="+c.name, "FAULTS_BACKLOG="+strconv.Itoa(c.backlog))
 	out := &faultsOutput{ready: make(chan string, 1)}
 	cmd.Stdout, cmd.Stderr = out, out
 	if _, err := cmd.StdinPipe(); err != nil { // closed when we exit: the child then exits
@@ -402,7 +399,7 @@ func TestFaultStoppedBackend(t *testing.T) {
 			child.signal(syscall.SIGSTOP)
 			// Only once the process is really stopped does the queue
 			// stay full: before that, it may still accept.
-			waitFor(t, 5*time.Second, "child stopped", func() bool { return procState(t, child.cmd.Process.Pid) == 'T' })
+			waitFor(t, 5*time.Second, "child stopped", func() bool { return testkit.ProcState(t, child.cmd.Process.Pid) == 'T' })
 			// Fill the accept queue: connections complete until it is
 			// full (the kernel's own count, from /proc/net/tcp), then
 			// the kernel drops SYNs.
@@ -463,45 +460,6 @@ func faultsNftMain(t *testing.T, rule, reason string) {
 	fmt.Printf("RESULT up %v %d\n", r.up, r.upProbes)
 }
 
-// runFaultsHelper runs the test binary as a fault helper, inside network
-// namespace ns if not "", and returns its output; it fails the test with
-// the output if the child fails.
-func runFaultsHelper(t *testing.T, ns, mode string) string {
-	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	args := []string{self, "-test.run=^TestFaultsHelper$", "-test.count=1", "-test.v"}
-	if ns != "" {
-		args = append([]string{"ip", "netns", "exec", ns}, args...)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
-	cmd.Env = append(os.Environ(), faultsHelperEnv+"="+mode)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("helper %s: %v\n%s", mode, err, out.String())
-	}
-	return out.String()
-}
-
-// faultsResults returns the RESULT lines of a helper's output, by their
-// first field.
-func faultsResults(t *testing.T, out string) map[string][]string {
-	t.Helper()
-	res := map[string][]string{}
-	sc := bufio.NewScanner(strings.NewReader(out))
-	for sc.Scan() {
-		if f := strings.Fields(sc.Text()); len(f) > 1 && f[0] == "RESULT" {
-			res[f[1]] = f[2:]
-		}
-	}
-	return res
-}
-
 // TestFaultsNftables: in a network namespace of its own, SYNs to a
 // backend dropped by nftables are marked down as a timeout, and an ICMP
 // host-unreachable reject as unreachable; each comes back when the rule is
@@ -515,9 +473,9 @@ func TestFaultsNftables(t *testing.T) {
 		{"icmp", "unreachable"},
 	} {
 		t.Run(c.mode, func(t *testing.T) {
-			ns := testnet.Netns(t, true, "")
-			out := runFaultsHelper(t, ns, c.mode)
-			res := faultsResults(t, out)
+			ns := testkit.Netns(t, true, "")
+			out := testkit.RunTest(t, ns, "TestFaultsHelper", faultsHelperEnv+"="+c.mode)
+			res := testkit.ResultsByName(out)
 			down, up := res["down"], res["up"]
 			if len(down) < 3 || len(up) < 2 {
 				t.Fatalf("helper printed no results:\n%s", out)
@@ -578,7 +536,8 @@ func faultsFDLimitMain(t *testing.T) {
 	}
 	limit := uint64(low[len(low)-1].Fd()) + 1
 
-	hungAddr, fill := queueListener(t)
+	hungAP, fill := testkit.QueueListener(t, "127.0.0.1")
+	hungAddr := hungAP.String()
 	fill()
 	h := newHarness(t, 2)
 	b1, b2 := h.backends[0], h.backends[1]
@@ -700,8 +659,8 @@ func TestFaultFDLimit(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	out := runFaultsHelper(t, "", "fdlimit")
-	res := faultsResults(t, out)
+	out := testkit.RunTest(t, "", "TestFaultsHelper", faultsHelperEnv+"=fdlimit")
+	res := testkit.ResultsByName(out)
 	if len(res["failing"]) < 2 || len(res["recovered"]) < 1 {
 		t.Fatalf("helper printed no results:\n%s", out)
 	}
@@ -736,21 +695,6 @@ func TestFaultFDLimit(t *testing.T) {
 	if failing != nil {
 		t.Logf("log: %s", failing[0])
 	}
-}
-
-// procState is the state letter of a process (R, S, T, ...) from
-// /proc/PID/stat.
-func procState(t *testing.T, pid int) byte {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	// pid (comm) state ...: comm may hold spaces, so look after the last ')'
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 || i+2 >= len(b) {
-		t.Fatalf("/proc/%d/stat: %q", pid, b)
-	}
-	return b[i+2]
 }
 
 // acceptQueue is the length of the accept queue of the listener on addr

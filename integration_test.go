@@ -5,22 +5,20 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // Probe settings of the integration tests.
@@ -49,19 +47,6 @@ type backend struct {
 	accepts atomic.Int64 // connections accepted
 	served  atomic.Int64 // requests answered
 	empty   atomic.Int64 // connections closed without a request
-}
-
-type countingListener struct {
-	net.Listener
-	b *backend
-}
-
-func (l countingListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err == nil {
-		l.b.accepts.Add(1)
-	}
-	return c, err
 }
 
 func startBackend(t testing.TB, name, addr string) *backend {
@@ -108,7 +93,7 @@ func (b *backend) start() {
 	b.mu.Lock()
 	b.srv = srv
 	b.mu.Unlock()
-	go srv.Serve(countingListener{ln, b})
+	go srv.Serve(testkit.CountAccepts(ln, &b.accepts))
 }
 
 func (b *backend) stop() {
@@ -119,35 +104,6 @@ func (b *backend) stop() {
 	if srv != nil {
 		srv.Close()
 	}
-}
-
-// freePort returns a port free on 127.0.0.1 at the time of the call, for a
-// listener that Caddy opens later. It comes from below the kernel's
-// ephemeral range: a port from that range (what listening on :0 gives) may
-// meanwhile become the source port of one of the many probes the tests
-// send, and the listen would fail with EADDRINUSE.
-func freePort(t testing.TB) int {
-	t.Helper()
-	low := 32768
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil && n > 2048 {
-				low = n
-			}
-		}
-	}
-	const base = 1024
-	for range 1000 {
-		port := base + rand.IntN(low-base)
-		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-		if err != nil {
-			continue // taken
-		}
-		ln.Close()
-		return port
-	}
-	t.Fatalf("no free port below %d", low)
-	return 0
 }
 
 // recorder is an events handler module that tests subscribe to
@@ -275,8 +231,8 @@ func newHarness(t testing.TB, nBackends int) *harness {
 	t.Helper()
 	h := &harness{
 		t:      t,
-		admin:  fmt.Sprintf("localhost:%d", freePort(t)),
-		proxy:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		admin:  fmt.Sprintf("localhost:%d", testkit.FreePort(t)),
+		proxy:  fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
 		client: &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}},
 	}
 	for i := range nBackends {
@@ -380,14 +336,6 @@ func (h *harness) waitProbes(before map[string]Status, n uint64, within time.Dur
 	return st
 }
 
-func countFDs(t testing.TB) int {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Skipf("no /proc/self/fd: %v", err)
-	}
-	return len(ents)
-}
-
 func TestIntegration(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
@@ -488,7 +436,7 @@ func TestIntegration(t *testing.T) {
 	acc0 := h.totalAccepts()
 	idle := http.DefaultTransport.(*http.Transport).CloseIdleConnections
 	idle() // the admin API client's keep-alive connection
-	fd0, g0 := countFDs(t), runtime.NumGoroutine()
+	fd0, g0 := testkit.CountFDs(t), runtime.NumGoroutine()
 	probes0 := h.statuses()[b1.addr].Probes
 	for i := range reloads {
 		h.extraKnob++
@@ -514,7 +462,7 @@ func TestIntegration(t *testing.T) {
 	var fd1, g1 int
 	waitFor(t, 5*time.Second, "fds and goroutines back to their count", func() bool {
 		idle()
-		fd1, g1 = countFDs(t), runtime.NumGoroutine()
+		fd1, g1 = testkit.CountFDs(t), runtime.NumGoroutine()
 		return fd1 <= fd0 && g1 <= g0+1
 	})
 	t.Logf("(5) %d reloads: fds %d -> %d, goroutines %d -> %d, 0 accepted", reloads+1, fd0, fd1, g0, g1)
@@ -538,7 +486,7 @@ func TestShutdownLeavesNothing(t *testing.T) {
 		t.Skip("integration test")
 	}
 	g0 := runtime.NumGoroutine()
-	fd0 := countFDs(t)
+	fd0 := testkit.CountFDs(t)
 	h := newHarness(t, 2)
 	h.waitProbes(nil, 5, 5*time.Second)
 	if err := caddy.Stop(); err != nil {
@@ -559,7 +507,7 @@ func TestShutdownLeavesNothing(t *testing.T) {
 	}
 	h.client.CloseIdleConnections()
 	waitFor(t, 5*time.Second, "goroutines and fds back", func() bool {
-		return runtime.NumGoroutine() <= g0+3 && countFDs(t) <= fd0+2
+		return runtime.NumGoroutine() <= g0+3 && testkit.CountFDs(t) <= fd0+2
 	})
 }
 
@@ -579,38 +527,6 @@ func TestAllDown(t *testing.T) {
 	}
 }
 
-// queueListener returns a listener on 127.0.0.1 with a backlog of 0
-// whose application never calls accept(), and a function that fills its
-// accept queue with one connection: the kernel then drops new SYNs and
-// probes time out. It is what a hung application looks like to a
-// half-open probe.
-func queueListener(t *testing.T) (addr string, fill func()) {
-	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { syscall.Close(fd) })
-	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, err := syscall.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr = fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
-	return addr, func() {
-		filler, err := net.DialTimeout("tcp", addr, time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { filler.Close() })
-	}
-}
-
 // TestTimeoutMarksDown checks the timeout path: an up address whose
 // accept queue fills up (the application hangs) drops SYNs; it goes down
 // within interval x fails + timeout, with the reason "timeout after
@@ -619,7 +535,8 @@ func TestTimeoutMarksDown(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	addr, fill := queueListener(t)
+	ap, fill := testkit.QueueListener(t, "127.0.0.1")
+	addr := ap.String()
 	h := newHarness(t, 1)
 	hung := &backend{t: t, name: "hung", addr: addr}
 	h.backends = append(h.backends, hung)
@@ -739,7 +656,7 @@ func TestStopAndReloadWhileProbing(t *testing.T) {
 			"admin":   map[string]any{"disabled": true},
 			"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
 			"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"p": map[string]any{
-				"listen":          []string{fmt.Sprintf("127.0.0.1:%d", freePort(t))},
+				"listen":          []string{fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))},
 				"automatic_https": map[string]any{"disable": true},
 				"routes": []any{map[string]any{"handle": []any{map[string]any{
 					"handler": "reverse_proxy",
@@ -795,8 +712,8 @@ func TestFirstProbesSpread(t *testing.T) {
 	}
 	h := &harness{
 		t:      t,
-		admin:  fmt.Sprintf("localhost:%d", freePort(t)),
-		proxy:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		admin:  fmt.Sprintf("localhost:%d", testkit.FreePort(t)),
+		proxy:  fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
 		client: &http.Client{Timeout: 5 * time.Second},
 	}
 	for i := range 4 {
@@ -881,7 +798,7 @@ func TestPanicThresholdFailsOpen(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	closed := freePort(t) // nothing listens there
+	closed := testkit.FreePort(t) // nothing listens there
 	h := newHarness(t, 2)
 	h.extra = map[string]any{"port": closed}
 	h.load(tInterval)

@@ -5,89 +5,15 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"net"
 	"os/exec"
 	"runtime"
-	"sync"
-	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
-
-// loadListeners are n listeners on 127.0.0.1 whose accept loops count every
-// connection. Sentinel connections, which announce themselves with a byte,
-// flush the accept queues before counting.
-type loadListeners struct {
-	addrs     []string
-	lns       []net.Listener
-	accepted  atomic.Int64
-	sentinels atomic.Int64
-	seen      chan struct{}
-	wg        sync.WaitGroup
-}
-
-func newLoadListeners(tb testing.TB, n int) *loadListeners {
-	tb.Helper()
-	l := &loadListeners{seen: make(chan struct{}, n)}
-	for range n {
-		ln, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			tb.Skipf("%d listeners: %v (raise RLIMIT_NOFILE)", n, err)
-		}
-		l.lns = append(l.lns, ln)
-		l.addrs = append(l.addrs, ln.Addr().String())
-		l.wg.Go(func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				l.wg.Go(func() {
-					defer c.Close()
-					c.SetReadDeadline(time.Now().Add(5 * time.Second))
-					var b [1]byte
-					if n, _ := c.Read(b[:]); n == 1 && b[0] == 'S' {
-						l.sentinels.Add(1)
-						l.seen <- struct{}{}
-					} else {
-						l.accepted.Add(1)
-					}
-				})
-			}
-		})
-	}
-	tb.Cleanup(func() {
-		for _, ln := range l.lns {
-			ln.Close()
-		}
-		l.wg.Wait()
-	})
-	return l
-}
-
-// probeAccepts flushes every accept queue with a sentinel connection (the
-// queues are FIFO: anything a probe left there is accepted first) and
-// returns the connections accepted that were not sentinels.
-func (l *loadListeners) probeAccepts(tb testing.TB) int64 {
-	tb.Helper()
-	for _, a := range l.addrs {
-		c, err := net.DialTimeout("tcp4", a, 5*time.Second)
-		if err != nil {
-			tb.Fatalf("sentinel to %s: %v", a, err)
-		}
-		c.Write([]byte{'S'})
-		select {
-		case <-l.seen:
-		case <-time.After(10 * time.Second):
-			tb.Fatalf("sentinel to %s never accepted", a)
-		}
-		c.Close()
-	}
-	return l.accepted.Load()
-}
 
 // loadConfig is a Caddy config with one reverse_proxy over ups, probed by
 // dynamic shaker; knob changes the config so that loading it reloads.
@@ -130,17 +56,17 @@ func TestReloadsWhileProbing1000(t *testing.T) {
 		t.Skip("load test")
 	}
 	const n, reloads = 1000, 100
-	l := newLoadListeners(t, n)
+	l := testkit.NewListeners(t, n, "tcp4", "127.0.0.1:0")
 	t.Cleanup(func() { caddy.Stop() })
-	if err := caddy.Load(loadConfig(t, l.addrs, "200ms", 0), true); err != nil {
+	if err := caddy.Load(loadConfig(t, l.Strings(), "200ms", 0), true); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "every address probed", func() bool { return engineProbes() >= 2*n })
 	runtime.GC()
-	fds0, gs0 := countFDs(t), runtime.NumGoroutine()
+	fds0, gs0 := testkit.CountFDs(t), runtime.NumGoroutine()
 
 	for i := 1; i <= reloads; i++ {
-		if err := caddy.Load(loadConfig(t, l.addrs, "200ms", i), true); err != nil {
+		if err := caddy.Load(loadConfig(t, l.Strings(), "200ms", i), true); err != nil {
 			t.Fatalf("reload %d: %v", i, err)
 		}
 	}
@@ -154,11 +80,11 @@ func TestReloadsWhileProbing1000(t *testing.T) {
 	var fds, gs int
 	waitFor(t, 10*time.Second, "fds and goroutines back to the baseline", func() bool {
 		runtime.GC()
-		fds, gs = countFDs(t), runtime.NumGoroutine()
+		fds, gs = testkit.CountFDs(t), runtime.NumGoroutine()
 		return fds <= fds0 && gs <= gs0
 	})
 	t.Logf("%d reloads while probing %d upstreams: fds %d -> %d, goroutines %d -> %d", reloads, n, fds0, fds, gs0, gs)
-	if a := l.probeAccepts(t); a != 0 {
+	if a := l.ProbeAccepts(t); a != 0 {
 		t.Fatalf("listeners accepted %d connections", a)
 	}
 }
@@ -173,7 +99,7 @@ func TestReloadsWhileProbing1000(t *testing.T) {
 //	go test -run '^$' -bench Load10k -benchtime 10s .
 func BenchmarkLoad10k(b *testing.B) {
 	const n = 10000
-	l := newLoadListeners(b, n)
+	l := testkit.NewListeners(b, n, "tcp4", "127.0.0.1:0")
 	for _, hog := range []bool{false, true} {
 		name := "idle"
 		if hog {
@@ -193,7 +119,7 @@ func BenchmarkLoad10k(b *testing.B) {
 			runtime.GC()
 			var m0, m1 runtime.MemStats
 			runtime.ReadMemStats(&m0)
-			if err := caddy.Load(loadConfig(b, l.addrs, "1s", 0), true); err != nil {
+			if err := caddy.Load(loadConfig(b, l.Strings(), "1s", 0), true); err != nil {
 				b.Fatal(err)
 			}
 			defer caddy.Stop()
@@ -202,7 +128,7 @@ func BenchmarkLoad10k(b *testing.B) {
 			runtime.GC()
 			runtime.ReadMemStats(&m1)
 			b.ResetTimer()
-			p0, cpu0, t0 := engineProbes(), cpuTime(), time.Now()
+			p0, cpu0, t0 := engineProbes(), testkit.CPUTime(), time.Now()
 			// -benchtime as a duration; 10 s otherwise (it is not a
 			// loop of b.N operations: the probes run on their own)
 			d := 10 * time.Second
@@ -210,7 +136,7 @@ func BenchmarkLoad10k(b *testing.B) {
 				d = bt
 			}
 			time.Sleep(d)
-			probes, cpu, wall := engineProbes()-p0, cpuTime()-cpu0, time.Since(t0)
+			probes, cpu, wall := engineProbes()-p0, testkit.CPUTime()-cpu0, time.Since(t0)
 			b.StopTimer()
 			e := engines.cur.Load()
 			worst := e.Stats().MaxCloseDelay
@@ -219,7 +145,7 @@ func BenchmarkLoad10k(b *testing.B) {
 			b.ReportMetric(100*cpu.Seconds()/wall.Seconds(), "%core")
 			b.ReportMetric(float64(m1.HeapAlloc-m0.HeapAlloc)/n, "heap-B/address")
 			b.ReportMetric(float64(worst.Microseconds())/1000, "worst-close-ms")
-			if a := l.probeAccepts(b); a != 0 {
+			if a := l.ProbeAccepts(b); a != 0 {
 				b.Fatalf("listeners accepted %d connections", a)
 			}
 		})
@@ -234,12 +160,6 @@ func benchTime() time.Duration {
 		}
 	}
 	return 0
-}
-
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func flagLookup(name string) string {

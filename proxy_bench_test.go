@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // BenchmarkProxy measures requests/s through Caddy to the same three
@@ -33,9 +35,9 @@ func BenchmarkProxy(b *testing.B) {
 		staticUps[i] = map[string]string{"dial": u}
 	}
 	ports := map[string]string{
-		"to":             fmt.Sprintf("127.0.0.1:%d", freePort(b)),
-		"dynamic_shaker": fmt.Sprintf("127.0.0.1:%d", freePort(b)),
-		"dynamic_a":      fmt.Sprintf("127.0.0.1:%d", freePort(b)),
+		"to":             fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
+		"dynamic_shaker": fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
+		"dynamic_a":      fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
 	}
 	// Caddy's own dynamic upstreams, unchecked, for the cost of Caddy's
 	// dynamic-upstream path itself: multi over one `a` source per

@@ -1,7 +1,6 @@
 package caddyshaker
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -23,6 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
@@ -283,7 +283,7 @@ func TestUnprivilegedProbes(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "-test.run=^TestHelperUnprivileged$", "-test.count=1", "-test.v")
+	cmd := exec.CommandContext(ctx, bin, testkit.TestArgs("TestHelperUnprivileged")...)
 	cmd.Dir = home
 	cmd.Env = []string{
 		secHelperEnv + "=1", "SHAKER_SECURITY_ADDR=" + addr,
@@ -301,13 +301,7 @@ func TestUnprivilegedProbes(t *testing.T) {
 		t.Fatalf("child as nobody: %v\n%s", err, out.String())
 	}
 	t.Logf("child:\n%s", out.String())
-	res := map[string][]string{}
-	sc := bufio.NewScanner(&out)
-	for sc.Scan() {
-		if f := strings.Fields(sc.Text()); len(f) > 1 && f[0] == "RESULT" {
-			res[f[1]] = f[2:]
-		}
-	}
+	res := testkit.ResultsByName(out.String())
 	if r := res["ids"]; len(r) != 2 || r[0] != "65534" || r[1] != "65534" {
 		t.Fatalf("child uid, euid %v: want 65534 65534", r)
 	}

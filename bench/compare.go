@@ -28,15 +28,14 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -44,6 +43,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
@@ -95,69 +95,6 @@ func (m *cmeasure) cpuPerCheck() float64 {
 // cores is the CPU it used, in cores.
 func (m *cmeasure) cores() float64 { return m.cpu.Seconds() / m.wall.Seconds() }
 
-// kernelCounters reads TcpExt EmbryonicRsts and Tcp PassiveOpens of this
-// process's network namespace.
-func kernelCounters() (resets, opens int64, err error) {
-	resets, err = procNetField("/proc/net/netstat", "TcpExt:", "EmbryonicRsts")
-	if err != nil {
-		return 0, 0, err
-	}
-	opens, err = procNetField("/proc/net/snmp", "Tcp:", "PassiveOpens")
-	return resets, opens, err
-}
-
-// procNetField reads one counter from a /proc/net/{snmp,netstat} file: a
-// line of names then a line of values, both starting with prefix.
-func procNetField(path, prefix, name string) (int64, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
-	}
-	var names []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != prefix {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		for i := range names {
-			if names[i] == name && i < len(f) {
-				return strconv.ParseInt(f[i], 10, 64)
-			}
-		}
-		break
-	}
-	return 0, fmt.Errorf("%s: no %s %s", path, prefix, name)
-}
-
-// procCPU is the user+sys time of process pid, all its threads, from
-// /proc/PID/stat (clock ticks of 10 ms).
-func procCPU(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	// After the command: state is field 3, utime 14, stime 15.
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
-	}
-	u, err1 := strconv.ParseInt(f[11], 10, 64)
-	s, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
-		return 0, err
-	}
-	const tick = 10 * time.Millisecond // USER_HZ 100 on Linux
-	return time.Duration(u+s) * tick, nil
-}
-
 // runChecker runs one round of one checker: warm-up, a window of d, a stop.
 func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool) (cmeasure, error) {
 	var m cmeasure
@@ -174,7 +111,7 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 	if err != nil {
 		return m, err
 	}
-	r0, o0, err := kernelCounters()
+	r0, o0, err := testkit.KernelCounters()
 	if err != nil {
 		return m, err
 	}
@@ -191,7 +128,7 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 	if err != nil {
 		return m, err
 	}
-	r1, o1, err := kernelCounters()
+	r1, o1, err := testkit.KernelCounters()
 	if err != nil {
 		return m, err
 	}
@@ -289,7 +226,7 @@ func (k *engineChecker) alive() error {
 	return nil
 }
 
-func (k *engineChecker) cpu() (time.Duration, error) { return cpuTime(), nil }
+func (k *engineChecker) cpu() (time.Duration, error) { return testkit.CPUTime(), nil }
 func (k *engineChecker) own() (int64, bool)          { return k.n.Load(), true }
 func (k *engineChecker) stop() error                 { return k.e.Close() }
 func (k *engineChecker) cleanup() {
@@ -316,7 +253,7 @@ func (ch *child) prepare(name string) (dir string, port int, err error) {
 		return "", 0, err
 	}
 	ch.dir = dir
-	port, err = freePort()
+	port, err = testkit.LoopbackPort()
 	return dir, port, err
 }
 
@@ -358,7 +295,7 @@ func (ch *child) tail() string {
 	return string(b)
 }
 
-func (ch *child) cpu() (time.Duration, error) { return procCPU(ch.cmd.Process.Pid) }
+func (ch *child) cpu() (time.Duration, error) { return testkit.ProcCPU(ch.cmd.Process.Pid) }
 func (ch *child) own() (int64, bool)          { return 0, false }
 
 // signal stops the child with sig and waits for it to exit.
@@ -388,16 +325,6 @@ func (ch *child) cleanup() {
 	if ch.dir != "" {
 		os.RemoveAll(ch.dir)
 	}
-}
-
-// freePort returns a port on 127.0.0.1 that nothing listens on now.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 // haproxyChecker: HAProxy with one server per listener, plain `check`.
@@ -502,11 +429,10 @@ func buildCaddy(dir string) (string, error) {
 // own (CLONE_NEWNET: needs root) and returns its exit status; ok is false
 // when the namespace cannot be created here.
 func inNewNetns(args []string) (status int, ok bool, err error) {
-	self, err := os.Executable()
+	cmd, err := testkit.Command(context.Background(), "", args...)
 	if err != nil {
 		return 0, false, err
 	}
-	cmd := exec.Command(self, args...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -55,6 +55,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
@@ -393,10 +394,10 @@ func run(p prober, ls *listeners, d time.Duration, c int) (measure, error) {
 	stop := make(chan struct{})
 	t := time.AfterFunc(d, func() { close(stop) })
 	defer t.Stop()
-	cpu0, wall0 := cpuTime(), time.Now()
+	cpu0, wall0 := testkit.CPUTime(), time.Now()
 	probes, failed, worst, err := p(ls.addrs, c, stop)
 	m := measure{probes: probes, failed: failed, maxCloseDelay: worst,
-		wall: time.Since(wall0), cpu: cpuTime() - cpu0}
+		wall: time.Since(wall0), cpu: testkit.CPUTime() - cpu0}
 	if err != nil {
 		return m, err
 	}
@@ -406,12 +407,6 @@ func run(p prober, ls *listeners, d time.Duration, c int) (measure, error) {
 	after, err := ls.accepted()
 	m.accepted = after - before
 	return m, err
-}
-
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func engineAsync(addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {
@@ -531,11 +526,10 @@ type listeners struct {
 }
 
 func startListeners(n int, any bool) (*listeners, error) {
-	self, err := os.Executable()
+	cmd, err := testkit.Command(context.Background(), "", "-serve", "-listeners", strconv.Itoa(n), "-serve-any="+strconv.FormatBool(any))
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(self, "-serve", "-listeners", strconv.Itoa(n), "-serve-any="+strconv.FormatBool(any))
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {
@@ -591,37 +585,26 @@ func (ls *listeners) stop() {
 }
 
 // serveListeners is the child: n listeners on 127.0.0.1 (or 0.0.0.0, which
-// answers every 127.x.y.z, with any) whose addresses it prints, one a line;
-// it answers "count" with the connections accepted so far and exits when
-// its stdin closes.
+// answers every 127.x.y.z, with any) whose addresses, on 127.0.0.1, it
+// prints, one a line; it answers "count" with the connections accepted so
+// far and exits when its stdin closes.
 func serveListeners(n int, any bool) {
-	var total atomic.Int64
 	host := "127.0.0.1"
 	if any {
 		host = "0.0.0.0"
 	}
-	for i := 0; i < n; i++ {
-		ln, err := net.Listen("tcp4", host+":0")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "bench -serve:", err)
-			os.Exit(1)
-		}
-		fmt.Println(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ln.Addr().(*net.TCPAddr).Port)))
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				total.Add(1)
-				c.Close()
-			}
-		}()
+	ls, err := testkit.ListenMany(n, "tcp4", host+":0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench -serve:", err)
+		os.Exit(1)
+	}
+	for _, l := range ls {
+		fmt.Println(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), l.Addr.Port()))
 	}
 	sc := bufio.NewScanner(os.Stdin)
 	for sc.Scan() {
 		if sc.Text() == "count" {
-			fmt.Println(total.Load())
+			fmt.Println(ls.Accepted())
 		}
 	}
 }

@@ -21,6 +21,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // expandAddrs returns n addresses over the listeners' ports: address i is
@@ -53,7 +55,7 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
-	aport, err := freePort()
+	aport, err := testkit.LoopbackPort()
 	if err != nil {
 		return err
 	}

@@ -9,12 +9,14 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // chains runs n probes against addrs with c chains of ProbeAsync, each
 // re-armed from its done callback, and waits for them. Apart from the
 // chains' setup it allocates nothing per probe.
-func chains(b testing.TB, e *Engine, addrs []*countingListener, c, n int) (failed int64) {
+func chains(b testing.TB, e *Engine, addrs []*testkit.Listener, c, n int) (failed int64) {
 	var started atomic.Int64
 	var fails atomic.Int64
 	var wg sync.WaitGroup
@@ -26,7 +28,7 @@ func chains(b testing.TB, e *Engine, addrs []*countingListener, c, n int) (faile
 			if k > int64(n) {
 				return false
 			}
-			e.ProbeAsync(addrs[int(k)%len(addrs)].addr, 5*time.Second, done)
+			e.ProbeAsync(addrs[int(k)%len(addrs)].Addr, 5*time.Second, done)
 			return true
 		}
 		done = func(r Result) {
@@ -54,9 +56,9 @@ func BenchmarkProbeAsync(b *testing.B) {
 }
 
 func benchmarkProbeAsync(b *testing.B, opts Options) {
-	ls := make([]*countingListener, 16)
+	ls := make([]*testkit.Listener, 16)
 	for i := range ls {
-		ls[i] = newCountingListener(b, "tcp4", "127.0.0.1:0")
+		ls[i] = testkit.NewListener(b, "tcp4", "127.0.0.1:0")
 	}
 	e := newEngine(b, opts)
 	chains(b, e, ls, 64, 10000) // warm up: slots, heap, queue at full size
@@ -68,7 +70,7 @@ func benchmarkProbeAsync(b *testing.B, opts Options) {
 	b.StopTimer()
 	var accepted int64
 	for _, l := range ls {
-		accepted += l.probeAccepts(b)
+		accepted += l.ProbeAccepts(b)
 	}
 	if accepted != 0 {
 		b.Fatalf("listeners accepted %d probes", accepted)
@@ -78,14 +80,14 @@ func benchmarkProbeAsync(b *testing.B, opts Options) {
 
 // BenchmarkProbe: blocking Probe from parallel goroutines.
 func BenchmarkProbe(b *testing.B) {
-	l := newCountingListener(b, "tcp4", "127.0.0.1:0")
+	l := testkit.NewListener(b, "tcp4", "127.0.0.1:0")
 	e := newEngine(b, Options{})
 	b.ReportAllocs()
 	b.SetParallelism(16)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			if r := e.Probe(ctx, l.addr); r.Err != nil {
+			if r := e.Probe(ctx, l.Addr); r.Err != nil {
 				b.Error(r.Err)
 			}
 			cancel()
@@ -105,7 +107,7 @@ func TestProbeAsyncNoAlloc(t *testing.T) {
 }
 
 func testProbeAsyncNoAlloc(t *testing.T, opts Options) {
-	ls := []*countingListener{newCountingListener(t, "tcp4", "127.0.0.1:0")}
+	ls := []*testkit.Listener{testkit.NewListener(t, "tcp4", "127.0.0.1:0")}
 	e := newEngine(t, opts)
 	chains(t, e, ls, 64, 5000)
 	const probes = 20000

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 var loopbacks = []struct{ name, network, ip string }{
@@ -35,19 +37,19 @@ func TestProbeOpen(t *testing.T) {
 	for _, lb := range loopbacks {
 		for _, path := range paths {
 			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
-				l := newCountingListener(t, lb.network, "["+lb.ip+"]:0")
+				l := testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
 				e := newEngine(t, path.opts)
-				r := e.Probe(probeCtx(t, 5*time.Second), l.addr)
+				r := e.Probe(probeCtx(t, 5*time.Second), l.Addr)
 				if r.Err != nil {
-					t.Fatalf("probe of open port %v: %v", l.addr, r.Err)
+					t.Fatalf("probe of open port %v: %v", l.Addr, r.Err)
 				}
-				if !r.Up() || r.Addr != l.addr {
-					t.Fatalf("result %+v, want up for %v", r, l.addr)
+				if !r.Up() || r.Addr != l.Addr {
+					t.Fatalf("result %+v, want up for %v", r, l.Addr)
 				}
 				if r.RTT <= 0 || r.Duration <= 0 {
 					t.Fatalf("RTT %v, Duration %v: want both > 0", r.RTT, r.Duration)
 				}
-				if n := l.probeAccepts(t); n != 0 {
+				if n := l.ProbeAccepts(t); n != 0 {
 					t.Fatalf("listener accepted %d probe connections", n)
 				}
 				if s := e.Stats(); s.Up != 1 || s.Total() != 1 {
@@ -62,7 +64,7 @@ func TestProbeRefused(t *testing.T) {
 	for _, lb := range loopbacks {
 		for _, path := range paths {
 			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
-				addr := boundNotListening(t, lb.ip)
+				addr := testkit.BoundNotListening(t, lb.ip)
 				e := newEngine(t, path.opts)
 				r := e.Probe(probeCtx(t, 5*time.Second), addr)
 				if !errors.Is(r.Err, ErrRefused) {
@@ -82,7 +84,7 @@ func TestProbeRefused(t *testing.T) {
 func TestProbeTimeoutFullAcceptQueue(t *testing.T) {
 	for _, lb := range loopbacks {
 		t.Run(lb.name, func(t *testing.T) {
-			addr := fullQueueListener(t, lb.ip)
+			addr := testkit.FullQueueListener(t, lb.ip)
 			e := newEngine(t, Options{})
 			const timeout = 200 * time.Millisecond
 			done := make(chan Result, 1)
@@ -113,7 +115,7 @@ func TestProbeTimeoutFullAcceptQueue(t *testing.T) {
 }
 
 func TestProbeContextCanceled(t *testing.T) {
-	addr := fullQueueListener(t, "127.0.0.1")
+	addr := testkit.FullQueueListener(t, "127.0.0.1")
 	e := newEngine(t, Options{})
 	ctx, cancel := context.WithCancel(context.Background())
 	res := make(chan Result, 1)
@@ -136,7 +138,7 @@ func TestProbeContextCanceled(t *testing.T) {
 }
 
 func TestProbeInvalidAddress(t *testing.T) {
-	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
 	e := newEngine(t, Options{})
 	for _, bad := range []netip.AddrPort{{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 0)} {
 		r := e.Probe(probeCtx(t, time.Second), bad)
@@ -145,15 +147,15 @@ func TestProbeInvalidAddress(t *testing.T) {
 		}
 	}
 	// The engine keeps running.
-	if r := e.Probe(probeCtx(t, 5*time.Second), l.addr); r.Err != nil {
+	if r := e.Probe(probeCtx(t, 5*time.Second), l.Addr); r.Err != nil {
 		t.Fatalf("probe after bad addresses: %v", r.Err)
 	}
 }
 
 func TestIPv4MappedIPv6(t *testing.T) {
-	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
 	e := newEngine(t, Options{})
-	mapped := netip.AddrPortFrom(netip.AddrFrom16(l.addr.Addr().As16()), l.addr.Port())
+	mapped := netip.AddrPortFrom(netip.AddrFrom16(l.Addr.Addr().As16()), l.Addr.Port())
 	if r := e.Probe(probeCtx(t, 5*time.Second), mapped); r.Err != nil {
 		t.Fatalf("probe of %v: %v", mapped, r.Err)
 	}
@@ -161,8 +163,8 @@ func TestIPv4MappedIPv6(t *testing.T) {
 
 // TestQueueBeyondCap: probes beyond MaxSockets wait, they do not fail.
 func TestQueueBeyondCap(t *testing.T) {
-	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
-	slow := fullQueueListener(t, "127.0.0.1")
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	slow := testkit.FullQueueListener(t, "127.0.0.1")
 	e := newEngine(t, Options{Loops: 1, MaxSockets: 2, epollOnly: true}) // answers wait in epoll: in flight
 	var wg sync.WaitGroup
 	var up, timedOut, maxInFlight atomic.Int64
@@ -187,7 +189,7 @@ func TestQueueBeyondCap(t *testing.T) {
 		})
 	}
 	for i := 0; i < 100; i++ {
-		e.ProbeAsync(l.addr, time.Second, func(r Result) {
+		e.ProbeAsync(l.Addr, time.Second, func(r Result) {
 			watch()
 			if r.Err == nil {
 				up.Add(1)
@@ -202,7 +204,7 @@ func TestQueueBeyondCap(t *testing.T) {
 	if up.Load() != 100 || timedOut.Load() != slowN {
 		t.Fatalf("up %d timed out %d, want 100 and %d", up.Load(), timedOut.Load(), slowN)
 	}
-	if n := l.probeAccepts(t); n != 0 {
+	if n := l.ProbeAccepts(t); n != 0 {
 		t.Fatalf("listener accepted %d probe connections", n)
 	}
 }
@@ -213,9 +215,9 @@ func TestStealth(t *testing.T) {
 	for _, lb := range loopbacks {
 		for _, path := range paths {
 			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
-				ls := make([]*countingListener, listeners)
+				ls := make([]*testkit.Listener, listeners)
 				for i := range ls {
-					ls[i] = newCountingListener(t, lb.network, "["+lb.ip+"]:0")
+					ls[i] = testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
 				}
 				e := newEngine(t, path.opts)
 				var started, up atomic.Int64
@@ -229,7 +231,7 @@ func TestStealth(t *testing.T) {
 						if n > probes {
 							return false
 						}
-						e.ProbeAsync(ls[int(n)%listeners].addr, 5*time.Second, done)
+						e.ProbeAsync(ls[int(n)%listeners].Addr, 5*time.Second, done)
 						return true
 					}
 					done = func(r Result) {
@@ -255,7 +257,7 @@ func TestStealth(t *testing.T) {
 				}
 				var accepted int64
 				for _, l := range ls {
-					accepted += l.probeAccepts(t)
+					accepted += l.ProbeAccepts(t)
 				}
 				s := e.Stats()
 				t.Logf("%d probes, worst SYN-ACK to close %v", probes, s.MaxCloseDelay)
@@ -273,11 +275,11 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 	for _, lb := range loopbacks {
 		for _, path := range paths {
 			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
-				ls := make([]*countingListener, 8)
+				ls := make([]*testkit.Listener, 8)
 				for i := range ls {
-					ls[i] = newCountingListener(t, lb.network, "["+lb.ip+"]:0")
+					ls[i] = testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
 				}
-				blackhole := fullQueueListener(t, lb.ip)
+				blackhole := testkit.FullQueueListener(t, lb.ip)
 				const rounds, perRound, held, closeAfter = 5, 8000, 2000, 2000
 				for round := 0; round < rounds; round++ {
 					opts := path.opts
@@ -307,7 +309,7 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 						e.ProbeAsync(blackhole, time.Minute, cb(perRound+i))
 					}
 					for i := 0; i < perRound; i++ {
-						e.ProbeAsync(ls[i%len(ls)].addr, time.Minute, cb(i))
+						e.ProbeAsync(ls[i%len(ls)].Addr, time.Minute, cb(i))
 					}
 					// Close while the loop is busy with thousands in flight.
 					<-closeNow
@@ -327,17 +329,17 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 					t.Logf("round %d: %d in flight at Close; %d up, %d closed; worst close delay %v", round, inFlight, upN.Load(), closedN.Load(), e.Stats().MaxCloseDelay)
 					// After Close: ErrClosed at once, from both calls.
 					var after Result
-					e.ProbeAsync(ls[0].addr, time.Second, func(r Result) { after = r })
+					e.ProbeAsync(ls[0].Addr, time.Second, func(r Result) { after = r })
 					if !errors.Is(after.Err, ErrClosed) {
 						t.Fatalf("ProbeAsync after Close: %v", after.Err)
 					}
-					if r := e.Probe(context.Background(), ls[0].addr); !errors.Is(r.Err, ErrClosed) {
+					if r := e.Probe(context.Background(), ls[0].Addr); !errors.Is(r.Err, ErrClosed) {
 						t.Fatalf("Probe after Close: %v", r.Err)
 					}
 				}
 				var accepted int64
 				for _, l := range ls {
-					accepted += l.probeAccepts(t)
+					accepted += l.ProbeAccepts(t)
 				}
 				if accepted != 0 {
 					t.Fatalf("listeners accepted %d connections from closed engines", accepted)
@@ -348,10 +350,10 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 }
 
 func TestNoLeaks(t *testing.T) {
-	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
-	closed := boundNotListening(t, "127.0.0.1")
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	closed := testkit.BoundNotListening(t, "127.0.0.1")
 	runtime.GC()
-	fds0, gs0 := countFDs(t), runtime.NumGoroutine()
+	fds0, gs0 := testkit.CountFDs(t), runtime.NumGoroutine()
 
 	e, err := New(Options{})
 	if err != nil {
@@ -362,7 +364,7 @@ func TestNoLeaks(t *testing.T) {
 	wg.Add(probes)
 	var bad atomic.Int64
 	for i := 0; i < probes; i++ {
-		addr, want := l.addr, error(nil)
+		addr, want := l.Addr, error(nil)
 		if i%4 == 0 {
 			addr, want = closed, ErrRefused
 		}
@@ -379,19 +381,19 @@ func TestNoLeaks(t *testing.T) {
 	}
 	// The engine holds its epoll fd and eventfd, and at most maxIdle
 	// sockets of each family kept for reuse.
-	if n := countFDs(t); n < fds0+2 || n > fds0+2+2*maxIdle {
+	if n := testkit.CountFDs(t); n < fds0+2 || n > fds0+2+2*maxIdle {
 		t.Fatalf("%d fds open after %d probes, want %d to %d", n, probes, fds0+2, fds0+2+2*maxIdle)
 	}
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := countFDs(t); n != fds0 {
+	if n := testkit.CountFDs(t); n != fds0 {
 		t.Fatalf("%d fds open after Close, want %d", n, fds0)
 	}
-	if n := waitGoroutines(gs0); n > gs0 {
+	if n := testkit.WaitGoroutines(gs0); n > gs0 {
 		t.Fatalf("%d goroutines after Close, want %d", n, gs0)
 	}
-	if n := l.probeAccepts(t); n != 0 {
+	if n := l.ProbeAccepts(t); n != 0 {
 		t.Fatalf("listener accepted %d probe connections", n)
 	}
 }
@@ -399,14 +401,14 @@ func TestNoLeaks(t *testing.T) {
 // TestConcurrentCallers: many goroutines call Probe and ProbeAsync while
 // the engine is closed under them (run with -race).
 func TestConcurrentCallers(t *testing.T) {
-	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
-	l6 := newCountingListener(t, "tcp6", "[::1]:0")
-	closed := boundNotListening(t, "127.0.0.1")
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	l6 := testkit.NewListener(t, "tcp6", "[::1]:0")
+	closed := testkit.BoundNotListening(t, "127.0.0.1")
 	e, err := New(Options{MaxSockets: 32})
 	if err != nil {
 		t.Fatal(err)
 	}
-	addrs := []netip.AddrPort{l.addr, l6.addr, closed}
+	addrs := []netip.AddrPort{l.Addr, l6.Addr, closed}
 	const workers, each = 16, 200
 	var wg sync.WaitGroup
 	var calls, results atomic.Int64
@@ -457,7 +459,7 @@ func TestConcurrentCallers(t *testing.T) {
 	if s.Total() != uint64(calls.Load()) {
 		t.Fatalf("stats count %d results, want %d: %+v", s.Total(), calls.Load(), s)
 	}
-	if n := l.probeAccepts(t) + l6.probeAccepts(t); n != 0 {
+	if n := l.ProbeAccepts(t) + l6.ProbeAccepts(t); n != 0 {
 		t.Fatalf("listeners accepted %d probe connections", n)
 	}
 }
@@ -503,18 +505,18 @@ func TestCloseIdempotent(t *testing.T) {
 // TestIPv6Zone: a zone names an interface, looked up by the caller; one that
 // names none fails that probe only.
 func TestIPv6Zone(t *testing.T) {
-	l := newCountingListener(t, "tcp6", "[::1]:0")
+	l := testkit.NewListener(t, "tcp6", "[::1]:0")
 	e := newEngine(t, Options{})
-	zoned := netip.AddrPortFrom(l.addr.Addr().WithZone("lo"), l.addr.Port())
+	zoned := netip.AddrPortFrom(l.Addr.Addr().WithZone("lo"), l.Addr.Port())
 	if r := e.Probe(probeCtx(t, 5*time.Second), zoned); r.Err != nil {
 		t.Fatalf("probe of %v: %v", zoned, r.Err)
 	}
-	bad := netip.AddrPortFrom(l.addr.Addr().WithZone("nosuchif0"), l.addr.Port())
+	bad := netip.AddrPortFrom(l.Addr.Addr().WithZone("nosuchif0"), l.Addr.Port())
 	r := e.Probe(probeCtx(t, 5*time.Second), bad)
 	if r.Err == nil || !strings.Contains(r.Err.Error(), "nosuchif0") {
 		t.Fatalf("probe of %v: %v, want an error naming the zone", bad, r.Err)
 	}
-	if r := e.Probe(probeCtx(t, 5*time.Second), l.addr); r.Err != nil {
+	if r := e.Probe(probeCtx(t, 5*time.Second), l.Addr); r.Err != nil {
 		t.Fatalf("probe after a bad zone: %v", r.Err)
 	}
 }

@@ -20,7 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // The lossy path: two network namespaces of the test's own, A (the
@@ -40,8 +40,8 @@ const (
 // returns their names. It skips, saying why, where this machine cannot.
 func lossyPath(t *testing.T) (nsA, nsB string) {
 	t.Helper()
-	nsA = testnet.Netns(t, false, "")
-	nsB = testnet.Netns(t, false, "")
+	nsA = testkit.Netns(t, false, "")
+	nsB = testkit.Netns(t, false, "")
 	if _, err := exec.LookPath("tc"); err != nil {
 		t.Skip("needs tc (Debian package iproute2)")
 	}
@@ -126,7 +126,7 @@ func TestLossyHelper(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	retrans0 := tcpExt(t, "TCPSynRetrans")
+	retrans0 := testkit.TCPExt(t, "TCPSynRetrans")
 	var up, timeouts atomic.Int64
 	var naive atomic.Int64
 	var wg sync.WaitGroup
@@ -151,24 +151,24 @@ func TestLossyHelper(t *testing.T) {
 				return
 			}
 			k++
-			e.ProbeAsync(ls[k%len(ls)].addr, 3*time.Second, done)
+			e.ProbeAsync(ls[k%len(ls)].Addr, 3*time.Second, done)
 		}
-		e.ProbeAsync(ls[k%len(ls)].addr, 3*time.Second, done)
+		e.ProbeAsync(ls[k%len(ls)].Addr, 3*time.Second, done)
 	}
 	wg.Wait()
 	st := e.Stats()
 	e.Close()
 	var accepted int64
 	for _, l := range ls {
-		accepted += l.probeAccepts(t)
+		accepted += l.ProbeAccepts(t)
 	}
-	fmt.Printf("RESULT %d %d %d %v %v %d\n", up.Load(), timeouts.Load(), tcpExt(t, "TCPSynRetrans")-retrans0,
+	fmt.Printf("RESULT %d %d %d %v %v %d\n", up.Load(), timeouts.Load(), testkit.TCPExt(t, "TCPSynRetrans")-retrans0,
 		st.MaxCloseDelay, time.Duration(naive.Load()), accepted)
 }
 
 // listenIn opens n counting listeners on lossyAddrB inside network
 // namespace ns: their sockets are made on a thread moved into ns.
-func listenIn(t *testing.T, ns string, n int) []*countingListener {
+func listenIn(t *testing.T, ns string, n int) []*testkit.Listener {
 	f, err := os.Open("/var/run/netns/" + ns)
 	if err != nil {
 		t.Fatal(err)
@@ -184,16 +184,16 @@ func listenIn(t *testing.T, ns string, n int) []*countingListener {
 	if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
 		t.Fatal(err)
 	}
-	var ls []*countingListener
+	var ls []*testkit.Listener
 	for i := 0; i < n; i++ {
-		ls = append(ls, newCountingListener(t, "tcp4", net.JoinHostPort(lossyAddrB, "0")))
+		ls = append(ls, testkit.NewListener(t, "tcp4", net.JoinHostPort(lossyAddrB, "0")))
 	}
 	if err := unix.Setns(int(own.Fd()), unix.CLONE_NEWNET); err != nil {
 		t.Fatal(err) // the thread stays locked and dies with the goroutine
 	}
 	for _, l := range ls {
-		if !l.addr.Addr().Is4() || l.addr.Addr() != netip.MustParseAddr(lossyAddrB) {
-			t.Fatalf("listener on %v", l.addr)
+		if !l.Addr.Addr().Is4() || l.Addr.Addr() != netip.MustParseAddr(lossyAddrB) {
+			t.Fatalf("listener on %v", l.Addr)
 		}
 	}
 	return ls

@@ -3,15 +3,12 @@
 package shaker
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,7 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/caddy-shaker/caddy-shaker/internal/testnet"
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // Some cases need a process of their own: a network namespace with
@@ -165,50 +162,24 @@ func helperEMFILE(t *testing.T) {
 func helperRSTs(t *testing.T) {
 	const probes = 1000
 	for _, path := range paths {
-		l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+		l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
 		e, err := New(path.opts)
 		if err != nil {
 			t.Fatal(err)
 		}
-		before := tcpExt(t, "EmbryonicRsts")
+		before := testkit.TCPExt(t, "EmbryonicRsts")
 		up := 0
 		for i := 0; i < probes; i++ {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			if e.Probe(ctx, l.addr).Err == nil {
+			if e.Probe(ctx, l.Addr).Err == nil {
 				up++
 			}
 			cancel()
 		}
 		e.Close()
-		rsts := tcpExt(t, "EmbryonicRsts") - before
-		fmt.Printf("RESULT %s %d %d %d\n", path.name, up, rsts, l.probeAccepts(t))
+		rsts := testkit.TCPExt(t, "EmbryonicRsts") - before
+		fmt.Printf("RESULT %s %d %d %d\n", path.name, up, rsts, l.ProbeAccepts(t))
 	}
-}
-
-// tcpExt reads a TcpExt counter of this network namespace.
-func tcpExt(t *testing.T, name string) int64 {
-	b, err := os.ReadFile("/proc/net/netstat")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.Split(string(b), "\n")
-	for i := 0; i+1 < len(lines); i++ {
-		keys, vals := strings.Fields(lines[i]), strings.Fields(lines[i+1])
-		if len(keys) == 0 || keys[0] != "TcpExt:" || len(vals) != len(keys) {
-			continue
-		}
-		for j, k := range keys {
-			if k == name {
-				v, err := strconv.ParseInt(vals[j], 10, 64)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return v
-			}
-		}
-	}
-	t.Fatalf("no TcpExt %s in /proc/net/netstat", name)
-	return 0
 }
 
 // TestEveryProbeResets: each probe's half-made connection is reset by an
@@ -217,7 +188,7 @@ func tcpExt(t *testing.T, name string) int64 {
 // in a network namespace of its own so that no other traffic moves the
 // counter.
 func TestEveryProbeResets(t *testing.T) {
-	ns := testnet.Netns(t, false, "")
+	ns := testkit.Netns(t, false, "")
 	res := runHelper(t, ns, "rsts")
 	if len(res) != len(paths) {
 		t.Fatalf("%d results, want %d", len(res), len(paths))
@@ -233,38 +204,15 @@ func TestEveryProbeResets(t *testing.T) {
 // namespace ns, and returns its RESULT lines, split into fields.
 func runHelper(t *testing.T, ns, mode string, env ...string) [][]string {
 	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	args := []string{self, "-test.run=^TestHelperProcess$", "-test.count=1"}
-	if ns != "" {
-		args = append([]string{"ip", "netns", "exec", ns}, args...)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
-	cmd.Env = append(append(os.Environ(), helperEnv+"="+mode), env...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("helper %s: %v\n%s", mode, err, out.String())
-	}
-	t.Logf("helper %s:\n%s", mode, out.String())
-	var results [][]string
-	sc := bufio.NewScanner(&out)
-	for sc.Scan() {
-		if f := strings.Fields(sc.Text()); len(f) > 0 && f[0] == "RESULT" {
-			results = append(results, f[1:])
-		}
-	}
-	return results
+	out := testkit.RunTest(t, ns, "TestHelperProcess", append([]string{helperEnv + "=" + mode}, env...)...)
+	t.Logf("helper %s:\n%s", mode, out)
+	return testkit.Results(out)
 }
 
 // TestOutcomesInNetns: dropped SYNs time out, ICMP rejects are
 // unreachable, with nftables rules in a namespace of the test's own.
 func TestOutcomesInNetns(t *testing.T) {
-	ns := testnet.Netns(t, true, `
+	ns := testkit.Netns(t, true, `
 table inet shaker_test {
 	chain in {
 		type filter hook input priority 0; policy accept;

@@ -3,6 +3,7 @@
 package shaker
 
 import (
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -71,10 +72,10 @@ func (c *everyCounter) wait(t *testing.T, n int, within time.Duration) {
 func TestEvery(t *testing.T) {
 	for _, path := range paths {
 		t.Run(path.name, func(t *testing.T) {
-			ls := make([]*countingListener, 8)
+			ls := make([]*testkit.Listener, 8)
 			for i := range ls {
 				// on 0.0.0.0: it answers every 127.x.y.z
-				ls[i] = newCountingListener(t, "tcp4", "0.0.0.0:0")
+				ls[i] = testkit.NewListener(t, "tcp4", "0.0.0.0:0")
 			}
 			opts := path.opts
 			opts.Loops = 2
@@ -85,7 +86,7 @@ func TestEvery(t *testing.T) {
 			for i := range cs {
 				cs[i] = newEveryCounter()
 				// 127.0.0.x: distinct addresses, spread over the loops
-				ap := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, byte(1 + i%4)}), ls[i%len(ls)].addr.Port())
+				ap := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, byte(1 + i%4)}), ls[i%len(ls)].Addr.Port())
 				ss[i] = e.Every(ap, Period{Interval: 10 * time.Millisecond, Timeout: time.Second, First: time.Duration(i) * time.Millisecond / 8}, cs[i].fn(0))
 			}
 			if s := e.Stats(); s.Scheduled != n || s.Loops != 2 {
@@ -124,7 +125,7 @@ func TestEvery(t *testing.T) {
 			}
 			var accepted int64
 			for _, l := range ls {
-				accepted += l.probeAccepts(t)
+				accepted += l.ProbeAccepts(t)
 			}
 			if accepted != 0 {
 				t.Fatalf("listeners accepted %d probe connections", accepted)
@@ -141,8 +142,8 @@ func TestEvery(t *testing.T) {
 // address (SYNs dropped: a full accept queue) hold no other schedule back,
 // whatever their number.
 func TestEveryDeadHostsFree(t *testing.T) {
-	live := newCountingListener(t, "tcp4", "127.0.0.1:0")
-	dead := fullQueueListener(t, "127.0.0.1")
+	live := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	dead := testkit.FullQueueListener(t, "127.0.0.1")
 	e := newEngine(t, Options{Loops: 1})
 	const deadN = 2000
 	var deadResults atomic.Int64
@@ -157,7 +158,7 @@ func TestEveryDeadHostsFree(t *testing.T) {
 		t.Cleanup(s.Stop)
 	}
 	c := newEveryCounter()
-	s := e.Every(live.addr, Period{Interval: 5 * time.Millisecond, Timeout: time.Second}, c.fn(0))
+	s := e.Every(live.Addr, Period{Interval: 5 * time.Millisecond, Timeout: time.Second}, c.fn(0))
 	t.Cleanup(s.Stop)
 	// Before the first dead probe times out (3 s), the live address must
 	// have been probed again and again: at 5 ms, hundreds of times; ask
@@ -176,7 +177,7 @@ func TestEveryDeadHostsFree(t *testing.T) {
 	if st := e.Stats(); st.InFlight < deadN/2 {
 		t.Fatalf("%d in flight: want the dead probes waiting for their timeout", st.InFlight)
 	}
-	if n := live.probeAccepts(t); n != 0 {
+	if n := live.ProbeAccepts(t); n != 0 {
 		t.Fatalf("listener accepted %d probe connections", n)
 	}
 }
@@ -184,14 +185,14 @@ func TestEveryDeadHostsFree(t *testing.T) {
 // TestEveryNextInterval: the callback's return sets the time to the next
 // probe; Stop from the callback ends the schedule.
 func TestEveryNextInterval(t *testing.T) {
-	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
 	e := newEngine(t, Options{Loops: 1})
 	var n atomic.Int64
 	stopped := make(chan struct{})
 	var s *Schedule
 	var mu sync.Mutex
 	mu.Lock()
-	s = e.Every(l.addr, Period{Interval: time.Hour, Timeout: time.Second}, func(r Result) time.Duration {
+	s = e.Every(l.Addr, Period{Interval: time.Hour, Timeout: time.Second}, func(r Result) time.Duration {
 		k := n.Add(1)
 		if k == 5 {
 			mu.Lock()
@@ -211,7 +212,7 @@ func TestEveryNextInterval(t *testing.T) {
 	// A probe after Stop would show here; wait for another schedule's
 	// several results to give it the chance.
 	c := newEveryCounter()
-	other := e.Every(l.addr, Period{Interval: time.Millisecond}, c.fn(0))
+	other := e.Every(l.Addr, Period{Interval: time.Millisecond}, c.fn(0))
 	c.wait(t, 10, 10*time.Second)
 	other.Stop()
 	if k := n.Load(); k != 5 {
@@ -222,8 +223,8 @@ func TestEveryNextInterval(t *testing.T) {
 // TestEveryClose: Close stops every schedule (callbacks are not called
 // with a Closed result), and Every after Close gives a stopped schedule.
 func TestEveryClose(t *testing.T) {
-	l := newCountingListener(t, "tcp4", "127.0.0.1:0")
-	dead := fullQueueListener(t, "127.0.0.1")
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	dead := testkit.FullQueueListener(t, "127.0.0.1")
 	e, err := New(Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -236,7 +237,7 @@ func TestEveryClose(t *testing.T) {
 		return 0
 	}
 	c := newEveryCounter()
-	e.Every(l.addr, Period{Interval: time.Millisecond}, c.fn(0))
+	e.Every(l.Addr, Period{Interval: time.Millisecond}, c.fn(0))
 	for i := 0; i < 100; i++ {
 		e.Every(dead, Period{Interval: time.Millisecond, Timeout: time.Minute}, fn)
 	}
@@ -246,7 +247,7 @@ func TestEveryClose(t *testing.T) {
 	if s := e.Stats(); s.Scheduled != 0 || s.InFlight != 0 || s.Sockets != 0 {
 		t.Fatalf("after Close: %+v", s)
 	}
-	s := e.Every(l.addr, Period{Interval: time.Millisecond}, c.fn(0))
+	s := e.Every(l.Addr, Period{Interval: time.Millisecond}, c.fn(0))
 	s.Stop()
 	if closedSeen.Load() {
 		t.Fatal("a callback was called with a Closed result")
@@ -254,7 +255,7 @@ func TestEveryClose(t *testing.T) {
 	if c.calls.Load() != calls {
 		t.Fatal("a callback was called after Close")
 	}
-	if n := l.probeAccepts(t); n != 0 {
+	if n := l.ProbeAccepts(t); n != 0 {
 		t.Fatalf("listener accepted %d probe connections", n)
 	}
 }

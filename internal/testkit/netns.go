@@ -1,8 +1,6 @@
 //go:build linux
 
-// Package testnet holds what the tests of several packages need to build
-// a network of their own: a network namespace with nftables rules.
-package testnet
+package testkit
 
 import (
 	"fmt"

@@ -89,9 +89,9 @@ func TestRealServers(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: runs in a network namespace of its own, and runs servers as their own users (CI runs as root)")
 	}
-	for _, tool := range []string{"ip", "mount", "sh"} {
+	for tool, pkg := range map[string]string{"ip": "iproute2", "mount": "mount", "sh": "dash"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s (Debian package iproute2 / util-linux; .ci/run installs them)", tool)
+			t.Skipf("needs %s (Debian package %s)", tool, pkg)
 		}
 	}
 	var found []string

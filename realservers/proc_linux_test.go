@@ -3,7 +3,6 @@
 package realservers
 
 import (
-	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -260,7 +259,7 @@ func version(bin string, want string, args ...string) string {
 	out, _ := exec.Command(bin, args...).CombinedOutput()
 	for line := range strings.Lines(string(out)) {
 		if strings.Contains(line, want) {
-			return string(bytes.TrimSpace([]byte(line)))
+			return strings.TrimSpace(line)
 		}
 	}
 	return ""

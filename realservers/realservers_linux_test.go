@@ -138,7 +138,10 @@ func TestRealServers(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the suite in its namespace: %v", err)
 	}
-	if !strings.Contains(string(out), "--- PASS: TestRealServers") {
+	if strings.Contains(string(out), "--- SKIP: TestRealServers ") {
+		t.Skip("skipped in its namespace; the output above says why")
+	}
+	if !strings.Contains(string(out), "--- PASS: TestRealServers ") {
 		t.Fatal("the suite in its namespace did not pass")
 	}
 }

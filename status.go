@@ -693,7 +693,7 @@ func (v *statusView) pageData() *statusPageData {
 		Pages:   v.pages,
 	}
 	count := func(label string, n int, class, state string) countLink {
-		return countLink{label, n, class, state, v.link(map[string]string{"state": state, "page": ""}), v.state == state}
+		return countLink{label, n, class, label, v.link(map[string]string{"state": state, "page": ""}), v.state == state}
 	}
 	d.Counts = []countLink{
 		count("addresses", v.sum.Addresses, "all", ""),

@@ -17,7 +17,9 @@
 	function reload() {
 		if (busy) return;
 		busy = true;
-		fetch(location.pathname + location.search, {
+		// the page's URL without user:password@ (which fetch refuses;
+		// the browser still sends the credentials it has for the site)
+		fetch(location.protocol + '//' + location.host + location.pathname + location.search, {
 			headers: { 'Accept': 'text/html' },
 			cache: 'no-store',
 			credentials: 'same-origin'

@@ -649,6 +649,7 @@ type statusRow struct {
 	Health, Class        string
 	Admin                string
 	RTT                  string
+	RTTStale             bool // of the last answered probe, not the last one
 	Err                  string
 	Checked, CheckedAt   string
 	Since, SinceAt       string
@@ -773,6 +774,7 @@ func (v *statusView) pageData() *statusPageData {
 		}
 		if s.LastRTTMicros > 0 {
 			r.RTT = formatMicros(s.LastRTTMicros)
+			r.RTTStale = s.LastError != ""
 		}
 		r.Err = s.LastError
 		if s.CheckedAt != nil {
@@ -816,8 +818,8 @@ func formatMicros(us int64) string {
 	return strconv.FormatFloat(float64(us)/1e6, 'f', 2, 64) + " s"
 }
 
-// ago says how long before now t was, to the second (to the tenth below
-// 10 s).
+// ago says how long before now t was: to the tenth of a second below
+// 10 s, to the second below 1 h, to the minute below 2 days, then in days.
 func ago(now, t time.Time) string {
 	d := now.Sub(t)
 	switch {
@@ -825,8 +827,12 @@ func ago(now, t time.Time) string {
 		return "just now"
 	case d < 10*time.Second:
 		return strconv.FormatFloat(d.Seconds(), 'f', 1, 64) + "s ago"
+	case d < time.Hour:
+		return d.Truncate(time.Second).String() + " ago"
+	case d < 48*time.Hour:
+		return strings.TrimSuffix(d.Truncate(time.Minute).String(), "0s") + " ago"
 	}
-	return d.Truncate(time.Second).String() + " ago"
+	return strconv.FormatInt(int64(d/(24*time.Hour)), 10) + "d ago"
 }
 
 // sparkline draws RTTs as an SVG path in a 120x24 box, one point per

@@ -481,6 +481,20 @@ func TestStatusCaddyfile(t *testing.T) {
 	}
 }
 
+func TestAgo(t *testing.T) {
+	for d, want := range map[time.Duration]string{
+		-time.Second:                                "just now",
+		1500 * time.Millisecond:                     "1.5s ago",
+		75*time.Second + time.Millisecond:           "1m15s ago",
+		3*time.Hour + 5*time.Minute + 7*time.Second: "3h5m ago",
+		200 * 24 * time.Hour:                        "200d ago",
+	} {
+		if got := ago(statusEpoch, statusEpoch.Add(-d)); got != want {
+			t.Errorf("ago(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
+
 func TestRTTPacking(t *testing.T) {
 	prev := uint16(0)
 	for _, us := range []int64{-5, 0, 1, 2, 100, 2047, 2048, 2049, 4095, 4096, 123456, 999999, 1 << 30, 1 << 40, 1 << 62} {

@@ -440,6 +440,8 @@ func TestStatusCaddyfile(t *testing.T) {
 		{":8080 {\n\tshaker_status {\n\t\trefresh 30s\n\t}\n}\n", `{"handler":"shaker_status","refresh":30000000000}`},
 		{":8080 {\n\thandle /shaker* {\n\t\tbasic_auth {\n\t\t\tadmin $2a$14$Zkx19XLiW6VYouLHR5NmfOFU0z2GTNmpkT/5qqR7hx4IjWJPDhjvG\n\t\t}\n\t\tshaker_status\n\t}\n\treverse_proxy 127.0.0.1:9\n}\n",
 			`"handler":"authentication"`},
+		{":8080 {\n\t@ops {\n\t\tpath /shaker*\n\t\tremote_ip 127.0.0.1/8 10.0.0.0/8\n\t}\n\tshaker_status @ops\n}\n",
+			`"remote_ip":{"ranges":["127.0.0.1/8","10.0.0.0/8"]}}],"handle":[{"handler":"shaker_status"}]`},
 	} {
 		out, err := adapt(tc.src)
 		if err != nil {

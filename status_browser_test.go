@@ -1,0 +1,304 @@
+package caddyshaker
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+)
+
+// statusPassword's bcrypt hash (cost 4: the page reloads every second and
+// each request checks it); user "admin".
+const (
+	statusPassword = "shaker"
+	statusHash     = "$2a$04$LffASIle/41c.qVR7JrL3OYNsVVZ2lyzfmPcQBcP/sI05cY2HfblG"
+)
+
+// chromiumPath returns Debian's chromium, or skips (fails when
+// SHAKER_REQUIRE_BROWSER is set, as .ci/run does).
+func chromiumPath(t *testing.T) string {
+	t.Helper()
+	for _, name := range []string{"chromium", "chromium-browser"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	const msg = "needs a headless browser: Debian's chromium package (apt-get install chromium); .ci/run installs it"
+	if os.Getenv("SHAKER_REQUIRE_BROWSER") != "" { // CI: a skip would hide the test
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+	return ""
+}
+
+// runChromium runs headless Chromium with args (a new profile each time),
+// bounded in time, and returns its standard output. The browser and its
+// children are in their own process group, killed by its id at the end.
+func runChromium(t *testing.T, bin string, args ...string) []byte {
+	t.Helper()
+	home := t.TempDir()
+	base := []string{
+		"--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--user-data-dir=" + filepath.Join(home, "profile"),
+		"--disable-dev-shm-usage", "--no-default-browser-check", "--disable-domain-reliability",
+		"--disable-features=Translate,MediaRouter,OptimizationHints",
+		"--hide-scrollbars", "--force-device-scale-factor=1",
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	cmd := exec.Command(bin, append(base, args...)...)
+	cmd.Env = append(os.Environ(), "HOME="+home)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting chromium: %v", err)
+	}
+	pgid := cmd.Process.Pid
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer syscall.Kill(-pgid, syscall.SIGKILL) // leftovers of the group, if any
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("chromium %v: %v\n%s", args, err, stderr.Bytes())
+		}
+	case <-ctx.Done():
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		<-done
+		t.Fatalf("chromium %v: no exit within 90s\n%s", args, stderr.Bytes())
+	}
+	return stdout.Bytes()
+}
+
+// TestStatusPageBrowser runs Caddy in-process with the status page mounted
+// behind basic_auth on a site whose proxies probe six backends, one of
+// them stopped, and loads the page in headless Chromium: the page, after
+// reloading its data in place (JavaScript, through basic_auth), shows the
+// stopped backend's address as down with its error, and the right counts.
+// It saves a screenshot; SHAKER_STATUS_SCREENSHOT=docs/status.png writes
+// the one README shows.
+func TestStatusPageBrowser(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	chromium := chromiumPath(t)
+	if out, err := exec.Command(chromium, "--version").CombinedOutput(); err != nil {
+		t.Skipf("chromium does not run: %v: %s", err, out)
+	}
+
+	// a history that fills in seconds
+	sampler.mu.Lock()
+	if sampler.refs != 0 {
+		sampler.mu.Unlock()
+		t.Fatal("the RTT sampler is already running")
+	}
+	old := sampler.every
+	sampler.every = 100 * time.Millisecond
+	sampler.mu.Unlock()
+	t.Cleanup(func() { // after Caddy stops
+		sampler.mu.Lock()
+		sampler.every = old
+		sampler.mu.Unlock()
+	})
+
+	var bs []*backend
+	for i := range 6 {
+		bs = append(bs, startBackend(t, fmt.Sprintf("b%d", i+1), "127.0.0.1:0"))
+	}
+	dead := bs[3]
+	dead.stop() // nothing listens there: refused
+
+	admin := fmt.Sprintf("localhost:%d", freePort(t))
+	site := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	caddyfile := fmt.Sprintf(`{
+	admin %s
+	auto_https off
+}
+http://%s {
+	handle /shaker* {
+		basic_auth {
+			admin %s
+		}
+		shaker_status {
+			refresh 1s
+		}
+	}
+	handle /web* {
+		reverse_proxy {
+			dynamic shaker %s %s %s %s {
+				interval 50ms
+				timeout 40ms
+			}
+		}
+	}
+	handle /api* {
+		reverse_proxy {
+			dynamic shaker %s %s {
+				interval 100ms
+				timeout 40ms
+			}
+		}
+	}
+}
+`, admin, site, statusHash, bs[0].addr, bs[1].addr, bs[2].addr, dead.addr, bs[4].addr, bs[5].addr)
+	cfg, warn, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil || len(warn) > 0 {
+		t.Fatalf("adapt: %v %v", err, warn)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatalf("caddy.Load: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("caddy.Stop: %v", err)
+		}
+	})
+
+	// every address probed, the dead one down, and a full RTT history
+	waitFor(t, 20*time.Second, "6 addresses probed, one down, a full RTT history", func() bool {
+		list := currentStatuses()
+		if len(list) != 6 {
+			return false
+		}
+		for i := range list {
+			s := &list[i]
+			if s.CheckedAt == nil || s.Healthy == (s.Address == dead.addr) {
+				return false
+			}
+			if s.Healthy && len(sampler.history(historyKey(nil, s))) < rttHistoryLen {
+				return false
+			}
+		}
+		return true
+	})
+
+	base := "http://" + site + "/shaker"
+	client := &http.Client{Timeout: 10 * time.Second}
+	get := func(user, accept string) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest("GET", base, nil)
+		if user != "" {
+			req.SetBasicAuth(user, statusPassword)
+		}
+		req.Header.Set("Accept", accept)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	if resp := get("", "text/html"); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("without a password: %s, want 401", resp.Status)
+	}
+	resp := get("admin", "application/json")
+	var doc struct {
+		Summary   statusSummary `json:"summary"`
+		Upstreams []struct {
+			Status
+			RTTHistory []*int64 `json:"rtt_history_us"`
+		} `json:"upstreams"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		t.Fatalf("JSON: %v", err)
+	}
+	if doc.Summary.Addresses != 6 || doc.Summary.Down != 1 || len(doc.Upstreams) != 6 {
+		t.Errorf("JSON: summary %+v, %d upstreams", doc.Summary, len(doc.Upstreams))
+	}
+
+	// The browser: the page as served, then reloaded in place by its
+	// script every second (virtual time runs 4.5 s ahead, waiting for
+	// the fetches).
+	u := "http://admin:" + statusPassword + "@" + site + "/shaker"
+	dom := string(runChromium(t, chromium, "--virtual-time-budget=4500", "--dump-dom", u))
+	if !strings.Contains(dom, `id="live"`) {
+		t.Fatalf("not the status page:\n%.2000s", dom)
+	}
+	if m := regexp.MustCompile(`data-refreshes="(\d+)"`).FindStringSubmatch(dom); m == nil {
+		t.Errorf("no data-refreshes attribute")
+	} else if n, _ := strconv.Atoi(m[1]); n < 1 {
+		t.Errorf("the page did not reload its data (data-refreshes=%d); refresh-status: %s", n, between(dom, `id="refresh-status"`, "</span>"))
+	}
+	if s := between(dom, `id="refresh-status" role="status">`, "</span>"); s != "" {
+		t.Errorf("refresh status: %q", s)
+	}
+	for key, want := range map[string]int{"addresses": 6, "up": 5, "down": 1, "failing": 0, "pending": 0, "upstreams": 6} {
+		re := regexp.MustCompile(`data-count="` + key + `"[^>]*>\s*<span class="n">(\d+)</span>`)
+		m := re.FindStringSubmatch(dom)
+		if m == nil {
+			t.Errorf("count %s not on the page", key)
+			continue
+		}
+		if n, _ := strconv.Atoi(m[1]); n != want {
+			t.Errorf("count %s: %d, want %d", key, n, want)
+		}
+	}
+	rows := regexp.MustCompile(`(?s)<tr class="(\w+)">(.*?)</tr>`).FindAllStringSubmatch(dom, -1)
+	if len(rows) != 6 {
+		t.Errorf("%d rows, want 6", len(rows))
+	}
+	seen := 0
+	for _, r := range rows {
+		text := tagsRE.ReplaceAllString(r[2], " ")
+		if !strings.Contains(r[2], ">"+dead.addr+"<") {
+			if r[1] != "up" || strings.Contains(text, "refused") || !strings.Contains(r[2], "<path d=") {
+				t.Errorf("live backend's row: class %q, %s", r[1], strings.Join(strings.Fields(text), " "))
+			}
+			continue
+		}
+		seen++
+		if r[1] != "down" || !strings.Contains(text, " down ") || !strings.Contains(text, " refused ") {
+			t.Errorf("the stopped backend's row does not say down, refused: class %q, %s", r[1], strings.Join(strings.Fields(text), " "))
+		}
+	}
+	if seen != 1 {
+		t.Errorf("the stopped backend %s: %d rows, want 1", dead.addr, seen)
+	}
+
+	// the screenshot
+	shot := os.Getenv("SHAKER_STATUS_SCREENSHOT")
+	if shot == "" {
+		shot = filepath.Join(t.TempDir(), "status.png")
+	} else if shot, err = filepath.Abs(shot); err != nil {
+		t.Fatal(err)
+	}
+	runChromium(t, chromium, "--virtual-time-budget=1500", "--window-size=1280,380", "--screenshot="+shot, u)
+	png, err := os.ReadFile(shot)
+	if err != nil {
+		t.Fatalf("no screenshot: %v", err)
+	}
+	if !bytes.HasPrefix(png, []byte("\x89PNG\r\n\x1a\n")) || len(png) < 10000 {
+		t.Errorf("screenshot %s: not a PNG of a page (%d bytes)", shot, len(png))
+	}
+	t.Logf("screenshot: %s (%d bytes)", shot, len(png))
+}
+
+var tagsRE = regexp.MustCompile(`<[^>]*>`)
+
+// between returns the text of s between the first from and the next to.
+func between(s, from, to string) string {
+	i := strings.Index(s, from)
+	if i < 0 {
+		return ""
+	}
+	s = s[i+len(from):]
+	if j := strings.Index(s, to); j >= 0 {
+		return s[:j]
+	}
+	return s
+}

@@ -1,0 +1,193 @@
+package caddyshaker
+
+import (
+	"context"
+	"math/bits"
+	"sync"
+	"time"
+)
+
+// The RTT history of the status page: while at least one shaker_status
+// handler is provisioned, a process-wide sampler reads the statuses every
+// rttSampleEvery and keeps the last rttHistoryLen RTTs of each address, 2
+// bytes each. Addresses no longer probed are dropped at the next sample.
+// It lives here, not in the health state, so that the probing path pays
+// nothing for it.
+const (
+	// rttHistoryLen samples of rttSampleEvery: 5 minutes.
+	rttHistoryLen = 60
+	// DefaultRTTSampleEvery is the period of the RTT history's samples.
+	DefaultRTTSampleEvery = 5 * time.Second
+)
+
+// sampler is the process's one RTT history.
+var sampler = &rttSampler{every: DefaultRTTSampleEvery}
+
+// rttSampler samples RTTs while it has references.
+type rttSampler struct {
+	mu     sync.Mutex
+	every  time.Duration // period; tests shorten it
+	refs   int
+	stop   context.CancelFunc
+	done   chan struct{}
+	rings  map[string]*rttRing // historyKey -> ring
+	gen    uint32
+	source func() []Status
+}
+
+// rttRing is one address's last RTTs (packed, see packRTT; 0 = no
+// sample), oldest at next once full. 128 bytes.
+type rttRing struct {
+	buf  [rttHistoryLen]uint16
+	n    uint8 // samples held
+	next uint8 // where the next one goes
+	gen  uint32
+}
+
+// acquire takes a reference; the first starts sampling source.
+func (s *rttSampler) acquire(source func() []Status) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.refs++
+	if s.refs > 1 {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stop, s.done, s.source = cancel, make(chan struct{}), source
+	s.rings = make(map[string]*rttRing)
+	go s.run(ctx, s.every, s.done)
+}
+
+// release drops a reference; the last stops sampling, waits for the
+// sampling goroutine to end and frees the history.
+func (s *rttSampler) release() {
+	s.mu.Lock()
+	s.refs--
+	if s.refs > 0 {
+		s.mu.Unlock()
+		return
+	}
+	stop, done := s.stop, s.done
+	s.stop, s.done, s.source, s.rings = nil, nil, nil, nil
+	s.mu.Unlock()
+	stop()
+	<-done
+}
+
+func (s *rttSampler) run(ctx context.Context, every time.Duration, done chan struct{}) {
+	defer close(done)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		s.mu.Lock()
+		source := s.source
+		s.mu.Unlock()
+		if source != nil {
+			s.record(source())
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// record adds one sample of every address to the history and drops the
+// addresses that are gone.
+func (s *rttSampler) record(list []Status) {
+	key := make([]byte, 0, 64)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.rings == nil {
+		return // released meanwhile
+	}
+	s.gen++
+	for i := range list {
+		st := &list[i]
+		key = historyKey(key[:0], st)
+		r := s.rings[string(key)]
+		if r == nil {
+			r = new(rttRing)
+			s.rings[string(key)] = r
+		}
+		r.gen = s.gen
+		var x uint16
+		if st.Healthy && st.CheckedAt != nil && st.LastError == "" {
+			x = packRTT(st.LastRTTMicros)
+		}
+		r.buf[r.next] = x
+		r.next = uint8((int(r.next) + 1) % rttHistoryLen)
+		if int(r.n) < rttHistoryLen {
+			r.n++
+		}
+	}
+	for k, r := range s.rings {
+		if r.gen != s.gen {
+			delete(s.rings, k)
+		}
+	}
+}
+
+// history returns the samples of the address with this key, oldest
+// first; nil when there are none.
+func (s *rttSampler) history(key []byte) rttHistory {
+	if s == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.rings[string(key)]
+	if r == nil || r.n == 0 {
+		return nil
+	}
+	out := make(rttHistory, r.n)
+	start := (int(r.next) - int(r.n) + rttHistoryLen) % rttHistoryLen
+	for i := range out {
+		out[i] = r.buf[(start+i)%rttHistoryLen]
+	}
+	return out
+}
+
+// period returns the sampling period.
+func (s *rttSampler) period() time.Duration {
+	if s == nil {
+		return DefaultRTTSampleEvery
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.every
+}
+
+// historyKey appends the key of an address's history: the address and
+// its probe settings, as the registry keeps one checker per pair.
+func historyKey(b []byte, s *Status) []byte {
+	b = append(b, s.Address...)
+	for _, x := range []string{s.Interval, s.Timeout, s.FastInterval, s.DownInterval} {
+		b = append(b, ' ')
+		b = append(b, x...)
+	}
+	return b
+}
+
+// packRTT packs microseconds into 16 bits, a small float: below 2048 µs
+// exact, above with 11 significant bits (an error under 0.1%), up to
+// about 50 days. 0 is kept for "no sample", so 0 µs packs as 1.
+func packRTT(us int64) uint16 {
+	if us < 1 {
+		return 1
+	}
+	if us < 2048 {
+		return uint16(us)
+	}
+	shift := bits.Len64(uint64(us)) - 11 // us>>shift in [1024, 2048)
+	if shift > 31 {
+		return 0xffff
+	}
+	return uint16(shift)<<11 | uint16(us>>shift)
+}
+
+// unpackRTT is packRTT's inverse (rounded down).
+func unpackRTT(x uint16) int64 {
+	return int64(x&0x7ff) << (x >> 11)
+}

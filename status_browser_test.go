@@ -18,6 +18,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // statusPassword's bcrypt hash (cost 4: the page reloads every second and
@@ -123,8 +125,8 @@ func TestStatusPageBrowser(t *testing.T) {
 	dead := bs[3]
 	dead.stop() // nothing listens there: refused
 
-	admin := fmt.Sprintf("localhost:%d", freePort(t))
-	site := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("localhost:%d", testkit.FreePort(t))
+	site := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	caddyfile := fmt.Sprintf(`{
 	admin %s
 	auto_https off

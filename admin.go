@@ -4,8 +4,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
 // adminAPI is a module that provides the /shaker/upstreams endpoint of
@@ -20,14 +24,93 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Routes returns a route for the /shaker/upstreams endpoint.
+// Routes returns the routes of the /shaker/upstreams and /shaker/engine
+// endpoints.
 func (a adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{
 			Pattern: "/shaker/upstreams",
 			Handler: caddy.AdminHandlerFunc(a.handleUpstreams),
 		},
+		{
+			Pattern: "/shaker/engine",
+			Handler: caddy.AdminHandlerFunc(a.handleEngine),
+		},
 	}
+}
+
+// EngineStatus is the probe engine's state, as GET /shaker/engine shows
+// it.
+type EngineStatus struct {
+	// Running is false when no config uses the plugin.
+	Running bool `json:"running"`
+	// HalfOpen is true where probes are half-open by construction (Linux).
+	HalfOpen bool `json:"half_open"`
+	// Loops, Sockets and MaxSockets: the engine's loops, probe sockets
+	// open, and their bound.
+	Loops      int `json:"loops"`
+	Sockets    int `json:"sockets"`
+	MaxSockets int `json:"max_sockets"`
+	// InFlight: probes whose SYN is out; Scheduled: periodic probes.
+	InFlight  int `json:"in_flight"`
+	Scheduled int `json:"scheduled"`
+	// Overdue: periodic probes past their time and not started; LagMs:
+	// how late the most overdue one is, in milliseconds.
+	Overdue int     `json:"overdue"`
+	LagMs   float64 `json:"lag_ms"`
+	// LateProbes: periodic probes that started later than a quarter of
+	// their interval, since the engine started.
+	LateProbes uint64 `json:"late_probes"`
+	// MaxCloseDelayMs: the worst SYN-ACK-to-close delay seen, in ms.
+	MaxCloseDelayMs float64 `json:"max_close_delay_ms"`
+	// Advice says what to do when the engine does not keep its schedule
+	// or closes sockets late; "" when all is well.
+	Advice string `json:"advice,omitempty"`
+}
+
+// engineStatus reads the engine's state.
+func engineStatus() EngineStatus {
+	e := engines.cur.Load()
+	if e == nil {
+		return EngineStatus{HalfOpen: shaker.HalfOpen()}
+	}
+	st := e.Stats()
+	es := EngineStatus{
+		Running: true, HalfOpen: shaker.HalfOpen(),
+		Loops: st.Loops, Sockets: st.Sockets, MaxSockets: st.MaxSockets,
+		InFlight: st.InFlight, Scheduled: st.Scheduled,
+		Overdue: st.Overdue, LagMs: float64(st.Lag.Microseconds()) / 1000,
+		LateProbes:      st.Late,
+		MaxCloseDelayMs: float64(st.MaxCloseDelay.Microseconds()) / 1000,
+	}
+	var advice []string
+	if st.Overdue > 0 || st.Lag > time.Second {
+		if st.Sockets >= st.MaxSockets {
+			advice = append(advice, "probe sockets are all taken (many addresses waiting for their timeout): raise max_sockets (and Caddy's open-file limit), or shorten the timeout")
+		}
+		advice = append(advice, "probes start late: give Caddy more CPU, set loops to the number of cores, or probe less often (a longer interval)")
+	}
+	if st.MaxCloseDelay > closeDelayWarn {
+		advice = append(advice, "sockets were closed late after their SYN-ACK (at 200 ms the backend gets a real connection): the machine is overloaded")
+	}
+	es.Advice = strings.Join(advice, "; ")
+	return es
+}
+
+// handleEngine answers GET /shaker/engine with the engine's state (see
+// EngineStatus).
+func (adminAPI) handleEngine(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet {
+		return caddy.APIError{
+			HTTPStatus: http.StatusMethodNotAllowed,
+			Err:        fmt.Errorf("method not allowed"),
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if err := json.NewEncoder(w).Encode(engineStatus()); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
+	}
+	return nil
 }
 
 // handleUpstreams answers GET /shaker/upstreams with a JSON array with

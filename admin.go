@@ -100,22 +100,18 @@ func engineStatus() EngineStatus {
 // handleEngine answers GET /shaker/engine with the engine's state (see
 // EngineStatus).
 func (adminAPI) handleEngine(w http.ResponseWriter, r *http.Request) error {
-	if r.Method != http.MethodGet {
-		return caddy.APIError{
-			HTTPStatus: http.StatusMethodNotAllowed,
-			Err:        fmt.Errorf("method not allowed"),
-		}
-	}
-	w.Header().Set("Content-Type", "application/json")
-	if err := json.NewEncoder(w).Encode(engineStatus()); err != nil {
-		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
-	}
-	return nil
+	return serveJSON(w, r, func() any { return engineStatus() })
 }
 
 // handleUpstreams answers GET /shaker/upstreams with a JSON array with
 // one object per probed address (see Status), sorted by upstream.
 func (adminAPI) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
+	return serveJSON(w, r, func() any { return currentStatuses() })
+}
+
+// serveJSON answers a GET with what v returns, as JSON; other methods
+// get 405.
+func serveJSON(w http.ResponseWriter, r *http.Request, v func() any) error {
 	if r.Method != http.MethodGet {
 		return caddy.APIError{
 			HTTPStatus: http.StatusMethodNotAllowed,
@@ -123,11 +119,8 @@ func (adminAPI) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	w.Header().Set("Content-Type", "application/json")
-	if err := json.NewEncoder(w).Encode(currentStatuses()); err != nil {
-		return caddy.APIError{
-			HTTPStatus: http.StatusInternalServerError,
-			Err:        err,
-		}
+	if err := json.NewEncoder(w).Encode(v()); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
 	}
 	return nil
 }

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // The checkers: each one a process of its own, checking every server at
@@ -71,7 +73,7 @@ func (c *caddyChecker) label() string {
 func (c *caddyChecker) start(t *testing.T, servers []server) {
 	t.Helper()
 	dir := t.TempDir()
-	c.admin = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	c.admin = fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	c.hc = &http.Client{Timeout: 30 * time.Second}
 	srvs := map[string]any{}
 	for _, s := range servers {
@@ -92,7 +94,7 @@ func (c *caddyChecker) start(t *testing.T, servers []server) {
 			}}
 		}
 		srvs[s.name()] = map[string]any{
-			"listen":          []string{fmt.Sprintf("127.0.0.1:%d", freePort(t))},
+			"listen":          []string{fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))},
 			"automatic_https": map[string]any{"disable": true},
 			"routes":          []any{map[string]any{"handle": []any{h}}},
 		}
@@ -232,7 +234,7 @@ defaults
 `, c.dir, probeTimeout.Milliseconds())
 	for _, s := range servers {
 		fmt.Fprintf(&b, "\nlisten %s\n\tbind 127.0.0.1:%d\n\tserver s %s check inter %dms\n",
-			s.name(), freePort(t), s.target(), probeInterval.Milliseconds())
+			s.name(), testkit.FreePort(t), s.target(), probeInterval.Milliseconds())
 	}
 	cfg := filepath.Join(c.dir, "haproxy.cfg")
 	if err := os.WriteFile(cfg, []byte(b.String()), 0o644); err != nil {

@@ -4,8 +4,6 @@ package realservers
 
 import (
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -183,31 +181,6 @@ func ownedDir(t *testing.T, dir, name string, cred *syscall.Credential) string {
 	return p
 }
 
-// freePort returns a port free on 127.0.0.1 now, below the kernel's
-// ephemeral range, from which the probes take their source ports.
-func freePort(t *testing.T) int {
-	t.Helper()
-	low := 32768
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil && n > 4096 {
-				low = n
-			}
-		}
-	}
-	for range 1000 {
-		port := 2048 + rand.IntN(low-2048)
-		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-		if err != nil {
-			continue
-		}
-		ln.Close()
-		return port
-	}
-	t.Fatalf("no free port below %d", low)
-	return 0
-}
-
 // countLines counts the lines of s, and those that contain sub.
 func countLines(s, sub string) (all, matching int64) {
 	for line := range strings.Lines(s) {
@@ -217,40 +190,6 @@ func countLines(s, sub string) (all, matching int64) {
 		}
 	}
 	return all, matching
-}
-
-// kernelCounter reads one counter of this network namespace from a
-// /proc/net/{snmp,netstat} file: a line of names then a line of values,
-// both starting with prefix.
-func kernelCounter(t *testing.T, path, prefix, name string) int64 {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for line := range strings.Lines(string(b)) {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != prefix {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		for i := range names {
-			if names[i] == name && i < len(f) {
-				n, err := strconv.ParseInt(f[i], 10, 64)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return n
-			}
-		}
-		break
-	}
-	t.Fatalf("%s: no %s %s", path, prefix, name)
-	return 0
 }
 
 // version runs bin with args and returns the first line of its output

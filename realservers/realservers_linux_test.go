@@ -275,7 +275,7 @@ func control(t *testing.T, s server) {
 // server's kernel got the checker's RST for a half-made connection).
 func snapshot(t *testing.T, servers []server) map[string]int64 {
 	t.Helper()
-	m := map[string]int64{"kernel/embryonic": kernelCounter(t, "/proc/net/netstat", "TcpExt:", "EmbryonicRsts")}
+	m := map[string]int64{"kernel/embryonic": testkit.TCPExt(t, "EmbryonicRsts")}
 	for _, s := range servers {
 		for k, v := range s.read(t) {
 			m[s.name()+"/"+k] = v

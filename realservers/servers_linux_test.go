@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 // The servers: throwaway instances in the test's temporary directory, each
@@ -139,7 +141,7 @@ func startPostgres(t *testing.T, env *testEnv, bin string) server {
 	cred, _ := account(t, "postgres") // postgres refuses to run as root
 	data := ownedDir(t, env.dir, "pgdata", cred)
 	run(t, cred, initdb, "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C")
-	port := freePort(t)
+	port := testkit.FreePort(t)
 	s := &postgres{addr: fmt.Sprintf("127.0.0.1:%d", port), ver: version(bin, "postgres", "--version")}
 	s.p = startProc(t, "postgres", filepath.Join(env.dir, "postgres.log"), data, cred, syscall.SIGINT, bin,
 		"-D", data,
@@ -242,7 +244,7 @@ func startMariaDB(t *testing.T, env *testEnv, bin string) server {
 		checkersAddr+" proxy.realservers.test\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	port := freePort(t)
+	port := testkit.FreePort(t)
 	s := &mariadb{
 		addr:   net.JoinHostPort(mariadbAddr, strconv.Itoa(port)),
 		ver:    version(bin, "Ver", "--version"),
@@ -382,7 +384,7 @@ func startSSHD(t *testing.T, env *testEnv, bin string) server {
 	dir := ownedDir(t, env.dir, "sshd", cred)
 	key := filepath.Join(dir, "host_ed25519")
 	run(t, cred, keygen, "-q", "-t", "ed25519", "-N", "", "-f", key)
-	port := freePort(t)
+	port := testkit.FreePort(t)
 	s := &sshd{addr: fmt.Sprintf("127.0.0.1:%d", port), ver: version(bin, "OpenSSH", "-V")}
 	cfg := filepath.Join(dir, "sshd_config")
 	if err := os.WriteFile(cfg, fmt.Appendf(nil, `Port %d
@@ -445,7 +447,7 @@ type nginx struct {
 
 func startNginx(t *testing.T, env *testEnv, bin string) server {
 	dir := ownedDir(t, env.dir, "nginx", nil)
-	port, sport := freePort(t), freePort(t)
+	port, sport := testkit.FreePort(t), testkit.FreePort(t)
 	s := &nginx{
 		addr:   fmt.Sprintf("127.0.0.1:%d", port),
 		status: fmt.Sprintf("http://127.0.0.1:%d/status", sport),
@@ -567,7 +569,7 @@ type redis struct {
 
 func startRedis(t *testing.T, env *testEnv, bin string) server {
 	dir := ownedDir(t, env.dir, "redis", nil)
-	port := freePort(t)
+	port := testkit.FreePort(t)
 	s := &redis{addr: fmt.Sprintf("127.0.0.1:%d", port), ver: version(bin, "v=", "--version")}
 	s.p = startProc(t, "redis-server", filepath.Join(env.dir, "redis.log"), dir, nil, syscall.SIGTERM, bin,
 		"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--dir", dir,

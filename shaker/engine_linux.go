@@ -113,6 +113,23 @@ func (s *Schedule) Stop() {
 	l.mu.Unlock()
 }
 
+// Now starts the schedule's next probe at once, in the loop's next turn,
+// and the schedule goes on from there. While a probe of it is in flight it
+// does nothing: that probe's result comes soon anyway. Now is cheap, safe
+// from any goroutine, and does nothing on a stopped schedule.
+func (s *Schedule) Now() {
+	if s == nil || s.stopped.Load() || s.l == nil {
+		return
+	}
+	l := s.l
+	l.mu.Lock()
+	if !l.closed {
+		l.nows = append(l.nows, s)
+		l.wakeLocked()
+	}
+	l.mu.Unlock()
+}
+
 // loop is one epoll instance and its goroutine.
 type loop struct {
 	e      *Engine
@@ -124,6 +141,7 @@ type loop struct {
 	queue    ring        // one-off probes waiting to start
 	adds     []*Schedule // schedules to take in
 	stops    []*Schedule // schedules to drop
+	nows     []*Schedule // schedules to probe at once (Schedule.Now)
 	closed   bool
 	sleeping bool // the loop is in, or about to enter, a blocking epoll_wait
 
@@ -138,6 +156,7 @@ type loop struct {
 	batch       []request
 	addBuf      []*Schedule
 	stopBuf     []*Schedule
+	nowBuf      []*Schedule
 	results     []pending
 	idle        [2][]int // sockets kept for reuse, IPv4 and IPv6
 	tcpInfo     unix.TCPInfo
@@ -381,13 +400,14 @@ func (l *loop) run() {
 		}
 		l.addBuf, l.adds = l.adds, l.addBuf[:0]
 		l.stopBuf, l.stops = l.stops, l.stopBuf[:0]
+		l.nowBuf, l.nows = l.nows, l.nowBuf[:0]
 		l.mu.Unlock()
 		l.takeSchedules()
 
 		wait := l.waitMs(l.e.now())
 		if wait != 0 {
 			l.mu.Lock()
-			if l.closed || len(l.adds) > 0 || len(l.stops) > 0 || l.queue.n > 0 && len(l.heap) < l.budget {
+			if l.closed || len(l.adds) > 0 || len(l.stops) > 0 || len(l.nows) > 0 || l.queue.n > 0 && len(l.heap) < l.budget {
 				wait = 0
 			} else {
 				l.sleeping = true
@@ -479,7 +499,19 @@ func (l *loop) takeSchedules() {
 			l.timerRemove(int(s.idx))
 		}
 	}
-	l.addBuf, l.stopBuf = l.addBuf[:0], l.stopBuf[:0]
+	if len(l.nowBuf) > 0 {
+		now := l.e.now()
+		for i, s := range l.nowBuf {
+			l.nowBuf[i] = nil
+			// not in the heap: in flight (its result comes soon), or gone
+			if s.removed || s.idx < 0 || s.due <= now {
+				continue
+			}
+			s.due = now
+			siftUp(int(s.idx), l.timerLess, l.timerSwap)
+		}
+	}
+	l.addBuf, l.stopBuf, l.nowBuf = l.addBuf[:0], l.stopBuf[:0], l.nowBuf[:0]
 }
 
 // deliver runs the callbacks of the results collected so far, and
@@ -935,7 +967,7 @@ func (l *loop) shutdown() {
 		queued = l.queue.popN(queued, l.queue.n)
 	}
 	l.queued.Store(0)
-	l.adds, l.stops = nil, nil
+	l.adds, l.stops, l.nows = nil, nil, nil
 	unix.Close(l.evfd) // under mu: see wakeLocked
 	l.mu.Unlock()
 	unix.Close(l.epfd)

@@ -75,6 +75,22 @@ func (s *Schedule) Stop() {
 	}
 }
 
+// Now starts the schedule's next probe at once, and the schedule goes on
+// from there. While a probe of it is in flight it does nothing. Now is
+// cheap, safe from any goroutine, and does nothing on a stopped schedule.
+func (s *Schedule) Now() {
+	if s == nil || s.stopped.Load() || s.e == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// Stop reports false when the timer has fired: a probe is in flight.
+	if s.timer != nil && !s.stopped.Load() && s.timer.Stop() {
+		s.due = time.Now()
+		s.timer.Reset(0)
+	}
+}
+
 // every arms a schedule's first probe; each result arms the next.
 func (e *Engine) every(s *Schedule, first time.Duration) {
 	s.e = e

@@ -114,3 +114,30 @@ func TestFallbackClose(t *testing.T) {
 		t.Fatalf("Probe after Close: %v", r.Err)
 	}
 }
+
+// TestFallbackScheduleNow: Now starts the next probe at once.
+func TestFallbackScheduleNow(t *testing.T) {
+	_, addr := listen(t)
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	results := make(chan Result, 4)
+	s := e.Every(addr, Period{Interval: time.Hour, First: time.Hour}, func(r Result) time.Duration {
+		results <- r
+		return 0
+	})
+	defer s.Stop()
+	for i := 0; i < 2; i++ {
+		s.Now()
+		select {
+		case r := <-results:
+			if r.Err != nil {
+				t.Fatal(r.Err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no result %d within 10s of Now", i+1)
+		}
+	}
+}

@@ -296,3 +296,41 @@ func TestOutcomeNames(t *testing.T) {
 		t.Fatalf("numDelayBuckets %d, want %d", numDelayBuckets, len(StartDelayBuckets)+1)
 	}
 }
+
+// TestScheduleNow: Now starts a schedule's next probe at once, however far
+// its due time, and the schedule goes on; on a stopped schedule it does
+// nothing.
+func TestScheduleNow(t *testing.T) {
+	for _, path := range paths {
+		t.Run(path.name, func(t *testing.T) {
+			l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+			e := newEngine(t, path.opts)
+			c := newEveryCounter()
+			s := e.Every(l.Addr, Period{Interval: time.Hour, Timeout: time.Second, First: time.Hour}, c.fn(0))
+			for i := 1; i <= 3; i++ {
+				s.Now()
+				c.wait(t, i, 10*time.Second)
+			}
+			s.Now()
+			s.Now() // twice before the loop's turn: one probe
+			c.wait(t, 4, 10*time.Second)
+			if st := e.Stats(); st.Late != 0 {
+				t.Errorf("%d probes counted late: a probe moved earlier is on time", st.Late)
+			}
+			s.Stop()
+			calls := c.calls.Load()
+			s.Now()
+			// a one-off probe after Now has its result only once the loop
+			// has taken Now in: a stopped schedule must not have probed
+			if r := e.Probe(t.Context(), l.Addr); r.Err != nil {
+				t.Fatal(r.Err)
+			}
+			if got := c.calls.Load(); got != calls {
+				t.Errorf("%d calls after Stop and Now", got-calls)
+			}
+			if n := l.ProbeAccepts(t); n != 0 {
+				t.Fatalf("listener accepted %d probe connections", n)
+			}
+		})
+	}
+}

@@ -12,6 +12,7 @@
 package health
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"sort"
@@ -70,6 +71,46 @@ type Want struct {
 	Name     string
 }
 
+// AdminState is what an operator said of an address: it belongs to the
+// address, whatever checkers or configs probe it, and survives reloads.
+type AdminState uint32
+
+const (
+	// Ready: in service as its health allows. The default.
+	Ready AdminState = iota
+	// Drain: no new requests; probes go on and its health is tracked.
+	Drain
+	// Maint: no requests and no probes; its health is unknown until it
+	// is ready again, and then known from its first probe, at once.
+	Maint
+)
+
+// String is the state's name: ready, drain or maint.
+func (a AdminState) String() string {
+	switch a {
+	case Ready:
+		return "ready"
+	case Drain:
+		return "drain"
+	case Maint:
+		return "maint"
+	}
+	return fmt.Sprintf("AdminState(%d)", uint32(a))
+}
+
+// ParseAdminState parses ready, drain or maint.
+func ParseAdminState(s string) (AdminState, error) {
+	for a := Ready; a <= Maint; a++ {
+		if s == a.String() {
+			return a, nil
+		}
+	}
+	return 0, fmt.Errorf("admin state %q: must be ready, drain or maint", s)
+}
+
+// ErrNotProbed is SetAdminState's error for an address no checker probes.
+var ErrNotProbed = errors.New("address not probed")
+
 // Transition is a change of an address's health, or its first result.
 type Transition struct {
 	Addr netip.AddrPort
@@ -81,6 +122,9 @@ type Transition struct {
 	// First is true for the address's first result: an address counts
 	// as up before it, so a first Up changes nothing.
 	First bool
+	// Rejoin is true for the first result after maintenance: Up when
+	// the address answered, whatever its state before.
+	Rejoin bool
 	// Outcome and Err are the last probe's; RTT its round trip when up.
 	Outcome shaker.Outcome
 	Err     error
@@ -137,6 +181,7 @@ type Registry struct {
 	engine   *shaker.Engine
 	checkers map[netip.AddrPort]*Checker // first checker of each address; others follow in next
 	n        int
+	admin    map[netip.AddrPort]AdminState // addresses not Ready
 
 	qmu        sync.Mutex
 	queue      []Transition
@@ -149,7 +194,11 @@ type Registry struct {
 
 // NewRegistry returns an empty registry, with no engine yet.
 func NewRegistry() *Registry {
-	return &Registry{checkers: make(map[netip.AddrPort]*Checker), base: time.Now()}
+	return &Registry{
+		checkers: make(map[netip.AddrPort]*Checker),
+		admin:    make(map[netip.AddrPort]AdminState),
+		base:     time.Now(),
+	}
 }
 
 // SetObserver sets who is told of probes and transitions; nil for no one.
@@ -186,7 +235,7 @@ func (r *Registry) SetEngine(e *shaker.Engine) {
 				c.sched.Stop() // the old engine's
 				c.sched = nil
 			}
-			if c.armed {
+			if c.armed && c.AdminState() != Maint {
 				all = append(all, c)
 			}
 			c.mu.Unlock()
@@ -210,6 +259,7 @@ func (r *Registry) Acquire(ws []Want) (all, fresh []*Checker) {
 		if c == nil {
 			c = &Checker{r: r, addr: w.Addr, set: w.Settings}
 			c.healthy.Store(true)
+			c.admin.Store(uint32(r.admin[w.Addr]))
 			r.inheritLocked(c)
 			c.next = r.checkers[w.Addr]
 			r.checkers[w.Addr] = c
@@ -246,6 +296,9 @@ func (r *Registry) inheritLocked(c *Checker) {
 			c.passes, c.fails = o.passes, o.fails
 			c.lastRTT, c.lastOutcome, c.lastErr, c.checkedAt = o.lastRTT, o.lastOutcome, o.lastErr, o.checkedAt
 			c.probes = o.probes
+			c.since, c.transitions = o.since, o.transitions
+			c.rejoin.Store(o.rejoin.Load())
+			c.returned.Store(o.returned.Load())
 		}
 		o.mu.Unlock()
 		if c.known {
@@ -278,7 +331,7 @@ func (r *Registry) Start(cs []*Checker) {
 func (r *Registry) arm(e *shaker.Engine, cs []*Checker) {
 	for i, c := range cs {
 		c.mu.Lock()
-		if !c.stopped && c.sched == nil {
+		if !c.stopped && c.sched == nil && c.AdminState() != Maint {
 			first := c.set.Interval * time.Duration(i) / time.Duration(len(cs))
 			c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout, First: first}, c.Observe)
 		}
@@ -324,6 +377,10 @@ func (r *Registry) Release(ws []Want) {
 		}
 		c.next = nil
 		r.n--
+		if r.checkers[w.Addr] == nil {
+			// no longer probed: an operator's word on it is forgotten
+			delete(r.admin, w.Addr)
+		}
 	}
 }
 
@@ -344,10 +401,102 @@ func (r *Registry) EachAddress(fn func(addr netip.AddrPort, healthy bool)) {
 	for addr, c := range r.checkers {
 		up := false
 		for ; c != nil && !up; c = c.next {
-			up = c.healthy.Load()
+			up = c.Healthy()
 		}
 		fn(addr, up)
 	}
+}
+
+// AdminState is addr's administrative state: Ready unless an operator
+// said otherwise.
+func (r *Registry) AdminState(addr netip.AddrPort) AdminState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.admin[addr]
+}
+
+// SetAdminState sets addr's administrative state for every checker of it,
+// now and later (a checker made for it after a reload takes it too), and
+// returns the state before. Drain keeps probing; Maint stops its probes
+// and forgets its health; Ready after Maint probes it at once and keeps
+// it out of service until that probe answers. It returns ErrNotProbed
+// for an address no checker probes. The state is forgotten when the
+// address is no longer probed.
+func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState, error) {
+	if st > Maint {
+		return 0, fmt.Errorf("admin state %d: must be ready, drain or maint", uint32(st))
+	}
+	r.mu.Lock()
+	first := r.checkers[addr]
+	if first == nil {
+		r.mu.Unlock()
+		return 0, ErrNotProbed
+	}
+	prev := r.admin[addr]
+	if prev == st {
+		r.mu.Unlock()
+		return prev, nil
+	}
+	if st == Ready {
+		delete(r.admin, addr)
+	} else {
+		r.admin[addr] = st
+	}
+	e := r.engine
+	now := time.Now().UnixNano()
+	var rearm []*Checker
+	var stops []*shaker.Schedule
+	for c := first; c != nil; c = c.next {
+		c.mu.Lock()
+		c.admin.Store(uint32(st))
+		switch {
+		case st == Maint:
+			// health unknown from now on; no probes
+			if c.sched != nil {
+				stops = append(stops, c.sched)
+				c.sched = nil
+			}
+			c.rejoin.Store(false)
+			c.since = now
+			c.passes, c.fails = 0, 0
+		case prev == Maint:
+			// back: out of service until the first probe, at once
+			c.rejoin.Store(true)
+			if c.armed && !c.stopped {
+				rearm = append(rearm, c)
+			}
+		case st == Ready && c.healthy.Load() && !c.rejoin.Load():
+			// back from drain: slow start ramps from now
+			c.returned.Store(now)
+		}
+		c.mu.Unlock()
+	}
+	r.mu.Unlock()
+	for _, s := range stops {
+		s.Stop()
+	}
+	if e != nil {
+		for _, c := range rearm {
+			c.mu.Lock()
+			if !c.stopped && c.sched == nil && c.AdminState() != Maint {
+				c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout}, c.Observe)
+			}
+			c.mu.Unlock()
+		}
+	}
+	return prev, nil
+}
+
+// AddressStatuses returns the state of every checker of addr, sorted like
+// Statuses; none when it is not probed.
+func (r *Registry) AddressStatuses(addr netip.AddrPort) []Status {
+	r.mu.Lock()
+	var cs []*Checker
+	for c := r.checkers[addr]; c != nil; c = c.next {
+		cs = append(cs, c)
+	}
+	r.mu.Unlock()
+	return sortedStatuses(cs)
 }
 
 // Checkers returns every checker, for tests and reports.
@@ -374,6 +523,18 @@ type Checker struct {
 	// healthy is read on every proxied request. An address not probed
 	// yet counts as up.
 	healthy atomic.Bool
+	// admin is the address's AdminState, read on every request too.
+	admin atomic.Uint32
+	// rejoin: back from maintenance, out of service until its first
+	// result.
+	rejoin atomic.Bool
+	// returned is when the address last came back into service (unix
+	// ns): down to up, or back from maintenance or drain; 0 if it has
+	// been in service since its first result. For slow start.
+	returned atomic.Int64
+	// lastNow is when a probe was last asked for out of turn (ProbeNow),
+	// engine-independent monotonic ns since the registry's base.
+	lastNow atomic.Int64
 
 	mu          sync.Mutex
 	sched       *shaker.Schedule
@@ -390,6 +551,8 @@ type Checker struct {
 	lastErr     error
 	checkedAt   int64 // unix ns of the last result
 	probes      uint64
+	since       int64  // unix ns the address entered its health state (unknown included); 0 before
+	transitions uint32 // changes of health since the first result
 }
 
 // Addr is the address probed.
@@ -398,9 +561,53 @@ func (c *Checker) Addr() netip.AddrPort { return c.addr }
 // Settings are the checker's settings.
 func (c *Checker) Settings() Settings { return c.set }
 
-// Healthy reports whether the address is in service: up, or not probed
-// yet. It is cheap enough for every request.
-func (c *Checker) Healthy() bool { return c.healthy.Load() }
+// Healthy reports whether the address's health lets it serve: up, or not
+// probed yet; not while in maintenance or waiting for its first result
+// after it. It is cheap enough for every request.
+func (c *Checker) Healthy() bool {
+	return c.healthy.Load() && !c.rejoin.Load() && c.AdminState() != Maint
+}
+
+// AdminState is the address's administrative state.
+func (c *Checker) AdminState() AdminState { return AdminState(c.admin.Load()) }
+
+// InService reports whether new requests may go to the address: it is
+// Ready and Healthy. Cheap enough for every request.
+func (c *Checker) InService() bool {
+	return c.AdminState() == Ready && c.healthy.Load() && !c.rejoin.Load()
+}
+
+// ReturnedAt is when the address last came back into service (down to up,
+// back from maintenance or drain), as unix ns; 0 when it has served since
+// its first result. Slow start ramps from it.
+func (c *Checker) ReturnedAt() int64 { return c.returned.Load() }
+
+// ProbeNow asks for a probe of the address at once, out of its schedule,
+// as after a request against it failed; not more often than once per
+// fast_interval (the interval when unset), nor while it is in
+// maintenance. It reports whether a probe was asked for.
+func (c *Checker) ProbeNow() bool {
+	if c.AdminState() == Maint {
+		return false
+	}
+	every := c.set.FastInterval
+	if every <= 0 {
+		every = c.set.Interval
+	}
+	now := int64(time.Since(c.r.base))
+	last := c.lastNow.Load()
+	if last != 0 && now-last < int64(every) || !c.lastNow.CompareAndSwap(last, now) {
+		return false
+	}
+	c.mu.Lock()
+	sched := c.sched
+	c.mu.Unlock()
+	if sched == nil {
+		return false
+	}
+	sched.Now()
+	return true
+}
 
 // Probes is the number of probes with a result.
 func (c *Checker) Probes() uint64 {
@@ -488,11 +695,14 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 	c.checkedAt = now.UnixNano()
 	c.lastOutcome = res.Outcome
 	var tr *Transition
+	rejoin := c.rejoin.Load()
 	if res.Outcome == shaker.Up {
 		c.lastRTT, c.lastErr = res.RTT, nil
 		c.passes++
 		c.fails = 0
 		switch {
+		case rejoin:
+			tr = &Transition{Up: true, Rejoin: true}
 		case !c.known:
 			tr = &Transition{Up: true, First: true}
 		case !c.healthy.Load() && int(c.passes) >= c.set.Passes:
@@ -503,15 +713,34 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		c.fails++
 		c.passes = 0
 		switch {
+		case rejoin:
+			tr = &Transition{Up: false, Rejoin: true}
 		case !c.known:
 			tr = &Transition{Up: false, First: true}
 		case c.healthy.Load() && int(c.fails) >= c.set.Fails:
 			tr = &Transition{Up: false}
 		}
 	}
+	if tr != nil {
+		was := c.healthy.Load()
+		switch {
+		case !c.known, rejoin:
+			c.since = now.UnixNano()
+		}
+		if c.known && was != tr.Up {
+			c.transitions++
+			c.since = now.UnixNano()
+		}
+		if tr.Up && (rejoin || c.known && !was) {
+			c.returned.Store(now.UnixNano())
+		}
+	}
 	c.known = true
 	if tr != nil {
 		c.healthy.Store(tr.Up)
+		if rejoin {
+			c.rejoin.Store(false)
+		}
 		tr.Addr, tr.Name, tr.Settings = c.addr, c.name, c.set
 		tr.Outcome, tr.Err, tr.RTT, tr.At = res.Outcome, res.Err, res.RTT, now
 		tr.N = int(max(c.passes, c.fails))
@@ -603,8 +832,22 @@ type Status struct {
 	Upstream string `json:"upstream"`
 	// Address is the address probed, host:port, IPv6 in brackets.
 	Address string `json:"address"`
-	// Healthy is true when the address is in service.
+	// Healthy is true when the address's health lets it serve: up, or
+	// not probed yet. False in maintenance, and after it until its first
+	// probe answers.
 	Healthy bool `json:"healthy"`
+	// Health is up, down, or unknown (not probed yet; in maintenance, and
+	// after it until its first result).
+	Health string `json:"health"`
+	// AdminState is ready, drain or maint (see the admin API's POST
+	// /shaker/upstreams/<address>/<action>).
+	AdminState string `json:"admin_state"`
+	// Since is when the address entered its current health state (its
+	// first result counts); null before its first result.
+	Since *time.Time `json:"since"`
+	// Transitions is how many times its health changed since it was
+	// first probed.
+	Transitions uint32 `json:"transitions"`
 	// LastRTTMicros is the kernel's SYN to SYN-ACK round trip of the
 	// last successful probe, in microseconds.
 	LastRTTMicros int64 `json:"last_rtt_us"`
@@ -630,10 +873,14 @@ type Status struct {
 func (c *Checker) Status() Status {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	admin := c.AdminState()
 	s := Status{
 		Upstream:      c.name,
 		Address:       c.addr.String(),
-		Healthy:       c.healthy.Load(),
+		Healthy:       c.Healthy(),
+		Health:        "unknown",
+		AdminState:    admin.String(),
+		Transitions:   c.transitions,
 		LastRTTMicros: c.lastRTT.Microseconds(),
 		Passes:        int(c.passes),
 		Fails:         int(c.fails),
@@ -650,6 +897,17 @@ func (c *Checker) Status() Status {
 	if c.known && c.lastOutcome != shaker.Up {
 		s.LastError = Reason(c.lastOutcome, c.lastErr, c.set.Timeout)
 	}
+	switch {
+	case !c.known || admin == Maint || c.rejoin.Load():
+	case c.healthy.Load():
+		s.Health = "up"
+	default:
+		s.Health = "down"
+	}
+	if c.since != 0 {
+		t := time.Unix(0, c.since).UTC()
+		s.Since = &t
+	}
 	if c.known {
 		t := time.Unix(0, c.checkedAt).UTC()
 		s.CheckedAt = &t
@@ -659,8 +917,9 @@ func (c *Checker) Status() Status {
 
 // Statuses returns the state of every checker, sorted by upstream, then
 // address, then interval.
-func (r *Registry) Statuses() []Status {
-	cs := r.Checkers()
+func (r *Registry) Statuses() []Status { return sortedStatuses(r.Checkers()) }
+
+func sortedStatuses(cs []*Checker) []Status {
 	out := make([]Status, len(cs))
 	ivs := make([]time.Duration, len(cs))
 	for i, c := range cs {

@@ -2,18 +2,24 @@ package caddyshaker
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
+	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
-// adminAPI is a module that provides the /shaker/upstreams endpoint of
-// Caddy's admin API: the health of every address the shaker app probes.
+// adminAPI is a module that provides the /shaker/ endpoints of Caddy's
+// admin API: the health of every address the shaker app probes, the
+// engine's state, and the administrative state of each address (drain,
+// maint, ready), which nothing else changes.
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -31,6 +37,10 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 		{
 			Pattern: "/shaker/upstreams",
 			Handler: caddy.AdminHandlerFunc(a.handleUpstreams),
+		},
+		{
+			Pattern: "/shaker/upstreams/",
+			Handler: caddy.AdminHandlerFunc(a.handleUpstream),
 		},
 		{
 			Pattern: "/shaker/engine",
@@ -109,6 +119,105 @@ func (adminAPI) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
 	return serveJSON(w, r, func() any { return currentStatuses() })
 }
 
+// handleUpstream serves /shaker/upstreams/<address>[/<action>]:
+//
+//   - GET /shaker/upstreams/<address>: the address's status (a JSON array:
+//     one object per checker of it, as in GET /shaker/upstreams);
+//   - POST /shaker/upstreams/<address>/drain: no new requests go to the
+//     address, probes go on;
+//   - POST .../maint: no requests and no probes; its health is unknown;
+//   - POST .../ready: back to normal (after maint, out of service until
+//     its first probe answers, at once).
+//
+// <address> is the address field of GET /shaker/upstreams (IPv6 in
+// brackets). A POST answers 200 with the address's new status; 404 for an
+// address that is not probed, 400 for an unknown action or a malformed
+// address, 405 for another method.
+func (adminAPI) handleUpstream(w http.ResponseWriter, r *http.Request) error {
+	rest := strings.TrimPrefix(r.URL.Path, "/shaker/upstreams/")
+	addrText, action := rest, ""
+	if i := strings.LastIndexByte(rest, '/'); i >= 0 {
+		addrText, action = rest[:i], rest[i+1:]
+	}
+	want := http.MethodGet
+	if action != "" {
+		want = http.MethodPost
+	}
+	if r.Method != want {
+		w.Header().Set("Allow", want)
+		return caddy.APIError{
+			HTTPStatus: http.StatusMethodNotAllowed,
+			Err:        fmt.Errorf("method %s not allowed: use %s", r.Method, want),
+		}
+	}
+	var st health.AdminState
+	if action != "" {
+		var err error
+		if st, err = health.ParseAdminState(action); err != nil {
+			return caddy.APIError{
+				HTTPStatus: http.StatusBadRequest,
+				Err:        fmt.Errorf("unknown action %q: must be drain, maint or ready", action),
+			}
+		}
+	}
+	addr, err := netip.ParseAddrPort(addrText)
+	if err != nil {
+		return caddy.APIError{
+			HTTPStatus: http.StatusBadRequest,
+			Err:        fmt.Errorf("address %q: must be an address as GET /shaker/upstreams shows it, ip:port or [ipv6]:port", addrText),
+		}
+	}
+	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+	if action != "" {
+		prev, err := reg.SetAdminState(addr, st)
+		if errors.Is(err, health.ErrNotProbed) {
+			return notProbed(addr)
+		}
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+		}
+		if prev != st {
+			announceAdminState(addr, prev, st)
+		}
+	}
+	statuses := reg.AddressStatuses(addr)
+	if len(statuses) == 0 {
+		return notProbed(addr)
+	}
+	return writeJSON(w, statuses)
+}
+
+func notProbed(addr netip.AddrPort) error {
+	return caddy.APIError{
+		HTTPStatus: http.StatusNotFound,
+		Err:        fmt.Errorf("address %s is not probed: GET /shaker/upstreams lists those that are", addr),
+	}
+}
+
+// announceAdminState logs a change of an address's administrative state
+// and emits it as the event admin_state_changed, through the newest
+// shaker app.
+func announceAdminState(addr netip.AddrPort, prev, st health.AdminState) {
+	herald := engines.herald.Load()
+	if herald == nil {
+		return
+	}
+	name := ""
+	if ss := reg.AddressStatuses(addr); len(ss) > 0 {
+		name = ss[0].Upstream
+	}
+	herald.logger.Info("upstream admin state changed",
+		zap.String("upstream", name),
+		zap.String("address", addr.String()),
+		zap.Stringer("from", prev),
+		zap.Stringer("to", st))
+	if herald.events != nil {
+		herald.events.Emit(herald.ctx, "admin_state_changed", map[string]any{
+			"host": addr.String(), "upstream": name, "admin_state": st.String(), "previous": prev.String(),
+		})
+	}
+}
+
 // serveJSON answers a GET with what v returns, as JSON; other methods
 // get 405.
 func serveJSON(w http.ResponseWriter, r *http.Request, v func() any) error {
@@ -118,8 +227,13 @@ func serveJSON(w http.ResponseWriter, r *http.Request, v func() any) error {
 			Err:        fmt.Errorf("method not allowed"),
 		}
 	}
+	return writeJSON(w, v())
+}
+
+// writeJSON answers with v as JSON.
+func writeJSON(w http.ResponseWriter, v any) error {
 	w.Header().Set("Content-Type", "application/json")
-	if err := json.NewEncoder(w).Encode(v()); err != nil {
+	if err := json.NewEncoder(w).Encode(v); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
 	}
 	return nil

@@ -81,6 +81,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	    fails            <n>
 //	    port             <port>
 //	    panic_threshold  <fraction|percent>
+//	    slow_start       <duration>
 //	    resolve_interval <duration>
 //	    resolve_timeout  <duration>
 //	}
@@ -92,7 +93,8 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 // whose upstreams are then probed and filtered by health. Every subdirective is optional; the defaults are
 // interval 2s, fast_interval and down_interval the interval, timeout 1s,
 // passes 2, fails 3, the upstream's own port, no panic threshold (503
-// when none is up), resolve_interval 1m and resolve_timeout 5s.
+// when none is up), no slow start, resolve_interval 1m and resolve_timeout
+// 5s.
 func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume upstream source name
 
@@ -198,6 +200,8 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			su.Port, err = integer("port", 1, 65535)
 		case "panic_threshold":
 			su.PanicThreshold, err = fraction("panic_threshold")
+		case "slow_start":
+			su.SlowStart, err = duration("slow_start")
 		case "forget_after":
 			su.ForgetAfter, err = duration("forget_after")
 		case "source":

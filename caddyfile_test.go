@@ -106,6 +106,13 @@ func TestCaddyfileAdapt(t *testing.T) {
 			}`,
 			`{"panic_threshold":0.25,"source":"shaker","upstreams":["127.0.0.1:8080"]}`,
 		},
+		{
+			"slow start",
+			`dynamic shaker 127.0.0.1:8080 {
+				slow_start 30s
+			}`,
+			`{"slow_start":30000000000,"source":"shaker","upstreams":["127.0.0.1:8080"]}`,
+		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := adaptDynamic(t, tc.block)
@@ -156,6 +163,12 @@ func TestCaddyfileErrors(t *testing.T) {
 		{`dynamic shaker a:1 {
 			down_interval never
 		}`, "down_interval 'never'"},
+		{`dynamic shaker a:1 {
+			slow_start 0s
+		}`, "slow_start '0s': must be positive"},
+		{`dynamic shaker a:1 {
+			slow_start gradually
+		}`, "slow_start 'gradually'"},
 		{`dynamic shaker a:1 {
 			fails -1
 		}`, "fails '-1': must be at least 1"},

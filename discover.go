@@ -51,22 +51,35 @@ type discovered struct {
 	resolving  bool
 }
 
-// up reports whether requests may go to the upstream: it cannot be
-// probed, it is not resolved or probed yet, or one of its addresses is up.
-func (d *discovered) up() bool {
+// serve says whether requests may go to the upstream: in is true when it
+// cannot be probed, is not resolved or probed yet, or one of its addresses
+// is in service; excluded is true when an operator drained or put every
+// one of its addresses in maintenance. returned is when it came back into
+// service, for slow start: the earliest return among its addresses in
+// service, 0 if one of them has served since its first result.
+func (d *discovered) serve() (in, excluded bool, returned int64) {
 	if !d.probe {
-		return true
+		return true, false, 0
 	}
 	p := d.cs.Load()
 	if p == nil || len(*p) == 0 {
-		return true
+		return true, false, 0
 	}
+	excluded = true
+	first := true
 	for _, c := range *p {
-		if c.Healthy() {
-			return true
+		if c.AdminState() == health.Ready {
+			excluded = false
+		}
+		if !c.InService() {
+			continue
+		}
+		in = true
+		if ret := c.ReturnedAt(); first || ret < returned {
+			returned, first = ret, false
 		}
 	}
-	return false
+	return in, excluded, returned
 }
 
 // discoverUpstreams is GetUpstreams for a source that wraps another.
@@ -78,12 +91,14 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 	table := *su.table.Load()
 	now := time.Now().UnixNano()
 	var fresh []string
-	n := 0
+	n, ready := 0, 0
+	ramp := false
 	for _, u := range ups {
 		d := table[u.Dial]
 		if d == nil {
 			fresh = append(fresh, u.Dial)
 			n++ // not probed yet: up
+			ready++
 			continue
 		}
 		// Mark it seen, at most once a second per upstream: requests on
@@ -91,26 +106,50 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 		if now-d.lastSeen.Load() > int64(time.Second) {
 			d.lastSeen.Store(now)
 		}
-		if d.up() {
+		in, excluded, returned := d.serve()
+		if !excluded {
+			ready++
+		}
+		if in {
 			n++
+			ramp = ramp || su.SlowStart > 0 && returned != 0
 		}
 	}
 	if fresh != nil {
 		su.discover(fresh)
 	}
-	all := su.PanicThreshold > 0 && float64(n) < su.PanicThreshold*float64(len(ups))
+	all := su.PanicThreshold > 0 && float64(n) < su.PanicThreshold*float64(ready)
 	if all != su.panic.Load() && su.panic.CompareAndSwap(!all, all) {
-		su.logPanic(all, n, len(ups))
+		su.logPanic(all, n, ready)
 	}
-	if all || n == len(ups) {
+	if n == len(ups) && !ramp {
 		return ups, nil
 	}
 	// The inner source's upstreams are fresh values: keep them, filtered
 	// into a new slice.
-	out := make([]*reverseproxy.Upstream, 0, n)
-	for _, u := range ups {
-		if d := table[u.Dial]; d == nil || d.up() {
-			out = append(out, u)
+	out := make([]*reverseproxy.Upstream, 0, max(n, ready))
+	for pass := 0; pass < 2 && len(out) == 0; pass++ {
+		// the second pass, without the slow start draw, only when the
+		// draw left out every upstream: better than a 503
+		for _, u := range ups {
+			d := table[u.Dial]
+			if d == nil {
+				out = append(out, u)
+				continue
+			}
+			in, excluded, returned := d.serve()
+			switch {
+			case all:
+				in = !excluded
+			case in && ramp && pass == 0:
+				in = slowStartDraw(returned, now, time.Duration(su.SlowStart))
+			}
+			if in {
+				out = append(out, u)
+			}
+		}
+		if n == 0 && !all {
+			break
 		}
 	}
 	return out, nil

@@ -47,7 +47,13 @@ func (glueObserver) Changed(tr health.Transition) {
 	}
 	addr := tr.Addr.String()
 	fields := []zap.Field{zap.String("upstream", tr.Name), zap.String("address", addr)}
-	if tr.Up {
+	if tr.Rejoin {
+		fields = append(fields, zap.Bool("up", tr.Up))
+		if !tr.Up {
+			fields = append(fields, zap.String("reason", tr.Reason()))
+		}
+		herald.logger.Info("upstream probed after maintenance", fields...)
+	} else if tr.Up {
 		fields = append(fields, zap.Duration("rtt", tr.RTT))
 		if tr.First {
 			// it counted as up already: no change of state, so no

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -97,6 +98,18 @@ type Upstreams struct {
 	// those up. 0, the default, never fails open: only addresses that are
 	// up are returned, and with none up reverse_proxy answers 503.
 	PanicThreshold float64 `json:"panic_threshold,omitempty"`
+
+	// Ramp a returning address's share of requests up over this time, as
+	// HAProxy's slowstart and Envoy's slow_start_config: an address that
+	// comes back into service (down to up, but not its first result at
+	// start; back from maintenance or drain) is left out of a share of
+	// GetUpstreams results that shrinks linearly from all to none over
+	// slow_start, so that its share of requests grows from nearly none to
+	// its full share. It works with every selection policy; hash-based
+	// ones (ip_hash, uri_hash, header, cookie, client_ip_hash) send a key
+	// to the address only on the calls that include it, so keys move back
+	// to it gradually. Default: 0, off.
+	SlowStart caddy.Duration `json:"slow_start,omitempty"`
 
 	// If set, probe this port instead of each upstream's own port
 	// (requests still go to the upstream's port). 1-65535.
@@ -269,6 +282,9 @@ func (su *Upstreams) Validate() error {
 	if su.ForgetAfter < 0 {
 		return fmt.Errorf("forget_after %v: must be positive", time.Duration(su.ForgetAfter))
 	}
+	if su.SlowStart < 0 {
+		return fmt.Errorf("slow_start %v: must be positive", time.Duration(su.SlowStart))
+	}
 	return nil
 }
 
@@ -299,8 +315,11 @@ func (su *Upstreams) Cleanup() error {
 }
 
 // GetUpstreams returns a fresh Upstream (reverse_proxy mutates them) for
-// each address that is up, or none when none is up; below panic_threshold,
-// for every address. It never waits for a probe and makes two allocations.
+// each address in service (up, and neither drained nor in maintenance), or
+// none when none is; below panic_threshold, for every address not drained
+// nor in maintenance. An address ramping up after its return (slow_start)
+// is left out of a share of the calls. It never waits for a probe and
+// makes two allocations.
 func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
 	if su.sourceState == nil {
 		return nil, nil
@@ -313,35 +332,127 @@ func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, er
 		return nil, nil
 	}
 	es := *p
-	n := 0
+	n, ready := 0, 0
+	ramp := false
 	for i := range es {
-		if es[i].c.Healthy() {
+		c := es[i].c
+		if c.AdminState() != health.Ready {
+			continue
+		}
+		ready++
+		if c.InService() {
 			n++
+			ramp = ramp || su.SlowStart > 0 && c.ReturnedAt() != 0
 		}
 	}
-	all := su.PanicThreshold > 0 && float64(n) < su.PanicThreshold*float64(len(es))
+	all := su.PanicThreshold > 0 && float64(n) < su.PanicThreshold*float64(ready)
 	if all != su.panic.Load() && su.panic.CompareAndSwap(!all, all) {
-		su.logPanic(all, n, len(es))
+		su.logPanic(all, n, ready)
 	}
 	if all {
-		n = len(es)
+		n = ready
 	}
 	if n == 0 {
 		return nil, nil
 	}
+	var now int64
+	if ramp && !all {
+		now = time.Now().UnixNano()
+	}
 	vals := make([]reverseproxy.Upstream, n)
 	out := make([]*reverseproxy.Upstream, 0, n)
-	for i := range es {
-		if len(out) == n {
-			break
-		}
-		if all || es[i].c.Healthy() {
+	for pass := 0; pass < 2 && len(out) == 0; pass++ {
+		// the second pass, without the slow start draw, only when the
+		// draw left out every address: better than a 503
+		for i := range es {
+			if len(out) == n {
+				break
+			}
+			c := es[i].c
+			if all {
+				if c.AdminState() != health.Ready {
+					continue
+				}
+			} else if !c.InService() || now != 0 && pass == 0 && !slowStartDraw(c.ReturnedAt(), now, time.Duration(su.SlowStart)) {
+				continue
+			}
 			v := &vals[len(out)]
 			v.Dial = es[i].dial
 			out = append(out, v)
 		}
 	}
 	return out, nil
+}
+
+// slowStartDraw decides whether an address that came back into service at
+// returned (unix ns; 0: never) is in one GetUpstreams result at now: with
+// a probability that grows linearly from 0 to 1 over slow.
+func slowStartDraw(returned, now int64, slow time.Duration) bool {
+	el := now - returned
+	if returned == 0 || el >= int64(slow) {
+		return true
+	}
+	return el > 0 && rand.Int64N(int64(slow)) < el
+}
+
+// ResetCache is called by reverse_proxy before it retries a request that
+// failed (lb_retries, lb_try_duration): the address of the attempt that
+// failed is probed at once, and at fast_interval while its probes fail
+// (once per fast_interval at most, however many requests fail). Caddy
+// calls no upstream source back after a failed request it does not retry,
+// so without retries failures are seen by the probes alone.
+func (su *Upstreams) ResetCache(r *http.Request) error {
+	if su.sourceState == nil {
+		return nil
+	}
+	var err error
+	if c, ok := su.inner.(reverseproxy.CachingUpstreamSource); ok {
+		err = c.ResetCache(r)
+	}
+	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if repl == nil {
+		return err
+	}
+	failed, _ := repl.GetString("http.reverse_proxy.upstream.hostport")
+	if failed == "" {
+		return err
+	}
+	for _, c := range su.checkersOf(failed) {
+		if c.ProbeNow() {
+			su.logger.Debug("request failed: probing the upstream now",
+				zap.String("upstream", failed), zap.String("address", c.Addr().String()))
+		}
+	}
+	return err
+}
+
+// checkersOf returns the checkers of the upstream whose dial address is
+// dial (host:port).
+func (su *Upstreams) checkersOf(dial string) []*health.Checker {
+	if su.inner != nil {
+		t := su.table.Load()
+		if t == nil {
+			return nil
+		}
+		d := (*t)[dial]
+		if d == nil {
+			return nil
+		}
+		if p := d.cs.Load(); p != nil {
+			return *p
+		}
+		return nil
+	}
+	p := su.snap.Load()
+	if p == nil {
+		return nil
+	}
+	for _, e := range *p {
+		if e.dial == dial {
+			return []*health.Checker{e.c}
+		}
+	}
+	return nil
 }
 
 // logPanic logs that the source starts or stops failing open.
@@ -518,8 +629,9 @@ func resolve(ctx context.Context, host string, timeout time.Duration) ([]netip.A
 
 // Interface guards
 var (
-	_ caddy.Provisioner           = (*Upstreams)(nil)
-	_ caddy.Validator             = (*Upstreams)(nil)
-	_ caddy.CleanerUpper          = (*Upstreams)(nil)
-	_ reverseproxy.UpstreamSource = (*Upstreams)(nil)
+	_ caddy.Provisioner                  = (*Upstreams)(nil)
+	_ caddy.Validator                    = (*Upstreams)(nil)
+	_ caddy.CleanerUpper                 = (*Upstreams)(nil)
+	_ reverseproxy.UpstreamSource        = (*Upstreams)(nil)
+	_ reverseproxy.CachingUpstreamSource = (*Upstreams)(nil)
 )

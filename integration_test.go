@@ -174,6 +174,7 @@ type harness struct {
 	client    *http.Client
 	extraKnob int            // changes the config so that Load reloads
 	extra     map[string]any // more fields of the shaker source
+	handler   map[string]any // more fields of the reverse_proxy handler
 }
 
 func (h *harness) config(interval time.Duration) []byte {
@@ -188,7 +189,7 @@ func (h *harness) config(interval time.Duration) []byte {
 		}}},
 		"apps": map[string]any{
 			"events": map[string]any{"subscriptions": []any{map[string]any{
-				"events":   []string{"healthy", "unhealthy"},
+				"events":   []string{"healthy", "unhealthy", "admin_state_changed"},
 				"handlers": []any{map[string]any{"handler": "shaker_test_recorder"}},
 			}}},
 			"http": map[string]any{"servers": map[string]any{"proxy": map[string]any{
@@ -219,6 +220,10 @@ func (h *harness) config(interval time.Duration) []byte {
 	dyn := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["proxy"].(map[string]any)["routes"].([]any)[0].(map[string]any)["handle"].([]any)[1].(map[string]any)["dynamic_upstreams"].(map[string]any)
 	for k, v := range h.extra {
 		dyn[k] = v
+	}
+	rp := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["proxy"].(map[string]any)["routes"].([]any)[0].(map[string]any)["handle"].([]any)[1].(map[string]any)
+	for k, v := range h.handler {
+		rp[k] = v
 	}
 	b, err := json.Marshal(cfg)
 	if err != nil {

@@ -83,6 +83,7 @@ func TestValidateNamesBadValue(t *testing.T) {
 		{Upstreams{Upstreams: []string{"a:1"}, Port: -1}, "port -1"},
 		{Upstreams{Upstreams: []string{"a:1"}, ResolveInterval: -1}, "resolve_interval"},
 		{Upstreams{Upstreams: []string{"a:1"}, ResolveTimeout: -1}, "resolve_timeout"},
+		{Upstreams{Upstreams: []string{"a:1"}, SlowStart: caddy.Duration(-time.Second)}, "slow_start -1s: must be positive"},
 	} {
 		err := tc.u.Validate()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -83,6 +83,8 @@ func TestValidateNamesBadValue(t *testing.T) {
 		{Upstreams{Upstreams: []string{"a:1"}, Port: -1}, "port -1"},
 		{Upstreams{Upstreams: []string{"a:1"}, ResolveInterval: -1}, "resolve_interval"},
 		{Upstreams{Upstreams: []string{"a:1"}, ResolveTimeout: -1}, "resolve_timeout"},
+		{Upstreams{Upstreams: []string{"a:1"}, Jitter: "banana"}, `jitter "banana"`},
+		{Upstreams{Upstreams: []string{"a:1"}, Interval: caddy.Duration(time.Second), Jitter: "501ms"}, `jitter "501ms": must be at most half the interval (500ms)`},
 	} {
 		err := tc.u.Validate()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -17,6 +17,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -665,9 +666,11 @@ type Status struct {
 	// Probes is the number of probes with a result.
 	Probes uint64 `json:"probes"`
 	// Interval and Timeout are the settings the address is probed with;
-	// FastInterval and DownInterval are shown when set.
+	// Jitter ("5%" or "200ms"), FastInterval and DownInterval are shown
+	// when set.
 	Interval     string `json:"interval"`
 	Timeout      string `json:"timeout"`
+	Jitter       string `json:"jitter,omitempty"`
 	FastInterval string `json:"fast_interval,omitempty"`
 	DownInterval string `json:"down_interval,omitempty"`
 }
@@ -686,6 +689,12 @@ func (c *Checker) Status() Status {
 		Probes:        c.probes,
 		Interval:      c.set.Interval.String(),
 		Timeout:       c.set.Timeout.String(),
+	}
+	switch {
+	case c.set.JitterPercent > 0:
+		s.Jitter = strconv.FormatFloat(c.set.JitterPercent, 'g', -1, 64) + "%"
+	case c.set.Jitter > 0:
+		s.Jitter = c.set.Jitter.String()
 	}
 	if c.set.FastInterval > 0 {
 		s.FastInterval = c.set.FastInterval.String()

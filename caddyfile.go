@@ -76,6 +76,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	    interval         <duration>
 //	    fast_interval    <duration>
 //	    down_interval    <duration>
+//	    jitter           <duration|percent>
 //	    timeout          <duration>
 //	    passes           <n>
 //	    fails            <n>
@@ -91,7 +92,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 // a my-service.internal 8080 { refresh 10s }` (any
 // http.reverse_proxy.upstreams module, with its own Caddyfile syntax),
 // whose upstreams are then probed and filtered by health. Every subdirective is optional; the defaults are
-// interval 2s, fast_interval and down_interval the interval, timeout 1s,
+// interval 2s, fast_interval and down_interval the interval, jitter 5%, timeout 1s,
 // passes 2, fails 3, the upstream's own port, no panic threshold (503
 // when none is up), no slow start, resolve_interval 1m and resolve_timeout
 // 5s.
@@ -158,18 +159,15 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if d.NextArg() {
 			return 0, d.ArgErr()
 		}
-		num, scale := val, 1.0
-		if strings.HasSuffix(val, "%") {
-			num, scale = strings.TrimSuffix(val, "%"), 100
-		}
-		f, err := strconv.ParseFloat(num, 64)
-		if err != nil || !(f/scale > 0 && f/scale <= 1) { // NaN too
+		num, scale, err := parseFraction(val)
+		if err != nil || !(num/scale > 0 && num/scale <= 1) { // NaN too
 			return 0, d.Errf("%s '%s': must be a fraction above 0 and at most 1 (0.5) or a percentage (50%%)", name, val)
 		}
-		return f / scale, nil
+		return num / scale, nil
 	}
 
 	var err error
+	var jitterAt caddyfile.Token
 	for d.NextBlock(0) {
 		switch d.Val() {
 		case "to":
@@ -186,6 +184,15 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			su.FastInterval, err = duration("fast_interval")
 		case "down_interval":
 			su.DownInterval, err = duration("down_interval")
+		case "jitter":
+			// checked after the block, against its interval
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			su.Jitter, jitterAt = Jitter(d.Val()), d.Token()
+			if d.NextArg() {
+				return d.ArgErr()
+			}
 		case "timeout":
 			su.Timeout, err = duration("timeout")
 		case "resolve_interval":
@@ -231,6 +238,13 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return err
 		}
 	}
+	if su.Jitter != "" {
+		if _, err := su.jitterSetting(); err != nil {
+			at := caddyfile.NewDispenser([]caddyfile.Token{jitterAt})
+			at.Next()
+			return at.Err(err.Error())
+		}
+	}
 	switch {
 	case len(su.Upstreams) == 0 && su.SourceRaw == nil:
 		return d.Err("no upstreams: give host:port upstreams after 'dynamic shaker' or on 'to' lines, or a 'source' to discover them")
@@ -238,6 +252,17 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Errf("upstreams %v and a source: give one or the other", su.Upstreams)
 	}
 	return nil
+}
+
+// parseFraction reads a fraction, 0.5, or a percentage, 50%: the number
+// written and what it is divided by, 1 or 100.
+func parseFraction(val string) (num, scale float64, err error) {
+	s, scale := val, 1.0
+	if strings.HasSuffix(val, "%") {
+		s, scale = strings.TrimSuffix(val, "%"), 100
+	}
+	num, err = strconv.ParseFloat(s, 64)
+	return num, scale, err
 }
 
 const maxInt = int(^uint(0) >> 1)

@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -93,6 +94,29 @@ func TestCaddyfileAdapt(t *testing.T) {
 			`{"down_interval":30000000000,"fast_interval":500000000,"interval":5000000000,"source":"shaker","upstreams":["127.0.0.1:8080"]}`,
 		},
 		{
+			"jitter as a percentage",
+			`dynamic shaker 127.0.0.1:8080 {
+				jitter 10%
+			}`,
+			`{"jitter":"10%","source":"shaker","upstreams":["127.0.0.1:8080"]}`,
+		},
+		{
+			// checked against the interval given after it
+			"jitter as a duration",
+			`dynamic shaker 127.0.0.1:8080 {
+				jitter 2s
+				interval 5s
+			}`,
+			`{"interval":5000000000,"jitter":"2s","source":"shaker","upstreams":["127.0.0.1:8080"]}`,
+		},
+		{
+			"jitter off",
+			`dynamic shaker 127.0.0.1:8080 {
+				jitter off
+			}`,
+			`{"jitter":"off","source":"shaker","upstreams":["127.0.0.1:8080"]}`,
+		},
+		{
 			"panic threshold as a percentage",
 			`dynamic shaker 127.0.0.1:8080 {
 				panic_threshold 50%
@@ -151,6 +175,38 @@ func TestCaddyfileErrors(t *testing.T) {
 		{`dynamic shaker a:1 {
 			fast_interval 0s
 		}`, "fast_interval '0s': must be positive"},
+		{`dynamic shaker a:1 {
+			jitter banana
+		}`, `jitter "banana": want a percentage of the interval (5%), a duration (200ms) or off, at Caddyfile:4`},
+		{`dynamic shaker a:1 {
+			jitter 60%
+		}`, `jitter "60%": must be from 0 to 50%`},
+		{`dynamic shaker a:1 {
+			jitter -1%
+		}`, `jitter "-1%": must be from 0 to 50%`},
+		{`dynamic shaker a:1 {
+			jitter NaN%
+		}`, `jitter "NaN%": must be from 0 to 50%`},
+		{`dynamic shaker a:1 {
+			jitter %
+		}`, `jitter "%": want a percentage`},
+		{`dynamic shaker a:1 {
+			jitter -1s
+		}`, `jitter "-1s": must not be negative`},
+		{`dynamic shaker a:1 {
+			jitter 1.5s
+		}`, `jitter "1.5s": must be at most half the interval (1s)`},
+		// the error is on the jitter's line, though the interval comes after
+		{`dynamic shaker a:1 {
+			jitter 600ms
+			interval 1s
+		}`, `jitter "600ms": must be at most half the interval (500ms), at Caddyfile:4`},
+		{`dynamic shaker a:1 {
+			jitter
+		}`, "wrong argument count"},
+		{`dynamic shaker a:1 {
+			jitter 5% 10%
+		}`, "wrong argument count"},
 		{`dynamic shaker a:1 {
 			panic_threshold 0
 		}`, "panic_threshold '0': must be a fraction above 0 and at most 1"},
@@ -247,6 +303,14 @@ func TestJSONLoadErrors(t *testing.T) {
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"fast_interval":"-1ms"}`, "fast_interval -1ms"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"interval":"1ns"}`, "interval 1ns: must be at least 1ms"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"down_interval":"500us"}`, "down_interval 500µs: must be at least 1ms"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"banana"}`, `jitter "banana": want a percentage of the interval (5%), a duration (200ms) or off`},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"60%"}`, `jitter "60%": must be from 0 to 50%`},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"-1s"}`, `jitter "-1s": must not be negative`},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":-1000000000}`, `jitter "-1s": must not be negative`},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"1.5s"}`, `jitter "1.5s": must be at most half the interval (1s)`},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"interval":"1s","jitter":"600ms"}`, `jitter "600ms": must be at most half the interval (500ms)`},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":true}`, `jitter true: want a percentage`},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":0.5}`, `jitter 0.5: want a percentage`},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"panic_threshold":1.5}`, "panic_threshold 1.5: must be a fraction from 0 to 1"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"panic_threshold":-0.1}`, "panic_threshold -0.1"},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"down_interval":"-1m"}`, "down_interval -1m0s"},
@@ -267,6 +331,48 @@ func TestJSONLoadErrors(t *testing.T) {
 		}
 		if !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s:\nerror %q\nwant  %q", tc.dyn, err, tc.want)
+		}
+	}
+}
+
+// TestJitterJSON: the forms "jitter" takes in JSON, and what they mean;
+// Caddy's adapter writes the Caddyfile's value as a string, and it comes
+// back the same.
+func TestJitterJSON(t *testing.T) {
+	for _, tc := range []struct {
+		json    string
+		percent float64
+		d       time.Duration
+	}{
+		{`{}`, DefaultJitterPercent, 0},
+		{`{"jitter":""}`, DefaultJitterPercent, 0},
+		{`{"jitter":null}`, DefaultJitterPercent, 0},
+		{`{"jitter":"10%"}`, 10, 0},
+		{`{"jitter":"2.5%"}`, 2.5, 0},
+		{`{"jitter":"50%"}`, 50, 0},
+		{`{"jitter":"200ms"}`, 0, 200 * time.Millisecond},
+		{`{"jitter":"1s"}`, 0, time.Second},
+		{`{"jitter":200000000}`, 0, 200 * time.Millisecond}, // nanoseconds, as caddy.Duration
+		{`{"jitter":"off"}`, 0, 0},
+		{`{"jitter":"0"}`, 0, 0},
+		{`{"jitter":"0%"}`, 0, 0},
+		{`{"jitter":"0s"}`, 0, 0},
+		{`{"jitter":0}`, 0, 0},
+		{`{"interval":"10s","jitter":"5s"}`, 0, 5 * time.Second},
+	} {
+		var su Upstreams
+		if err := caddy.StrictUnmarshalJSON([]byte(tc.json), &su); err != nil {
+			t.Errorf("%s: %v", tc.json, err)
+			continue
+		}
+		j, err := su.jitterSetting()
+		if err != nil || j.percent != tc.percent || j.d != tc.d {
+			t.Errorf("%s: jitter %v%% %v, %v; want %v%% %v", tc.json, j.percent, j.d, err, tc.percent, tc.d)
+		}
+		b, _ := json.Marshal(&su)
+		var again Upstreams
+		if err := caddy.StrictUnmarshalJSON(b, &again); err != nil || again.Jitter != su.Jitter {
+			t.Errorf("%s: round trip %s: jitter %q, %v; want %q", tc.json, b, again.Jitter, err, su.Jitter)
 		}
 	}
 }

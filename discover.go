@@ -340,7 +340,7 @@ func (su *Upstreams) releaseDiscoveredLocked() {
 // want is an address to probe under this source's settings, reported
 // under name.
 func (su *Upstreams) want(addr netip.AddrPort, name string) health.Want {
-	return health.Want{Addr: addr, Name: name, Settings: health.Settings{
+	w := health.Want{Addr: addr, Name: name, Settings: health.Settings{
 		Interval:     time.Duration(su.Interval),
 		Timeout:      time.Duration(su.Timeout),
 		Passes:       su.Passes,
@@ -348,6 +348,8 @@ func (su *Upstreams) want(addr netip.AddrPort, name string) health.Want {
 		FastInterval: time.Duration(su.FastInterval),
 		DownInterval: time.Duration(su.DownInterval),
 	}}
+	w.Settings.JitterPercent, w.Settings.Jitter = su.jit.percent, su.jit.d
+	return w
 }
 
 // provisionInner loads the inner source and starts polling it.

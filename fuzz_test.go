@@ -34,6 +34,9 @@ var fuzzBlocks = []string{
 	"{\n\tto [::1]:8080 127.0.0.1:8080\n\tto db.internal:5432\n\tresolve_interval 30s\n\tresolve_timeout 2s\n}",
 	"127.0.0.1:8080 {\n\tinterval 5s\n\tfast_interval 500ms\n\tdown_interval 30s\n}",
 	"127.0.0.1:8080 {\n\tpanic_threshold 50%\n}",
+	"127.0.0.1:8080 {\n\tjitter 10%\n\tinterval 1s\n}",
+	"127.0.0.1:8080 {\n\tjitter 200ms\n\tfast_interval 100ms\n}",
+	"127.0.0.1:8080 {\n\tjitter off\n}",
 	"127.0.0.1:8080 {\n\tpanic_threshold 0.25\n\tforget_after 1m\n}",
 	"{\n\tsource a my-service.internal 8080 {\n\t\trefresh 10s\n\t}\n\tinterval 1s\n}",
 	"{\n\tsource srv _http._tcp.example.internal\n}",
@@ -52,6 +55,12 @@ var fuzzBlocks = []string{
 	"a:1 {\n\tpasses 0\n}",
 	"a:1 {\n\tpasses 99999999999999999999\n}",
 	"a:1 {\n\tfast_interval 0s\n}",
+	"a:1 {\n\tjitter banana\n}",
+	"a:1 {\n\tjitter 60%\n}",
+	"a:1 {\n\tjitter -1s\n}",
+	"a:1 {\n\tjitter 600ms\n\tinterval 1s\n}",
+	"a:1 {\n\tjitter NaN%\n}",
+	"a:1 {\n\tjitter\n}",
 	"a:1 {\n\tpanic_threshold 0\n}",
 	"a:1 {\n\tpanic_threshold 150%\n}",
 	"a:1 {\n\tpanic_threshold NaN\n}",
@@ -208,6 +217,9 @@ func FuzzCaddyfile(f *testing.F) {
 				t.Fatalf("accepted %s %v", name, d)
 			}
 		}
+		if _, err := su.jitterSetting(); err != nil {
+			t.Fatalf("accepted %v", err)
+		}
 		if su.Passes < 0 || su.Fails < 0 || su.Port < 0 || su.Port > 65535 ||
 			!(su.PanicThreshold >= 0 && su.PanicThreshold <= 1) {
 			t.Fatalf("accepted passes %d fails %d port %d panic_threshold %v", su.Passes, su.Fails, su.Port, su.PanicThreshold)
@@ -273,7 +285,7 @@ func TestFuzzCaddyfileHarness(t *testing.T) {
 var settingNames = []string{
 	"upstreams", "interval", "fast_interval", "down_interval", "timeout",
 	"resolve_interval", "resolve_timeout", "forget_after", "passes", "fails",
-	"port", "panic_threshold", "no upstreams",
+	"port", "panic_threshold", "jitter", "no upstreams",
 }
 
 // checkNamesSetting fails unless err starts with the name of a setting.
@@ -304,6 +316,15 @@ var fuzzJSONSeeds = []string{
 	`{"source":"shaker","upstreams":["127.0.0.1:1"],"fast_interval":"-1ms"}`,
 	`{"source":"shaker","upstreams":["127.0.0.1:1"],"interval":"1ns"}`,
 	`{"source":"shaker","upstreams":["127.0.0.1:1"],"down_interval":"500us"}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"10%"}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"interval":"1s","jitter":"500ms"}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":200000000}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"off"}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"banana"}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"60%"}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"-1s"}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":"1.5s"}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"jitter":true}`,
 	`{"source":"shaker","upstreams":["127.0.0.1:1"],"panic_threshold":1.5}`,
 	`{"source":"shaker","upstreams":["127.0.0.1:1"],"panic_threshold":-0.1}`,
 	`{"source":"shaker","upstreams":["127.0.0.1:1"],"down_interval":"-1m"}`,

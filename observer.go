@@ -19,6 +19,12 @@ const (
 	DefaultResolveInterval = time.Minute
 	DefaultResolveTimeout  = 5 * time.Second
 
+	// DefaultJitterPercent is the default jitter: every interval varies
+	// by up to 5% either way (HAProxy's docs find spread-checks of 2 to
+	// 5 work well), which makes the worst-case detection time 5% of an
+	// interval longer per failed probe.
+	DefaultJitterPercent = 5
+
 	// MinInterval is the shortest interval, fast_interval or
 	// down_interval: below it an address would be probed back to back.
 	MinInterval = time.Millisecond

@@ -785,6 +785,9 @@ func (v *statusView) pageData() *statusPageData {
 		if s.DownInterval != "" {
 			r.Interval += ", down " + s.DownInterval
 		}
+		if s.Jitter != "" {
+			r.Interval += ", jitter " + s.Jitter
+		}
 		sv := reflect.ValueOf(s).Elem()
 		r.Admin = optionalText(sv, optAdminState)
 		r.Since, r.SinceAt = sinceText(v.now, sv)
@@ -903,7 +906,7 @@ var (
 // knownStatusFields are the JSON names the page shows in their own columns.
 var knownStatusFields = []string{
 	"upstream", "address", "healthy", "last_rtt_us", "last_error", "checked_at",
-	"passes", "fails", "probes", "interval", "timeout", "fast_interval", "down_interval",
+	"passes", "fails", "probes", "interval", "timeout", "fast_interval", "down_interval", "jitter",
 	"admin_state", "since", "transitions",
 }
 

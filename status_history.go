@@ -163,7 +163,7 @@ func (s *rttSampler) period() time.Duration {
 // its probe settings, as the registry keeps one checker per pair.
 func historyKey(b []byte, s *Status) []byte {
 	b = append(b, s.Address...)
-	for _, x := range []string{s.Interval, s.Timeout, s.FastInterval, s.DownInterval} {
+	for _, x := range []string{s.Interval, s.Timeout, s.FastInterval, s.DownInterval, s.Jitter} {
 		b = append(b, ' ')
 		b = append(b, x...)
 	}

@@ -84,6 +84,20 @@ type Upstreams struct {
 	// them back sooner. Default: the interval.
 	DownInterval caddy.Duration `json:"down_interval,omitempty"`
 
+	// How much every interval between probes (interval, fast_interval or
+	// down_interval, whichever is in use) varies at random, so that many
+	// proxies probing the same backends do not fall into step and send
+	// their SYNs in bursts (Envoy's interval_jitter, HAProxy's
+	// spread-checks): each is drawn uniformly from [interval - j,
+	// interval + j], so the mean rate does not change. j is a percentage
+	// of the interval in use, from 0 to 50% ("10%"), or a duration
+	// ("200ms") of at most half the interval (cut to half of
+	// fast_interval or down_interval while a shorter one is in use);
+	// "0", "0%" or "off" for none. It lengthens the worst-case detection
+	// time by j per failed probe: (interval + j) x fails + timeout.
+	// Default: "5%".
+	Jitter Jitter `json:"jitter,omitempty"`
+
 	// The consecutive answered probes that bring a down address back up.
 	// Default: 2.
 	Passes int `json:"passes,omitempty"`
@@ -126,6 +140,7 @@ type Upstreams struct {
 	inner  reverseproxy.UpstreamSource
 	app    *App
 	logger *zap.Logger
+	jit    jitter // Jitter parsed, by Provision
 	*sourceState
 }
 
@@ -188,9 +203,13 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 			su.ForgetAfter = caddy.Duration(math.MaxInt64) // a huge interval: no overflow
 		}
 	}
+	if su.Jitter == "" {
+		su.Jitter = Jitter(strconv.Itoa(DefaultJitterPercent) + "%")
+	}
 	if err := su.Validate(); err != nil {
 		return err
 	}
+	su.jit, _ = su.jitterSetting() // Validate checked it
 	specs, err := parseUpstreams(su.Upstreams)
 	if err != nil {
 		return err
@@ -266,6 +285,9 @@ func (su *Upstreams) Validate() error {
 	}
 	if su.Fails < 0 {
 		return fmt.Errorf("fails %d: must be at least 1", su.Fails)
+	}
+	if _, err := su.jitterSetting(); err != nil {
+		return err
 	}
 	if su.PanicThreshold < 0 || su.PanicThreshold > 1 {
 		return fmt.Errorf("panic_threshold %v: must be a fraction from 0 to 1", su.PanicThreshold)

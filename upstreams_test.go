@@ -84,6 +84,8 @@ func TestValidateNamesBadValue(t *testing.T) {
 		{Upstreams{Upstreams: []string{"a:1"}, ResolveInterval: -1}, "resolve_interval"},
 		{Upstreams{Upstreams: []string{"a:1"}, ResolveTimeout: -1}, "resolve_timeout"},
 		{Upstreams{Upstreams: []string{"a:1"}, SlowStart: caddy.Duration(-time.Second)}, "slow_start -1s: must be positive"},
+		{Upstreams{Upstreams: []string{"a:1"}, Jitter: "banana"}, `jitter "banana"`},
+		{Upstreams{Upstreams: []string{"a:1"}, Interval: caddy.Duration(time.Second), Jitter: "501ms"}, `jitter "501ms": must be at most half the interval (500ms)`},
 	} {
 		err := tc.u.Validate()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -14,8 +14,11 @@ package health
 import (
 	"errors"
 	"fmt"
+	"math"
+	"math/rand/v2"
 	"net/netip"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -42,6 +45,17 @@ type Settings struct {
 	// Fails is the consecutive failed probes that take an up address
 	// down.
 	Fails int
+	// JitterPercent and Jitter vary every interval used (Interval,
+	// FastInterval or DownInterval) at random, as Envoy's
+	// interval_jitter and HAProxy's spread-checks, so that many proxies
+	// probing the same backends do not fall into step: each is drawn
+	// uniformly from [iv-j, iv+j], so the mean rate does not change.
+	// With JitterPercent, j is that percentage of the interval in use
+	// (0 to 50); with Jitter, j is that duration, but at most half the
+	// interval in use (Jitter itself at most half of Interval). Give at
+	// most one; zero for both means no jitter.
+	JitterPercent float64
+	Jitter        time.Duration
 }
 
 // Validate reports settings the state machine cannot use.
@@ -59,8 +73,41 @@ func (s Settings) Validate() error {
 		return fmt.Errorf("fast_interval %v: must be positive", s.FastInterval)
 	case s.DownInterval < 0:
 		return fmt.Errorf("down_interval %v: must be positive", s.DownInterval)
+	case !(s.JitterPercent >= 0 && s.JitterPercent <= 50): // NaN too
+		return fmt.Errorf("jitter %v%%: must be from 0 to 50%%", s.JitterPercent)
+	case s.Jitter < 0:
+		return fmt.Errorf("jitter %v: must not be negative", s.Jitter)
+	case s.Jitter > s.Interval/2:
+		return fmt.Errorf("jitter %v: must be at most half the interval (%v)", s.Jitter, s.Interval/2)
+	case s.Jitter > 0 && s.JitterPercent > 0:
+		return fmt.Errorf("jitter %v and %v%%: give a duration or a percentage, not both", s.Jitter, s.JitterPercent)
 	}
 	return nil
+}
+
+// jittered returns iv varied by the jitter: drawn uniformly from
+// [iv-j, iv+j], with j as Settings.JitterPercent or Settings.Jitter
+// say, never more than iv/2; iv itself without jitter. It runs on the
+// engine's loop for every probe: math/rand/v2's global source is cheap,
+// safe for concurrent use and allocates nothing.
+func (s *Settings) jittered(iv time.Duration) time.Duration {
+	var j time.Duration
+	switch {
+	case s.JitterPercent > 0:
+		j = time.Duration(float64(iv) * s.JitterPercent / 100)
+	case s.Jitter > 0:
+		j = s.Jitter
+	}
+	j = min(j, iv/2)
+	if j <= 0 {
+		return iv
+	}
+	lo := iv - j
+	d := lo + time.Duration(rand.Int64N(2*int64(j)+1)) // 2j+1 <= iv+1: no overflow
+	if d < lo {
+		return math.MaxInt64 // iv+j past the end of time.Duration
+	}
+	return d
 }
 
 // Want is an address a source needs probed, under the name it was
@@ -689,7 +736,7 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		// memory), or the engine is closing: it says nothing about the
 		// backend, so it counts neither way; probe again after the
 		// interval
-		return c.set.Interval
+		return c.set.jittered(c.set.Interval)
 	}
 	c.probes++
 	c.checkedAt = now.UnixNano()
@@ -746,7 +793,7 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		tr.N = int(max(c.passes, c.fails))
 		r.announce(*tr)
 	}
-	return c.nextIntervalLocked()
+	return c.set.jittered(c.nextIntervalLocked())
 }
 
 // nextIntervalLocked is the time from the start of the last probe to the
@@ -862,9 +909,11 @@ type Status struct {
 	// Probes is the number of probes with a result.
 	Probes uint64 `json:"probes"`
 	// Interval and Timeout are the settings the address is probed with;
-	// FastInterval and DownInterval are shown when set.
+	// Jitter ("5%" or "200ms"), FastInterval and DownInterval are shown
+	// when set.
 	Interval     string `json:"interval"`
 	Timeout      string `json:"timeout"`
+	Jitter       string `json:"jitter,omitempty"`
 	FastInterval string `json:"fast_interval,omitempty"`
 	DownInterval string `json:"down_interval,omitempty"`
 }
@@ -887,6 +936,12 @@ func (c *Checker) Status() Status {
 		Probes:        c.probes,
 		Interval:      c.set.Interval.String(),
 		Timeout:       c.set.Timeout.String(),
+	}
+	switch {
+	case c.set.JitterPercent > 0:
+		s.Jitter = strconv.FormatFloat(c.set.JitterPercent, 'g', -1, 64) + "%"
+	case c.set.Jitter > 0:
+		s.Jitter = c.set.Jitter.String()
 	}
 	if c.set.FastInterval > 0 {
 		s.FastInterval = c.set.FastInterval.String()

@@ -13,7 +13,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
-	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
 // adminAPI is a module that provides the /shaker/ endpoints of Caddy's
@@ -54,8 +53,17 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 type EngineStatus struct {
 	// Running is false when no config uses the plugin.
 	Running bool `json:"running"`
-	// HalfOpen is true where probes are half-open by construction (Linux).
+	// HalfOpen is true where probes are half-open: by construction (a
+	// Linux build) and not refuted by the self-check (true while it is
+	// pending). False means backends accept() a connection per probe.
 	HalfOpen bool `json:"half_open"`
+	// SelfCheck is the state of the self-check the engine runs when it
+	// starts: "pending" (it takes about 250 ms), "ok" (its probes of a
+	// listener of its own were never accepted), "failed" (see
+	// SelfCheckError), or "not run" (no engine, or it stopped first).
+	SelfCheck string `json:"self_check"`
+	// SelfCheckError says why the self-check failed.
+	SelfCheckError string `json:"self_check_error,omitempty"`
 	// Loops, Sockets and MaxSockets: the engine's loops, probe sockets
 	// open, and their bound.
 	Loops      int `json:"loops"`
@@ -80,13 +88,14 @@ type EngineStatus struct {
 
 // engineStatus reads the engine's state.
 func engineStatus() EngineStatus {
+	check, checkErr, halfOpen := selfCheckState()
 	e := engines.cur.Load()
 	if e == nil {
-		return EngineStatus{HalfOpen: shaker.HalfOpen()}
+		return EngineStatus{HalfOpen: halfOpen, SelfCheck: check, SelfCheckError: checkErr}
 	}
 	st := e.Stats()
 	es := EngineStatus{
-		Running: true, HalfOpen: shaker.HalfOpen(),
+		Running: true, HalfOpen: halfOpen, SelfCheck: check, SelfCheckError: checkErr,
 		Loops: st.Loops, Sockets: st.Sockets, MaxSockets: st.MaxSockets,
 		InFlight: st.InFlight, Scheduled: st.Scheduled,
 		Overdue: st.Overdue, LagMs: float64(st.Lag.Microseconds()) / 1000,
@@ -94,6 +103,11 @@ func engineStatus() EngineStatus {
 		MaxCloseDelayMs: float64(st.MaxCloseDelay.Microseconds()) / 1000,
 	}
 	var advice []string
+	if check == checkFailed {
+		advice = append(advice, "the self-check failed (self_check_error, and Caddy's log): backends may accept() a real connection per probe and log or count it; "+
+			"run Caddy directly on a Linux kernel (not gVisor, not another system, no userland network stack or proxy in front of it), "+
+			"then restart Caddy to check again")
+	}
 	if st.Overdue > 0 || st.Lag > time.Second {
 		if st.Sockets >= st.MaxSockets {
 			advice = append(advice, "probe sockets are all taken (many addresses waiting for their timeout): raise max_sockets (and Caddy's open-file limit), or shorten the timeout")

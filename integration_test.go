@@ -369,6 +369,11 @@ func TestIntegration(t *testing.T) {
 		t.Errorf("engine MaxCloseDelay %v: probes close too late", d)
 	}
 	t.Logf("(1) %d probes per backend, 0 connections accepted", st[b1.addr].Probes)
+	// the engine's startup self-check confirms it: probes here are half-open
+	if es := h.awaitSelfCheck(); es.SelfCheck != checkOK || !es.HalfOpen {
+		t.Fatalf("(1) self-check %q (%s), half_open %v: want ok, half-open", es.SelfCheck, es.SelfCheckError, es.HalfOpen)
+	}
+	h.checkMetrics("caddy_shaker_half_open 1")
 
 	// (2) requests succeed and reach every backend
 	seen := map[string]int{}

@@ -105,12 +105,16 @@ var (
 		"Probe loops (epoll instances) the engine runs.", nil, nil)
 	descScheduled = prometheus.NewDesc(metricName("probes_scheduled"),
 		"Periodic probes registered with the engine (one per address and settings).", nil, nil)
+	descHalfOpen = prometheus.NewDesc(metricName("half_open"),
+		"1 when probes are half-open (backends never accept() them), 0 when they reach the backends' accept(): "+
+			"the engine's startup self-check failed, or this build falls back to full connects. "+
+			"While the self-check is pending, and without an engine, it reports what the build alone says.", nil, nil)
 )
 
 // Describe sends the descriptors of the collected metrics.
 func (*engineCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descHealthy, descInFlight, descCloseDelay, descStartDelay,
-		descLate, descOverdue, descLag, descSockets, descMaxSockets, descLoops, descScheduled} {
+		descLate, descOverdue, descLag, descSockets, descMaxSockets, descLoops, descScheduled, descHalfOpen} {
 		ch <- d
 	}
 }
@@ -147,6 +151,11 @@ func (*engineCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descMaxSockets, float64(st.MaxSockets))
 	gauge(descLoops, float64(st.Loops))
 	gauge(descScheduled, float64(st.Scheduled))
+	if _, _, halfOpen := selfCheckState(); halfOpen {
+		gauge(descHalfOpen, 1)
+	} else {
+		gauge(descHalfOpen, 0)
+	}
 	ch <- prometheus.MustNewConstMetric(descLate, prometheus.CounterValue, float64(st.Late))
 	buckets := make(map[float64]uint64, len(shaker.StartDelayBuckets))
 	var cum uint64

@@ -487,6 +487,32 @@ func TestSelfCheck(t *testing.T) {
 	}
 }
 
+// TestSelfCheckClose: an engine closed while its self-check runs (before,
+// during or after its probes) ends the check without a hang, and never
+// with ErrNotHalfOpen: the closed probes were reset, not accepted.
+func TestSelfCheckClose(t *testing.T) {
+	for round := range 20 {
+		e, err := New(Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- e.SelfCheck(context.Background()) }()
+		if round%2 == 1 {
+			runtime.Gosched() // let the check get further before Close
+		}
+		e.Close()
+		select {
+		case err := <-done:
+			if err != nil && (errors.Is(err, ErrNotHalfOpen) || !errors.Is(err, ErrClosed)) {
+				t.Fatalf("round %d: SelfCheck with the engine closed: %v, want nil or ErrClosed", round, err)
+			}
+		case <-time.After(10 * time.Second): // far beyond the check's 250 ms: a hang
+			t.Fatalf("round %d: SelfCheck did not return after Close", round)
+		}
+	}
+}
+
 // TestCloseIdempotent: Close twice, and Stats after Close.
 func TestCloseIdempotent(t *testing.T) {
 	e, err := New(Options{})

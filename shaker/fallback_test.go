@@ -80,8 +80,8 @@ func TestFallbackSelfCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	if err := e.SelfCheck(context.Background()); err == nil {
-		t.Fatal("SelfCheck passed with full-connect probes")
+	if err := e.SelfCheck(context.Background()); !errors.Is(err, ErrNotHalfOpen) {
+		t.Fatalf("SelfCheck with full-connect probes: %v, want ErrNotHalfOpen", err)
 	}
 }
 

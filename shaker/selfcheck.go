@@ -2,6 +2,7 @@ package shaker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"time"
@@ -15,12 +16,20 @@ const selfCheckWait = 250 * time.Millisecond
 // selfCheckProbes is how many probes SelfCheck sends.
 const selfCheckProbes = 3
 
+// ErrNotHalfOpen: SelfCheck's listener accepted a probe's connection, so
+// probes on this system reach the accept() of the applications they probe.
+// SelfCheck's other errors mean that it could not tell (a probe of its own
+// listener failed, or ctx ended first).
+var ErrNotHalfOpen = errors.New("probes are not half-open on this system")
+
 // SelfCheck verifies that this engine's probes stay invisible on this
 // system. It opens its own listener on 127.0.0.1, probes it a few times,
 // and watches it for about 250 ms (longer than the kernel's delayed-ACK
 // timer). It returns an error if a probe failed or if the listener accepted
 // anything, as it does on kernels that ignore the delayed ACK (gVisor) and
-// on systems without TCP_QUICKACK (see HalfOpen).
+// on systems without TCP_QUICKACK (see HalfOpen); that error matches
+// ErrNotHalfOpen. When the engine is closed during the check, the error
+// matches ErrClosed, or SelfCheck passes if its probes had finished.
 func (e *Engine) SelfCheck(ctx context.Context) error {
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", "127.0.0.1:0")
@@ -50,7 +59,7 @@ func (e *Engine) SelfCheck(ctx context.Context) error {
 	select {
 	case <-accepted:
 		return fmt.Errorf("shaker: self-check: the listener on %v accepted a probe's connection: "+
-			"probes are not half-open on this system (half-open by construction: %v)", addr, HalfOpen())
+			"%w (half-open by construction: %v)", addr, ErrNotHalfOpen, HalfOpen())
 	case <-ctx.Done():
 		return fmt.Errorf("shaker: self-check: %w", ctx.Err())
 	case <-t.C:

@@ -12,7 +12,6 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
-	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -56,8 +55,10 @@ const (
 //	}
 //
 // The page shows summary counts, then one row per probed address (its
-// upstream, health, last RTT, last error, probe counts and a sparkline of
-// its recent RTTs), 100 rows a page, sortable and filterable with query
+// upstream, health, last RTT, last error, probe counts, how long it has
+// been in its health state and how many times that changed, its admin
+// state when not ready, and a sparkline of its recent RTTs), 100 rows a
+// page, sortable and filterable with query
 // parameters (q, state, sort, order, page, per_page), and reloads its data
 // every `refresh`. It loads nothing from elsewhere. Everything from
 // configuration or the network is escaped.
@@ -238,22 +239,41 @@ func wantsJSON(accept []string) bool {
 	return js.q > html.q || (js.q == html.q && js.spec > html.spec)
 }
 
-// Health of an address as the page shows it.
+// Health of an address as the page counts and filters it.
 const (
 	healthUp      = "up"
 	healthDown    = "down"
-	healthPending = "pending" // not probed yet (counts as up)
+	healthPending = "pending" // no result to go by: not probed yet, or unknown
 )
 
-func healthOf(s *Status) string {
+// healthUnknown is the health of an address in maintenance, or back from
+// it and waiting for its first result: shown as such, counted as pending.
+const healthUnknown = "unknown"
+
+// healthOf returns the address's state as the page counts and filters it
+// (up, down or pending), and the health it shows: pending when never
+// probed, unknown when its health is (in maintenance, or back from it
+// until its first result).
+func healthOf(s *Status) (state, shown string) {
 	switch {
 	case s.CheckedAt == nil:
-		return healthPending
-	case s.Healthy:
-		return healthUp
-	default:
-		return healthDown
+		return healthPending, healthPending
+	case s.Health == healthUp:
+		return healthUp, healthUp
+	case s.Health == healthDown:
+		return healthDown, healthDown
+	default: // unknown
+		return healthPending, healthUnknown
 	}
+}
+
+// adminOf returns the address's admin state when it is not ready (in
+// service as its health allows), "" when it is.
+func adminOf(s *Status) string {
+	if s.AdminState == "ready" {
+		return ""
+	}
+	return s.AdminState
 }
 
 // statusView is one request's answer: the filtered, sorted, paged rows.
@@ -279,11 +299,14 @@ type statusSummary struct {
 	Upstreams int `json:"upstreams"`
 	Up        int `json:"up"`
 	Down      int `json:"down"`
-	// Pending is addresses not probed yet (they count as up).
+	// Pending is addresses whose health is not known: not probed yet
+	// (they count as up), or in maintenance or back from it until their
+	// first result (out of service).
 	Pending int `json:"pending"`
 	// Failing is addresses up whose last probe failed.
 	Failing int `json:"failing"`
-	// AdminStates counts addresses by admin state, when there are any.
+	// AdminStates counts the addresses not ready by admin state (drain,
+	// maint); absent when all are ready.
 	AdminStates map[string]int `json:"admin_states,omitempty"`
 }
 
@@ -296,6 +319,9 @@ var statusSortKeys = []struct{ key, title string }{
 	{"error", "Last error"},
 	{"checked", "Checked"},
 	{"probes", "Probes"},
+	{"admin", "Admin"}, // shown only when an address is not ready
+	{"since", "For"},
+	{"transitions", "Transitions"},
 }
 
 func (p *StatusPage) build(q url.Values, now time.Time, asJSON bool) *statusView {
@@ -340,7 +366,7 @@ func (p *StatusPage) build(q url.Values, now time.Time, asJSON bool) *statusView
 	rows := make([]int, 0, len(v.all))
 	for i := range v.all {
 		s := &v.all[i]
-		h := healthOf(s)
+		h, _ := healthOf(s)
 		v.sum.Addresses++
 		names[s.Upstream] = struct{}{}
 		switch h {
@@ -354,13 +380,11 @@ func (p *StatusPage) build(q url.Values, now time.Time, asJSON bool) *statusView
 		case healthPending:
 			v.sum.Pending++
 		}
-		if optAdminState != nil {
-			if a := optionalText(reflect.ValueOf(s).Elem(), optAdminState); a != "" {
-				if v.sum.AdminStates == nil {
-					v.sum.AdminStates = make(map[string]int)
-				}
-				v.sum.AdminStates[a]++
+		if a := adminOf(s); a != "" {
+			if v.sum.AdminStates == nil {
+				v.sum.AdminStates = make(map[string]int)
 			}
+			v.sum.AdminStates[a]++
 		}
 		switch v.state {
 		case "":
@@ -444,12 +468,28 @@ func containsFold(s, lower string) bool {
 // upstream order.
 func statusCompare(key string) func(a, b *Status) int {
 	rank := map[string]int{healthDown: 0, healthPending: 1, healthUp: 2}
+	// ready first, then drain, then maint
+	adminRank := map[string]int{"": 0, "drain": 1, "maint": 2}
+	// nil (no result yet) first, then oldest first
+	cmpTime := func(a, b *time.Time) int {
+		switch {
+		case a == nil && b == nil:
+			return 0
+		case a == nil:
+			return -1
+		case b == nil:
+			return 1
+		}
+		return a.Compare(*b)
+	}
 	switch key {
 	case "address":
 		return func(a, b *Status) int { return strings.Compare(a.Address, b.Address) }
 	case "health":
 		return func(a, b *Status) int {
-			ra, rb := rank[healthOf(a)], rank[healthOf(b)]
+			ha, _ := healthOf(a)
+			hb, _ := healthOf(b)
+			ra, rb := rank[ha], rank[hb]
 			if ra == rb && ra == 2 { // failing before fine
 				return boolCmp(a.LastError == "", b.LastError == "")
 			}
@@ -460,24 +500,20 @@ func statusCompare(key string) func(a, b *Status) int {
 	case "error":
 		return func(a, b *Status) int { return strings.Compare(a.LastError, b.LastError) }
 	case "checked":
-		return func(a, b *Status) int {
-			switch {
-			case a.CheckedAt == nil && b.CheckedAt == nil:
-				return 0
-			case a.CheckedAt == nil:
-				return -1
-			case b.CheckedAt == nil:
-				return 1
-			}
-			return a.CheckedAt.Compare(*b.CheckedAt)
-		}
+		return func(a, b *Status) int { return cmpTime(a.CheckedAt, b.CheckedAt) }
 	case "probes":
 		return func(a, b *Status) int { return cmpInt(a.Probes, b.Probes) }
+	case "admin":
+		return func(a, b *Status) int { return adminRank[adminOf(a)] - adminRank[adminOf(b)] }
+	case "since":
+		return func(a, b *Status) int { return cmpTime(a.Since, b.Since) }
+	case "transitions":
+		return func(a, b *Status) int { return cmpInt(a.Transitions, b.Transitions) }
 	}
 	return func(a, b *Status) int { return strings.Compare(a.Upstream, b.Upstream) }
 }
 
-func cmpInt[T int64 | uint64 | int](a, b T) int {
+func cmpInt[T int64 | uint64 | uint32 | int](a, b T) int {
 	switch {
 	case a < b:
 		return -1
@@ -612,7 +648,9 @@ type statusPageData struct {
 	Nav     []navLink
 	HistFor string // what the sparkline covers
 
-	ShowAdmin, ShowSince, ShowTransitions, ShowExtra bool
+	// ShowAdmin is true when an address (of all, not only of this page)
+	// is not ready: then the page has an Admin column.
+	ShowAdmin bool
 }
 
 type countLink struct {
@@ -643,19 +681,18 @@ type navLink struct {
 type statusRow struct {
 	Upstream, Address    string
 	Health, Class        string
-	Admin                string
+	Admin                string // "" when ready
 	RTT                  string
 	RTTStale             bool // of the last answered probe, not the last one
 	Err                  string
 	Checked, CheckedAt   string
 	Since, SinceAt       string
-	Transitions          string
+	Transitions          string // "" before the first result
 	Passes, Fails        int
 	Probes               uint64
 	Interval             string
 	Spark, SparkTitle    string
 	SparkMax, SparkEmpty bool
-	Extra                []option
 }
 
 func (v *statusView) link(set map[string]string) string {
@@ -717,7 +754,11 @@ func (v *statusView) pageData() *statusPageData {
 	if v.sort != "upstream" || v.order != "asc" {
 		d.Hidden = []option{{"sort", v.sort, false}, {"order", v.order, false}}
 	}
+	d.ShowAdmin = len(v.sum.AdminStates) > 0
 	for _, k := range statusSortKeys {
+		if k.key == "admin" && !d.ShowAdmin {
+			continue
+		}
 		c := column{Title: k.title, Key: k.key}
 		order := "asc"
 		if k.key == v.sort {
@@ -762,8 +803,7 @@ func (v *statusView) pageData() *statusPageData {
 		s := &v.all[idx]
 		r := &d.Rows[i]
 		r.Upstream, r.Address = s.Upstream, s.Address
-		r.Health = healthOf(s)
-		r.Class = r.Health
+		r.Class, r.Health = healthOf(s)
 		if r.Health == healthUp && s.LastError != "" {
 			r.Class = "failing"
 			r.Health = fmt.Sprintf("up, failing %d", s.Fails)
@@ -776,7 +816,13 @@ func (v *statusView) pageData() *statusPageData {
 		if s.CheckedAt != nil {
 			r.Checked = ago(v.now, *s.CheckedAt)
 			r.CheckedAt = s.CheckedAt.UTC().Format(time.RFC3339Nano)
+			r.Transitions = strconv.FormatUint(uint64(s.Transitions), 10)
 		}
+		if s.Since != nil {
+			r.Since = strings.TrimSuffix(ago(v.now, *s.Since), " ago")
+			r.SinceAt = s.Since.UTC().Format(time.RFC3339Nano)
+		}
+		r.Admin = adminOf(s)
 		r.Passes, r.Fails, r.Probes = s.Passes, s.Fails, s.Probes
 		r.Interval = "every " + s.Interval + ", timeout " + s.Timeout
 		if s.FastInterval != "" {
@@ -788,19 +834,6 @@ func (v *statusView) pageData() *statusPageData {
 		if s.Jitter != "" {
 			r.Interval += ", jitter " + s.Jitter
 		}
-		sv := reflect.ValueOf(s).Elem()
-		r.Admin = optionalText(sv, optAdminState)
-		r.Since, r.SinceAt = sinceText(v.now, sv)
-		r.Transitions = optionalText(sv, optTransitions)
-		for _, f := range optExtra {
-			if t := optionalText(sv, f); t != "" {
-				r.Extra = append(r.Extra, option{Value: f.name, Label: t})
-			}
-		}
-		d.ShowAdmin = d.ShowAdmin || r.Admin != ""
-		d.ShowSince = d.ShowSince || r.Since != ""
-		d.ShowTransitions = d.ShowTransitions || r.Transitions != ""
-		d.ShowExtra = d.ShowExtra || len(r.Extra) > 0
 		key = historyKey(key[:0], s)
 		r.Spark, r.SparkTitle, r.SparkEmpty = sparkline(v.hist.history(key))
 	}
@@ -883,150 +916,6 @@ func sparkline(h rttHistory) (path, title string, empty bool) {
 	}
 	title = fmt.Sprintf("RTT %d samples: min %s, max %s, last %s", n, formatMicros(lo), formatMicros(hi), formatMicros(last))
 	return string(b), title, false
-}
-
-// Fields of Status that another part of the project may add (admin state,
-// time of the last transition, number of transitions, and whatever else):
-// found by their JSON names, so that the page shows them as soon as they
-// exist, and as the JSON does (absent when JSON would omit them).
-type optField struct {
-	name      string // JSON name
-	index     []int
-	omitempty bool
-}
-
-var (
-	statusOptFields = optFieldsOf(reflect.TypeFor[Status]())
-	optAdminState   = findOptField(statusOptFields, "admin_state")
-	optSince        = findOptField(statusOptFields, "since")
-	optTransitions  = findOptField(statusOptFields, "transitions")
-	optExtra        = extraOptFields(statusOptFields)
-)
-
-// knownStatusFields are the JSON names the page shows in their own columns.
-var knownStatusFields = []string{
-	"upstream", "address", "healthy", "last_rtt_us", "last_error", "checked_at",
-	"passes", "fails", "probes", "interval", "timeout", "fast_interval", "down_interval", "jitter",
-	"admin_state", "since", "transitions",
-}
-
-// optFieldsOf returns the JSON fields of struct type t.
-func optFieldsOf(t reflect.Type) []optField {
-	var out []optField
-	for _, f := range reflect.VisibleFields(t) {
-		if !f.IsExported() || f.Anonymous {
-			continue
-		}
-		tag := f.Tag.Get("json")
-		if tag == "-" {
-			continue
-		}
-		name, opts, _ := strings.Cut(tag, ",")
-		if name == "" {
-			name = f.Name
-		}
-		out = append(out, optField{name: name, index: f.Index, omitempty: slices.Contains(strings.Split(opts, ","), "omitempty")})
-	}
-	return out
-}
-
-func findOptField(fields []optField, name string) *optField {
-	for _, f := range fields {
-		if f.name == name {
-			return &f
-		}
-	}
-	return nil
-}
-
-func extraOptFields(fields []optField) []*optField {
-	var out []*optField
-	for _, f := range fields {
-		if !slices.Contains(knownStatusFields, f.name) {
-			out = append(out, &f)
-		}
-	}
-	return out
-}
-
-// optionalValue returns the field's value in struct s, or false when it
-// is absent (no such field, a nil pointer, or empty with omitempty).
-func optionalValue(s reflect.Value, f *optField) (reflect.Value, bool) {
-	if f == nil {
-		return reflect.Value{}, false
-	}
-	v := s.FieldByIndex(f.index)
-	if f.omitempty && v.IsZero() {
-		return v, false
-	}
-	for v.Kind() == reflect.Pointer || v.Kind() == reflect.Interface {
-		if v.IsNil() {
-			return v, false
-		}
-		v = v.Elem()
-	}
-	if v.Kind() == reflect.Slice || v.Kind() == reflect.Map {
-		if f.omitempty && v.Len() == 0 {
-			return v, false
-		}
-	}
-	return v, true
-}
-
-// optionalText returns the field as text, "" when absent.
-func optionalText(s reflect.Value, f *optField) string {
-	v, ok := optionalValue(s, f)
-	if !ok {
-		return ""
-	}
-	switch x := v.Interface().(type) {
-	case string:
-		return x
-	case time.Time:
-		return x.UTC().Format(time.RFC3339Nano)
-	case time.Duration:
-		return x.String()
-	case fmt.Stringer:
-		return x.String()
-	}
-	switch v.Kind() {
-	case reflect.Bool:
-		return strconv.FormatBool(v.Bool())
-	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
-		return strconv.FormatInt(v.Int(), 10)
-	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
-		return strconv.FormatUint(v.Uint(), 10)
-	}
-	b, err := json.Marshal(v.Interface())
-	if err != nil {
-		return ""
-	}
-	return string(b)
-}
-
-// sinceText returns "since" as how long ago, and as a timestamp.
-func sinceText(now time.Time, s reflect.Value) (rel, at string) {
-	v, ok := optionalValue(s, optSince)
-	if !ok {
-		return "", ""
-	}
-	var t time.Time
-	switch x := v.Interface().(type) {
-	case time.Time:
-		t = x
-	case string:
-		var err error
-		if t, err = time.Parse(time.RFC3339Nano, x); err != nil {
-			return x, ""
-		}
-	default:
-		txt := optionalText(s, optSince)
-		return txt, ""
-	}
-	if t.IsZero() {
-		return "", ""
-	}
-	return strings.TrimSuffix(ago(now, t), " ago"), t.UTC().Format(time.RFC3339Nano)
 }
 
 // Interface guards

@@ -89,9 +89,11 @@ func runChromium(t *testing.T, bin string, args ...string) []byte {
 
 // TestStatusPageBrowser runs Caddy in-process with the status page mounted
 // behind basic_auth on a site whose proxies probe six backends, one of
-// them stopped, and loads the page in headless Chromium: the page, after
-// reloading its data in place (JavaScript, through basic_auth), shows the
-// stopped backend's address as down with its error, and the right counts.
+// them stopped and one drained through the admin API, and loads the page
+// in headless Chromium: the page, after reloading its data in place
+// (JavaScript, through basic_auth), shows the stopped backend's address as
+// down with its error, the drained one's admin state, and the right
+// counts.
 // It saves a screenshot; SHAKER_STATUS_SCREENSHOT=docs/status.png writes
 // the one README shows.
 func TestStatusPageBrowser(t *testing.T) {
@@ -189,8 +191,21 @@ http://%s {
 		return true
 	})
 
-	base := "http://" + site + "/shaker"
 	client := &http.Client{Timeout: 10 * time.Second}
+
+	// drain a live backend, so that the page has its Admin column: still
+	// probed, still up, no new requests
+	drained := bs[1]
+	dresp, err := client.Post("http://"+admin+"/shaker/upstreams/"+drained.addr+"/drain", "application/json", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dresp.Body.Close()
+	if dresp.StatusCode != http.StatusOK {
+		t.Fatalf("POST /shaker/upstreams/%s/drain: %s", drained.addr, dresp.Status)
+	}
+
+	base := "http://" + site + "/shaker"
 	get := func(user, accept string) *http.Response {
 		t.Helper()
 		req, _ := http.NewRequest("GET", base, nil)
@@ -222,6 +237,18 @@ http://%s {
 	if doc.Summary.Addresses != 6 || doc.Summary.Down != 1 || len(doc.Upstreams) != 6 {
 		t.Errorf("JSON: summary %+v, %d upstreams", doc.Summary, len(doc.Upstreams))
 	}
+	if len(doc.Summary.AdminStates) != 1 || doc.Summary.AdminStates["drain"] != 1 {
+		t.Errorf("JSON: admin_states %v, want drain: 1", doc.Summary.AdminStates)
+	}
+	for _, u := range doc.Upstreams {
+		want := "ready"
+		if u.Address == drained.addr {
+			want = "drain"
+		}
+		if u.AdminState != want || u.Health != map[bool]string{true: "down", false: "up"}[u.Address == dead.addr] || u.Since == nil {
+			t.Errorf("JSON: %s: admin_state %q, health %q, since %v", u.Address, u.AdminState, u.Health, u.Since)
+		}
+	}
 
 	// The browser: the page as served, then reloaded in place by its
 	// script every second (virtual time runs 4.5 s ahead, waiting for
@@ -250,6 +277,12 @@ http://%s {
 			t.Errorf("count %s: %d, want %d", key, n, want)
 		}
 	}
+	if !regexp.MustCompile(`<span class="count admin"><span class="n">1</span> drain</span>`).MatchString(dom) {
+		t.Errorf("no count of 1 drain")
+	}
+	if !strings.Contains(dom, `<th data-col="admin">`) {
+		t.Errorf("no Admin column with an address drained")
+	}
 	rows := regexp.MustCompile(`(?s)<tr class="(\w+)">(.*?)</tr>`).FindAllStringSubmatch(dom, -1)
 	if len(rows) != 6 {
 		t.Errorf("%d rows, want 6", len(rows))
@@ -257,6 +290,13 @@ http://%s {
 	seen := 0
 	for _, r := range rows {
 		text := tagsRE.ReplaceAllString(r[2], " ")
+		badge := strings.Contains(r[2], `<span class="badge admin">drain</span>`)
+		if badge != strings.Contains(r[2], ">"+drained.addr+"<") {
+			t.Errorf("drain badge %v in the row %s", badge, strings.Join(strings.Fields(text), " "))
+		}
+		if !strings.Contains(r[2], `<td class="since"><time datetime=`) {
+			t.Errorf("no since in the row %s", strings.Join(strings.Fields(text), " "))
+		}
 		if !strings.Contains(r[2], ">"+dead.addr+"<") {
 			if r[1] != "up" || strings.Contains(text, "refused") || !strings.Contains(r[2], "<path d=") {
 				t.Errorf("live backend's row: class %q, %s", r[1], strings.Join(strings.Fields(text), " "))

@@ -8,8 +8,12 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"reflect"
+	"regexp"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,17 +25,22 @@ import (
 
 var statusEpoch = time.Date(2026, 5, 4, 12, 0, 0, 0, time.UTC)
 
-// fakeStatuses returns n addresses in upstream order, every tenth down
-// (refused), every 25th (of the others) up but failing, the last one
-// not probed yet.
+// fakeStatuses returns n addresses in upstream order, all ready, every
+// tenth down (refused), every 25th (of the others) up but failing, the
+// last one not probed yet.
 func fakeStatuses(n int) []Status {
 	out := make([]Status, n)
 	for i := range out {
 		t := statusEpoch.Add(-time.Duration(i%7) * time.Second)
+		since := statusEpoch.Add(-time.Duration(i%50) * time.Minute)
 		s := Status{
 			Upstream:      fmt.Sprintf("app%03d.internal:8080", i/10),
 			Address:       fmt.Sprintf("10.%d.%d.%d:8080", i>>16&255, i>>8&255, i&255),
 			Healthy:       true,
+			Health:        "up",
+			AdminState:    "ready",
+			Since:         &since,
+			Transitions:   uint32(i % 4),
 			LastRTTMicros: int64(100 + i%400),
 			CheckedAt:     &t,
 			Passes:        5,
@@ -41,9 +50,10 @@ func fakeStatuses(n int) []Status {
 		}
 		switch {
 		case i == n-1 && n > 1:
+			s.Health, s.Since, s.Transitions = "unknown", nil, 0
 			s.CheckedAt, s.LastRTTMicros, s.Probes, s.Passes = nil, 0, 0, 0
 		case i%10 == 3:
-			s.Healthy, s.LastError, s.Passes, s.Fails = false, "refused", 0, 7
+			s.Healthy, s.Health, s.LastError, s.Passes, s.Fails = false, "down", "refused", 0, 7
 		case i%25 == 1:
 			s.LastError, s.Passes, s.Fails = "timeout after 1s", 0, 1
 		}
@@ -139,6 +149,11 @@ func TestStatusJSONShape(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, got := range doc.Upstreams {
+		for _, k := range []string{"health", "admin_state", "since", "transitions"} {
+			if _, ok := got[k]; !ok {
+				t.Errorf("upstreams[%d] has no %s: %v", i, k, got)
+			}
+		}
 		for k, v := range want[i] {
 			if !reflect.DeepEqual(got[k], v) {
 				t.Errorf("upstreams[%d].%s = %v, want %v", i, k, got[k], v)
@@ -378,52 +393,177 @@ func TestStatusPagingSortingFiltering(t *testing.T) {
 	}
 }
 
-// TestStatusOptionalFields checks the fields the page shows once Status
-// has them (admin state, since, transitions, and anything else), on a
-// stand-in type: absent as JSON would omit them.
-func TestStatusOptionalFields(t *testing.T) {
-	type future struct {
-		Upstream    string     `json:"upstream"`
-		AdminState  string     `json:"admin_state,omitempty"`
-		Since       *time.Time `json:"since,omitempty"`
-		Transitions uint64     `json:"transitions"`
-		Weight      int        `json:"weight,omitempty"`
-		Tags        []string   `json:"tags,omitempty"`
-		hidden      int
-	}
-	fields := optFieldsOf(reflect.TypeFor[future]())
-	admin, since, trans := findOptField(fields, "admin_state"), findOptField(fields, "since"), findOptField(fields, "transitions")
-	if admin == nil || since == nil || trans == nil || findOptField(fields, "hidden") != nil {
-		t.Fatalf("fields %+v", fields)
-	}
-	extra := extraOptFields(fields)
-	if len(extra) != 2 || extra[0].name != "weight" || extra[1].name != "tags" {
-		t.Fatalf("extra fields %+v", extra)
-	}
-	at := statusEpoch.Add(-90 * time.Second)
-	full := reflect.ValueOf(future{AdminState: "drain", Since: &at, Transitions: 4, Weight: 3, Tags: []string{"a<b"}})
-	empty := reflect.ValueOf(future{})
-	for _, tc := range []struct {
-		v    reflect.Value
-		f    *optField
-		want string
-	}{
-		{full, admin, "drain"}, {empty, admin, ""},
-		{full, since, "2026-05-04T11:58:30Z"}, {empty, since, ""},
-		{full, trans, "4"}, {empty, trans, "0"}, // no omitempty: shown as 0
-		{full, extra[0], "3"}, {empty, extra[0], ""},
-		{full, extra[1], `["a\u003cb"]`}, {empty, extra[1], ""},
-		{full, nil, ""},
-	} {
-		if got := optionalText(tc.v, tc.f); got != tc.want {
-			t.Errorf("%v of %v: %q, want %q", tc.f, tc.v, got, tc.want)
+// statusRowOf returns the HTML of the page's row of address, "" if none.
+func statusRowOf(body, address string) string {
+	for _, row := range strings.Split(body, "<tr class=")[1:] {
+		row, _, _ = strings.Cut(row, "</tr>")
+		if strings.Contains(row, `<td class="addr" title="`) && strings.Contains(row, ">"+address+"</td>") {
+			return "<tr class=" + row
 		}
 	}
-	old := optSince
-	optSince = since
-	defer func() { optSince = old }()
-	if rel, abs := sinceText(statusEpoch, full); rel != "1m30s" || abs != "2026-05-04T11:58:30Z" {
-		t.Errorf("since: %q %q", rel, abs)
+	return ""
+}
+
+// renderStatusAt renders the page for the query as of now.
+func renderStatusAt(t testing.TB, p *StatusPage, query string, now time.Time) string {
+	t.Helper()
+	q, err := url.ParseQuery(query)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	if err := statusTemplate.Execute(&b, p.build(q, now, false).pageData()); err != nil {
+		t.Fatal(err)
+	}
+	return b.String()
+}
+
+// TestStatusAdminSinceTransitions checks the admin state, since and
+// transitions of each address on the page: an Admin column, with a badge
+// for the addresses not ready, only when there are some; a maint
+// address's health unknown and counted as pending; how long each address
+// has been in its health state, and its number of transitions once it has
+// a result; the summary's counts of admin states, in HTML and JSON.
+func TestStatusAdminSinceTransitions(t *testing.T) {
+	at := func(d time.Duration) *time.Time { x := statusEpoch.Add(-d); return &x }
+	base := func(i int) Status {
+		return Status{
+			Upstream: "app.internal:8080", Address: fmt.Sprintf("10.0.0.%d:8080", i+1),
+			Healthy: true, Health: "up", AdminState: "ready",
+			Since: at(time.Hour), Transitions: 1, CheckedAt: at(time.Second),
+			LastRTTMicros: 100, Passes: 3, Probes: 10, Interval: "2s", Timeout: "1s",
+		}
+	}
+	list := []Status{base(0), base(1), base(2), base(3), base(4)}
+	// drained: up, its health tracked
+	list[1].AdminState, list[1].Since, list[1].Transitions = "drain", at(90*time.Second), 3
+	// in maintenance: no probes, health unknown, out of service
+	list[2].AdminState, list[2].Health, list[2].Healthy = "maint", "unknown", false
+	list[2].Since, list[2].Transitions = at(5*time.Minute), 7
+	// ready, down
+	list[3].Health, list[3].Healthy, list[3].LastError, list[3].Fails, list[3].Passes = "down", false, "refused", 4, 0
+	list[3].Since, list[3].Transitions = at(20*time.Second), 2
+	// never probed
+	list[4].Health, list[4].Since, list[4].Transitions, list[4].CheckedAt = "unknown", nil, 0, nil
+	list[4].LastRTTMicros, list[4].Probes, list[4].Passes = 0, 0, 0
+	p := testPage(list, 0)
+
+	body := renderStatusAt(t, p, "", statusEpoch)
+	if !strings.Contains(body, `<th data-col="admin"><a href="?order=asc&amp;sort=admin" rel="nofollow">Admin</a></th>`) {
+		t.Error("no Admin column with addresses not ready")
+	}
+	for _, col := range []string{`<th data-col="since">`, `<th data-col="transitions">`} {
+		if !strings.Contains(body, col) {
+			t.Errorf("no %s column", col)
+		}
+	}
+	if n := strings.Count(body, `<span class="badge admin">`); n != 2 {
+		t.Errorf("%d admin badges, want 2 (drain and maint)", n)
+	}
+	for i, tc := range []struct {
+		class string   // the row's
+		has   []string // cells
+	}{
+		0: {"up", []string{
+			`<td class="admin"></td>`,
+			`<span class="badge up">up</span>`,
+			`<time datetime="2026-05-04T11:00:00Z" title="since 2026-05-04T11:00:00Z">1h0m</time>`,
+			`<td class="num trans">1</td>`}},
+		1: {"up", []string{
+			`<td class="admin"><span class="badge admin">drain</span></td>`,
+			`<span class="badge up">up</span>`,
+			`<td class="since"><time datetime="2026-05-04T11:58:30Z" title="since 2026-05-04T11:58:30Z">1m30s</time></td>`,
+			`<td class="num trans">3</td>`}},
+		2: {"pending", []string{
+			`<td class="admin"><span class="badge admin">maint</span></td>`,
+			`<span class="badge pending">unknown</span>`,
+			`<time datetime="2026-05-04T11:55:00Z" title="since 2026-05-04T11:55:00Z">5m0s</time>`,
+			`<td class="num trans">7</td>`}},
+		3: {"down", []string{
+			`<td class="admin"></td>`,
+			`<span class="badge down">down</span>`,
+			`title="since 2026-05-04T11:59:40Z">20s</time>`,
+			`<td class="num trans">2</td>`}},
+		4: {"pending", []string{
+			`<td class="admin"></td>`,
+			`<span class="badge pending">pending</span>`,
+			`<td class="since"></td>`,
+			`<td class="num trans"></td>`}}, // no result, nothing to count
+	} {
+		row := statusRowOf(body, list[i].Address)
+		if !strings.HasPrefix(row, `<tr class="`+tc.class+`">`) {
+			t.Errorf("row %d (%s): not of class %q: %s", i, list[i].AdminState, tc.class, row)
+		}
+		for _, want := range tc.has {
+			if !strings.Contains(row, want) {
+				t.Errorf("row %d (%s): no %s in\n%s", i, list[i].AdminState, want, row)
+			}
+		}
+	}
+	// counts: the maint address is pending, like the one not probed yet
+	for key, want := range map[string]int{"addresses": 5, "up": 2, "down": 1, "pending": 2, "failing": 0} {
+		m := regexp.MustCompile(`data-count="` + key + `"><span class="n">(\d+)</span>`).FindStringSubmatch(body)
+		if m == nil || m[1] != strconv.Itoa(want) {
+			t.Errorf("count %s: %v, want %d", key, m, want)
+		}
+	}
+	for _, want := range []string{
+		`<span class="count admin"><span class="n">1</span> drain</span>`,
+		`<span class="count admin"><span class="n">1</span> maint</span>`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("no %s in the summary", want)
+		}
+	}
+	if strings.Contains(body, "> ready</span>") {
+		t.Error("the summary counts ready addresses")
+	}
+	// the state filter: pending is the unknown and the never probed
+	if rows := rowAddresses(serveStatus(t, p, "GET", "/shaker?state=pending", "").Body.String()); !slices.Equal(rows, []string{list[2].Address, list[4].Address}) {
+		t.Errorf("state=pending: %v", rows)
+	}
+	// sorted by admin state, maint first; by since, the longest first
+	if rows := rowAddresses(serveStatus(t, p, "GET", "/shaker?sort=admin&order=desc", "").Body.String()); len(rows) != 5 || rows[0] != list[2].Address || rows[1] != list[1].Address {
+		t.Errorf("sort=admin desc: %v", rows)
+	}
+	if rows := rowAddresses(serveStatus(t, p, "GET", "/shaker?sort=since", "").Body.String()); !slices.Equal(rows, []string{list[4].Address, list[0].Address, list[2].Address, list[1].Address, list[3].Address}) {
+		t.Errorf("sort=since: %v", rows)
+	}
+	if rows := rowAddresses(serveStatus(t, p, "GET", "/shaker?sort=transitions&order=desc", "").Body.String()); len(rows) != 5 || rows[0] != list[2].Address {
+		t.Errorf("sort=transitions desc: %v", rows)
+	}
+
+	// JSON: the fields as they are, and the counts
+	doc := decodeStatusJSON(t, serveStatus(t, p, "GET", "/shaker", "application/json"))
+	want := statusSummary{Addresses: 5, Upstreams: 1, Up: 2, Down: 1, Pending: 2, AdminStates: map[string]int{"drain": 1, "maint": 1}}
+	if !reflect.DeepEqual(doc.Summary, want) {
+		t.Errorf("JSON summary %+v, want %+v", doc.Summary, want)
+	}
+	if u := doc.Upstreams[2]; u["admin_state"] != "maint" || u["health"] != "unknown" || u["since"] != "2026-05-04T11:55:00Z" || u["transitions"] != 7.0 {
+		t.Errorf("JSON of the maint address: %v", u)
+	}
+
+	// all ready: no Admin column, no admin count; For and Transitions stay
+	for i := range list {
+		list[i].AdminState = "ready"
+	}
+	list[2].Health, list[2].Healthy = "up", true
+	body = serveStatus(t, p, "GET", "/shaker", "").Body.String()
+	for _, bad := range []string{`data-col="admin"`, `class="admin"`, `badge admin`, `count admin`, ">Admin<"} {
+		if strings.Contains(body, bad) {
+			t.Errorf("all ready: the page has %s", bad)
+		}
+	}
+	for _, want := range []string{`<th data-col="since">`, `<th data-col="transitions">`, `<td class="num trans">7</td>`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("all ready: no %s", want)
+		}
+	}
+	if doc := decodeStatusJSON(t, serveStatus(t, p, "GET", "/shaker", "application/json")); doc.Summary.AdminStates != nil {
+		t.Errorf("all ready: JSON admin_states %v", doc.Summary.AdminStates)
+	}
+	if w := serveStatus(t, p, "GET", "/shaker", "application/json"); strings.Contains(w.Body.String(), `"admin_states"`) {
+		t.Error("all ready: JSON has admin_states")
 	}
 }
 

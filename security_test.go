@@ -77,6 +77,16 @@ func TestAdminReadOnly(t *testing.T) {
 		t.Errorf("DELETE %s: %s, want 404 or 405", req.URL.Path, resp.Status)
 	}
 
+	// a drain changes the address's admin state, not what is probed nor
+	// the config
+	if code, body := h.adminDo("POST", "/shaker/upstreams/"+h.backends[0].addr+"/drain"); code != 200 {
+		t.Fatalf("drain: %d %s", code, body)
+	}
+	if cfg := config(); cfg != cfg0 {
+		t.Errorf("a drain changed the config:\n%s\nto\n%s", cfg0, cfg)
+	}
+	h.setAdmin(h.backends[0], "ready")
+
 	// GET works, and shows the same addresses, still probed
 	resp, err := http.Get(url)
 	if err != nil {

@@ -304,11 +304,7 @@ func TestAdminDrainMaintReady(t *testing.T) {
 	if changes != 4 {
 		t.Errorf("%d admin_state_changed events for b1 and b2, want 4 (drain, maint, ready, ready)", changes)
 	}
-	for _, b := range h.backends {
-		if n := b.empty.Load(); n != 0 {
-			t.Errorf("%s: %d connections without a request (a probe accepted)", b.name, n)
-		}
-	}
+	h.noLeakedProbes()
 }
 
 // TestSlowStartRamp: with slow_start, a backend that comes back gets a
@@ -381,28 +377,30 @@ func TestFailedRequestProbes(t *testing.T) {
 	h.extra = map[string]any{"fast_interval": fast.String()}
 	h.handler = map[string]any{"load_balancing": map[string]any{"retries": 2}}
 	h.load(interval)
-	b1, b2 := h.backends[0], h.backends[1]
+	b1 := h.backends[0]
 	// the first probes are spread over the interval: b1's at once
 	waitFor(t, 5*time.Second, "b1's first probe", func() bool { return h.statuses()[b1.addr].Probes > 0 })
 	b1.stop()
 	before := h.statuses()[b1.addr].Probes
 	start := time.Now()
-	// requests until one went to b1, failed and was retried on b2
+	// requests until one went to b1, failed and was retried (random
+	// selection may pick b1 again on every retry: a 502 is possible)
 	for i := 0; h.statuses()[b1.addr].Probes == before; i++ {
 		if i > 1000 {
 			t.Fatal("1000 requests and b1 not probed again")
 		}
-		if code, body := h.get(); code != 200 || body != "b2" {
-			t.Fatalf("request: %d %q, want b2's 200 (retried)", code, body)
+		if code, body := h.get(); code != 502 && (code != 200 || body != "b2") {
+			t.Fatalf("request: %d %q, want b2's 200 or a 502", code, body)
 		}
 	}
 	probed := time.Since(start)
 	took := waitFor(t, 5*time.Second, "b1 down", func() bool { return !h.statuses()[b1.addr].Healthy })
 	t.Logf("b1 probed %v after requests started failing on it, down %v later (interval %v, fast_interval %v)", probed, took, interval, fast)
+	if got := h.servedBy(10); got["b2"] != 10 {
+		t.Errorf("b1 down: requests went to %v", got)
+	}
 	if s := h.statuses()[b1.addr]; s.LastError != "refused" {
 		t.Errorf("b1: last error %q, want refused", s.LastError)
 	}
-	if n := b2.empty.Load(); n != 0 {
-		t.Errorf("b2: %d connections without a request (a probe accepted)", n)
-	}
+	h.noLeakedProbes()
 }

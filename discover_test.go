@@ -165,11 +165,7 @@ func TestDiscover(t *testing.T) {
 	if s := h.statuses()[b2.addr]; s.Healthy {
 		t.Fatal("b2 looks up")
 	}
-	for _, b := range h.backends {
-		if n := b.empty.Load(); n != 0 {
-			t.Errorf("%s: %d connections without a request", b.name, n)
-		}
-	}
+	h.noLeakedProbes()
 }
 
 // TestDiscoverHostName: an upstream given by name is resolved to all its

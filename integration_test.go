@@ -316,6 +316,17 @@ func (h *harness) get() (int, string) {
 	return resp.StatusCode, string(body)
 }
 
+// noLeakedProbes fails the test if a backend accepted a connection that
+// never carried a request: what a probe that became a connection looks like.
+func (h *harness) noLeakedProbes() {
+	h.t.Helper()
+	for _, b := range h.backends {
+		if n := b.empty.Load(); n != 0 {
+			h.t.Errorf("%s: %d connections without a request (leaked probes)", b.name, n)
+		}
+	}
+}
+
 func (h *harness) totalAccepts() int64 {
 	var n int64
 	for _, b := range h.backends {
@@ -481,11 +492,7 @@ func TestIntegration(t *testing.T) {
 	}
 
 	// no probe ever became a connection
-	for _, b := range h.backends {
-		if n := b.empty.Load(); n != 0 {
-			t.Errorf("%s: %d connections without a request (leaked probes)", b.name, n)
-		}
-	}
+	h.noLeakedProbes()
 }
 
 // TestShutdownLeavesNothing checks that stopping Caddy stops the engine,

@@ -245,20 +245,7 @@ func TestSelfCheckEngineClosed(t *testing.T) {
 		if es := engineStatus(); es.HalfOpen != shaker.HalfOpen() || es.SelfCheckError != "" {
 			t.Errorf("engine status %+v: a closed engine's check must not refute half_open", es)
 		}
-		released := make(chan error, 1)
-		go func() { released <- engines.release(a) }()
-		var err error
-		waitFor(t, 10*time.Second, "release (a hang)", func() bool {
-			select {
-			case err = <-released:
-				return true
-			default:
-				return false
-			}
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+		releaseWithin(t, a)
 		if lines := errorLines(logs); len(lines) != 0 {
 			t.Errorf("error lines for a closed engine's check: %v", lines)
 		}
@@ -275,20 +262,7 @@ func TestSelfCheckEngineClosed(t *testing.T) {
 				return err
 			})
 			<-entered
-			released := make(chan error, 1)
-			go func() { released <- engines.release(a) }()
-			var err error
-			waitFor(t, 10*time.Second, "release (a hang)", func() bool {
-				select {
-				case err = <-released:
-					return true
-				default:
-					return false
-				}
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
+			releaseWithin(t, a)
 			if !returned.Load() {
 				t.Errorf("round %d: release returned before the self-check ended, or did not cancel it", round)
 			}
@@ -300,4 +274,23 @@ func TestSelfCheckEngineClosed(t *testing.T) {
 			}
 		}
 	})
+}
+
+// releaseWithin releases a's engine, failing the test if that hangs.
+func releaseWithin(t *testing.T, a *App) {
+	t.Helper()
+	released := make(chan error, 1)
+	go func() { released <- engines.release(a) }()
+	var err error
+	waitFor(t, 10*time.Second, "release (a hang)", func() bool {
+		select {
+		case err = <-released:
+			return true
+		default:
+			return false
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }

@@ -18,14 +18,7 @@ import (
 // when the address is no longer probed.
 func TestAdminStates(t *testing.T) {
 	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
-	e, err := shaker.New(shaker.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	r := NewRegistry()
-	r.SetEngine(e)
-	defer r.SetEngine(nil)
+	e, r := engineRegistry(t)
 	set := Settings{Interval: 5 * time.Millisecond, Timeout: time.Second, Passes: 1, Fails: 1}
 	w := Want{Addr: l.Addr, Name: "b", Settings: set}
 	cs, fresh := r.Acquire([]Want{w})
@@ -118,6 +111,23 @@ func TestAdminStates(t *testing.T) {
 	}
 }
 
+// engineRegistry returns a registry probing with an engine of its own,
+// both closed at the end of the test.
+func engineRegistry(t *testing.T) (*shaker.Engine, *Registry) {
+	t.Helper()
+	e, err := shaker.New(shaker.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := NewRegistry()
+	r.SetEngine(e)
+	t.Cleanup(func() {
+		r.SetEngine(nil)
+		e.Close()
+	})
+	return e, r
+}
+
 // TestSinceAndTransitions: since is set by the first result and each
 // change; transitions count changes, not the first result.
 func TestSinceAndTransitions(t *testing.T) {
@@ -154,14 +164,7 @@ func TestProbeNowLimited(t *testing.T) {
 		t.Fatal("ProbeNow without a schedule")
 	}
 	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
-	e, err := shaker.New(shaker.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	r := NewRegistry()
-	r.SetEngine(e)
-	defer r.SetEngine(nil)
+	_, r := engineRegistry(t)
 	w := Want{Addr: l.Addr, Name: "b", Settings: Settings{Interval: time.Hour, FastInterval: time.Hour, Timeout: time.Second, Passes: 1, Fails: 1}}
 	cs, fresh := r.Acquire([]Want{w})
 	defer r.Release([]Want{w})

@@ -127,6 +127,10 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 	}
 	// The inner source's upstreams are fresh values: keep them, filtered
 	// into a new slice.
+	var mono int64
+	if ramp {
+		mono = health.Now()
+	}
 	out := make([]*reverseproxy.Upstream, 0, max(n, ready))
 	for pass := 0; pass < 2 && len(out) == 0; pass++ {
 		// the second pass, without the slow start draw, only when the
@@ -142,7 +146,7 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 			case all:
 				in = !excluded
 			case in && ramp && pass == 0:
-				in = slowStartDraw(returned, now, time.Duration(su.SlowStart))
+				in = slowStartDraw(returned, mono, time.Duration(su.SlowStart))
 			}
 			if in {
 				out = append(out, u)

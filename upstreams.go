@@ -379,7 +379,7 @@ func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, er
 	}
 	var now int64
 	if ramp && !all {
-		now = time.Now().UnixNano()
+		now = health.Now()
 	}
 	vals := make([]reverseproxy.Upstream, n)
 	out := make([]*reverseproxy.Upstream, 0, n)

@@ -199,3 +199,17 @@ func TestParseAdminState(t *testing.T) {
 		t.Errorf("disable: %v", err)
 	}
 }
+
+// TestMaintIgnoresLateResult: a result that arrives as maintenance starts
+// (the loop was already running the callback) changes nothing.
+func TestMaintIgnoresLateResult(t *testing.T) {
+	c := testChecker(t, 1, 1)
+	c.Observe(up)
+	if _, err := c.r.SetAdminState(c.addr, Maint); err != nil {
+		t.Fatal(err)
+	}
+	c.Observe(refused)
+	if st := c.Status(); st.Transitions != 0 || st.Health != "unknown" || st.Probes != 1 {
+		t.Fatalf("a result after maint: %+v", st)
+	}
+}

@@ -491,6 +491,7 @@ func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState
 	}
 	e := r.engine
 	now := time.Now().UnixNano()
+	mono := Now()
 	var rearm []*Checker
 	var stops []*shaker.Schedule
 	for c := first; c != nil; c = c.next {
@@ -514,22 +515,24 @@ func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState
 			}
 		case st == Ready && c.healthy.Load() && !c.rejoin.Load():
 			// back from drain: slow start ramps from now
-			c.returned.Store(now)
+			c.returned.Store(mono)
 		}
 		c.mu.Unlock()
 	}
-	r.mu.Unlock()
-	for _, s := range stops {
-		s.Stop()
-	}
+	// under r.mu, so that SetEngine cannot swap the engine in between
+	// (Every takes only its loop's lock)
 	if e != nil {
 		for _, c := range rearm {
 			c.mu.Lock()
-			if !c.stopped && c.sched == nil && c.AdminState() != Maint {
+			if !c.stopped && c.sched == nil {
 				c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout}, c.Observe)
 			}
 			c.mu.Unlock()
 		}
+	}
+	r.mu.Unlock()
+	for _, s := range stops {
+		s.Stop()
 	}
 	return prev, nil
 }
@@ -575,9 +578,9 @@ type Checker struct {
 	// rejoin: back from maintenance, out of service until its first
 	// result.
 	rejoin atomic.Bool
-	// returned is when the address last came back into service (unix
-	// ns): down to up, or back from maintenance or drain; 0 if it has
-	// been in service since its first result. For slow start.
+	// returned is when the address last came back into service, on the
+	// clock of Now: down to up, or back from maintenance or drain; 0 if
+	// it has been in service since its first result. For slow start.
 	returned atomic.Int64
 	// lastNow is when a probe was last asked for out of turn (ProbeNow),
 	// engine-independent monotonic ns since the registry's base.
@@ -625,9 +628,16 @@ func (c *Checker) InService() bool {
 }
 
 // ReturnedAt is when the address last came back into service (down to up,
-// back from maintenance or drain), as unix ns; 0 when it has served since
-// its first result. Slow start ramps from it.
+// back from maintenance or drain), on the clock of Now; 0 when it has
+// served since its first result. Slow start ramps from it.
 func (c *Checker) ReturnedAt() int64 { return c.returned.Load() }
+
+// monoBase is the origin of Now.
+var monoBase = time.Now()
+
+// Now is the time on the monotonic clock that ReturnedAt uses, in ns: a
+// step of the wall clock does not move it. It is never 0.
+func Now() int64 { return int64(time.Since(monoBase)) + 1 }
 
 // ProbeNow asks for a probe of the address at once, out of its schedule,
 // as after a request against it failed; not more often than once per
@@ -728,7 +738,9 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 	now := time.Now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.stopped {
+	if c.stopped || c.AdminState() == Maint {
+		// a result that came in as the schedule stopped: it says
+		// nothing any more
 		return 0
 	}
 	if !res.Outcome.Backend() {
@@ -779,7 +791,7 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 			c.since = now.UnixNano()
 		}
 		if tr.Up && (rejoin || c.known && !was) {
-			c.returned.Store(now.UnixNano())
+			c.returned.Store(Now())
 		}
 	}
 	c.known = true

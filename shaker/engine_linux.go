@@ -590,6 +590,12 @@ func (l *loop) startTimers(room int) int {
 			break
 		}
 		l.timerRemove(0)
+		if s.stopped.Load() {
+			// stopped since this turn took its stops in: it must not
+			// start (its stop, still queued, finds it removed)
+			s.removed = true
+			continue
+		}
 		delay := now - s.due
 		l.delays[bucketOf(time.Duration(delay))].Add(1)
 		l.delaySum.Add(delay)

@@ -288,10 +288,10 @@ func (r *Registry) SetEngine(e *shaker.Engine) {
 			c.mu.Unlock()
 		}
 	}
-	r.mu.Unlock()
 	if e != nil {
 		r.arm(e, all)
 	}
+	r.mu.Unlock()
 }
 
 // Acquire takes a reference to the checker of each want, creating those
@@ -362,19 +362,20 @@ func (r *Registry) Start(cs []*Checker) {
 		return
 	}
 	r.mu.Lock()
-	e := r.engine
+	defer r.mu.Unlock()
 	for _, c := range cs {
 		c.mu.Lock()
 		c.armed = true
 		c.mu.Unlock()
 	}
-	r.mu.Unlock()
-	if e != nil {
-		r.arm(e, cs)
+	if r.engine != nil {
+		r.arm(r.engine, cs)
 	}
 }
 
 // arm registers the schedules of cs on e, but for those that have one.
+// Under r.mu, so that the engine cannot change in between (Every takes
+// only its loop's lock).
 func (r *Registry) arm(e *shaker.Engine, cs []*Checker) {
 	for i, c := range cs {
 		c.mu.Lock()

@@ -374,22 +374,21 @@ func (s *engineState) startCheck(e *shaker.Engine) {
 		case res.state == checkOK:
 			h.logger.Info("self-check passed: probes are half-open, backends never accept() them",
 				zap.Duration("took", took))
-		case errors.Is(err, shaker.ErrNotHalfOpen):
-			h.logger.Error("self-check FAILED: probes here are NOT half-open: every health probe completes the TCP handshake, "+
-				"so each backend accept()s a real connection per probe and will log and count the health checks "+
-				"(connection logs, aborted-connection counters, rate limits). "+
-				"Likely cause: a kernel without delayed ACK (gVisor), a non-Linux system, "+
-				"or something that completes handshakes in front of the kernel (a userland network stack or proxy). "+
-				"Run Caddy directly on a Linux kernel to keep probes invisible",
-				zap.Bool("half_open_by_construction", shaker.HalfOpen()),
-				zap.Duration("took", took),
-				zap.Error(err))
 		default:
-			h.logger.Error("self-check FAILED: it could not probe its own listener on 127.0.0.1, so it is not known "+
-				"whether probes here are half-open; if they are not, each backend accept()s a real connection per probe "+
-				"and will log and count the health checks. "+
-				"Possible causes besides the error: a kernel without delayed ACK (gVisor), a non-Linux system, "+
-				"or something that handles connections in front of the kernel (a userland network stack or proxy)",
+			msg := "self-check FAILED: it could not probe its own listener on 127.0.0.1, so it is not known " +
+				"whether probes here are half-open; if they are not, each backend accept()s a real connection per probe " +
+				"and will log and count the health checks. " +
+				"Possible causes besides the error: a kernel without delayed ACK (gVisor), a non-Linux system, " +
+				"or something that handles connections in front of the kernel (a userland network stack or proxy)"
+			if errors.Is(err, shaker.ErrNotHalfOpen) {
+				msg = "self-check FAILED: probes here are NOT half-open: every health probe completes the TCP handshake, " +
+					"so each backend accept()s a real connection per probe and will log and count the health checks " +
+					"(connection logs, aborted-connection counters, rate limits). " +
+					"Likely cause: a kernel without delayed ACK (gVisor), a non-Linux system, " +
+					"or something that completes handshakes in front of the kernel (a userland network stack or proxy). " +
+					"Run Caddy directly on a Linux kernel to keep probes invisible"
+			}
+			h.logger.Error(msg,
 				zap.Bool("half_open_by_construction", shaker.HalfOpen()),
 				zap.Duration("took", took),
 				zap.Error(err))

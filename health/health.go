@@ -379,11 +379,16 @@ func (r *Registry) Start(cs []*Checker) {
 func (r *Registry) arm(e *shaker.Engine, cs []*Checker) {
 	for i, c := range cs {
 		c.mu.Lock()
-		if !c.stopped && c.sched == nil && c.AdminState() != Maint {
-			first := c.set.Interval * time.Duration(i) / time.Duration(len(cs))
-			c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout, First: first}, c.Observe)
-		}
+		c.armLocked(e, c.set.Interval*time.Duration(i)/time.Duration(len(cs)))
 		c.mu.Unlock()
+	}
+}
+
+// armLocked registers c's schedule on e, its first probe after first,
+// unless it has one, is stopped or is in maintenance. Under c.mu.
+func (c *Checker) armLocked(e *shaker.Engine, first time.Duration) {
+	if !c.stopped && c.sched == nil && c.AdminState() != Maint {
+		c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout, First: first}, c.Observe)
 	}
 }
 
@@ -455,14 +460,6 @@ func (r *Registry) EachAddress(fn func(addr netip.AddrPort, healthy bool)) {
 	}
 }
 
-// AdminState is addr's administrative state: Ready unless an operator
-// said otherwise.
-func (r *Registry) AdminState(addr netip.AddrPort) AdminState {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.admin[addr]
-}
-
 // SetAdminState sets addr's administrative state for every checker of it,
 // now and later (a checker made for it after a reload takes it too), and
 // returns the state before. Drain keeps probing; Maint stops its probes
@@ -525,9 +522,7 @@ func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState
 	if e != nil {
 		for _, c := range rearm {
 			c.mu.Lock()
-			if !c.stopped && c.sched == nil {
-				c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout}, c.Observe)
-			}
+			c.armLocked(e, 0) // at once
 			c.mu.Unlock()
 		}
 	}
@@ -584,7 +579,7 @@ type Checker struct {
 	// it has been in service since its first result. For slow start.
 	returned atomic.Int64
 	// lastNow is when a probe was last asked for out of turn (ProbeNow),
-	// engine-independent monotonic ns since the registry's base.
+	// on the clock of Now; 0 never.
 	lastNow atomic.Int64
 
 	mu          sync.Mutex
@@ -624,9 +619,7 @@ func (c *Checker) AdminState() AdminState { return AdminState(c.admin.Load()) }
 
 // InService reports whether new requests may go to the address: it is
 // Ready and Healthy. Cheap enough for every request.
-func (c *Checker) InService() bool {
-	return c.AdminState() == Ready && c.healthy.Load() && !c.rejoin.Load()
-}
+func (c *Checker) InService() bool { return c.AdminState() == Ready && c.Healthy() }
 
 // ReturnedAt is when the address last came back into service (down to up,
 // back from maintenance or drain), on the clock of Now; 0 when it has
@@ -652,7 +645,7 @@ func (c *Checker) ProbeNow() bool {
 	if every <= 0 {
 		every = c.set.Interval
 	}
-	now := int64(time.Since(c.r.base))
+	now := Now()
 	last := c.lastNow.Load()
 	if last != 0 && now-last < int64(every) || !c.lastNow.CompareAndSwap(last, now) {
 		return false
@@ -781,22 +774,20 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 			tr = &Transition{Up: false}
 		}
 	}
-	if tr != nil {
-		was := c.healthy.Load()
-		switch {
-		case !c.known, rejoin:
-			c.since = now.UnixNano()
-		}
-		if c.known && was != tr.Up {
-			c.transitions++
-			c.since = now.UnixNano()
-		}
-		if tr.Up && (rejoin || c.known && !was) {
-			c.returned.Store(Now())
-		}
-	}
+	known := c.known
 	c.known = true
 	if tr != nil {
+		was := c.healthy.Load()
+		changed := known && was != tr.Up
+		if !known || rejoin || changed {
+			c.since = now.UnixNano()
+		}
+		if changed {
+			c.transitions++
+		}
+		if tr.Up && (rejoin || changed) {
+			c.returned.Store(Now())
+		}
 		c.healthy.Store(tr.Up)
 		if rejoin {
 			c.rejoin.Store(false)

@@ -73,6 +73,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	    to               <upstreams...>
 //	    source           <module> [<args...>] [{ <module options> }]
 //	    forget_after     <duration>
+//	    max_discovered   <n>
 //	    interval         <duration>
 //	    fast_interval    <duration>
 //	    down_interval    <duration>
@@ -211,6 +212,8 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			su.SlowStart, err = duration("slow_start")
 		case "forget_after":
 			su.ForgetAfter, err = duration("forget_after")
+		case "max_discovered":
+			su.MaxDiscovered, err = integer("max_discovered", 1, maxInt)
 		case "source":
 			if su.SourceRaw != nil {
 				return d.Err("source already given: one source per shaker block (use 'source multi' for several)")

@@ -2,10 +2,13 @@ package caddyshaker
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"net/http"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -22,15 +25,24 @@ import (
 // list by health. Caddy's own active checks never run for dynamic
 // upstreams; these do.
 //
-// Addresses are probed from the moment they first appear, whether a
-// request or the source's own poll (every interval) finds them, and are
-// forgotten, with their state, forget_after after the inner source last
-// returned them.
+// What is probed never depends on a request. The inner source is asked
+// for upstreams to probe only by this source's own poll, every interval,
+// with a replacer that holds no request; an inner configuration with a
+// placeholder that only a request fills ({http.request.header.*}, say) is
+// refused at load, since it would let clients choose what this proxy
+// probes. Per request, the inner source's list is filtered by health, and
+// an upstream the poll has not found is passed through unprobed. At most
+// max_discovered upstreams are probed at once; each is forgotten, with
+// its state, forget_after after the inner source last returned it.
 
 // DefaultForgetAfterIntervals is how many intervals a discovered address
 // is remembered after the inner source stops returning it, when
 // forget_after is not set.
 const DefaultForgetAfterIntervals = 5
+
+// DefaultMaxDiscovered is how many upstreams a discover source probes at
+// most, when max_discovered is not set.
+const DefaultMaxDiscovered = 10000
 
 // discovered is an upstream the inner source returned.
 type discovered struct {
@@ -49,6 +61,7 @@ type discovered struct {
 	held       []health.Want
 	resolvedAt time.Time
 	resolving  bool
+	dropped    bool // forgotten or released: a late lookup must not take checkers
 }
 
 // serve says whether requests may go to the upstream: in is true when it
@@ -90,14 +103,14 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 	}
 	table := *su.table.Load()
 	now := time.Now().UnixNano()
-	var fresh []string
 	n, ready := 0, 0
 	ramp := false
 	for _, u := range ups {
 		d := table[u.Dial]
 		if d == nil {
-			fresh = append(fresh, u.Dial)
-			n++ // not probed yet: up
+			// Not found by a poll: passed through, never probed on a
+			// request's word (it would let clients choose targets).
+			n++
 			ready++
 			continue
 		}
@@ -114,9 +127,6 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 			n++
 			ramp = ramp || su.SlowStart > 0 && returned != 0
 		}
-	}
-	if fresh != nil {
-		su.discover(fresh)
 	}
 	all := su.PanicThreshold > 0 && float64(n) < su.PanicThreshold*float64(ready)
 	if all != su.panic.Load() && su.panic.CompareAndSwap(!all, all) {
@@ -159,7 +169,8 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 	return out, nil
 }
 
-// discover starts probing upstreams seen for the first time.
+// discover starts probing upstreams seen for the first time, up to
+// max_discovered in all.
 func (su *Upstreams) discover(dials []string) {
 	su.mu.Lock()
 	defer su.mu.Unlock()
@@ -169,8 +180,13 @@ func (su *Upstreams) discover(dials []string) {
 	old := *su.table.Load()
 	var table map[string]*discovered
 	now := time.Now().UnixNano()
+	skipped := 0
 	for _, dial := range dials {
 		if old[dial] != nil || (table != nil && table[dial] != nil) {
+			continue
+		}
+		if len(old) >= su.MaxDiscovered || len(table) >= su.MaxDiscovered {
+			skipped++
 			continue
 		}
 		if table == nil {
@@ -186,6 +202,7 @@ func (su *Upstreams) discover(dials []string) {
 		case d.host == "":
 			su.setAddrsLocked(d, []netip.Addr{d.ip})
 		default:
+			holdHost(d.host)
 			// Addresses this process found for the name before (as
 			// at a reload) are probed at once; a fresh lookup follows.
 			if addrs := lastResolved(d.host); len(addrs) > 0 {
@@ -197,6 +214,10 @@ func (su *Upstreams) discover(dials []string) {
 	}
 	if table != nil {
 		su.table.Store(&table)
+	}
+	if skipped > 0 && !su.full.Swap(true) {
+		su.logger.Warn("max_discovered reached: upstreams past it are not probed, and requests may reach them unchecked; raise max_discovered if the source really has that many",
+			zap.Int("max_discovered", su.MaxDiscovered), zap.Int("not_probed", skipped))
 	}
 }
 
@@ -233,7 +254,7 @@ func (su *Upstreams) resolveLocked(d *discovered) {
 		defer su.mu.Unlock()
 		d.resolving = false
 		d.resolvedAt = time.Now()
-		if su.closed {
+		if su.closed || d.dropped {
 			return
 		}
 		if err != nil {
@@ -261,23 +282,24 @@ func (su *Upstreams) pollInner() {
 			return
 		case <-t.C:
 		}
-		ok := su.pollOnce()
-		su.forget(ok)
+		su.pollOnce()
+		su.forget()
 		t.Reset(time.Duration(su.Interval))
 	}
 }
 
 // pollOnce asks the inner source for its upstreams, bounded by
-// resolve_timeout, marks them seen and starts probing the new ones. It
-// reports whether the source answered without error.
-func (su *Upstreams) pollOnce() bool {
+// resolve_timeout, with a replacer that holds no request, marks them seen
+// and starts probing the new ones: the only place where upstreams to probe
+// are found.
+func (su *Upstreams) pollOnce() {
 	ctx, cancel := context.WithTimeout(su.stopCtx, time.Duration(su.ResolveTimeout))
 	defer cancel()
 	ctx = context.WithValue(ctx, caddy.ReplacerCtxKey, caddy.NewReplacer())
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "/", nil)
 	if err != nil {
 		su.logger.Error("polling upstream source", zap.Error(err))
-		return false
+		return
 	}
 	ups, err := su.inner.GetUpstreams(req)
 	if err != nil && su.stopCtx.Err() == nil {
@@ -296,13 +318,13 @@ func (su *Upstreams) pollOnce() bool {
 	if fresh != nil {
 		su.discover(fresh)
 	}
-	return err == nil
 }
 
-// forget drops the upstreams the inner source last returned more than
-// forget_after ago (only after a poll that worked: a failing source
-// keeps what it had), and re-resolves host names that are due.
-func (su *Upstreams) forget(polled bool) {
+// forget drops the upstreams the inner source last returned, to a poll or
+// a request, more than forget_after ago (a source whose polls keep failing
+// loses them too: what it found is not kept without bound), and
+// re-resolves host names that are due.
+func (su *Upstreams) forget() {
 	now := time.Now()
 	su.mu.Lock()
 	defer su.mu.Unlock()
@@ -313,13 +335,12 @@ func (su *Upstreams) forget(polled bool) {
 	var kept map[string]*discovered
 	for dial, d := range table {
 		switch {
-		case polled && now.UnixNano()-d.lastSeen.Load() > int64(su.ForgetAfter):
+		case now.UnixNano()-d.lastSeen.Load() > int64(su.ForgetAfter):
 			if kept == nil {
 				kept = maps.Clone(table)
 			}
 			delete(kept, dial)
-			reg.Release(d.held)
-			d.held = nil
+			su.dropLocked(d)
 			su.logger.Info("upstream no longer returned by the source: forgotten", zap.String("upstream", dial))
 		case d.host != "" && !d.resolving && now.Sub(d.resolvedAt) >= time.Duration(su.ResolveInterval):
 			su.resolveLocked(d)
@@ -327,6 +348,20 @@ func (su *Upstreams) forget(polled bool) {
 	}
 	if kept != nil {
 		su.table.Store(&kept)
+		if len(kept) < su.MaxDiscovered {
+			su.full.Store(false) // warn again if the cap is met again
+		}
+	}
+}
+
+// dropLocked releases what a discovered upstream holds: its checkers and
+// its host name's last addresses.
+func (su *Upstreams) dropLocked(d *discovered) {
+	reg.Release(d.held)
+	d.held = nil
+	d.dropped = true
+	if d.host != "" {
+		releaseHost(d.host)
 	}
 }
 
@@ -334,8 +369,7 @@ func (su *Upstreams) forget(polled bool) {
 // upstreams (at Cleanup).
 func (su *Upstreams) releaseDiscoveredLocked() {
 	for _, d := range *su.table.Load() {
-		reg.Release(d.held)
-		d.held = nil
+		su.dropLocked(d)
 	}
 	empty := map[string]*discovered{}
 	su.table.Store(&empty)
@@ -358,6 +392,11 @@ func (su *Upstreams) want(addr netip.AddrPort, name string) health.Want {
 
 // provisionInner loads the inner source and starts polling it.
 func (su *Upstreams) provisionInner(ctx caddy.Context) error {
+	if ph, field := requestPlaceholder(su.SourceRaw); ph != "" {
+		return fmt.Errorf("discover: %s in %q is filled in from each request: "+
+			"this source probes what its inner source returns, so clients would choose what this proxy probes; "+
+			"give the inner source fixed names (global placeholders such as {env.*} are fine), or use it without shaker", ph, field)
+	}
 	mod, err := ctx.LoadModule(su, "SourceRaw")
 	if err != nil {
 		return fmt.Errorf("loading upstream source to probe: %v", err)
@@ -378,4 +417,76 @@ func (su *Upstreams) provisionInner(ctx caddy.Context) error {
 	su.pollOnce()
 	su.wg.Go(su.pollInner)
 	return nil
+}
+
+// requestPlaceholder returns the first placeholder in a wrapped source's
+// JSON that a replacer holding no request cannot fill ({http.request.*},
+// {http.vars.*}, ...), with the path of the field that holds it; "" if
+// there is none. Global placeholders ({env.*}, {system.*}, {time.*},
+// {file.*}) are the same for every request.
+func requestPlaceholder(raw json.RawMessage) (ph, field string) {
+	var v any
+	if json.Unmarshal(raw, &v) != nil {
+		return "", "" // LoadModule reports the bad JSON
+	}
+	bg := caddy.NewReplacer().WithoutFile()
+	var walk func(v any, path string) bool
+	walk = func(v any, path string) bool {
+		switch v := v.(type) {
+		case string:
+			for _, key := range placeholderKeys(v) {
+				if strings.HasPrefix(key, "file.") {
+					continue
+				}
+				if _, ok := bg.Get(key); !ok {
+					ph, field = "{"+key+"}", path
+					return true
+				}
+			}
+		case []any:
+			for i, e := range v {
+				if walk(e, fmt.Sprintf("%s[%d]", path, i)) {
+					return true
+				}
+			}
+		case map[string]any:
+			keys := slices.Sorted(maps.Keys(v))
+			for _, k := range keys {
+				p := k
+				if path != "" {
+					p = path + "." + k
+				}
+				if walk(v[k], p) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	walk(v, "")
+	return ph, field
+}
+
+// placeholderKeys returns the keys of the placeholders in s, as Caddy's
+// replacer finds them: from an unescaped '{' to the next unescaped '}'.
+func placeholderKeys(s string) []string {
+	var keys []string
+	for i := 0; i < len(s); i++ {
+		if s[i] != '{' || i > 0 && s[i-1] == '\\' {
+			continue
+		}
+		end := -1
+		for j := i + 1; j < len(s); j++ {
+			if s[j] == '}' && s[j-1] != '\\' {
+				end = j
+				break
+			}
+		}
+		if end < 0 {
+			break
+		}
+		keys = append(keys, s[i+1:end])
+		i = end
+	}
+	return keys
 }

@@ -2,6 +2,7 @@ package caddyshaker
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -12,6 +13,8 @@ import (
 	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // listSource is an upstream source for tests: it returns the dials of a
@@ -22,8 +25,16 @@ type listSource struct {
 
 var lists = struct {
 	sync.Mutex
-	m map[string][]string
-}{m: map[string][]string{}}
+	m    map[string][]string
+	fail map[string]bool
+}{m: map[string][]string{}, fail: map[string]bool{}}
+
+// setFailing makes the list's source answer with an error, or not.
+func setFailing(name string, fail bool) {
+	lists.Lock()
+	lists.fail[name] = fail
+	lists.Unlock()
+}
 
 func setList(name string, dials ...string) {
 	lists.Lock()
@@ -41,6 +52,9 @@ func (listSource) CaddyModule() caddy.ModuleInfo {
 func (s listSource) GetUpstreams(*http.Request) ([]*reverseproxy.Upstream, error) {
 	lists.Lock()
 	defer lists.Unlock()
+	if lists.fail[s.List] {
+		return nil, fmt.Errorf("list %s: failing, as the test asked", s.List)
+	}
 	var out []*reverseproxy.Upstream
 	for _, d := range lists.m[s.List] {
 		out = append(out, &reverseproxy.Upstream{Dial: d})
@@ -230,12 +244,13 @@ func TestDiscoverCaddyfile(t *testing.T) {
 		}
 		interval 1s
 		forget_after 30s
+		max_discovered 500
 	}`)
 	if err != nil {
 		t.Fatal(err)
 	}
 	b, _ := json.Marshal(got)
-	want := `{"discover":{"name":"my-service.internal","port":"8080","refresh":10000000000,"source":"a"},"forget_after":30000000000,"interval":1000000000,"source":"shaker"}`
+	want := `{"discover":{"name":"my-service.internal","port":"8080","refresh":10000000000,"source":"a"},"forget_after":30000000000,"interval":1000000000,"max_discovered":500,"source":"shaker"}`
 	if string(b) != want {
 		t.Fatalf("got  %s\nwant %s", b, want)
 	}
@@ -260,6 +275,14 @@ func TestDiscoverCaddyfile(t *testing.T) {
 			source a localhost 80
 			forget_after 0s
 		}`, "forget_after '0s': must be positive"},
+		{`dynamic shaker {
+			source a localhost 80
+			max_discovered 0
+		}`, "max_discovered '0'"},
+		{`dynamic shaker {
+			source a localhost 80
+			max_discovered many
+		}`, "max_discovered 'many': not an integer"},
 	} {
 		_, err := adaptDynamic(t, tc.block)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -274,6 +297,7 @@ func TestDiscoverJSONErrors(t *testing.T) {
 		{`{"source":"shaker","discover":{"source":"shaker","upstreams":["127.0.0.1:1"]}}`, "cannot wrap another shaker source"},
 		{`{"source":"shaker","discover":{"source":"nosuch"}}`, "nosuch"},
 		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"},"forget_after":"-1s"}`, "forget_after -1s"},
+		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"},"max_discovered":-5}`, "max_discovered -5: must be positive"},
 	} {
 		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
 		var c caddy.Config
@@ -316,5 +340,125 @@ func BenchmarkGetUpstreamsDiscover(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestDiscoverForgetsWhileFailing: an upstream is forgotten forget_after
+// after the source last returned it, even when the source's polls keep
+// failing from then on.
+func TestDiscoverForgetsWhileFailing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	const forget = 200 * time.Millisecond
+	h := newHarness(t, 1)
+	b1 := h.backends[0]
+	setList("failing", b1.addr)
+	t.Cleanup(func() { setFailing("failing", false) })
+	h.extra = map[string]any{
+		"upstreams":    nil,
+		"discover":     map[string]any{"source": "shaker_test_list", "list": "failing"},
+		"forget_after": forget.String(),
+	}
+	h.load(tInterval)
+	waitFor(t, 5*time.Second, "b1 probed", func() bool { return h.statuses()[b1.addr].Probes >= 2 })
+	setFailing("failing", true)
+	gone := waitFor(t, 5*time.Second, "b1 forgotten while the source fails", func() bool {
+		_, ok := h.statuses()[b1.addr]
+		return !ok
+	})
+	t.Logf("forgotten %v after the source began to fail (forget_after %v)", gone, forget)
+	if len(probedAddrs()) != 0 {
+		t.Fatalf("still probed: %v", probedAddrs())
+	}
+	// When the source answers again, the upstream is found again.
+	setFailing("failing", false)
+	waitFor(t, 5*time.Second, "b1 found again", func() bool { return h.statuses()[b1.addr].Probes >= 1 })
+}
+
+// TestMaxDiscovered: past max_discovered, new upstreams are not probed
+// (requests still reach them), and one warning says so until forgetting
+// makes room.
+func TestMaxDiscovered(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := newHarness(t, 3)
+	b1, b2, b3 := h.backends[0], h.backends[1], h.backends[2]
+	setList("max", b1.addr, b2.addr, b3.addr)
+	h.extra = map[string]any{
+		"upstreams":      nil,
+		"discover":       map[string]any{"source": "shaker_test_list", "list": "max"},
+		"max_discovered": 2,
+		"forget_after":   "100ms",
+	}
+	h.load(tInterval)
+	waitFor(t, 5*time.Second, "b1 and b2 probed", func() bool {
+		st := h.statuses()
+		return st[b1.addr].Probes >= 3 && st[b2.addr].Probes >= 3
+	})
+	if _, ok := h.statuses()[b3.addr]; ok {
+		t.Fatal("b3 probed past max_discovered 2")
+	}
+	seen := map[string]int{}
+	for range 60 {
+		_, body := h.get()
+		seen[body]++
+	}
+	if seen[b3.name] == 0 {
+		t.Errorf("requests reached %v: b3, not probed, should get its share", seen)
+	}
+	// Room made: b1 leaves the source, b3 is probed.
+	setList("max", b2.addr, b3.addr)
+	waitFor(t, 5*time.Second, "b1 forgotten, b3 probed", func() bool {
+		st := h.statuses()
+		_, has1 := st[b1.addr]
+		return !has1 && st[b3.addr].Probes >= 1
+	})
+	if n := h.totalAccepts(); n > int64(60) {
+		t.Errorf("%d connections accepted for 60 requests", n)
+	}
+	h.noLeakedProbes()
+}
+
+// TestMaxDiscoveredWarnsOnce: the warning comes once each time the cap is
+// met, not once per poll.
+func TestMaxDiscoveredWarnsOnce(t *testing.T) {
+	core, logs := observer.New(zap.WarnLevel)
+	su := &Upstreams{MaxDiscovered: 3, ForgetAfter: caddy.Duration(time.Hour), logger: zap.New(core)}
+	su.sourceState = new(sourceState)
+	empty := map[string]*discovered{}
+	su.table.Store(&empty)
+	dials := func(from, to int) []string {
+		var out []string
+		for i := from; i < to; i++ {
+			out = append(out, fmt.Sprintf("unix//run/shaker-test-%d.sock", i)) // not probed: no engine needed
+		}
+		return out
+	}
+	capped := func() int { return logs.FilterMessageSnippet("max_discovered reached").Len() }
+	su.discover(dials(0, 5))
+	su.discover(dials(0, 8))
+	if n := len(*su.table.Load()); n != 3 {
+		t.Fatalf("%d upstreams kept, want max_discovered 3", n)
+	}
+	if n := capped(); n != 1 {
+		t.Fatalf("%d warnings after two polls over the cap, want 1", n)
+	}
+	// Forgotten: room again; meeting the cap again warns again.
+	for _, d := range *su.table.Load() {
+		d.lastSeen.Store(time.Now().Add(-2 * time.Hour).UnixNano())
+	}
+	su.forget()
+	if n := len(*su.table.Load()); n != 0 {
+		t.Fatalf("%d upstreams left after forgetting all", n)
+	}
+	su.discover(dials(10, 14))
+	if n := capped(); n != 2 {
+		t.Fatalf("%d warnings, want 2: one per time the cap is met", n)
+	}
+	e := logs.FilterMessageSnippet("max_discovered reached").All()[1].ContextMap()
+	if e["max_discovered"] != int64(3) || e["not_probed"] != int64(1) {
+		t.Errorf("warning fields %v", e)
 	}
 }

@@ -3,6 +3,7 @@ package caddyshaker
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -12,14 +13,18 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
@@ -436,4 +441,205 @@ func TestHelperUnprivileged(t *testing.T) {
 		fmt.Printf("last error: %s\n", s.LastError)
 	}
 	fmt.Printf("RESULT caddy %d %v\n", s.Probes, s.Healthy && s.Probes >= 5 && s.LastError == "")
+}
+
+// TestRequestPlaceholderRefused: a wrapped source whose configuration holds
+// a placeholder that only a request fills is refused at load, in JSON and
+// in the Caddyfile (whose {header.*} shorthand is a request placeholder
+// too): it would let any client choose what the proxy probes. Global
+// placeholders, the same for every request, load.
+func TestRequestPlaceholderRefused(t *testing.T) {
+	load := func(dyn string) error {
+		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + dyn + `}]}]}}}}}`
+		var c caddy.Config
+		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
+			t.Fatal(err)
+		}
+		return caddy.Validate(&c)
+	}
+	for _, tc := range []struct{ dyn, ph, field string }{
+		{`{"source":"shaker","discover":{"source":"a","name":"{http.request.header.X-Target}","port":"9"},"forget_after":"100ms"}`,
+			"{http.request.header.X-Target}", "name"},
+		{`{"source":"shaker","discover":{"source":"a","name":"backend.internal","port":"{http.request.uri.query.p}"}}`,
+			"{http.request.uri.query.p}", "port"},
+		{`{"source":"shaker","discover":{"source":"srv","name":"x-{http.vars.tenant}.internal"}}`,
+			"{http.vars.tenant}", "name"},
+		{`{"source":"shaker","discover":{"source":"multi","sources":[{"source":"a","name":"ok.internal","port":"80"},{"source":"a","name":"{http.request.host}","port":"80"}]}}`,
+			"{http.request.host}", "sources[1].name"},
+	} {
+		err := load(tc.dyn)
+		if err == nil {
+			t.Errorf("%s: loaded", tc.dyn)
+			continue
+		}
+		for _, want := range []string{tc.ph, fmt.Sprintf("%q", tc.field), "clients would choose what this proxy probes"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("%s:\nerror %q\nwant it to say %s", tc.dyn, err, want)
+			}
+		}
+	}
+	// The same from the Caddyfile, with its shorthand.
+	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(":8080 {\n\treverse_proxy {\n\t\tdynamic shaker {\n\t\t\tsource a {header.X-Target} 9\n\t\t}\n\t}\n}\n"), nil)
+	if err != nil {
+		t.Fatalf("adapt: %v", err) // refused at load, not by the adapter
+	}
+	var c caddy.Config
+	if err := json.Unmarshal(out, &c); err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Validate(&c); err == nil || !strings.Contains(err.Error(), "{http.request.header.X-Target}") {
+		t.Errorf("Caddyfile source a {header.X-Target}: error %v, want it refused naming {http.request.header.X-Target}", err)
+	}
+	// Global placeholders and escaped braces load.
+	t.Setenv("SHAKER_TEST_BACKEND", "localhost")
+	for _, dyn := range []string{
+		`{"source":"shaker","discover":{"source":"a","name":"{env.SHAKER_TEST_BACKEND}","port":"9"}}`,
+		`{"source":"shaker","discover":{"source":"a","name":"{system.hostname}","port":"9"}}`,
+		`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"9","refresh":"1m"},"resolve_timeout":"1s"}`,
+	} {
+		if err := load(dyn); err != nil {
+			t.Errorf("%s: %v", dyn, err)
+		}
+	}
+}
+
+func TestPlaceholderKeys(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want []string
+	}{
+		{"", nil},
+		{"plain.internal", nil},
+		{"{a}", []string{"a"}},
+		{"x{a}y{b.c}z", []string{"a", "b.c"}},
+		{`\{a}`, nil},
+		{`{a\}b}`, []string{`a\}b`}},
+		{"{unclosed", nil},
+		{"{a}{", []string{"a"}},
+	} {
+		if got := placeholderKeys(tc.in); !slices.Equal(got, tc.want) {
+			t.Errorf("placeholderKeys(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+// headerSource is an upstream source for tests that reads a request
+// directly, as a third-party module could, with no placeholder to refuse:
+// it returns a fixed list, plus the X-Target header's value when a request
+// has one.
+type headerSource struct {
+	List string `json:"list"`
+}
+
+func (headerSource) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.upstreams.shaker_test_header",
+		New: func() caddy.Module { return new(headerSource) },
+	}
+}
+
+func (s headerSource) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
+	out, _ := listSource{List: s.List}.GetUpstreams(r)
+	if v := r.Header.Get("X-Target"); v != "" {
+		out = append(out, &reverseproxy.Upstream{Dial: v})
+	}
+	return out, nil
+}
+
+func init() { caddy.RegisterModule(headerSource{}) }
+
+// TestRequestsCannotAddTargets: with an inner source that returns what each
+// request asks for, 10,000 requests with distinct X-Target values (every one
+// a loopback address with no listener) leave the probed set as the
+// source's own poll found it. The requests still go where the source says
+// (the source is the user's; probing is ours), and Caddy itself keeps a
+// record of every dynamic host it dialled: so the heap is compared with the
+// same flood through the inner source alone, side by side.
+func TestRequestsCannotAddTargets(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := newHarness(t, 2)
+	b1, b2 := h.backends[0], h.backends[1]
+	setList("header", b1.addr, b2.addr)
+	heap := func() uint64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	const requests = 10000
+	// flood sends requests with targets 127.<net>.x.y:1, never listened
+	// on (the proxy's dial is refused), and returns how much the heap grew.
+	flood := func(net, n int) int64 {
+		send := func(from, to int) {
+			var wg sync.WaitGroup
+			next := make(chan int)
+			for range 8 {
+				wg.Go(func() {
+					for i := range next {
+						req, _ := http.NewRequest("GET", "http://"+h.proxy+"/", nil)
+						req.Header.Set("X-Target", fmt.Sprintf("127.%d.%d.%d:1", net, i/250, i%250+1))
+						if resp, err := h.client.Do(req); err == nil {
+							io.Copy(io.Discard, resp.Body)
+							resp.Body.Close()
+						}
+					}
+				})
+			}
+			deadline := time.Now().Add(2 * time.Minute)
+			for i := from; i < to && time.Now().Before(deadline); i++ {
+				next <- i
+			}
+			close(next)
+			wg.Wait()
+		}
+		send(0, 200) // warm pools and caches before the heap is read
+		before := heap()
+		start := time.Now()
+		send(200, 200+n)
+		grew := int64(heap()) - int64(before)
+		t.Logf("%d requests in %v; heap grew %+d bytes", n, time.Since(start).Round(time.Millisecond), grew)
+		return grew
+	}
+
+	// The inner source alone: Caddy's own cost of the flood.
+	h.handler = map[string]any{"dynamic_upstreams": map[string]any{"source": "shaker_test_header", "list": "header"}}
+	h.load(tInterval)
+	base := flood(1, requests)
+
+	// Wrapped by shaker.
+	h.handler = nil
+	h.extra = map[string]any{
+		"upstreams":    nil,
+		"discover":     map[string]any{"source": "shaker_test_header", "list": "header"},
+		"forget_after": "100ms",
+	}
+	h.load(tInterval)
+	waitFor(t, 5*time.Second, "b1 and b2 probed", func() bool {
+		st := h.statuses()
+		return st[b1.addr].Probes >= 2 && st[b2.addr].Probes >= 2
+	})
+	want := []string{b1.addr, b2.addr}
+	slices.Sort(want)
+	probed := func() []string { return slices.Sorted(maps.Keys(probedAddrs())) }
+	if got := probed(); !slices.Equal(got, want) {
+		t.Fatalf("probed %v before the requests, want %v", got, want)
+	}
+	wrapped := flood(2, requests)
+	if got := probed(); !slices.Equal(got, want) {
+		t.Fatalf("after %d requests with distinct targets, %d addresses probed, want %v", requests, len(got), want)
+	}
+	// 10,000 discovered upstreams with their checkers would take several
+	// MB more than Caddy's own record of the hosts.
+	if wrapped > base+512<<10 {
+		t.Errorf("heap grew by %d bytes over %d requests through shaker, %d through the inner source alone", wrapped, requests, base)
+	}
+	resolved.Lock()
+	names := len(resolved.m)
+	resolved.Unlock()
+	if names != 0 {
+		t.Errorf("%d host names kept for lookups; want none", names)
+	}
+	h.noLeakedProbes()
 }

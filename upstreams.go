@@ -58,8 +58,17 @@ type Upstreams struct {
 
 	// How long an upstream that the discover source stopped returning is
 	// still probed and remembered, with its health, in case it returns.
-	// Default: 5 intervals.
+	// Default: 5 intervals. An upstream is forgotten forget_after after
+	// the source last returned it, whether the source's polls still
+	// answer or keep failing.
 	ForgetAfter caddy.Duration `json:"forget_after,omitempty"`
+
+	// The most upstreams a discover source probes at once. Past it, new
+	// upstreams are not probed (requests may still go to them, as to any
+	// upstream not probed yet) and one warning is logged, until forgetting
+	// makes room. It bounds what a misbehaving inner source can make this
+	// proxy probe and remember. Default: 10000.
+	MaxDiscovered int `json:"max_discovered,omitempty"`
 
 	// The time between the starts of two probes of one address.
 	// Default: 2s.
@@ -150,9 +159,11 @@ type sourceState struct {
 	closed bool
 	held   []health.Want           // references taken in reg
 	names  map[string][]netip.Addr // host name -> addresses in use
+	hosts  []string                // the names held in resolved
 	snap   atomic.Pointer[[]entry]
 	table  atomic.Pointer[map[string]*discovered] // with discover: dial -> upstream
 	panic  atomic.Bool                            // failing open (panic_threshold)
+	full   atomic.Bool                            // max_discovered reached and logged
 	wg     sync.WaitGroup
 
 	stopCtx    context.Context // canceled by Cleanup, or when the config is unloaded
@@ -203,6 +214,9 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 			su.ForgetAfter = caddy.Duration(math.MaxInt64) // a huge interval: no overflow
 		}
 	}
+	if su.MaxDiscovered == 0 {
+		su.MaxDiscovered = DefaultMaxDiscovered
+	}
 	if su.Jitter == "" {
 		su.Jitter = Jitter(strconv.Itoa(DefaultJitterPercent) + "%")
 	}
@@ -232,6 +246,10 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 		if s.host != "" && !slices.Contains(hosts, s.host) {
 			hosts = append(hosts, s.host)
 		}
+	}
+	su.hosts = hosts
+	for _, h := range hosts {
+		holdHost(h)
 	}
 	if len(hosts) > 0 {
 		found := su.resolveAll(ctx, hosts)
@@ -307,6 +325,9 @@ func (su *Upstreams) Validate() error {
 	if su.SlowStart < 0 {
 		return fmt.Errorf("slow_start %v: must be positive", time.Duration(su.SlowStart))
 	}
+	if su.MaxDiscovered < 0 {
+		return fmt.Errorf("max_discovered %d: must be positive (0 for the default, %d)", su.MaxDiscovered, DefaultMaxDiscovered)
+	}
 	return nil
 }
 
@@ -329,6 +350,10 @@ func (su *Upstreams) Cleanup() error {
 	defer su.mu.Unlock()
 	reg.Release(su.held)
 	su.held = nil
+	for _, h := range su.hosts {
+		releaseHost(h)
+	}
+	su.hosts = nil
 	su.snap.Store(nil)
 	if su.inner != nil {
 		su.releaseDiscoveredLocked()
@@ -609,16 +634,51 @@ func (su *Upstreams) refresh(hosts []string) {
 }
 
 // resolved keeps the addresses each host name had last, so that a failed
-// resolution (at a reload, say) keeps the addresses and their state.
+// resolution (at a reload, say) keeps the addresses and their state. Only
+// names some source holds are kept: a source holds its names from before
+// its first lookup to its Cleanup (a discovered name, until it is
+// forgotten), so that at a reload the old config's hold spans the new
+// one's lookups, and a name no config uses any more is dropped.
 var resolved = struct {
 	sync.Mutex
-	m map[string][]netip.Addr
-}{m: make(map[string][]netip.Addr)}
+	m map[string]*resolvedHost
+}{m: make(map[string]*resolvedHost)}
+
+type resolvedHost struct {
+	addrs []netip.Addr
+	refs  int
+}
+
+// holdHost keeps host's last addresses until a matching releaseHost.
+func holdHost(host string) {
+	resolved.Lock()
+	defer resolved.Unlock()
+	h := resolved.m[host]
+	if h == nil {
+		h = new(resolvedHost)
+		resolved.m[host] = h
+	}
+	h.refs++
+}
+
+// releaseHost drops a hold of holdHost; the last one forgets host.
+func releaseHost(host string) {
+	resolved.Lock()
+	defer resolved.Unlock()
+	if h := resolved.m[host]; h != nil {
+		if h.refs--; h.refs <= 0 {
+			delete(resolved.m, host)
+		}
+	}
+}
 
 func lastResolved(host string) []netip.Addr {
 	resolved.Lock()
 	defer resolved.Unlock()
-	return resolved.m[host]
+	if h := resolved.m[host]; h != nil {
+		return h.addrs
+	}
+	return nil
 }
 
 // resolveFunc resolves a host name; tests replace it.
@@ -644,7 +704,9 @@ func resolve(ctx context.Context, host string, timeout time.Duration) ([]netip.A
 	}
 	slices.SortFunc(out, func(a, b netip.Addr) int { return a.Compare(b) })
 	resolved.Lock()
-	resolved.m[host] = out
+	if h := resolved.m[host]; h != nil { // kept only while held
+		h.addrs = out
+	}
 	resolved.Unlock()
 	return out, nil
 }

@@ -185,6 +185,7 @@ func TestResolveKeepsLastOnFailure(t *testing.T) {
 		<-ctx.Done() // a resolver that hangs: the timeout must bound it
 		return nil, ctx.Err()
 	}
+	holdHost("test.shaker.invalid") // as a source does before its lookups
 	got, err := resolve(context.Background(), "test.shaker.invalid", time.Second)
 	if err != nil || len(got) != 2 || got[0].String() != "127.0.0.1" || got[1].String() != "::1" {
 		t.Fatalf("resolve: %v %v", got, err)
@@ -199,6 +200,32 @@ func TestResolveKeepsLastOnFailure(t *testing.T) {
 	}
 	if last := lastResolved("test.shaker.invalid"); len(last) != 2 {
 		t.Fatalf("last resolved: %v", last)
+	}
+	// The last release forgets the name: the map keeps only names in use.
+	holdHost("test.shaker.invalid") // a second source, as at a reload
+	releaseHost("test.shaker.invalid")
+	if last := lastResolved("test.shaker.invalid"); len(last) != 2 {
+		t.Fatalf("released by one of two holders: last resolved %v", last)
+	}
+	releaseHost("test.shaker.invalid")
+	if last := lastResolved("test.shaker.invalid"); last != nil {
+		t.Fatalf("released by all: last resolved %v, want none", last)
+	}
+	resolved.Lock()
+	_, kept := resolved.m["test.shaker.invalid"]
+	resolved.Unlock()
+	if kept {
+		t.Fatal("a name nobody holds is still in the map")
+	}
+	// A lookup of a name nobody holds stores nothing.
+	resolveFunc = func(context.Context, string, string) ([]netip.Addr, error) {
+		return []netip.Addr{netip.MustParseAddr("127.0.0.1")}, nil
+	}
+	if _, err := resolve(context.Background(), "unheld.shaker.invalid", time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if last := lastResolved("unheld.shaker.invalid"); last != nil {
+		t.Fatalf("unheld name stored: %v", last)
 	}
 }
 

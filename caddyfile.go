@@ -5,7 +5,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -113,63 +112,14 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return err
 	}
 
-	duration := func(name string) (caddy.Duration, error) {
-		if !d.NextArg() {
-			return 0, d.ArgErr()
-		}
-		val := d.Val()
-		if d.NextArg() {
-			return 0, d.ArgErr()
-		}
-		dur, err := caddy.ParseDuration(val)
-		if err != nil {
-			return 0, d.Errf("%s '%s': %v", name, val, err)
-		}
-		if dur <= 0 {
-			return 0, d.Errf("%s '%s': must be positive", name, val)
-		}
-		return caddy.Duration(dur), nil
-	}
-	integer := func(name string, lo, hi int) (int, error) {
-		if !d.NextArg() {
-			return 0, d.ArgErr()
-		}
-		val := d.Val()
-		if d.NextArg() {
-			return 0, d.ArgErr()
-		}
-		n, err := strconv.Atoi(val)
-		if err != nil {
-			return 0, d.Errf("%s '%s': not an integer", name, val)
-		}
-		if n < lo || n > hi {
-			if hi == maxInt {
-				return 0, d.Errf("%s '%s': must be at least %d", name, val, lo)
-			}
-			return 0, d.Errf("%s '%s': out of range %d-%d", name, val, lo, hi)
-		}
-		return n, nil
-	}
-
-	// fraction takes 0.5 or 50%.
-	fraction := func(name string) (float64, error) {
-		if !d.NextArg() {
-			return 0, d.ArgErr()
-		}
-		val := d.Val()
-		if d.NextArg() {
-			return 0, d.ArgErr()
-		}
-		num, scale, err := parseFraction(val)
-		if err != nil || !(num/scale > 0 && num/scale <= 1) { // NaN too
-			return 0, d.Errf("%s '%s': must be a fraction above 0 and at most 1 (0.5) or a percentage (50%%)", name, val)
-		}
-		return num / scale, nil
-	}
-
 	var err error
-	var jitterAt caddyfile.Token
 	for d.NextBlock(0) {
+		if ok, err := su.UnmarshalSubdirective(d); ok {
+			if err != nil {
+				return err
+			}
+			continue
+		}
 		switch d.Val() {
 		case "to":
 			args := d.RemainingArgs()
@@ -179,41 +129,10 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := addUpstreams(args); err != nil {
 				return err
 			}
-		case "interval":
-			su.Interval, err = duration("interval")
-		case "fast_interval":
-			su.FastInterval, err = duration("fast_interval")
-		case "down_interval":
-			su.DownInterval, err = duration("down_interval")
-		case "jitter":
-			// checked after the block, against its interval
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			su.Jitter, jitterAt = Jitter(d.Val()), d.Token()
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-		case "timeout":
-			su.Timeout, err = duration("timeout")
-		case "resolve_interval":
-			su.ResolveInterval, err = duration("resolve_interval")
-		case "resolve_timeout":
-			su.ResolveTimeout, err = duration("resolve_timeout")
-		case "passes":
-			su.Passes, err = integer("passes", 1, maxInt)
-		case "fails":
-			su.Fails, err = integer("fails", 1, maxInt)
-		case "port":
-			su.Port, err = integer("port", 1, 65535)
-		case "panic_threshold":
-			su.PanicThreshold, err = fraction("panic_threshold")
-		case "slow_start":
-			su.SlowStart, err = duration("slow_start")
 		case "forget_after":
-			su.ForgetAfter, err = duration("forget_after")
+			su.ForgetAfter, err = ArgDuration(d)
 		case "max_discovered":
-			su.MaxDiscovered, err = integer("max_discovered", 1, maxInt)
+			su.MaxDiscovered, err = ArgInt(d, 1, maxInt)
 		case "source":
 			if su.SourceRaw != nil {
 				return d.Err("source already given: one source per shaker block (use 'source multi' for several)")
@@ -241,12 +160,8 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return err
 		}
 	}
-	if su.Jitter != "" {
-		if _, err := su.jitterSetting(); err != nil {
-			at := caddyfile.NewDispenser([]caddyfile.Token{jitterAt})
-			at.Next()
-			return at.Err(err.Error())
-		}
+	if err := su.FinishCaddyfile(); err != nil {
+		return err
 	}
 	switch {
 	case len(su.Upstreams) == 0 && su.SourceRaw == nil:

@@ -64,35 +64,35 @@ type discovered struct {
 	dropped    bool // forgotten or released: a late lookup must not take checkers
 }
 
-// serve says whether requests may go to the upstream: in is true when it
-// cannot be probed, is not resolved or probed yet, or one of its addresses
-// is in service; excluded is true when an operator drained or put every
-// one of its addresses in maintenance. returned is when it came back into
-// service, for slow start: the earliest return among its addresses in
-// service, 0 if one of them has served since its first result.
-func (d *discovered) serve() (in, excluded bool, returned int64) {
+// serve is the upstream as the in-service rule sees it: in when it cannot
+// be probed, is not resolved or probed yet, or one of its addresses is in
+// service; ready unless an operator drained or put every one of its
+// addresses in maintenance; returned when it came back into service, for
+// slow start: the earliest return among its addresses in service, 0 if
+// one of them has served since its first result.
+func (d *discovered) serve() Member {
 	if !d.probe {
-		return true, false, 0
+		return Member{In: true, Ready: true}
 	}
 	p := d.cs.Load()
 	if p == nil || len(*p) == 0 {
-		return true, false, 0
+		return Member{In: true, Ready: true}
 	}
-	excluded = true
+	var m Member
 	first := true
 	for _, c := range *p {
 		if c.AdminState() == health.Ready {
-			excluded = false
+			m.Ready = true
 		}
 		if !c.InService() {
 			continue
 		}
-		in = true
-		if ret := c.ReturnedAt(); first || ret < returned {
-			returned, first = ret, false
+		m.In = true
+		if ret := c.ReturnedAt(); first || ret < m.Returned {
+			m.Returned, first = ret, false
 		}
 	}
-	return in, excluded, returned
+	return m
 }
 
 // discoverUpstreams is GetUpstreams for a source that wraps another.
@@ -103,69 +103,35 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 	}
 	table := *su.table.Load()
 	now := time.Now().UnixNano()
-	n, ready := 0, 0
-	ramp := false
 	for _, u := range ups {
-		d := table[u.Dial]
+		// Mark it seen, at most once a second per upstream: requests on
+		// many cores would fight over the cache line otherwise.
+		if d := table[u.Dial]; d != nil && now-d.lastSeen.Load() > int64(time.Second) {
+			d.lastSeen.Store(now)
+		}
+	}
+	at := func(i int) Member {
+		d := table[ups[i].Dial]
 		if d == nil {
 			// Not found by a poll: passed through, never probed on a
 			// request's word (it would let clients choose targets).
-			n++
-			ready++
-			continue
+			return Member{In: true, Ready: true}
 		}
-		// Mark it seen, at most once a second per upstream: requests on
-		// many cores would fight over the cache line otherwise.
-		if now-d.lastSeen.Load() > int64(time.Second) {
-			d.lastSeen.Store(now)
-		}
-		in, excluded, returned := d.serve()
-		if !excluded {
-			ready++
-		}
-		if in {
-			n++
-			ramp = ramp || su.SlowStart > 0 && returned != 0
-		}
+		return d.serve()
 	}
-	all := su.PanicThreshold > 0 && float64(n) < su.PanicThreshold*float64(ready)
-	if all != su.panic.Load() && su.panic.CompareAndSwap(!all, all) {
-		su.logPanic(all, n, ready)
-	}
-	if n == len(ups) && !ramp {
+	t := su.Count(len(ups), at)
+	su.notePanic(t)
+	if t.In == len(ups) && !t.Ramp {
 		return ups, nil
 	}
 	// The inner source's upstreams are fresh values: keep them, filtered
 	// into a new slice.
-	var mono int64
-	if ramp {
-		mono = health.Now()
+	var draw func(int64) bool
+	if t.Ramp && !t.Panic {
+		draw = su.SlowStartDraw(health.Now())
 	}
-	out := make([]*reverseproxy.Upstream, 0, max(n, ready))
-	for pass := 0; pass < 2 && len(out) == 0; pass++ {
-		// the second pass, without the slow start draw, only when the
-		// draw left out every upstream: better than a 503
-		for _, u := range ups {
-			d := table[u.Dial]
-			if d == nil {
-				out = append(out, u)
-				continue
-			}
-			in, excluded, returned := d.serve()
-			switch {
-			case all:
-				in = !excluded
-			case in && ramp && pass == 0:
-				in = slowStartDraw(returned, mono, time.Duration(su.SlowStart))
-			}
-			if in {
-				out = append(out, u)
-			}
-		}
-		if n == 0 && !all {
-			break
-		}
-	}
+	out := make([]*reverseproxy.Upstream, 0, t.Serving())
+	su.Choose(len(ups), at, t, draw, func(i int) { out = append(out, ups[i]) })
 	return out, nil
 }
 
@@ -224,13 +190,9 @@ func (su *Upstreams) discover(dials []string) {
 // setAddrsLocked points d at the checkers of addrs, starting those that
 // are new, and drops the ones it held before.
 func (su *Upstreams) setAddrsLocked(d *discovered, addrs []netip.Addr) {
-	port := d.port
-	if su.Port != 0 {
-		port = uint16(su.Port)
-	}
 	ws := make([]health.Want, len(addrs))
 	for i, ip := range addrs {
-		ws[i] = su.want(netip.AddrPortFrom(ip, port), d.dial)
+		ws[i] = su.Want(netip.AddrPortFrom(ip, d.port), d.dial)
 	}
 	cs, fresh := reg.Acquire(ws)
 	su.app.schedule(fresh)
@@ -373,21 +335,6 @@ func (su *Upstreams) releaseDiscoveredLocked() {
 	}
 	empty := map[string]*discovered{}
 	su.table.Store(&empty)
-}
-
-// want is an address to probe under this source's settings, reported
-// under name.
-func (su *Upstreams) want(addr netip.AddrPort, name string) health.Want {
-	w := health.Want{Addr: addr, Name: name, Settings: health.Settings{
-		Interval:     time.Duration(su.Interval),
-		Timeout:      time.Duration(su.Timeout),
-		Passes:       su.Passes,
-		Fails:        su.Fails,
-		FastInterval: time.Duration(su.FastInterval),
-		DownInterval: time.Duration(su.DownInterval),
-	}}
-	w.Settings.JitterPercent, w.Settings.Jitter = su.jit.percent, su.jit.d
-	return w
 }
 
 // provisionInner loads the inner source and starts polling it.

@@ -77,21 +77,3 @@ func parseJitter(s string, interval time.Duration) (jitter, error) {
 	}
 	return jitter{d: d}, nil
 }
-
-// jitterSetting reads the source's jitter: "" is DefaultJitterPercent, and a
-// duration is checked against the interval (0 is DefaultInterval, as
-// Provision makes it). Its errors name the value.
-func (su *Upstreams) jitterSetting() (jitter, error) {
-	if su.Jitter == "" {
-		return jitter{percent: DefaultJitterPercent}, nil
-	}
-	iv := time.Duration(su.Interval)
-	if iv == 0 {
-		iv = DefaultInterval
-	}
-	j, err := parseJitter(string(su.Jitter), iv)
-	if err != nil {
-		return jitter{}, fmt.Errorf("jitter %q: %v", string(su.Jitter), err)
-	}
-	return j, nil
-}

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -70,86 +69,14 @@ type Upstreams struct {
 	// proxy probe and remember. Default: 10000.
 	MaxDiscovered int `json:"max_discovered,omitempty"`
 
-	// The time between the starts of two probes of one address.
-	// Default: 2s.
-	Interval caddy.Duration `json:"interval,omitempty"`
-
-	// How long a probe waits for a SYN-ACK before it counts as failed
-	// ("timeout"). Probes of one address never overlap: with a timeout
-	// longer than the interval, the next probe starts when the last one
-	// ends. Default: 1s.
-	Timeout caddy.Duration `json:"timeout,omitempty"`
-
-	// The time between probes of an address that is changing state: one
-	// that is up but whose last probes failed, or down but whose last
-	// probes were answered. A short one makes detection faster without
-	// probing steady addresses more often (HAProxy's fastinter): an
-	// address goes down within interval + (fails-1) x fast_interval +
-	// timeout. Default: the interval.
-	FastInterval caddy.Duration `json:"fast_interval,omitempty"`
-
-	// The time between probes of an address that is down (HAProxy's
-	// downinter): longer to probe dead backends less, shorter to bring
-	// them back sooner. Default: the interval.
-	DownInterval caddy.Duration `json:"down_interval,omitempty"`
-
-	// How much every interval between probes (interval, fast_interval or
-	// down_interval, whichever is in use) varies at random, so that many
-	// proxies probing the same backends do not fall into step and send
-	// their SYNs in bursts (Envoy's interval_jitter, HAProxy's
-	// spread-checks): each is drawn uniformly from [interval - j,
-	// interval + j], so the mean rate does not change. j is a percentage
-	// of the interval in use, from 0 to 50% ("10%"), or a duration
-	// ("200ms") of at most half the interval (cut to half of
-	// fast_interval or down_interval while a shorter one is in use);
-	// "0", "0%" or "off" for none. It lengthens the worst-case detection
-	// time by j per failed probe: (interval + j) x fails + timeout.
-	// Default: "5%".
-	Jitter Jitter `json:"jitter,omitempty"`
-
-	// The consecutive answered probes that bring a down address back up.
-	// Default: 2.
-	Passes int `json:"passes,omitempty"`
-
-	// The consecutive failed probes (refused, timeout, unreachable, or
-	// another error) that take an up address down. Default: 3.
-	Fails int `json:"fails,omitempty"`
-
-	// Fail open below this fraction of addresses up (0 to 1, like Envoy's
-	// panic threshold): when fewer than panic_threshold x all addresses
-	// are up, every address is returned, up or down, instead of only
-	// those up. 0, the default, never fails open: only addresses that are
-	// up are returned, and with none up reverse_proxy answers 503.
-	PanicThreshold float64 `json:"panic_threshold,omitempty"`
-
-	// Ramp a returning address's share of requests up over this time, as
-	// HAProxy's slowstart and Envoy's slow_start_config: an address that
-	// comes back into service (down to up, but not its first result at
-	// start; back from maintenance or drain) is left out of a share of
-	// GetUpstreams results that shrinks linearly from all to none over
-	// slow_start, so that its share of requests grows from nearly none to
-	// its full share. It works with every selection policy; hash-based
-	// ones (ip_hash, uri_hash, header, cookie, client_ip_hash) send a key
-	// to the address only on the calls that include it, so keys move back
-	// to it gradually. Default: 0, off.
-	SlowStart caddy.Duration `json:"slow_start,omitempty"`
-
-	// If set, probe this port instead of each upstream's own port
-	// (requests still go to the upstream's port). 1-65535.
-	Port int `json:"port,omitempty"`
-
-	// How often host names are resolved again. Default: 1m.
-	ResolveInterval caddy.Duration `json:"resolve_interval,omitempty"`
-
-	// How long one resolution of a host name may take. On failure the
-	// addresses found last are kept. Default: 5s.
-	ResolveTimeout caddy.Duration `json:"resolve_timeout,omitempty"`
+	// How addresses are probed and judged: interval, timeout, passes,
+	// fails, jitter, panic_threshold, slow_start, port, ... (flat in JSON).
+	ProbeConfig
 
 	specs  []upstreamSpec
 	inner  reverseproxy.UpstreamSource
 	app    *App
 	logger *zap.Logger
-	jit    jitter // Jitter parsed, by Provision
 	*sourceState
 }
 
@@ -190,23 +117,11 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 	su.logger = ctx.Logger()
 	su.sourceState = new(sourceState)
 	su.stopCtx, su.stopCancel = context.WithCancel(ctx)
-	if su.Interval == 0 {
-		su.Interval = caddy.Duration(DefaultInterval)
+	if err := su.Validate(); err != nil {
+		return err
 	}
-	if su.Timeout == 0 {
-		su.Timeout = caddy.Duration(DefaultTimeout)
-	}
-	if su.Passes == 0 {
-		su.Passes = DefaultPasses
-	}
-	if su.Fails == 0 {
-		su.Fails = DefaultFails
-	}
-	if su.ResolveInterval == 0 {
-		su.ResolveInterval = caddy.Duration(DefaultResolveInterval)
-	}
-	if su.ResolveTimeout == 0 {
-		su.ResolveTimeout = caddy.Duration(DefaultResolveTimeout)
+	if err := su.SetDefaults(); err != nil {
+		return err
 	}
 	if su.ForgetAfter == 0 {
 		su.ForgetAfter = DefaultForgetAfterIntervals * su.Interval
@@ -217,13 +132,6 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 	if su.MaxDiscovered == 0 {
 		su.MaxDiscovered = DefaultMaxDiscovered
 	}
-	if su.Jitter == "" {
-		su.Jitter = Jitter(strconv.Itoa(DefaultJitterPercent) + "%")
-	}
-	if err := su.Validate(); err != nil {
-		return err
-	}
-	su.jit, _ = su.jitterSetting() // Validate checked it
 	specs, err := parseUpstreams(su.Upstreams)
 	if err != nil {
 		return err
@@ -278,52 +186,11 @@ func (su *Upstreams) Validate() error {
 	case len(su.Upstreams) > 0 && hasSource:
 		return fmt.Errorf("upstreams %v and a discover source: give one or the other", su.Upstreams)
 	}
-	if su.Interval < 0 {
-		return fmt.Errorf("interval %v: must be positive", time.Duration(su.Interval))
-	}
-	for _, iv := range []struct {
-		name string
-		d    caddy.Duration
-	}{{"interval", su.Interval}, {"fast_interval", su.FastInterval}, {"down_interval", su.DownInterval}} {
-		if iv.d > 0 && time.Duration(iv.d) < MinInterval {
-			return fmt.Errorf("%s %v: must be at least %v", iv.name, time.Duration(iv.d), MinInterval)
-		}
-	}
-	if su.Timeout < 0 {
-		return fmt.Errorf("timeout %v: must be positive", time.Duration(su.Timeout))
-	}
-	if su.FastInterval < 0 {
-		return fmt.Errorf("fast_interval %v: must be positive", time.Duration(su.FastInterval))
-	}
-	if su.DownInterval < 0 {
-		return fmt.Errorf("down_interval %v: must be positive", time.Duration(su.DownInterval))
-	}
-	if su.Passes < 0 {
-		return fmt.Errorf("passes %d: must be at least 1", su.Passes)
-	}
-	if su.Fails < 0 {
-		return fmt.Errorf("fails %d: must be at least 1", su.Fails)
-	}
-	if _, err := su.jitterSetting(); err != nil {
+	if err := su.ProbeConfig.Validate(); err != nil {
 		return err
-	}
-	if su.PanicThreshold < 0 || su.PanicThreshold > 1 {
-		return fmt.Errorf("panic_threshold %v: must be a fraction from 0 to 1", su.PanicThreshold)
-	}
-	if su.Port < 0 || su.Port > 65535 {
-		return fmt.Errorf("port %d: out of range 1-65535", su.Port)
-	}
-	if su.ResolveInterval < 0 {
-		return fmt.Errorf("resolve_interval %v: must be positive", time.Duration(su.ResolveInterval))
-	}
-	if su.ResolveTimeout < 0 {
-		return fmt.Errorf("resolve_timeout %v: must be positive", time.Duration(su.ResolveTimeout))
 	}
 	if su.ForgetAfter < 0 {
 		return fmt.Errorf("forget_after %v: must be positive", time.Duration(su.ForgetAfter))
-	}
-	if su.SlowStart < 0 {
-		return fmt.Errorf("slow_start %v: must be positive", time.Duration(su.SlowStart))
 	}
 	if su.MaxDiscovered < 0 {
 		return fmt.Errorf("max_discovered %d: must be positive (0 for the default, %d)", su.MaxDiscovered, DefaultMaxDiscovered)
@@ -379,67 +246,28 @@ func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, er
 		return nil, nil
 	}
 	es := *p
-	n, ready := 0, 0
-	ramp := false
-	for i := range es {
+	at := func(i int) Member {
 		c := es[i].c
-		if c.AdminState() != health.Ready {
-			continue
-		}
-		ready++
-		if c.InService() {
-			n++
-			ramp = ramp || su.SlowStart > 0 && c.ReturnedAt() != 0
-		}
+		return Member{In: c.InService(), Ready: c.AdminState() == health.Ready, Returned: c.ReturnedAt()}
 	}
-	all := su.PanicThreshold > 0 && float64(n) < su.PanicThreshold*float64(ready)
-	if all != su.panic.Load() && su.panic.CompareAndSwap(!all, all) {
-		su.logPanic(all, n, ready)
-	}
-	if all {
-		n = ready
-	}
+	t := su.Count(len(es), at)
+	su.notePanic(t)
+	n := t.Serving()
 	if n == 0 {
 		return nil, nil
 	}
-	var now int64
-	if ramp && !all {
-		now = health.Now()
+	var draw func(int64) bool
+	if t.Ramp && !t.Panic {
+		draw = su.SlowStartDraw(health.Now())
 	}
 	vals := make([]reverseproxy.Upstream, n)
 	out := make([]*reverseproxy.Upstream, 0, n)
-	for pass := 0; pass < 2 && len(out) == 0; pass++ {
-		// the second pass, without the slow start draw, only when the
-		// draw left out every address: better than a 503
-		for i := range es {
-			if len(out) == n {
-				break
-			}
-			c := es[i].c
-			if all {
-				if c.AdminState() != health.Ready {
-					continue
-				}
-			} else if !c.InService() || now != 0 && pass == 0 && !slowStartDraw(c.ReturnedAt(), now, time.Duration(su.SlowStart)) {
-				continue
-			}
-			v := &vals[len(out)]
-			v.Dial = es[i].dial
-			out = append(out, v)
-		}
-	}
+	su.Choose(len(es), at, t, draw, func(i int) {
+		v := &vals[len(out)]
+		v.Dial = es[i].dial
+		out = append(out, v)
+	})
 	return out, nil
-}
-
-// slowStartDraw decides whether an address that came back into service at
-// returned (unix ns; 0: never) is in one GetUpstreams result at now: with
-// a probability that grows linearly from 0 to 1 over slow.
-func slowStartDraw(returned, now int64, slow time.Duration) bool {
-	el := now - returned
-	if returned == 0 || el >= int64(slow) {
-		return true
-	}
-	return el > 0 && rand.Int64N(int64(slow)) < el
 }
 
 // ResetCache is called by reverse_proxy before it retries a request that
@@ -502,6 +330,13 @@ func (su *Upstreams) checkersOf(dial string) []*health.Checker {
 	return nil
 }
 
+// notePanic logs when the source starts or stops failing open.
+func (su *Upstreams) notePanic(t Tally) {
+	if t.Panic != su.panic.Load() && su.panic.CompareAndSwap(!t.Panic, t.Panic) {
+		su.logPanic(t.Panic, t.In, t.Ready)
+	}
+}
+
 // logPanic logs that the source starts or stops failing open.
 func (su *Upstreams) logPanic(on bool, up, total int) {
 	fields := []zap.Field{zap.Int("up", up), zap.Int("addresses", total), zap.Float64("panic_threshold", su.PanicThreshold)}
@@ -531,11 +366,7 @@ func (su *Upstreams) rebuildLocked() {
 			return
 		}
 		seen[dial] = true
-		probePort := s.port
-		if su.Port != 0 {
-			probePort = uint16(su.Port)
-		}
-		plan = append(plan, planned{dial, su.want(netip.AddrPortFrom(ip, probePort), s.raw)})
+		plan = append(plan, planned{dial, su.Want(netip.AddrPortFrom(ip, s.port), s.raw)})
 	}
 	for _, s := range su.specs {
 		if s.host == "" {

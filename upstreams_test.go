@@ -75,24 +75,24 @@ func TestValidateNamesBadValue(t *testing.T) {
 		want string
 	}{
 		{Upstreams{}, "no upstreams"},
-		{Upstreams{Upstreams: []string{"a:1"}, Interval: caddy.Duration(-time.Second)}, "interval -1s"},
-		{Upstreams{Upstreams: []string{"a:1"}, Timeout: caddy.Duration(-time.Millisecond)}, "timeout -1ms"},
-		{Upstreams{Upstreams: []string{"a:1"}, Passes: -1}, "passes -1"},
-		{Upstreams{Upstreams: []string{"a:1"}, Fails: -2}, "fails -2"},
-		{Upstreams{Upstreams: []string{"a:1"}, Port: 70000}, "port 70000"},
-		{Upstreams{Upstreams: []string{"a:1"}, Port: -1}, "port -1"},
-		{Upstreams{Upstreams: []string{"a:1"}, ResolveInterval: -1}, "resolve_interval"},
-		{Upstreams{Upstreams: []string{"a:1"}, ResolveTimeout: -1}, "resolve_timeout"},
-		{Upstreams{Upstreams: []string{"a:1"}, SlowStart: caddy.Duration(-time.Second)}, "slow_start -1s: must be positive"},
-		{Upstreams{Upstreams: []string{"a:1"}, Jitter: "banana"}, `jitter "banana"`},
-		{Upstreams{Upstreams: []string{"a:1"}, Interval: caddy.Duration(time.Second), Jitter: "501ms"}, `jitter "501ms": must be at most half the interval (500ms)`},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Interval: caddy.Duration(-time.Second)}}, "interval -1s"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Timeout: caddy.Duration(-time.Millisecond)}}, "timeout -1ms"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Passes: -1}}, "passes -1"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Fails: -2}}, "fails -2"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Port: 70000}}, "port 70000"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Port: -1}}, "port -1"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{ResolveInterval: -1}}, "resolve_interval"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{ResolveTimeout: -1}}, "resolve_timeout"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{SlowStart: caddy.Duration(-time.Second)}}, "slow_start -1s: must be positive"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Jitter: "banana"}}, `jitter "banana"`},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Interval: caddy.Duration(time.Second), Jitter: "501ms"}}, `jitter "501ms": must be at most half the interval (500ms)`},
 	} {
 		err := tc.u.Validate()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: error %v, want %q", tc.u, err, tc.want)
 		}
 	}
-	ok := Upstreams{Upstreams: []string{"a:1"}, Port: 65535}
+	ok := Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Port: 65535}}
 	if err := ok.Validate(); err != nil {
 		t.Errorf("valid: %v", err)
 	}

@@ -88,6 +88,7 @@ type sourceState struct {
 	names  map[string][]netip.Addr // host name -> addresses in use
 	hosts  []string                // the names held in resolved
 	snap   atomic.Pointer[[]entry]
+	gen    atomic.Uint64                          // counts the snaps stored
 	table  atomic.Pointer[map[string]*discovered] // with discover: dial -> upstream
 	panic  atomic.Bool                            // failing open (panic_threshold)
 	full   atomic.Bool                            // max_discovered reached and logged
@@ -99,7 +100,8 @@ type sourceState struct {
 
 // entry is one address GetUpstreams may return.
 type entry struct {
-	dial string
+	dial string // ip:port
+	raw  string // the upstream it comes from, as configured
 	c    *health.Checker
 }
 
@@ -333,17 +335,7 @@ func (su *Upstreams) checkersOf(dial string) []*health.Checker {
 // notePanic logs when the source starts or stops failing open.
 func (su *Upstreams) notePanic(t Tally) {
 	if t.Panic != su.panic.Load() && su.panic.CompareAndSwap(!t.Panic, t.Panic) {
-		su.logPanic(t.Panic, t.In, t.Ready)
-	}
-}
-
-// logPanic logs that the source starts or stops failing open.
-func (su *Upstreams) logPanic(on bool, up, total int) {
-	fields := []zap.Field{zap.Int("up", up), zap.Int("addresses", total), zap.Float64("panic_threshold", su.PanicThreshold)}
-	if on {
-		su.logger.Error("too few upstreams up: failing open, sending requests to every address", fields...)
-	} else {
-		su.logger.Info("enough upstreams up again: sending requests only to those up", fields...)
+		logFailOpen(su.logger, t, su.PanicThreshold)
 	}
 }
 
@@ -385,9 +377,10 @@ func (su *Upstreams) rebuildLocked() {
 	su.app.schedule(fresh)
 	es := make([]entry, len(plan))
 	for i, p := range plan {
-		es[i] = entry{dial: p.dial, c: cs[i]}
+		es[i] = entry{dial: p.dial, raw: p.want.Name, c: cs[i]}
 	}
 	su.snap.Store(&es)
+	su.gen.Add(1)
 	old := su.held
 	su.held = ws
 	reg.Release(old)

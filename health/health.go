@@ -223,6 +223,9 @@ type Observer interface {
 // probes on an engine. Its methods are safe for concurrent use.
 type Registry struct {
 	obs atomic.Pointer[Observer]
+	// version counts the changes that can move an address in or out of
+	// service: health transitions and admin state changes.
+	version atomic.Uint64
 
 	mu       sync.Mutex
 	engine   *shaker.Engine
@@ -247,6 +250,12 @@ func NewRegistry() *Registry {
 		base:     time.Now(),
 	}
 }
+
+// Version changes whenever an address may have moved in or out of service
+// (a health transition, an admin state change): who keeps a list of the
+// addresses in service rebuilds it when Version has moved, rather than
+// checking every address on every request.
+func (r *Registry) Version() uint64 { return r.version.Load() }
 
 // SetObserver sets who is told of probes and transitions; nil for no one.
 func (r *Registry) SetObserver(o Observer) {
@@ -526,6 +535,7 @@ func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState
 			c.mu.Unlock()
 		}
 	}
+	r.version.Add(1)
 	r.mu.Unlock()
 	for _, s := range stops {
 		s.Stop()
@@ -795,6 +805,7 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		tr.Addr, tr.Name, tr.Settings = c.addr, c.name, c.set
 		tr.Outcome, tr.Err, tr.RTT, tr.At = res.Outcome, res.Err, res.RTT, now
 		tr.N = int(max(c.passes, c.fails))
+		r.version.Add(1)
 		r.announce(*tr)
 	}
 	return c.set.jittered(c.nextIntervalLocked())

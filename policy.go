@@ -1,0 +1,439 @@
+package caddyshaker
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
+)
+
+func init() {
+	caddy.RegisterModule(new(Policy))
+}
+
+// Policy is a reverse_proxy load-balancing selection policy that probes
+// the handler's own upstreams with half-open TCP probes and hands another
+// policy (inner, default random) only those in service. The inner policy
+// still sees Caddy's own state of each upstream (passive health checks,
+// max_requests, Caddy's active checks if configured), so it keeps
+// working as it does without this one.
+//
+// The upstreams come from the handler when it is provisioned, so probing
+// starts before the first request. Upstreams that cannot be probed (a
+// placeholder, a Unix socket, UDP) are always handed on, with one warning
+// at load; so are upstreams from a dynamic source (use `dynamic shaker`
+// to probe those). Select does O(1) work besides the inner policy's: the
+// list in service is rebuilt when an address changes state, not per
+// request.
+type Policy struct {
+	// The policy that chooses among the upstreams in service: any
+	// http.reverse_proxy.selection_policies module but this one.
+	// Default: random.
+	InnerRaw json.RawMessage `json:"inner,omitempty" caddy:"namespace=http.reverse_proxy.selection_policies inline_key=policy"`
+
+	// How the upstreams are probed and judged (interval, timeout, passes,
+	// fails, jitter, panic_threshold, slow_start, port, ...: the
+	// `dynamic shaker` source's settings, with the same defaults).
+	ProbeConfig
+
+	orig   reverseproxy.Selector     // the inner policy as configured
+	inner  reverseproxy.Selector     // the one given our pools (orig, or a weighted_round_robin fitted to them)
+	static reverseproxy.UpstreamPool // the handler's upstreams
+	pos    []int                     // the positions of static the inner policy may choose
+	probe  []bool                    // for each of pos: probed
+	probed *Probed                   // nil when nothing can be probed
+	states memberStates              // probed, or a test's
+	logger *zap.Logger
+
+	panic atomic.Bool
+	mu    sync.Mutex // one rebuild at a time
+	state atomic.Pointer[poolState]
+}
+
+// memberStates is what a policy reads of its probed upstreams.
+type memberStates interface {
+	Member(dial string) Member
+	Version() uint64
+}
+
+// poolState is the list in service, as of a Version of the probes.
+type poolState struct {
+	version uint64
+	pool    reverseproxy.UpstreamPool // in service (failing open: ready), ramping ones included
+	base    reverseproxy.UpstreamPool // pool less the ramping ones
+	ramping []ramp                    // in service, ramping up under slow_start
+	rampEnd int64                     // health.Now when a ramp ends: rebuild then; 0: none
+}
+
+type ramp struct {
+	u        *reverseproxy.Upstream
+	returned int64
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Policy) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.selection_policies.shaker",
+		New: func() caddy.Module { return new(Policy) },
+	}
+}
+
+// Provision loads the inner policy, takes the upstreams of the
+// reverse_proxy handler being provisioned and starts probing them.
+func (p *Policy) Provision(ctx caddy.Context) error {
+	p.logger = ctx.Logger()
+	if err := p.SetDefaults(); err != nil {
+		return err
+	}
+	// The lineage ends with this policy; the one before it is the module
+	// whose load_balancing holds it.
+	mods := ctx.Modules()
+	var h *reverseproxy.Handler
+	if len(mods) >= 2 {
+		h, _ = mods[len(mods)-2].(*reverseproxy.Handler)
+	}
+	if h == nil {
+		parent := "none"
+		if len(mods) >= 2 {
+			parent = string(mods[len(mods)-2].CaddyModule().ID)
+		}
+		return fmt.Errorf("the shaker selection policy goes directly in a reverse_proxy handler's load_balancing, to probe its upstreams; its parent here is %s", parent)
+	}
+	if err := p.loadInner(ctx); err != nil {
+		return err
+	}
+	if h.DynamicUpstreamsRaw != nil || h.DynamicUpstreams != nil {
+		p.logger.Warn("this reverse_proxy takes its upstreams from a dynamic source: they are handed on unprobed; wrap the source in `dynamic shaker` to probe them")
+	}
+	if h.HealthChecks != nil && h.HealthChecks.Active != nil {
+		p.logger.Info("Caddy's own active health checks run too: the inner policy sees their state, and backends see their requests")
+	}
+	p.static = h.Upstreams
+	p.pos = p.choosable()
+	var dials, unprobed []string
+	p.probe = make([]bool, len(p.pos))
+	for k, i := range p.pos {
+		d := p.static[i].Dial
+		if CanProbe(d) {
+			p.probe[k] = true
+			if !slices.Contains(dials, d) {
+				dials = append(dials, d)
+			}
+		} else {
+			unprobed = append(unprobed, d)
+		}
+	}
+	if len(unprobed) > 0 {
+		p.logger.Warn("upstreams that cannot be probed (placeholders, Unix sockets, UDP) are always handed on",
+			zap.Strings("upstreams", unprobed))
+	}
+	if len(dials) > 0 {
+		probed, err := NewProbed(ctx, p.ProbeConfig, dials)
+		if err != nil {
+			return err
+		}
+		p.probed, p.states = probed, probed
+	}
+	return nil
+}
+
+// loadInner loads the inner policy (random by default), refusing this one.
+func (p *Policy) loadInner(ctx caddy.Context) error {
+	p.orig = reverseproxy.RandomSelection{}
+	if p.InnerRaw != nil {
+		var name struct {
+			Policy string `json:"policy"`
+		}
+		if json.Unmarshal(p.InnerRaw, &name) == nil && name.Policy == "shaker" {
+			return fmt.Errorf("inner: a shaker policy cannot wrap another shaker policy")
+		}
+		mod, err := ctx.LoadModule(p, "InnerRaw")
+		if err != nil {
+			return fmt.Errorf("loading inner selection policy: %v", err)
+		}
+		p.orig = mod.(reverseproxy.Selector)
+	}
+	return p.fitInner()
+}
+
+// fitInner sets the policy given our pools: the inner one, except that
+// weighted_round_robin, which takes its weights by position in the pool,
+// is fitted to pools of the weighted upstreams only (see choosable).
+func (p *Policy) fitInner() error {
+	p.inner = p.orig
+	if w, ok := p.orig.(*reverseproxy.WeightedRoundRobinSelection); ok {
+		fit := &reverseproxy.WeightedRoundRobinSelection{}
+		for _, wt := range w.Weights {
+			if wt > 0 {
+				fit.Weights = append(fit.Weights, wt)
+			}
+		}
+		if len(w.Weights) < 2 {
+			fit.Weights = w.Weights // it takes the pool's first, whatever its weight
+		}
+		if err := fit.Provision(caddy.Context{}); err != nil { // it only sums the weights
+			return err
+		}
+		p.inner = fit
+	}
+	return nil
+}
+
+// choosable returns the positions of the handler's upstreams that the
+// inner policy may choose: all of them, except for weighted_round_robin,
+// which chooses only among the first len(weights) with a weight above 0
+// (the first one alone, with fewer than two weights). Handing it pools of
+// those, in order, with its zero weights dropped, makes it choose as it
+// does among the handler's upstreams with the others unavailable.
+func (p *Policy) choosable() []int {
+	w, ok := p.orig.(*reverseproxy.WeightedRoundRobinSelection)
+	var pos []int
+	for i := range p.static {
+		if ok && (i >= len(w.Weights) || w.Weights[i] == 0 || len(w.Weights) < 2 && i > 0) {
+			continue
+		}
+		pos = append(pos, i)
+	}
+	return pos
+}
+
+// Cleanup stops probing; a checker no other module uses stops.
+func (p *Policy) Cleanup() error {
+	if p.probed != nil {
+		return p.probed.Close()
+	}
+	return nil
+}
+
+// Select hands the inner policy the upstreams in service. On a retry
+// (Caddy calls Select again for the same request), the upstream that
+// failed is probed at once. A pool other than the handler's own (from a
+// dynamic source) is handed on as it is.
+func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.ResponseWriter) *reverseproxy.Upstream {
+	if len(pool) == 0 || len(pool) != len(p.static) || &pool[0] != &p.static[0] {
+		return p.orig.Select(pool, r, w)
+	}
+	if p.probed != nil {
+		if repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); repl != nil {
+			if failed, _ := repl.GetString("http.reverse_proxy.upstream.hostport"); failed != "" {
+				p.probed.ProbeNow(failed)
+			}
+		}
+	}
+	return p.inner.Select(p.current().pick(time.Duration(p.SlowStart)), r, w)
+}
+
+// current is the list in service, rebuilt when the probes' Version has
+// moved or a ramp has ended. While one request rebuilds it, others use
+// the list before.
+func (p *Policy) current() *poolState {
+	st := p.state.Load()
+	if st != nil && st.version == p.version() && (st.rampEnd == 0 || health.Now() < st.rampEnd) {
+		return st
+	}
+	if !p.mu.TryLock() {
+		if st != nil {
+			return st
+		}
+		p.mu.Lock()
+	}
+	defer p.mu.Unlock()
+	if cur := p.state.Load(); cur != st && cur != nil {
+		return cur // rebuilt while this one waited
+	}
+	st = p.rebuild()
+	p.state.Store(st)
+	return st
+}
+
+func (p *Policy) version() uint64 {
+	if p.states == nil {
+		return 0
+	}
+	return p.states.Version()
+}
+
+// rebuild makes the list in service, by the one in-service rule.
+func (p *Policy) rebuild() *poolState {
+	st := &poolState{version: p.version()} // before the states are read: a change during the read rebuilds again
+	now := health.Now()
+	ms := make([]Member, len(p.pos))
+	for k, i := range p.pos {
+		if p.probe[k] {
+			ms[k] = p.states.Member(p.static[i].Dial)
+		} else {
+			ms[k] = Member{In: true, Ready: true}
+		}
+	}
+	at := func(k int) Member { return ms[k] }
+	t := p.Count(len(ms), at)
+	if t.Panic != p.panic.Load() && p.panic.CompareAndSwap(!t.Panic, t.Panic) {
+		logFailOpen(p.logger, t, p.PanicThreshold)
+	}
+	slow := int64(p.SlowStart)
+	st.pool = make(reverseproxy.UpstreamPool, 0, t.Serving())
+	p.Choose(len(ms), at, t, nil, func(k int) {
+		u, m := p.static[p.pos[k]], ms[k]
+		st.pool = append(st.pool, u)
+		if !t.Panic && slow > 0 && m.In && m.Returned != 0 && now-m.Returned < slow {
+			st.ramping = append(st.ramping, ramp{u, m.Returned})
+			if end := m.Returned + slow; st.rampEnd == 0 || end < st.rampEnd {
+				st.rampEnd = end
+			}
+		}
+	})
+	if len(st.ramping) > 0 {
+		st.base = make(reverseproxy.UpstreamPool, 0, len(st.pool)-len(st.ramping))
+		for _, u := range st.pool {
+			if !slices.ContainsFunc(st.ramping, func(r ramp) bool { return r.u == u }) {
+				st.base = append(st.base, u)
+			}
+		}
+	}
+	return st
+}
+
+// pick is the pool for one choice: a ramping upstream is in it with a
+// probability that grows over slow_start; when the draws leave out every
+// upstream in service, all of them are in it.
+func (st *poolState) pick(slow time.Duration) reverseproxy.UpstreamPool {
+	if len(st.ramping) == 0 {
+		return st.pool
+	}
+	now := health.Now()
+	var out []*reverseproxy.Upstream // drawn out, when some are and some are not
+	in := 0
+	for _, r := range st.ramping {
+		if slowStartDraw(r.returned, now, slow) {
+			in++
+		} else {
+			out = append(out, r.u)
+		}
+	}
+	switch {
+	case in == len(st.ramping):
+		return st.pool
+	case in == 0 && len(st.base) > 0:
+		return st.base
+	case in == 0:
+		return st.pool
+	}
+	pool := make(reverseproxy.UpstreamPool, 0, len(st.pool)-len(out))
+	for _, u := range st.pool {
+		if !slices.Contains(out, u) {
+			pool = append(pool, u)
+		}
+	}
+	return pool
+}
+
+// logFailOpen logs that a pool starts or stops failing open.
+func logFailOpen(logger *zap.Logger, t Tally, threshold float64) {
+	fields := []zap.Field{zap.Int("up", t.In), zap.Int("addresses", t.Ready), zap.Float64("panic_threshold", threshold)}
+	if t.Panic {
+		logger.Error("too few upstreams up: failing open, sending requests to every address", fields...)
+	} else {
+		logger.Info("enough upstreams up again: sending requests only to those up", fields...)
+	}
+}
+
+// UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
+//
+//	lb_policy shaker [<inner policy> [<its arguments...>]] {
+//	    inner <policy> [<its arguments...>] [{ <its block> }]
+//	    interval         <duration>
+//	    fast_interval    <duration>
+//	    down_interval    <duration>
+//	    jitter           <duration|percent>
+//	    timeout          <duration>
+//	    passes           <n>
+//	    fails            <n>
+//	    port             <port>
+//	    panic_threshold  <fraction|percent>
+//	    slow_start       <duration>
+//	    resolve_interval <duration>
+//	    resolve_timeout  <duration>
+//	}
+//
+// The inner policy (default random) goes on the lb_policy line, or, when
+// it needs a block of its own (cookie, header or query with a fallback),
+// on an `inner` line in the block. The subdirectives are those of
+// `dynamic shaker`, with the same defaults.
+func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume policy name
+	if d.NextArg() {
+		// the inner policy's name and arguments, up to the block: a
+		// dispenser of this line only, so that the block stays ours
+		line := []caddyfile.Token{d.Token()}
+		for d.NextArg() {
+			line = append(line, d.Token())
+		}
+		sub := caddyfile.NewDispenser(line)
+		sub.Next()
+		if err := p.setInner(sub); err != nil {
+			return err
+		}
+	}
+	for d.NextBlock(0) {
+		if ok, err := p.UnmarshalSubdirective(d); ok {
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		switch d.Val() {
+		case "inner":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			if err := p.setInner(d); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("unrecognized shaker policy option '%s'", d.Val())
+		}
+	}
+	return p.FinishCaddyfile()
+}
+
+// setInner reads the inner policy whose name d is on.
+func (p *Policy) setInner(d *caddyfile.Dispenser) error {
+	if p.InnerRaw != nil {
+		return d.Err("inner policy already given")
+	}
+	name := d.Val()
+	if name == "shaker" {
+		return d.Err("inner shaker: a shaker policy cannot wrap another shaker policy")
+	}
+	modID := "http.reverse_proxy.selection_policies." + name
+	unm, err := caddyfile.UnmarshalModule(d, modID)
+	if err != nil {
+		return err
+	}
+	sel, ok := unm.(reverseproxy.Selector)
+	if !ok {
+		return d.Errf("module %s (%T) is not a reverseproxy.Selector", modID, unm)
+	}
+	p.InnerRaw = caddyconfig.JSONModuleObject(sel, "policy", name, nil)
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner     = (*Policy)(nil)
+	_ caddy.Validator       = (*Policy)(nil)
+	_ caddy.CleanerUpper    = (*Policy)(nil)
+	_ reverseproxy.Selector = (*Policy)(nil)
+	_ caddyfile.Unmarshaler = (*Policy)(nil)
+)

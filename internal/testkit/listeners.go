@@ -184,6 +184,22 @@ func (ls Listeners) SettledAccepts() (int64, error) {
 	return SettledAccepts(ls.counters()...)
 }
 
+// Snapshot flushes the listeners' accept queues and returns how many
+// connections they accepted, without waiting out the kernel's window: it is
+// for a mark inside a run that goes on (bench's "accepted while running"),
+// whose end is counted with SettledAccepts. A count once probing has
+// stopped must wait (SettledAccepts, ProbeAccepts).
+func (ls Listeners) Snapshot() (int64, error) {
+	var n int64
+	for _, l := range ls {
+		if err := l.Flush(); err != nil {
+			return n, err
+		}
+		n += l.accepted()
+	}
+	return n, nil
+}
+
 func (ls Listeners) counters() []Counter {
 	cs := make([]Counter, len(ls))
 	for i, l := range ls {

@@ -66,38 +66,48 @@ func SettledAccepts(cs ...Counter) (int64, error) {
 }
 
 // WaitWindow waits out the kernel's delayed-ACK window: Window from now,
-// then, bounded, until no half-made connection (a request socket in
-// SYN_RECV, which an ACK could still complete) to the ports of addrs is
-// left in the caller's network namespace. Call it once the last probe has
-// been sent. The sleep is the point: nothing signals that a timer in the
-// kernel has not fired, so the window is waited out, not awaited. Listeners
-// in another namespace are not seen by the second part; Window covers them
-// on a path without added delay.
+// then, bounded, until the half-made connections to the ports of addrs that
+// are left then (request sockets in SYN_RECV, which an ACK could still
+// complete: a SYN-ACK that came late, say) have completed or gone. Those
+// made later, by probes that go on, are not waited for. Call it once the
+// last probe to count has been sent. The sleep is the point: nothing
+// signals that a timer in the kernel has not fired, so the window is waited
+// out, not awaited. Only the caller's network namespace is looked at for
+// half-made connections; Window alone covers listeners in another one on a
+// path without added delay.
 func WaitWindow(addrs ...netip.AddrPort) {
 	time.Sleep(Window)
 	ports := make(map[uint16]bool, len(addrs))
 	for _, a := range addrs {
 		ports[a.Port()] = true
 	}
-	for deadline := time.Now().Add(halfMadeBound); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		if n, err := HalfMade(ports); err != nil || n == 0 {
+	left, err := HalfMade(ports)
+	for deadline := time.Now().Add(halfMadeBound); err == nil && len(left) > 0 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond) // polled: the kernel has no event for it
+		var now map[string]bool
+		if now, err = HalfMade(ports); err != nil {
 			return
+		}
+		for c := range left {
+			if !now[c] {
+				delete(left, c)
+			}
 		}
 	}
 }
 
-// HalfMade counts the request sockets (SYN_RECV) of this network namespace
-// whose local port is in ports: SYNs answered by a listener whose
-// handshake is neither completed nor reset yet.
-func HalfMade(ports map[uint16]bool) (int, error) {
-	n := 0
+// HalfMade returns the request sockets (SYN_RECV) of this network namespace
+// whose local port is in ports, by local and remote address: SYNs answered
+// by a listener whose handshake is neither completed nor reset yet.
+func HalfMade(ports map[uint16]bool) (map[string]bool, error) {
+	m := map[string]bool{}
 	for _, path := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 		b, err := os.ReadFile(path)
 		if os.IsNotExist(err) {
 			continue // no IPv6
 		}
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
 		sc := bufio.NewScanner(bytes.NewReader(b))
 		sc.Scan() // header
@@ -109,16 +119,16 @@ func HalfMade(ports map[uint16]bool) (int, error) {
 			}
 			i := bytes.LastIndexByte(f[1], ':')
 			if i < 0 {
-				return 0, fmt.Errorf("%s: local address %q", path, f[1])
+				return nil, fmt.Errorf("%s: local address %q", path, f[1])
 			}
 			p, err := strconv.ParseUint(string(f[1][i+1:]), 16, 16)
 			if err != nil {
-				return 0, fmt.Errorf("%s: local address %q", path, f[1])
+				return nil, fmt.Errorf("%s: local address %q", path, f[1])
 			}
 			if ports[uint16(p)] {
-				n++
+				m[string(f[1])+" "+string(f[2])] = true
 			}
 		}
 	}
-	return n, nil
+	return m, nil
 }

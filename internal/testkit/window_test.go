@@ -99,15 +99,15 @@ func TestCountedSentinels(t *testing.T) {
 func TestHalfMade(t *testing.T) {
 	l := NewListener(t, "tcp4", "127.0.0.1:0")
 	leak(t, l.Addr)
-	n, err := HalfMade(map[uint16]bool{l.Addr.Port(): true})
+	m, err := HalfMade(map[uint16]bool{l.Addr.Port(): true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n != 1 {
-		t.Skipf("%d half-made connections: the kernel acknowledged the SYN-ACK at once", n)
+	if len(m) != 1 {
+		t.Skipf("half-made connections %v: the kernel acknowledged the SYN-ACK at once", m)
 	}
 	WaitWindow(l.Addr)
-	if n, _ := HalfMade(map[uint16]bool{l.Addr.Port(): true}); n != 0 {
-		t.Errorf("%d half-made connections left after WaitWindow", n)
+	if m, _ := HalfMade(map[uint16]bool{l.Addr.Port(): true}); len(m) != 0 {
+		t.Errorf("half-made connections %v left after WaitWindow", m)
 	}
 }

@@ -115,7 +115,7 @@ func TestDiscover(t *testing.T) {
 	if _, ok := h.statuses()[b3.addr]; ok {
 		t.Fatal("b3 probed before the source returned it")
 	}
-	if n := h.totalAccepts(); n != 0 {
+	if n := h.probeAccepts(); n != 0 {
 		t.Fatalf("backends accepted %d connections from probes", n)
 	}
 	for range 20 {

@@ -136,10 +136,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 // Validate checks the app's configuration.
 func (a *App) Validate() error {
 	if a.Loops < 0 || a.Loops > MaxLoops {
-		return fmt.Errorf("loops %d: must be from 1 to %d", a.Loops, MaxLoops)
+		return fmt.Errorf("loops %d: must be from 0 (the default: one per CPU) to %d", a.Loops, MaxLoops)
 	}
 	if a.MaxSockets < 0 {
-		return fmt.Errorf("max_sockets %d: must be at least 1", a.MaxSockets)
+		return fmt.Errorf("max_sockets %d: must not be negative (0 for the default: three quarters of the open-file limit)", a.MaxSockets)
 	}
 	if a.MaxInFlight < 0 {
 		return fmt.Errorf("max_in_flight %d: must not be negative (and it is retired: see max_sockets)", a.MaxInFlight)

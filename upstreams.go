@@ -260,31 +260,26 @@ func (su *Upstreams) Validate() error {
 	case len(su.Upstreams) > 0 && hasSource:
 		return fmt.Errorf("upstreams %v and a discover source: give one or the other", su.Upstreams)
 	}
-	if su.Interval < 0 {
-		return fmt.Errorf("interval %v: must be positive", time.Duration(su.Interval))
-	}
+	// 0 is accepted everywhere below: the default, or off (Provision
+	// fills in the defaults before it calls Validate)
+	defInterval := "0 for the default, " + DefaultInterval.String()
 	for _, iv := range []struct {
 		name string
 		d    caddy.Duration
-	}{{"interval", su.Interval}, {"fast_interval", su.FastInterval}, {"down_interval", su.DownInterval}} {
-		if iv.d > 0 && time.Duration(iv.d) < MinInterval {
-			return fmt.Errorf("%s %v: must be at least %v", iv.name, time.Duration(iv.d), MinInterval)
+		zero string
+	}{{"interval", su.Interval, defInterval}, {"fast_interval", su.FastInterval, "0 for none"}, {"down_interval", su.DownInterval, "0 for none"}} {
+		if iv.d != 0 && time.Duration(iv.d) < MinInterval {
+			return fmt.Errorf("%s %v: must be at least %v (or %s)", iv.name, time.Duration(iv.d), MinInterval, iv.zero)
 		}
 	}
 	if su.Timeout < 0 {
-		return fmt.Errorf("timeout %v: must be positive", time.Duration(su.Timeout))
-	}
-	if su.FastInterval < 0 {
-		return fmt.Errorf("fast_interval %v: must be positive", time.Duration(su.FastInterval))
-	}
-	if su.DownInterval < 0 {
-		return fmt.Errorf("down_interval %v: must be positive", time.Duration(su.DownInterval))
+		return fmt.Errorf("timeout %v: must not be negative (0 for the default, %v)", time.Duration(su.Timeout), DefaultTimeout)
 	}
 	if su.Passes < 0 {
-		return fmt.Errorf("passes %d: must be at least 1", su.Passes)
+		return fmt.Errorf("passes %d: must not be negative (0 for the default, %d)", su.Passes, DefaultPasses)
 	}
 	if su.Fails < 0 {
-		return fmt.Errorf("fails %d: must be at least 1", su.Fails)
+		return fmt.Errorf("fails %d: must not be negative (0 for the default, %d)", su.Fails, DefaultFails)
 	}
 	if _, err := su.jitterSetting(); err != nil {
 		return err
@@ -296,16 +291,16 @@ func (su *Upstreams) Validate() error {
 		return fmt.Errorf("port %d: out of range 1-65535", su.Port)
 	}
 	if su.ResolveInterval < 0 {
-		return fmt.Errorf("resolve_interval %v: must be positive", time.Duration(su.ResolveInterval))
+		return fmt.Errorf("resolve_interval %v: must not be negative (0 for the default, %v)", time.Duration(su.ResolveInterval), DefaultResolveInterval)
 	}
 	if su.ResolveTimeout < 0 {
-		return fmt.Errorf("resolve_timeout %v: must be positive", time.Duration(su.ResolveTimeout))
+		return fmt.Errorf("resolve_timeout %v: must not be negative (0 for the default, %v)", time.Duration(su.ResolveTimeout), DefaultResolveTimeout)
 	}
 	if su.ForgetAfter < 0 {
-		return fmt.Errorf("forget_after %v: must be positive", time.Duration(su.ForgetAfter))
+		return fmt.Errorf("forget_after %v: must not be negative (0 for the default, %d intervals)", time.Duration(su.ForgetAfter), DefaultForgetAfterIntervals)
 	}
 	if su.SlowStart < 0 {
-		return fmt.Errorf("slow_start %v: must be positive", time.Duration(su.SlowStart))
+		return fmt.Errorf("slow_start %v: must not be negative (0 for none)", time.Duration(su.SlowStart))
 	}
 	return nil
 }

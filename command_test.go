@@ -6,38 +6,17 @@ import (
 	"encoding/json"
 	"net"
 	"strings"
-	"sync/atomic"
 	"testing"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
 func TestShakeCommandRegistered(t *testing.T) {
 	if _, ok := caddycmd.Commands()["shake"]; !ok {
 		t.Fatal("caddy shake is not registered")
 	}
-}
-
-// shakeListener is a loopback listener that counts what it accepts.
-func shakeListener(t *testing.T, network, addr string) (string, *atomic.Int64) {
-	t.Helper()
-	ln, err := net.Listen(network, addr)
-	if err != nil {
-		t.Skipf("listen %s: %v", addr, err)
-	}
-	var n atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			n.Add(1)
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close() })
-	return ln.Addr().String(), &n
 }
 
 func closedPort(t *testing.T) string {
@@ -52,8 +31,9 @@ func closedPort(t *testing.T) string {
 }
 
 func TestShakeCommand(t *testing.T) {
-	up4, n4 := shakeListener(t, "tcp4", "127.0.0.1:0")
-	up6, n6 := shakeListener(t, "tcp6", "[::1]:0")
+	l4 := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	l6 := testkit.NewListener(t, "tcp6", "[::1]:0")
+	up4, up6 := l4.Addr.String(), l6.Addr.String()
 	down := closedPort(t)
 
 	var out bytes.Buffer
@@ -97,8 +77,8 @@ func TestShakeCommand(t *testing.T) {
 		t.Fatalf("localhost not resolved to 127.0.0.1:\n%s", out.String())
 	}
 
-	if n4.Load()+n6.Load() != 0 {
-		t.Fatalf("listeners accepted %d connections from caddy shake", n4.Load()+n6.Load())
+	if n := (testkit.Listeners{l4, l6}).ProbeAccepts(t); n != 0 {
+		t.Fatalf("listeners accepted %d connections from caddy shake", n)
 	}
 }
 

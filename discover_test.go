@@ -129,7 +129,7 @@ func TestDiscover(t *testing.T) {
 	if _, ok := h.statuses()[b3.addr]; ok {
 		t.Fatal("b3 probed before the source returned it")
 	}
-	if n := h.totalAccepts(); n != 0 {
+	if n := h.probeAccepts(); n != 0 {
 		t.Fatalf("backends accepted %d connections from probes", n)
 	}
 	for range 20 {
@@ -297,7 +297,7 @@ func TestDiscoverJSONErrors(t *testing.T) {
 		{`{"source":"shaker","discover":{"source":"shaker","upstreams":["127.0.0.1:1"]}}`, "cannot wrap another shaker source"},
 		{`{"source":"shaker","discover":{"source":"nosuch"}}`, "nosuch"},
 		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"},"forget_after":"-1s"}`, "forget_after -1s"},
-		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"},"max_discovered":-5}`, "max_discovered -5: must be positive"},
+		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"},"max_discovered":-5}`, "max_discovered -5: must not be negative"},
 	} {
 		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
 		var c caddy.Config
@@ -415,7 +415,7 @@ func TestMaxDiscovered(t *testing.T) {
 		_, has1 := st[b1.addr]
 		return !has1 && st[b3.addr].Probes >= 1
 	})
-	if n := h.totalAccepts(); n > int64(60) {
+	if n := h.probeAccepts(); n > int64(60) {
 		t.Errorf("%d connections accepted for 60 requests", n)
 	}
 	h.noLeakedProbes()

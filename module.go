@@ -4,14 +4,16 @@
 // SYN, the probe resets the half-made connection, and the application's
 // accept() never returns, so nothing is logged, counted or rate-limited.
 //
-// It registers three modules:
+// It registers four modules:
 //
 //   - shaker: the app that owns the process's one probe engine, shared by
 //     every reverse_proxy handler and kept across config reloads;
 //   - http.reverse_proxy.upstreams.shaker: an upstream source for
 //     reverse_proxy's dynamic_upstreams that returns the addresses that are
 //     up (Caddyfile: `dynamic shaker <upstreams...> { ... }`);
-//   - admin.api.shaker: GET /shaker/upstreams on Caddy's admin endpoint.
+//   - admin.api.shaker: /shaker/upstreams on Caddy's admin endpoint;
+//   - http.handlers.shaker_status: the status page (Caddyfile:
+//     `shaker_status`).
 package caddyshaker
 
 import (
@@ -36,9 +38,9 @@ func init() {
 	caddy.RegisterModule(adminAPI{})
 }
 
-// App is the `shaker` app. It owns the process's one probe engine (one
-// epoll loop), which every `shaker` upstream source of every reverse_proxy
-// handler shares. The engine and the health state of every address live
+// App is the `shaker` app. It owns the process's one probe engine (its
+// loops: see Loops), which every `shaker` upstream source of every
+// reverse_proxy handler shares. The engine and the health state of every address live
 // across config reloads; the engine is closed, aborting the probes in
 // flight at once, when the last config that uses it is unloaded (at
 // shutdown, or at a reload to a config without shaker upstreams).
@@ -48,9 +50,9 @@ func init() {
 // "apps": {"shaker": {...}}.
 type App struct {
 	// The number of probe loops (epoll instances, each a goroutine of its
-	// own). Each address is probed by one loop. One loop keeps about
-	// 50,000 probes a second on one core; more loops use more cores. It
-	// is read when the engine starts; a change takes effect when the
+	// own). Each address is probed by one loop, chosen by a hash of the
+	// address. A loop runs on one core at a time; more loops can use more
+	// cores. It is read when the engine starts; a change takes effect when the
 	// engine restarts (Caddy restart, or a reload after one without
 	// shaker upstreams). Default: one per CPU the Go runtime uses
 	// (GOMAXPROCS).
@@ -136,10 +138,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 // Validate checks the app's configuration.
 func (a *App) Validate() error {
 	if a.Loops < 0 || a.Loops > MaxLoops {
-		return fmt.Errorf("loops %d: must be from 1 to %d", a.Loops, MaxLoops)
+		return fmt.Errorf("loops %d: must be from 0 (the default: one per CPU) to %d", a.Loops, MaxLoops)
 	}
 	if a.MaxSockets < 0 {
-		return fmt.Errorf("max_sockets %d: must be at least 1", a.MaxSockets)
+		return fmt.Errorf("max_sockets %d: must not be negative (0 for the default: three quarters of the open-file limit)", a.MaxSockets)
 	}
 	if a.MaxInFlight < 0 {
 		return fmt.Errorf("max_in_flight %d: must not be negative (and it is retired: see max_sockets)", a.MaxInFlight)

@@ -281,7 +281,7 @@ func TestPolicyCaddyfile(t *testing.T) {
 // at load, and its settings as `dynamic shaker` does.
 func TestPolicyLoadErrors(t *testing.T) {
 	for _, tc := range []struct{ lb, want string }{
-		{`{"policy":"shaker","interval":"-1s"}`, "interval -1s: must be positive"},
+		{`{"policy":"shaker","interval":"-1s"}`, "interval -1s: must be at least 1ms"},
 		{`{"policy":"shaker","passes":-1}`, "passes -1"},
 		{`{"policy":"shaker","jitter":"banana"}`, `jitter "banana"`},
 		{`{"policy":"shaker","panic_threshold":2}`, "panic_threshold 2"},

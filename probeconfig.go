@@ -131,25 +131,26 @@ func (pc *ProbeConfig) SetDefaults() error {
 // Validate checks the settings, set or not (0 is the default); each error
 // names the bad value.
 func (pc *ProbeConfig) Validate() error {
+	// 0 is accepted everywhere below: the default, or none
+	// (SetDefaults fills in the defaults after it calls Validate)
+	defInterval := "0 for the default, " + DefaultInterval.String()
 	for _, iv := range []struct {
 		name string
 		d    caddy.Duration
-	}{{"interval", pc.Interval}, {"fast_interval", pc.FastInterval}, {"down_interval", pc.DownInterval}} {
-		if iv.d < 0 {
-			return fmt.Errorf("%s %v: must be positive", iv.name, time.Duration(iv.d))
-		}
-		if iv.d > 0 && time.Duration(iv.d) < MinInterval {
-			return fmt.Errorf("%s %v: must be at least %v", iv.name, time.Duration(iv.d), MinInterval)
+		zero string
+	}{{"interval", pc.Interval, defInterval}, {"fast_interval", pc.FastInterval, "0 for none"}, {"down_interval", pc.DownInterval, "0 for none"}} {
+		if iv.d != 0 && time.Duration(iv.d) < MinInterval {
+			return fmt.Errorf("%s %v: must be at least %v (or %s)", iv.name, time.Duration(iv.d), MinInterval, iv.zero)
 		}
 	}
 	if pc.Timeout < 0 {
-		return fmt.Errorf("timeout %v: must be positive", time.Duration(pc.Timeout))
+		return fmt.Errorf("timeout %v: must not be negative (0 for the default, %v)", time.Duration(pc.Timeout), DefaultTimeout)
 	}
 	if pc.Passes < 0 {
-		return fmt.Errorf("passes %d: must be at least 1", pc.Passes)
+		return fmt.Errorf("passes %d: must not be negative (0 for the default, %d)", pc.Passes, DefaultPasses)
 	}
 	if pc.Fails < 0 {
-		return fmt.Errorf("fails %d: must be at least 1", pc.Fails)
+		return fmt.Errorf("fails %d: must not be negative (0 for the default, %d)", pc.Fails, DefaultFails)
 	}
 	if _, err := pc.jitterSetting(); err != nil {
 		return err
@@ -161,13 +162,13 @@ func (pc *ProbeConfig) Validate() error {
 		return fmt.Errorf("port %d: out of range 1-65535", pc.Port)
 	}
 	if pc.ResolveInterval < 0 {
-		return fmt.Errorf("resolve_interval %v: must be positive", time.Duration(pc.ResolveInterval))
+		return fmt.Errorf("resolve_interval %v: must not be negative (0 for the default, %v)", time.Duration(pc.ResolveInterval), DefaultResolveInterval)
 	}
 	if pc.ResolveTimeout < 0 {
-		return fmt.Errorf("resolve_timeout %v: must be positive", time.Duration(pc.ResolveTimeout))
+		return fmt.Errorf("resolve_timeout %v: must not be negative (0 for the default, %v)", time.Duration(pc.ResolveTimeout), DefaultResolveTimeout)
 	}
 	if pc.SlowStart < 0 {
-		return fmt.Errorf("slow_start %v: must be positive", time.Duration(pc.SlowStart))
+		return fmt.Errorf("slow_start %v: must not be negative (0 for none)", time.Duration(pc.SlowStart))
 	}
 	return nil
 }

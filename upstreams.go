@@ -192,10 +192,10 @@ func (su *Upstreams) Validate() error {
 		return err
 	}
 	if su.ForgetAfter < 0 {
-		return fmt.Errorf("forget_after %v: must be positive", time.Duration(su.ForgetAfter))
+		return fmt.Errorf("forget_after %v: must not be negative (0 for the default, %d intervals)", time.Duration(su.ForgetAfter), DefaultForgetAfterIntervals)
 	}
 	if su.MaxDiscovered < 0 {
-		return fmt.Errorf("max_discovered %d: must be positive (0 for the default, %d)", su.MaxDiscovered, DefaultMaxDiscovered)
+		return fmt.Errorf("max_discovered %d: must not be negative (0 for the default, %d)", su.MaxDiscovered, DefaultMaxDiscovered)
 	}
 	return nil
 }

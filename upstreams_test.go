@@ -83,7 +83,7 @@ func TestValidateNamesBadValue(t *testing.T) {
 		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Port: -1}}, "port -1"},
 		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{ResolveInterval: -1}}, "resolve_interval"},
 		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{ResolveTimeout: -1}}, "resolve_timeout"},
-		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{SlowStart: caddy.Duration(-time.Second)}}, "slow_start -1s: must be positive"},
+		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{SlowStart: caddy.Duration(-time.Second)}}, "slow_start -1s: must not be negative (0 for none)"},
 		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Jitter: "banana"}}, `jitter "banana"`},
 		{Upstreams{Upstreams: []string{"a:1"}, ProbeConfig: ProbeConfig{Interval: caddy.Duration(time.Second), Jitter: "501ms"}}, `jitter "501ms": must be at most half the interval (500ms)`},
 	} {

@@ -107,15 +107,17 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 	if err := c.alive(); err != nil {
 		return m, err
 	}
+	// first: its flush's sentinel connections are full opens to the kernel,
+	// which must not fall inside the window's counters
+	acc0, err := ls.accepted() // marks: the stop's count below waits the window out
+	if err != nil {
+		return m, err
+	}
 	cpu0, err := c.cpu()
 	if err != nil {
 		return m, err
 	}
 	r0, o0, err := testkit.KernelCounters()
-	if err != nil {
-		return m, err
-	}
-	acc0, err := ls.accepted()
 	if err != nil {
 		return m, err
 	}
@@ -151,9 +153,11 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 		w.windowEnd() // after the window's figures are read, before the stop
 	}
 
-	// Stop it while it probes at full rate, then wait past the kernel's
-	// 200 ms delayed-ACK timer: any socket it left open with a SYN-ACK in
-	// hand is a connection by then.
+	// Stop it while it probes at full rate, then count past the kernel's
+	// 200 ms delayed-ACK timer (settled waits it out): any socket it left
+	// open with a SYN-ACK in hand is a connection by then. From acc0 to
+	// accAfter the counts cover every connection, the window's last 200 ms
+	// included.
 	accStop, err := ls.accepted()
 	if err != nil {
 		return m, err
@@ -163,8 +167,7 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 		return m, err
 	}
 	m.worstStop = time.Since(ts)
-	time.Sleep(300 * time.Millisecond)
-	accAfter, err := ls.accepted()
+	accAfter, err := ls.settled()
 	if err != nil {
 		return m, err
 	}

@@ -209,14 +209,17 @@ type Observer interface {
 	// Probed is called with every probe's result, on the engine's loop
 	// goroutine: it must be quick and must not block.
 	Probed(res shaker.Result)
-	// Changed is called for each transition, in order, on one goroutine
-	// of the registry's (never the loop's).
+	// Changed is called for each transition.
 	Changed(t Transition)
 	// LocalFailing is called when probes start failing on this host
 	// (failing true, with the error: out of file descriptors, ports or
-	// memory) and when they work again, once each way; on a goroutine
-	// of its own.
+	// memory) and when they work again, once each way.
 	LocalFailing(failing bool, err error)
+	// Changed and LocalFailing are called in the order the registry saw
+	// the news, one call at a time, on the registry's announcer goroutine:
+	// never on the engine's loop, which only queues them and never waits
+	// for them. The announcer runs while there is news to hand over, and
+	// SetEngine(nil), the registry's stop, returns only once it is done.
 }
 
 // Registry holds the checkers of every probed address and schedules their
@@ -234,8 +237,9 @@ type Registry struct {
 	admin    map[netip.AddrPort]AdminState // addresses not Ready
 
 	qmu        sync.Mutex
-	queue      []Transition
-	announcing bool
+	queue      []news     // for the observer, oldest first
+	announcing bool       // the announcer goroutine runs
+	announced  *sync.Cond // on qmu: announcing went false
 
 	localFailing atomic.Bool
 	lastLocal    atomic.Int64 // monotonic ns of the last local failure
@@ -244,11 +248,13 @@ type Registry struct {
 
 // NewRegistry returns an empty registry, with no engine yet.
 func NewRegistry() *Registry {
-	return &Registry{
+	r := &Registry{
 		checkers: make(map[netip.AddrPort]*Checker),
 		admin:    make(map[netip.AddrPort]AdminState),
 		base:     time.Now(),
 	}
+	r.announced = sync.NewCond(&r.qmu)
+	return r
 }
 
 // Version changes whenever an address may have moved in or out of service
@@ -275,8 +281,13 @@ func (r *Registry) observer() Observer {
 
 // SetEngine gives the registry the engine to probe with, or takes it away
 // (nil) when it is closed. A new engine takes over every checker, with
-// their first probes spread over their intervals.
+// their first probes spread over their intervals. SetEngine(nil) is the
+// registry's stop: it returns once the observer has been told everything
+// queued before it, and the announcer goroutine is gone.
 func (r *Registry) SetEngine(e *shaker.Engine) {
+	if e == nil {
+		defer r.waitAnnounced()
+	}
 	r.mu.Lock()
 	if r.engine == e {
 		r.mu.Unlock()
@@ -806,7 +817,7 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		tr.Outcome, tr.Err, tr.RTT, tr.At = res.Outcome, res.Err, res.RTT, now
 		tr.N = int(max(c.passes, c.fails))
 		r.version.Add(1)
-		r.announce(*tr)
+		r.announce(news{tr: *tr})
 	}
 	return c.set.jittered(c.nextIntervalLocked())
 }
@@ -831,11 +842,21 @@ func (c *Checker) nextIntervalLocked() time.Duration {
 	return c.set.Interval
 }
 
-// announce queues a transition for the observer; one goroutine at a time
-// hands them over, in order.
-func (r *Registry) announce(t Transition) {
+// news is one thing the observer is told: a transition, or probes starting
+// or stopping to fail on this host (local).
+type news struct {
+	tr      Transition
+	local   bool
+	failing bool
+	err     error
+}
+
+// announce queues news for the observer and starts the announcer if it is
+// not running. It never waits for the observer: the engine's loop calls it.
+// One announcer at a time hands the queue over, in order.
+func (r *Registry) announce(n news) {
 	r.qmu.Lock()
-	r.queue = append(r.queue, t)
+	r.queue = append(r.queue, n)
 	start := !r.announcing
 	r.announcing = true
 	r.qmu.Unlock()
@@ -844,6 +865,8 @@ func (r *Registry) announce(t Transition) {
 	}
 }
 
+// announceLoop is the announcer: it hands the queue to the observer until
+// the queue is empty, then ends.
 func (r *Registry) announceLoop() {
 	for {
 		r.qmu.Lock()
@@ -851,17 +874,32 @@ func (r *Registry) announceLoop() {
 		r.queue = nil
 		if len(q) == 0 {
 			r.announcing = false
+			r.announced.Broadcast()
 			r.qmu.Unlock()
 			return
 		}
 		r.qmu.Unlock()
 		obs := r.observer()
-		for _, t := range q {
-			if obs != nil {
-				obs.Changed(t)
+		for _, n := range q {
+			switch {
+			case obs == nil:
+			case n.local:
+				obs.LocalFailing(n.failing, n.err)
+			default:
+				obs.Changed(n.tr)
 			}
 		}
 	}
+}
+
+// waitAnnounced waits until the announcer has handed over the queue and
+// ended.
+func (r *Registry) waitAnnounced() {
+	r.qmu.Lock()
+	for r.announcing {
+		r.announced.Wait()
+	}
+	r.qmu.Unlock()
 }
 
 // noteLocal tells the observer when probes start and stop failing on this
@@ -879,7 +917,7 @@ func (r *Registry) noteLocal(obs Observer, local bool, res shaker.Result) {
 		return
 	}
 	if obs != nil {
-		go obs.LocalFailing(local, res.Err)
+		r.announce(news{local: true, failing: local, err: res.Err})
 	}
 }
 

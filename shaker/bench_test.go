@@ -68,10 +68,7 @@ func benchmarkProbeAsync(b *testing.B, opts Options) {
 		b.Fatalf("%d probes failed", f)
 	}
 	b.StopTimer()
-	var accepted int64
-	for _, l := range ls {
-		accepted += l.ProbeAccepts(b)
-	}
+	accepted := testkit.Listeners(ls).ProbeAccepts(b) // one wait for all
 	if accepted != 0 {
 		b.Fatalf("listeners accepted %d probes", accepted)
 	}

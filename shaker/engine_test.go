@@ -255,10 +255,7 @@ func TestStealth(t *testing.T) {
 				if up.Load() != probes {
 					t.Fatalf("%d probes up, want %d", up.Load(), probes)
 				}
-				var accepted int64
-				for _, l := range ls {
-					accepted += l.ProbeAccepts(t)
-				}
+				accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
 				s := e.Stats()
 				t.Logf("%d probes, worst SYN-ACK to close %v", probes, s.MaxCloseDelay)
 				if accepted != 0 {
@@ -337,10 +334,7 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 						t.Fatalf("Probe after Close: %v", r.Err)
 					}
 				}
-				var accepted int64
-				for _, l := range ls {
-					accepted += l.ProbeAccepts(t)
-				}
+				accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
 				if accepted != 0 {
 					t.Fatalf("listeners accepted %d connections from closed engines", accepted)
 				}
@@ -459,7 +453,7 @@ func TestConcurrentCallers(t *testing.T) {
 	if s.Total() != uint64(calls.Load()) {
 		t.Fatalf("stats count %d results, want %d: %+v", s.Total(), calls.Load(), s)
 	}
-	if n := l.ProbeAccepts(t) + l6.ProbeAccepts(t); n != 0 {
+	if n := (testkit.Listeners{l, l6}).ProbeAccepts(t); n != 0 {
 		t.Fatalf("listeners accepted %d probe connections", n)
 	}
 }

@@ -123,10 +123,7 @@ func TestEvery(t *testing.T) {
 					t.Errorf("schedule %d: %d calls after Stop", i, got-stopped[i])
 				}
 			}
-			var accepted int64
-			for _, l := range ls {
-				accepted += l.ProbeAccepts(t)
-			}
+			accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
 			if accepted != 0 {
 				t.Fatalf("listeners accepted %d probe connections", accepted)
 			}

@@ -1,5 +1,5 @@
 // Package shaker runs half-open TCP health probes (SYN, SYN-ACK, RST) by the
-// thousand from one epoll loop.
+// thousand from a few epoll loops.
 //
 // A probe sends a SYN to an address and waits for the answer. A SYN-ACK means
 // that a listener exists; the probe then closes its socket at once with a
@@ -12,11 +12,14 @@
 // socket is still open, so the engine closes every probe's socket as soon as
 // its result is known, before it starts new probes, and at Close.
 //
-// One Engine is one epoll instance and one loop goroutine. The loop owns each
-// probe's file descriptor from connect() to close(): nothing else closes one,
-// and deadlines fire inside the loop. Callers give IP addresses
-// (netip.AddrPort); resolving names is their business, with their own
-// timeout.
+// An Engine is one or more loops (Options.Loops; by default one per CPU the
+// Go runtime uses), each an epoll instance and a goroutine of its own. Every
+// address is probed by one loop, chosen by a hash of the address. A loop owns
+// each of its probes' file descriptors from connect() to close(): nothing
+// else closes one, and deadlines fire inside the loop. The fallback engine
+// (off Linux, or built with the shaker_fallback tag) has no epoll: each probe
+// runs on a goroutine of its own. Callers give IP addresses (netip.AddrPort);
+// resolving names is their business, with their own timeout.
 //
 // Probes are truly half-open only on Linux. Elsewhere the engine falls back
 // to a full connect closed with a zero linger (HalfOpen reports which), and

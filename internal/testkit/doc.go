@@ -1,8 +1,9 @@
 // Package testkit is the one set of helpers that the tests of every package,
-// and the bench command, share: counting listeners (listeners.go), runs of
-// the test binary as a child process (self.go), file descriptor, CPU and
-// process counters (proc.go), the kernel's TCP counters (kernel.go), free
-// ports (ports.go) and network namespaces (netns.go).
+// and the bench command, share: counting listeners (listeners.go) and accept
+// counts taken past the kernel's delayed-ACK window (window.go), runs of the
+// test binary as a child process (self.go), file descriptor, CPU and process
+// counters (proc.go), the kernel's TCP counters (kernel.go), free ports
+// (ports.go) and network namespaces (netns.go).
 //
 // Functions that take a testing.TB are for tests: they skip the test, saying
 // what is missing, where the machine cannot do what they need, and fail it

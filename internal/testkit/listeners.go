@@ -79,10 +79,12 @@ func (l *Listener) Close() error {
 	return err
 }
 
-// Accepted returns how many connections other than sentinels the listener
-// has accepted so far. Unlike ProbeAccepts it does not flush the accept
-// queue first.
-func (l *Listener) Accepted() int64 { return l.total.Load() - l.sentinels.Load() }
+// accepted returns how many connections other than sentinels the listener
+// has accepted so far. It neither waits out the kernel's window nor flushes
+// the accept queue: count with ProbeAccepts or SettledAccepts, which do.
+func (l *Listener) accepted() int64 { return l.total.Load() - l.sentinels.Load() }
+
+func (l *Listener) addrPort() netip.AddrPort { return l.Addr }
 
 // Flush makes a sentinel connection and waits until the accept loop has
 // seen it: the accept queue is FIFO, so every connection a probe could have
@@ -116,15 +118,14 @@ func NewListener(tb testing.TB, network, address string) *Listener {
 	return l
 }
 
-// ProbeAccepts flushes the accept queue (see Flush) and returns how many
-// connections other than sentinels the listener has accepted. It fails the
-// test if the flush fails.
+// ProbeAccepts waits out the kernel's delayed-ACK window, flushes the
+// accept queue (see Flush) and returns how many connections other than
+// sentinels the listener has accepted (see the package function
+// ProbeAccepts). For several listeners, count them together
+// (Listeners.ProbeAccepts): one wait for all.
 func (l *Listener) ProbeAccepts(tb testing.TB) int64 {
 	tb.Helper()
-	if err := l.Flush(); err != nil {
-		tb.Fatal(err)
-	}
-	return l.Accepted()
+	return ProbeAccepts(tb, l)
 }
 
 // Listeners is a set of counting listeners.
@@ -171,23 +172,40 @@ func (ls Listeners) Strings() []string {
 	return s
 }
 
-// Accepted returns the sum of the listeners' Accepted.
-func (ls Listeners) Accepted() int64 {
-	var n int64
-	for _, l := range ls {
-		n += l.Accepted()
-	}
-	return n
-}
-
-// ProbeAccepts returns the sum of the listeners' ProbeAccepts.
+// ProbeAccepts returns the sum of the listeners' ProbeAccepts, after one
+// wait for all of them.
 func (ls Listeners) ProbeAccepts(tb testing.TB) int64 {
 	tb.Helper()
+	return ProbeAccepts(tb, ls.counters()...)
+}
+
+// SettledAccepts is ProbeAccepts outside a test (bench's listener process).
+func (ls Listeners) SettledAccepts() (int64, error) {
+	return SettledAccepts(ls.counters()...)
+}
+
+// Snapshot flushes the listeners' accept queues and returns how many
+// connections they accepted, without waiting out the kernel's window: it is
+// for a mark inside a run that goes on (bench's "accepted while running"),
+// whose end is counted with SettledAccepts. A count once probing has
+// stopped must wait (SettledAccepts, ProbeAccepts).
+func (ls Listeners) Snapshot() (int64, error) {
 	var n int64
 	for _, l := range ls {
-		n += l.ProbeAccepts(tb)
+		if err := l.Flush(); err != nil {
+			return n, err
+		}
+		n += l.accepted()
 	}
-	return n
+	return n, nil
+}
+
+func (ls Listeners) counters() []Counter {
+	cs := make([]Counter, len(ls))
+	for i, l := range ls {
+		cs[i] = l
+	}
+	return cs
 }
 
 // Close closes every listener.
@@ -198,22 +216,124 @@ func (ls Listeners) Close() {
 }
 
 // CountAccepts wraps ln so that n counts every connection accepted through
-// it, for a server with an accept loop of its own (http.Server.Serve).
-func CountAccepts(ln net.Listener, n *atomic.Int64) net.Listener {
-	return countAccepts{ln, n}
+// it, for a server with an accept loop of its own (http.Server.Serve). Count
+// with ProbeAccepts or SettledAccepts on what it returns, not by reading n:
+// they wait out the kernel's window and flush the accept queue first.
+func CountAccepts(ln net.Listener, n *atomic.Int64) *Counted {
+	return &Counted{Listener: ln, n: n, sentinels: map[uint16]chan struct{}{}}
 }
 
-type countAccepts struct {
+// Counted is a listener wrapped by CountAccepts. Its Flush makes a sentinel
+// connection from a port it binds first, so that Accept can tell it from
+// any other connection: Accept closes it, does not count it, and never
+// hands it to the server.
+type Counted struct {
 	net.Listener
 	n *atomic.Int64
+
+	mu        sync.Mutex
+	sentinels map[uint16]chan struct{} // by the sentinel's local port
 }
 
-func (l countAccepts) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err == nil {
+// Accept returns the next connection that is not a sentinel, counting it.
+func (l *Counted) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return c, err
+		}
+		if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+			l.mu.Lock()
+			ch, sentinel := l.sentinels[uint16(a.Port)]
+			delete(l.sentinels, uint16(a.Port))
+			l.mu.Unlock()
+			if sentinel && a.IP.IsLoopback() {
+				c.Close()
+				close(ch)
+				continue
+			}
+		}
 		l.n.Add(1)
+		return c, nil
 	}
-	return c, err
+}
+
+func (l *Counted) accepted() int64 { return l.n.Load() }
+
+func (l *Counted) addrPort() netip.AddrPort {
+	a, _ := l.Addr().(*net.TCPAddr)
+	if a == nil {
+		return netip.AddrPort{}
+	}
+	return a.AddrPort()
+}
+
+// Flush makes a sentinel connection and waits until Accept has seen it: the
+// accept queue is FIFO, so every connection a probe could have left in it
+// has been accepted (and counted) by then. The server must be serving.
+func (l *Counted) Flush() error {
+	to := l.addrPort()
+	ip := to.Addr().Unmap()
+	if ip.IsUnspecified() {
+		ip = netip.MustParseAddr("127.0.0.1")
+		if to.Addr().Is6() && !to.Addr().Is4In6() {
+			ip = netip.IPv6Loopback()
+		}
+	}
+	to = netip.AddrPortFrom(ip, to.Port())
+	var seen chan struct{}
+	var port uint16
+	d := net.Dialer{Timeout: 5 * time.Second, Control: func(network, _ string, rc syscall.RawConn) error {
+		// bind before connect(), and register the port, so that Accept
+		// cannot see the connection before it knows it for a sentinel
+		var err error
+		cerr := rc.Control(func(fd uintptr) {
+			var sa unix.Sockaddr = &unix.SockaddrInet4{}
+			if network == "tcp6" {
+				sa = &unix.SockaddrInet6{}
+			}
+			if err = unix.Bind(int(fd), sa); err != nil {
+				return
+			}
+			var lsa unix.Sockaddr
+			if lsa, err = unix.Getsockname(int(fd)); err != nil {
+				return
+			}
+			switch a := lsa.(type) {
+			case *unix.SockaddrInet4:
+				port = uint16(a.Port)
+			case *unix.SockaddrInet6:
+				port = uint16(a.Port)
+			}
+		})
+		if err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+		seen = make(chan struct{})
+		l.mu.Lock()
+		l.sentinels[port] = seen
+		l.mu.Unlock()
+		return nil
+	}}
+	c, err := d.Dial("tcp", to.String())
+	if err != nil {
+		if seen != nil {
+			l.mu.Lock()
+			delete(l.sentinels, port)
+			l.mu.Unlock()
+		}
+		return fmt.Errorf("sentinel dial %v: %w", to, err)
+	}
+	defer c.Close()
+	select {
+	case <-seen:
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("sentinel connection to %v never accepted", to)
+	}
 }
 
 // BindLoopback returns a TCP socket bound to a free port of ip, closed at

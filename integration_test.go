@@ -182,6 +182,10 @@ type harness struct {
 	extraKnob int            // changes the config so that Load reloads
 	extra     map[string]any // more fields of the shaker source
 	handler   map[string]any // more fields of the reverse_proxy handler
+	// policy, when set, replaces the shaker source with the handler's own
+	// upstreams and the shaker selection policy with these more fields
+	// ("retries" goes in load_balancing).
+	policy map[string]any
 }
 
 func (h *harness) config(interval time.Duration) []byte {
@@ -229,6 +233,24 @@ func (h *harness) config(interval time.Duration) []byte {
 		dyn[k] = v
 	}
 	rp := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["proxy"].(map[string]any)["routes"].([]any)[0].(map[string]any)["handle"].([]any)[1].(map[string]any)
+	if h.policy != nil {
+		delete(rp, "dynamic_upstreams")
+		var static []any
+		for _, u := range ups {
+			static = append(static, map[string]any{"dial": u})
+		}
+		rp["upstreams"] = static
+		sel := map[string]any{"policy": "shaker", "interval": interval.String(), "timeout": tTimeout.String(), "passes": tPasses, "fails": tFails}
+		lb := map[string]any{"selection_policy": sel}
+		for k, v := range h.policy {
+			if k == "retries" {
+				lb[k] = v
+			} else {
+				sel[k] = v
+			}
+		}
+		rp["load_balancing"] = lb
+	}
 	for k, v := range h.handler {
 		rp[k] = v
 	}

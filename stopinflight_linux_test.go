@@ -150,8 +150,10 @@ type stopMoment struct {
 
 // waitFull waits, boundedly, until inFlight reports at least
 // stopMinInFlight probes in flight and B's tbf holds stopMinQueued
-// SYN-ACKs, and returns the moment.
-func waitFull(t testing.TB, p *testkit.SlowPath, inFlight func() (int, int)) stopMoment {
+// SYN-ACKs, and returns the moment. If that never comes, it fails the
+// test, saying how many connections ls accepted meanwhile (an engine that
+// closes late, say, fills neither and lets many through).
+func waitFull(t testing.TB, p *testkit.SlowPath, ls testkit.Listeners, inFlight func() (int, int)) stopMoment {
 	t.Helper()
 	var m, best stopMoment
 	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(5 * time.Millisecond) {
@@ -167,8 +169,8 @@ func waitFull(t testing.TB, p *testkit.SlowPath, inFlight func() (int, int)) sto
 		}
 		best.queued = max(best.queued, m.queued)
 		if time.Now().After(deadline) {
-			t.Fatalf("the path never filled in 15 s: at most %d probes in flight and %d SYN-ACKs queued, want %d and %d",
-				best.inFlight, best.queued, stopMinInFlight, stopMinQueued)
+			t.Fatalf("the path never filled in 15 s: at most %d probes in flight and %d SYN-ACKs queued, want %d and %d; listeners accepted %d connections meanwhile",
+				best.inFlight, best.queued, stopMinInFlight, stopMinQueued, ls.Accepted())
 		}
 	}
 	m.resets, _ = testkit.NetnsCounters(t, p.B)
@@ -214,7 +216,9 @@ func engineInFlight() (int, int) {
 // should have closed, holds a probe or a socket.
 func checkClosed(t testing.TB, e *shaker.Engine, what string) {
 	t.Helper()
-	if st := e.Stats(); st.InFlight != 0 || st.Sockets != 0 || st.Queued != 0 {
+	st := e.Stats()
+	t.Logf("%s: the engine's worst SYN-ACK-to-close delay: %v", what, st.MaxCloseDelay)
+	if st.InFlight != 0 || st.Sockets != 0 || st.Queued != 0 {
 		t.Errorf("%s: the old engine still holds %d probes in flight, %d sockets, %d queued: not closed", what, st.InFlight, st.Sockets, st.Queued)
 	}
 }
@@ -240,7 +244,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 	tag := fmt.Sprintf("IPv%d %s", family, mode)
 	switch mode {
 	case "stop":
-		m := waitFull(t, p, engineInFlight)
+		m := waitFull(t, p, ls, engineInFlight)
 		old := engines.cur.Load()
 		t0 := time.Now()
 		if err := caddy.Stop(); err != nil {
@@ -258,7 +262,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 		e0 := engines.cur.Load()
 		var worst stopMoment
 		for i := 1; i <= 5; i++ {
-			m := waitFull(t, p, engineInFlight)
+			m := waitFull(t, p, ls, engineInFlight)
 			if err := caddy.Load(stopConfig(t, ups, i, 0, ""), true); err != nil {
 				t.Fatalf("reload %d: %v", i, err)
 			}
@@ -277,7 +281,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 		if during != 0 {
 			t.Errorf("%s: listeners accepted %d connections after 5 forced reloads", tag, during)
 		}
-		m := waitFull(t, p, engineInFlight)
+		m := waitFull(t, p, ls, engineInFlight)
 		if err := caddy.Stop(); err != nil {
 			t.Fatal(err)
 		}
@@ -286,7 +290,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 		fmt.Printf("RESULT reload %d %d %d %d %d %d\n", worst.inFlight, worst.queued, during, m.inFlight, rsts, acc)
 
 	case "engine":
-		m := waitFull(t, p, engineInFlight)
+		m := waitFull(t, p, ls, engineInFlight)
 		old := engines.cur.Load()
 		if err := caddy.Load(stopConfig(t, nil, 1, 0, ""), true); err != nil {
 			t.Fatal(err)
@@ -303,7 +307,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 		if e2 == nil || e2 == old || e2.Stats().Loops != 1 {
 			t.Fatalf("after a reload with loops 1: engine %p (old %p), want a new one with 1 loop", e2, old)
 		}
-		m2 := waitFull(t, p, engineInFlight)
+		m2 := waitFull(t, p, ls, engineInFlight)
 		if err := caddy.Stop(); err != nil {
 			t.Fatal(err)
 		}
@@ -326,7 +330,7 @@ func runStopHelper(t *testing.T, mode string) {
 			out := testkit.RunTest(t, p.A, "TestStopInFlightHelper", stopHelperEnv+"="+mode,
 				"CADDYSHAKER_STOP_FAMILY="+strconv.Itoa(family), "CADDYSHAKER_STOP_NS_B="+p.B)
 			for _, line := range strings.Split(out, "\n") {
-				if strings.Contains(line, "SYN-ACKs queued at the stop") || strings.HasPrefix(line, "RESULT") {
+				if strings.Contains(line, "SYN-ACKs queued at the stop") || strings.Contains(line, "worst SYN-ACK-to-close") || strings.HasPrefix(line, "RESULT") {
 					t.Log(strings.TrimSpace(line))
 				}
 			}
@@ -417,7 +421,7 @@ func TestSIGTERMWithAnsweredInFlight(t *testing.T) {
 				}
 				return es.InFlight, es.Sockets
 			}
-			m := waitFull(t, p, inFlight)
+			m := waitFull(t, p, ls, inFlight)
 			admin.CloseIdleConnections() // Caddy's admin server would wait for it at exit
 			t0 := time.Now()
 			if err := syscall.Kill(cmd.Process.Pid, syscall.SIGTERM); err != nil {

@@ -1,0 +1,252 @@
+//go:build linux
+
+package testkit
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// SlowPath is a path on which a probe's answer arrives after connect() has
+// returned, so that probes are answered while their sockets wait in epoll:
+// two network namespaces of the test's own, A (the prober) and B (the
+// backends), joined by a veth pair. The end in B has a tbf qdisc (this
+// kernel has no netem) that the answers fill: B's SYN-ACKs queue there, up
+// to its latency, and arrive in A later; those beyond it are dropped. A's
+// end is not shaped, so a probe's RST reaches B at once.
+//
+// B takes every address of Prefix4 (a /24) and Prefix6 (a /64) as its own
+// (a local route), so that a few listeners on the wildcard address give
+// thousands of distinct addresses to probe. Neighbours are static: no ARP
+// or neighbour discovery has to cross the full queue.
+type SlowPath struct {
+	A, B       string // the namespaces
+	DevA, DevB string // the veth ends, in A and in B
+}
+
+// The addresses of a SlowPath: inside its namespaces only (198.18.0.0/15 is
+// the benchmarking range, fd00::/8 unique local).
+const (
+	SlowAddrA4  = "198.18.9.1"
+	SlowAddrB4  = "198.18.9.2"
+	SlowPrefix4 = "198.18.10.0/24"
+	SlowAddrA6  = "fd53:6b72::1"
+	SlowAddrB6  = "fd53:6b72::2"
+	SlowPrefix6 = "fd53:6b72:1::/64"
+)
+
+// NewSlowPath creates a SlowPath whose tbf in B has the rate and latency
+// given (tc's syntax: "2mbit", "700ms"). Its namespaces are deleted at the
+// end of the test. It skips the test, saying what is missing, where this
+// machine cannot.
+func NewSlowPath(t testing.TB, rate, latency string) *SlowPath {
+	t.Helper()
+	p := &SlowPath{A: Netns(t, false, ""), B: Netns(t, false, ""), DevA: "shk-a", DevB: "shk-b"}
+	if _, err := exec.LookPath("tc"); err != nil {
+		t.Skip("needs tc (Debian package iproute2)")
+	}
+	const macA, macB = "02:5b:00:00:00:0a", "02:5b:00:00:00:0b"
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Skipf("%s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("ip", "link", "add", p.DevA, "address", macA, "netns", p.A, "type", "veth",
+		"peer", "name", p.DevB, "address", macB, "netns", p.B)
+	for _, c := range []struct{ ns, dev, a4, a6, peer4, peer6, peerMAC string }{
+		{p.A, p.DevA, SlowAddrA4, SlowAddrA6, SlowAddrB4, SlowAddrB6, macB},
+		{p.B, p.DevB, SlowAddrB4, SlowAddrB6, SlowAddrA4, SlowAddrA6, macA},
+	} {
+		run("ip", "-n", c.ns, "addr", "add", c.a4+"/30", "dev", c.dev)
+		run("ip", "-n", c.ns, "addr", "add", c.a6+"/64", "dev", c.dev, "nodad")
+		run("ip", "-n", c.ns, "link", "set", c.dev, "up")
+		run("ip", "-n", c.ns, "neigh", "replace", c.peer4, "lladdr", c.peerMAC, "dev", c.dev, "nud", "permanent")
+		run("ip", "-n", c.ns, "-6", "neigh", "replace", c.peer6, "lladdr", c.peerMAC, "dev", c.dev, "nud", "permanent")
+	}
+	run("ip", "-n", p.A, "route", "add", SlowPrefix4, "via", SlowAddrB4)
+	run("ip", "-n", p.A, "-6", "route", "add", SlowPrefix6, "via", SlowAddrB6)
+	run("ip", "-n", p.B, "route", "add", "local", SlowPrefix4, "dev", "lo")
+	run("ip", "-n", p.B, "-6", "route", "add", "local", SlowPrefix6, "dev", "lo")
+	run("ip", "netns", "exec", p.B, "tc", "qdisc", "add", "dev", p.DevB, "root",
+		"tbf", "rate", rate, "burst", "1600", "latency", latency)
+	return p
+}
+
+// SlowAddrs returns n distinct addresses of B's prefix (4 or 6) on the
+// ports given, the ports varying fastest.
+func SlowAddrs(family, n int, ports []uint16) []netip.AddrPort {
+	base := netip.MustParsePrefix(SlowPrefix4).Addr()
+	if family == 6 {
+		base = netip.MustParsePrefix(SlowPrefix6).Addr()
+	}
+	out := make([]netip.AddrPort, 0, n)
+	ip := base.Next() // not the network's own address
+	for len(out) < n {
+		for _, port := range ports {
+			if len(out) == n {
+				break
+			}
+			out = append(out, netip.AddrPortFrom(ip, port))
+		}
+		ip = ip.Next()
+	}
+	return out
+}
+
+// InNetns runs fn on a thread moved into network namespace ns: sockets fn
+// makes are that namespace's, and /proc/thread-self/net shows its
+// counters. The thread is moved back after fn; if it cannot be, it stays
+// locked and exits with its goroutine.
+func InNetns(tb testing.TB, ns string, fn func()) {
+	tb.Helper()
+	f, err := os.Open("/var/run/netns/" + ns)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	own, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer own.Close()
+	done := make(chan struct{})
+	var failed error
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			failed = fmt.Errorf("setns %s: %v", ns, err)
+			return
+		}
+		fn()
+		if err := unix.Setns(int(own.Fd()), unix.CLONE_NEWNET); err != nil {
+			return // still locked: the thread dies with this goroutine
+		}
+		runtime.UnlockOSThread()
+	}()
+	<-done
+	if failed != nil {
+		tb.Fatal(failed)
+	}
+}
+
+// ListenIn starts a counting listener (see Listen) inside network
+// namespace ns, closed at the end of the test. One on a wildcard address
+// has Addr set to the loopback address of its family: that reaches it
+// from inside ns, and its sentinel connections use it (Go refuses to dial
+// [::]).
+func ListenIn(tb testing.TB, ns, network, address string) *Listener {
+	tb.Helper()
+	var l *Listener
+	var err error
+	InNetns(tb, ns, func() { l, err = Listen(network, address) })
+	if err != nil {
+		tb.Fatalf("listen %s %s in %s: %v", network, address, ns, err)
+	}
+	if l.Addr.Addr().IsUnspecified() {
+		lo := netip.IPv6Loopback()
+		if l.Addr.Addr().Is4() {
+			lo = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+		}
+		l.Addr = netip.AddrPortFrom(lo, l.Addr.Port())
+	}
+	tb.Cleanup(func() { l.Close() })
+	return l
+}
+
+// NetnsCounters reads TcpExt EmbryonicRsts and Tcp PassiveOpens of network
+// namespace ns (see KernelCounters).
+func NetnsCounters(tb testing.TB, ns string) (resets, opens int64) {
+	tb.Helper()
+	var err error
+	InNetns(tb, ns, func() {
+		resets, err = ProcNetField("/proc/thread-self/net/netstat", "TcpExt:", "EmbryonicRsts")
+		if err == nil {
+			opens, err = ProcNetField("/proc/thread-self/net/snmp", "Tcp:", "PassiveOpens")
+		}
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return resets, opens
+}
+
+// Backlog is the number of packets queued in the root qdisc of dev in
+// network namespace ns, from tc -s -j.
+func Backlog(tb testing.TB, ns, dev string) int {
+	tb.Helper()
+	out, err := exec.Command("ip", "netns", "exec", ns, "tc", "-s", "-j", "qdisc", "show", "dev", dev, "root").Output()
+	if err != nil {
+		tb.Fatalf("tc -s qdisc show dev %s: %v", dev, err)
+	}
+	var qs []struct {
+		Kind string `json:"kind"`
+		Qlen int    `json:"qlen"`
+	}
+	if err := json.Unmarshal(out, &qs); err != nil || len(qs) == 0 {
+		tb.Fatalf("tc -s -j qdisc show dev %s: %q: %v", dev, out, err)
+	}
+	return qs[0].Qlen
+}
+
+// Settle waits, boundedly (10 s), until nothing more can become a
+// connection on p after the prober stopped: B's answer queue has drained,
+// then the kernel's delayed-ACK window (about 200 ms; 300 ms here) has
+// passed since, then B's EmbryonicRsts and PassiveOpens have been still
+// for 100 ms. A socket the prober leaked sends its ACK at the end of that
+// window and is accepted: counting accepts earlier would miss it. It
+// returns how long it waited.
+func (p *SlowPath) Settle(tb testing.TB) time.Duration {
+	tb.Helper()
+	start := time.Now()
+	deadline := start.Add(10 * time.Second)
+	for Backlog(tb, p.B, p.DevB) > 0 {
+		if time.Now().After(deadline) {
+			tb.Fatalf("qdisc of %s never drained", p.DevB)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The kernel's window: a timer, not an event we could wait on.
+	time.Sleep(300 * time.Millisecond)
+	r0, o0 := NetnsCounters(tb, p.B)
+	for {
+		time.Sleep(100 * time.Millisecond)
+		r, o := NetnsCounters(tb, p.B)
+		if r == r0 && o == o0 {
+			return time.Since(start)
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("counters of %s never still: EmbryonicRsts %d -> %d, PassiveOpens %d -> %d", p.B, r0, r, o0, o)
+		}
+		r0, o0 = r, o
+	}
+}
+
+// ProbeAcceptsIn is ProbeAccepts for listeners made in network namespace
+// ns (ListenIn): their sentinel connections are made from inside ns.
+func (ls Listeners) ProbeAcceptsIn(tb testing.TB, ns string) int64 {
+	tb.Helper()
+	var err error
+	InNetns(tb, ns, func() {
+		for _, l := range ls {
+			if err = l.Flush(); err != nil {
+				return
+			}
+		}
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return ls.Accepted()
+}

@@ -170,7 +170,7 @@ func waitFull(t testing.TB, p *testkit.SlowPath, ls testkit.Listeners, inFlight 
 		best.queued = max(best.queued, m.queued)
 		if time.Now().After(deadline) {
 			t.Fatalf("the path never filled in 15 s: at most %d probes in flight and %d SYN-ACKs queued, want %d and %d; listeners accepted %d connections meanwhile",
-				best.inFlight, best.queued, stopMinInFlight, stopMinQueued, ls.Accepted())
+				best.inFlight, best.queued, stopMinInFlight, stopMinQueued, ls.SoFar())
 		}
 	}
 	m.resets, _ = testkit.NetnsCounters(t, p.B)

@@ -379,24 +379,29 @@ func TestJitterJSON(t *testing.T) {
 
 // TestExamplesAdapt checks that the examples load as they are.
 func TestExamplesAdapt(t *testing.T) {
-	src, err := os.ReadFile("examples/Caddyfile")
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, warn, err := caddyconfig.GetAdapter("caddyfile").Adapt(src, map[string]any{"filename": "examples/Caddyfile"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(warn) > 0 {
-		t.Errorf("warnings: %v", warn)
-	}
-	for name, raw := range map[string][]byte{"Caddyfile": out, "caddy.json": mustRead(t, "examples/caddy.json")} {
-		var c caddy.Config
-		if err := json.Unmarshal(raw, &c); err != nil {
-			t.Fatalf("%s: %v", name, err)
+	for _, ex := range []struct{ caddyfile, json string }{
+		{"examples/Caddyfile", "examples/caddy.json"},
+		{"examples/policy.Caddyfile", "examples/policy.json"},
+	} {
+		src, err := os.ReadFile(ex.caddyfile)
+		if err != nil {
+			t.Fatal(err)
 		}
-		if err := caddy.Validate(&c); err != nil {
-			t.Errorf("%s: %v", name, err)
+		out, warn, err := caddyconfig.GetAdapter("caddyfile").Adapt(src, map[string]any{"filename": ex.caddyfile})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(warn) > 0 {
+			t.Errorf("%s: warnings: %v", ex.caddyfile, warn)
+		}
+		for name, raw := range map[string][]byte{ex.caddyfile: out, ex.json: mustRead(t, ex.json)} {
+			var c caddy.Config
+			if err := json.Unmarshal(raw, &c); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			if err := caddy.Validate(&c); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
 		}
 	}
 }

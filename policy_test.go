@@ -301,3 +301,31 @@ func TestPolicyLoadErrors(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkPolicySelect is one Select with the policy, against the inner
+// policy alone, over the same pool of n up upstreams, with a request that
+// carries Caddy's replacer as reverse_proxy's do.
+func BenchmarkPolicySelect(b *testing.B) {
+	for _, n := range []int{10, 1000, 10000} {
+		pool := newPool(n)
+		p := &Policy{orig: reverseproxy.RandomSelection{}, static: pool, states: &fakeStates{}}
+		if err := p.fitInner(); err != nil {
+			b.Fatal(err)
+		}
+		p.pos = p.choosable()
+		p.probe = make([]bool, n)
+		req := httptest.NewRequest("GET", "/", nil)
+		repl := caddy.NewReplacer()
+		req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, repl))
+		b.Run(fmt.Sprintf("n=%d/random", n), func(b *testing.B) {
+			for b.Loop() {
+				reverseproxy.RandomSelection{}.Select(pool, req, nil)
+			}
+		})
+		b.Run(fmt.Sprintf("n=%d/shaker", n), func(b *testing.B) {
+			for b.Loop() {
+				p.Select(pool, req, nil)
+			}
+		})
+	}
+}

@@ -113,3 +113,103 @@ func BenchmarkProxy(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkPolicyProxy measures requests/s through Caddy to the same
+// static upstreams, with no checks and with `lb_policy shaker` (interval
+// 1s), at 10, 1,000 and 10,000 upstreams: 127.x.y.z addresses that one
+// listener on 0.0.0.0 answers. Both sides are servers of one Caddy config,
+// so the probes run during both: what differs is the request path alone.
+// The sides run in a mirrored order (static, shaker, shaker, static).
+//
+//	go test -run '^$' -bench PolicyProxy -benchtime 2s .
+func BenchmarkPolicyProxy(b *testing.B) {
+	be := startBackend(b, "wild", "0.0.0.0:0")
+	_, port, _ := net.SplitHostPort(be.addr)
+	for _, n := range []int{10, 1000, 10000} {
+		ups := make([]map[string]string, n)
+		for i := range ups {
+			ups[i] = map[string]string{"dial": fmt.Sprintf("127.%d.%d.%d:%s", 1+i/62500, i/250%250, i%250+1, port)}
+		}
+		ports := map[string]string{
+			"static": fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
+			"shaker": fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
+		}
+		server := func(listen string, proxy map[string]any) map[string]any {
+			proxy["handler"] = "reverse_proxy"
+			proxy["upstreams"] = ups
+			return map[string]any{
+				"listen":          []string{listen},
+				"automatic_https": map[string]any{"disable": true},
+				"routes":          []any{map[string]any{"handle": []any{proxy}}},
+			}
+		}
+		cfg := map[string]any{
+			"admin":   map[string]any{"disabled": true},
+			"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+			"apps": map[string]any{"http": map[string]any{"servers": map[string]any{
+				"static": server(ports["static"], map[string]any{}),
+				"shaker": server(ports["shaker"], map[string]any{"load_balancing": map[string]any{
+					"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"},
+				}}),
+			}}},
+		}
+		raw, err := json.Marshal(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := caddy.Load(raw, true); err != nil {
+			b.Fatal(err)
+		}
+		// measure once every address has its first result
+		deadline := time.Now().Add(30 * time.Second)
+		for probed := 0; probed < n; {
+			if time.Now().After(deadline) {
+				b.Fatalf("%d of %d addresses probed in 30 s", probed, n)
+			}
+			time.Sleep(50 * time.Millisecond) // polled: first results have no event
+			probed = 0
+			for _, c := range reg.Checkers() {
+				if c.Probes() > 0 {
+					probed++
+				}
+			}
+		}
+		rates := map[string][]float64{}
+		for _, side := range []string{"static", "shaker", "shaker", "static"} {
+			b.Run(fmt.Sprintf("n=%d/%s", n, side), func(b *testing.B) {
+				tr := &http.Transport{MaxIdleConnsPerHost: 256}
+				defer tr.CloseIdleConnections()
+				client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+				url := "http://" + ports[side] + "/"
+				b.SetParallelism(8)
+				b.ResetTimer()
+				start := time.Now()
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						resp, err := client.Get(url)
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						io.Copy(io.Discard, resp.Body)
+						resp.Body.Close()
+						if resp.StatusCode != 200 {
+							b.Errorf("status %d", resp.StatusCode)
+							return
+						}
+					}
+				})
+				rate := float64(b.N) / time.Since(start).Seconds()
+				b.ReportMetric(rate, "req/s")
+				rates[side] = append(rates[side], rate)
+			})
+		}
+		if s, k := rates["static"], rates["shaker"]; len(s) == 2 && len(k) == 2 {
+			b.Logf("n=%d: shaker / static = %.3f (%.0f vs %.0f req/s, mean of 2 each)", n, (k[0]+k[1])/(s[0]+s[1]), (k[0]+k[1])/2, (s[0]+s[1])/2)
+		}
+		caddy.Stop()
+	}
+	if n := be.empty.Load(); n != 0 {
+		b.Errorf("%d connections without a request", n)
+	}
+}

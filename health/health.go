@@ -816,7 +816,9 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		tr.Addr, tr.Name, tr.Settings = c.addr, c.name, c.set
 		tr.Outcome, tr.Err, tr.RTT, tr.At = res.Outcome, res.Err, res.RTT, now
 		tr.N = int(max(c.passes, c.fails))
-		r.version.Add(1)
+		if was != tr.Up || rejoin {
+			r.version.Add(1) // in or out of service (a first Up changes nothing)
+		}
 		r.announce(news{tr: *tr})
 	}
 	return c.set.jittered(c.nextIntervalLocked())

@@ -237,6 +237,11 @@ type Registry struct {
 	localFailing atomic.Bool
 	lastLocal    atomic.Int64 // monotonic ns of the last local failure
 	base         time.Time
+
+	// firstFree is when, on the clock of Now, the pacing of first probes
+	// (see Start) is free again: a Start right after another queues its
+	// first probes behind the other's. Under mu.
+	firstFree int64
 }
 
 // NewRegistry returns an empty registry, with no engine yet.
@@ -265,8 +270,9 @@ func (r *Registry) observer() Observer {
 }
 
 // SetEngine gives the registry the engine to probe with, or takes it away
-// (nil) when it is closed. A new engine takes over every checker, with
-// their first probes spread over their intervals.
+// (nil) when it is closed. A new engine takes over every checker, as
+// Start does: those with a result have their first probes on it spread
+// over their intervals, those without are probed at once (paced).
 func (r *Registry) SetEngine(e *shaker.Engine) {
 	r.mu.Lock()
 	if r.engine == e {
@@ -354,9 +360,19 @@ func (r *Registry) inheritLocked(c *Checker) {
 	}
 }
 
-// Start starts the probes of new checkers, their first ones spread over
-// the interval (the first at once, the others at even steps) so that many
-// addresses do not make one burst of SYNs.
+// Start starts the probes of new checkers.
+//
+// An address not probed yet counts as up, so a new checker is probed at
+// once: the first probes of cs go out one after another at the engine's
+// BurstRate (a few thousand take a few milliseconds; 100,000 about 1.6 s),
+// never later than the even spread over the interval would have sent
+// them. Its health is thus unknown for one round trip if it answers, at
+// most the timeout if not. From the second probe on, the probes are
+// spread over the interval as if the first ones had been (the k-th of n
+// at k/n of the interval, then every interval, with jitter), so that many
+// addresses, proxies or reloads do not fall into step and make bursts of
+// SYNs: only the first probe is compressed. A checker that inherited a
+// result (see Acquire) is not unknown: its first probe is spread too.
 func (r *Registry) Start(cs []*Checker) {
 	if len(cs) == 0 {
 		return
@@ -373,23 +389,59 @@ func (r *Registry) Start(cs []*Checker) {
 	}
 }
 
-// arm registers the schedules of cs on e, but for those that have one.
-// Under r.mu, so that the engine cannot change in between (Every takes
-// only its loop's lock).
+// arm registers the schedules of cs on e, but for those that have one,
+// as Start says. Under r.mu, so that the engine cannot change in between
+// (Every takes only its loop's lock).
 func (r *Registry) arm(e *shaker.Engine, cs []*Checker) {
+	now := Now()
+	next := max(now, r.firstFree) // the next first probe's slot, paced
+	n := time.Duration(len(cs))
 	for i, c := range cs {
 		c.mu.Lock()
-		c.armLocked(e, c.set.Interval*time.Duration(i)/time.Duration(len(cs)))
+		spread := c.set.Interval * time.Duration(i) / n
+		if c.known {
+			c.armLocked(e, spread, 0)
+			c.mu.Unlock()
+			continue
+		}
+		first, second, paced := firstProbe(time.Duration(next-now), spread, c.set.Interval)
+		if c.armLocked(e, first, second) && paced {
+			next += int64(float64(time.Second) / e.BurstRate(c.set.Timeout))
+		}
 		c.mu.Unlock()
 	}
+	r.firstFree = next
 }
 
-// armLocked registers c's schedule on e, its first probe after first,
-// unless it has one, is stopped or is in maintenance. Under c.mu.
-func (c *Checker) armLocked(e *shaker.Engine, first time.Duration) {
-	if !c.stopped && c.sched == nil && c.AdminState() != Maint {
-		c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout, First: first}, c.Observe)
+// firstProbe says when a new checker's first probe goes, from now: at
+// its paced slot (slot from now), unless the even spread over the
+// interval puts it sooner (spread from now; a rate too low for the pool);
+// paced says which. Its second probe goes second after the first, where
+// the spread puts it: at spread, or an interval after the first probe
+// when that is not later.
+func firstProbe(slot, spread, interval time.Duration) (first, second time.Duration, paced bool) {
+	first, paced = slot, true
+	if first > spread {
+		first, paced = spread, false
 	}
+	second = spread - first
+	if second <= 0 {
+		second = interval
+	}
+	return first, second, paced
+}
+
+// armLocked registers c's schedule on e, its first probe after first and
+// its second second after that (0: as its first result says), unless it
+// has one, is stopped or is in maintenance. It reports whether it did.
+// Under c.mu.
+func (c *Checker) armLocked(e *shaker.Engine, first, second time.Duration) bool {
+	if c.stopped || c.sched != nil || c.AdminState() == Maint {
+		return false
+	}
+	c.second = second
+	c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout, First: first}, c.Observe)
+	return true
 }
 
 // Release drops the references taken by Acquire. A checker without
@@ -522,7 +574,7 @@ func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState
 	if e != nil {
 		for _, c := range rearm {
 			c.mu.Lock()
-			c.armLocked(e, 0) // at once
+			c.armLocked(e, 0, 0) // at once
 			c.mu.Unlock()
 		}
 	}
@@ -584,6 +636,7 @@ type Checker struct {
 
 	mu          sync.Mutex
 	sched       *shaker.Schedule
+	second      time.Duration    // from the first probe to the second (see Start); 0 once used, or none
 	name        string           // the name referenced first, or the least
 	names       map[string]int32 // references per name, once there are several names
 	refs        int32
@@ -737,12 +790,16 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		// nothing any more
 		return 0
 	}
+	// the first probe was sent early (see Start): the second one goes
+	// where the spread over the interval puts it, or sooner
+	second := c.second
+	c.second = 0
 	if !res.Outcome.Backend() {
 		// this host could not make the probe (out of fds, ports or
 		// memory), or the engine is closing: it says nothing about the
 		// backend, so it counts neither way; probe again after the
 		// interval
-		return c.set.jittered(c.set.Interval)
+		return firstOf(c.set.jittered(c.set.Interval), second)
 	}
 	c.probes++
 	c.checkedAt = now.UnixNano()
@@ -797,7 +854,15 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		tr.N = int(max(c.passes, c.fails))
 		r.announce(*tr)
 	}
-	return c.set.jittered(c.nextIntervalLocked())
+	return firstOf(c.set.jittered(c.nextIntervalLocked()), second)
+}
+
+// firstOf is d, or second when that is set and sooner.
+func firstOf(d, second time.Duration) time.Duration {
+	if second > 0 && second < d {
+		return second
+	}
+	return d
 }
 
 // nextIntervalLocked is the time from the start of the last probe to the

@@ -1,0 +1,192 @@
+package health
+
+import (
+	"fmt"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
+	"github.com/caddy-shaker/caddy-shaker/shaker"
+)
+
+// probeTimes is an Observer that records when each address had its first
+// and second results, and closes done once every address has had two.
+type probeTimes struct {
+	mu     sync.Mutex
+	want   int
+	at     map[netip.AddrPort][]time.Time
+	up     map[netip.AddrPort]bool // the first result's
+	done   chan struct{}
+	closed bool
+}
+
+func newProbeTimes(want int) *probeTimes {
+	return &probeTimes{want: want, at: map[netip.AddrPort][]time.Time{}, up: map[netip.AddrPort]bool{}, done: make(chan struct{})}
+}
+
+func (p *probeTimes) Probed(res shaker.Result) {
+	now := time.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ts := p.at[res.Addr]
+	if len(ts) >= 2 {
+		return
+	}
+	if len(ts) == 0 {
+		p.up[res.Addr] = res.Outcome == shaker.Up
+	}
+	p.at[res.Addr] = append(ts, now)
+	if !p.closed && len(p.at) == p.want {
+		for _, ts := range p.at {
+			if len(ts) < 2 {
+				return
+			}
+		}
+		p.closed = true
+		close(p.done)
+	}
+}
+func (p *probeTimes) Changed(Transition)       {}
+func (p *probeTimes) LocalFailing(bool, error) {}
+
+// TestFirstProbesAtOnce: new addresses, live and dead, are all probed at
+// once (not spread over the interval), so none counts as up unprobed for
+// longer than a round trip or the timeout; their second probes are
+// spread over the interval, so that they do not stay in one burst.
+func TestFirstProbesAtOnce(t *testing.T) {
+	const (
+		live, dead = 12, 4
+		interval   = time.Second
+	)
+	l := testkit.NewListener(t, "tcp4", "0.0.0.0:0") // answers on every 127.x.y.z
+	closed := testkit.FreePort(t)                    // nothing listens there
+	_, r := engineRegistry(t)
+	obs := newProbeTimes(live + dead)
+	r.SetObserver(obs)
+	set := Settings{Interval: interval, Timeout: 200 * time.Millisecond, Passes: 1, Fails: 1}
+	var ws []Want
+	for i := range live + dead {
+		port := l.Addr.Port()
+		if i >= live {
+			port = uint16(closed)
+		}
+		a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)}), port)
+		ws = append(ws, Want{Addr: a, Name: a.String(), Settings: set})
+	}
+	cs, fresh := r.Acquire(ws)
+	defer r.Release(ws)
+	start := time.Now()
+	r.Start(fresh)
+	select {
+	case <-obs.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("not every address had two results in 20 s")
+	}
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	var lastFirst time.Duration
+	firstSecond, lastSecond := time.Duration(1<<62), time.Duration(0)
+	for i, w := range ws {
+		ts := obs.at[w.Addr]
+		lastFirst = max(lastFirst, ts[0].Sub(start))
+		firstSecond, lastSecond = min(firstSecond, ts[1].Sub(start)), max(lastSecond, ts[1].Sub(start))
+		if wantUp := i < live; obs.up[w.Addr] != wantUp {
+			t.Errorf("%v: first result up=%v, want %v", w.Addr, obs.up[w.Addr], wantUp)
+		}
+		if ts[1].Sub(ts[0]) > interval+interval/2 {
+			t.Errorf("%v: second probe %v after the first, want at most about the interval %v", w.Addr, ts[1].Sub(ts[0]), interval)
+		}
+	}
+	t.Logf("%d addresses: every first result within %v of Start; second results from %v to %v (interval %v)",
+		len(ws), lastFirst, firstSecond, lastSecond, interval)
+	// generous bounds: a loaded 2-core machine under -race
+	if lastFirst > interval/4 {
+		t.Errorf("last first result %v after Start, want them all at once (well within %v)", lastFirst, interval/4)
+	}
+	if spread := lastSecond - firstSecond; spread < interval/2 {
+		t.Errorf("second probes spread over %v, want most of the interval %v", spread, interval)
+	}
+	for i, c := range cs {
+		if i >= live && c.Healthy() {
+			t.Errorf("%v: dead, still healthy after its probes", c.Addr())
+		}
+	}
+	if n := l.ProbeAccepts(t); n != 0 {
+		t.Fatalf("the listener accepted %d probe connections", n)
+	}
+}
+
+// TestFirstProbesPaced: a Start of many new addresses paces their first
+// probes at the engine's BurstRate, never later than the spread over the
+// interval would have sent them; a Start right after queues behind it.
+func TestFirstProbesPaced(t *testing.T) {
+	closed := uint16(testkit.FreePort(t)) // probes are refused at once
+	wants := func(n int, base byte, set Settings) []Want {
+		ws := make([]Want, n)
+		for i := range ws {
+			a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, base, byte(i >> 8), byte(i)}), closed)
+			ws[i] = Want{Addr: a, Name: fmt.Sprint(a), Settings: set}
+		}
+		return ws
+	}
+	t.Run("fast engine", func(t *testing.T) {
+		e, r := engineRegistry(t)
+		set := Settings{Interval: time.Hour, Timeout: time.Second, Passes: 1, Fails: 1}
+		rate := e.BurstRate(set.Timeout)
+		ws := wants(1000, 1, set)
+		_, fresh := r.Acquire(ws)
+		defer r.Release(ws)
+		before := Now()
+		r.Start(fresh)
+		after := Now()
+		// the slots of 1000 first probes at the rate
+		step := time.Duration(float64(time.Second) / rate)
+		window := time.Duration(len(ws)) * step
+		r.mu.Lock()
+		free := r.firstFree
+		r.mu.Unlock()
+		if got := time.Duration(free - before); got < window || got > window+time.Duration(after-before) {
+			t.Errorf("pacing free %v after Start, want %v (1000 at %v/s)", got, window, rate)
+		}
+
+		// a second Start goes after the first one's slots (but for its
+		// first address, whose spread slot is at once)
+		ws2 := wants(10, 2, set)
+		_, fresh2 := r.Acquire(ws2)
+		defer r.Release(ws2)
+		r.Start(fresh2)
+		r.mu.Lock()
+		free2 := r.firstFree
+		r.mu.Unlock()
+		if got, want := time.Duration(free2-free), 9*step; got < want {
+			t.Errorf("second Start: pacing moved on by %v, want at least %v", got, want)
+		}
+	})
+}
+
+// TestFirstProbeSlots: a new checker's first probe goes at its paced slot
+// or its spread slot, whichever is sooner; its second where the spread
+// puts it, never more than an interval after the first.
+func TestFirstProbeSlots(t *testing.T) {
+	const iv = time.Second
+	ms := time.Millisecond
+	for _, c := range []struct {
+		slot, spread  time.Duration
+		first, second time.Duration
+		paced         bool
+	}{
+		{0, 0, 0, iv, true},                          // the first of a Start: at once, then an interval
+		{16 * ms, 500 * ms, 16 * ms, 484 * ms, true}, // paced; the second at the spread
+		{0, 999 * ms, 0, 999 * ms, true},
+		{600 * ms, 500 * ms, 500 * ms, iv, false}, // the rate is too low: the spread, as before
+		{500 * ms, 500 * ms, 500 * ms, iv, true},
+		{2 * iv, 0, 0, iv, false}, // queued behind another Start: the first still at once
+	} {
+		first, second, paced := firstProbe(c.slot, c.spread, iv)
+		if first != c.first || second != c.second || paced != c.paced {
+			t.Errorf("firstProbe(%v, %v): %v, %v, %v; want %v, %v, %v", c.slot, c.spread, first, second, paced, c.first, c.second, c.paced)
+		}
+	}
+}

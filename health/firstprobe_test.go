@@ -190,3 +190,28 @@ func TestFirstProbeSlots(t *testing.T) {
 		}
 	}
 }
+
+// TestAfterFirst: after a first probe sent early, the second goes at its
+// spread slot, or sooner if the result asks for it (a short
+// down_interval), but never in the past: a first probe that timed out
+// moves its second on by whole intervals, so that the dead addresses of
+// one Start are not probed in one burst ever after.
+func TestAfterFirst(t *testing.T) {
+	c := &Checker{set: Settings{Interval: time.Second}}
+	ms := time.Millisecond
+	for _, x := range []struct{ next, second, took, want time.Duration }{
+		{time.Second, 0, 0, time.Second},              // not a first probe sent early
+		{time.Second, 300 * ms, ms, 300 * ms},         // answered: at the spread
+		{40 * ms, 300 * ms, ms, 40 * ms},              // down_interval sooner
+		{2 * time.Second, 300 * ms, ms, 300 * ms},     // a longer down_interval: from the spread on
+		{time.Second, 300 * ms, 500 * ms, 1300 * ms},  // timed out past the slot: the next one
+		{time.Second, 300 * ms, 2500 * ms, 3300 * ms}, // a timeout of several intervals
+		{40 * ms, 300 * ms, 500 * ms, 1300 * ms},      // a short down_interval would be past too
+		{700 * ms, 300 * ms, 500 * ms, 700 * ms},      // a fast_interval not past: sooner
+		{time.Second, time.Second, time.Second, 2 * time.Second},
+	} {
+		if got := c.afterFirst(x.next, x.second, x.took); got != x.want {
+			t.Errorf("afterFirst(%v, %v, %v) = %v, want %v", x.next, x.second, x.took, got, x.want)
+		}
+	}
+}

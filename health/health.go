@@ -799,7 +799,7 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		// memory), or the engine is closing: it says nothing about the
 		// backend, so it counts neither way; probe again after the
 		// interval
-		return firstOf(c.set.jittered(c.set.Interval), second)
+		return c.afterFirst(c.set.Interval, second, res.Duration)
 	}
 	c.probes++
 	c.checkedAt = now.UnixNano()
@@ -854,15 +854,31 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		tr.N = int(max(c.passes, c.fails))
 		r.announce(*tr)
 	}
-	return firstOf(c.set.jittered(c.nextIntervalLocked()), second)
+	return c.afterFirst(c.nextIntervalLocked(), second, res.Duration)
 }
 
-// firstOf is d, or second when that is set and sooner.
-func firstOf(d, second time.Duration) time.Duration {
-	if second > 0 && second < d {
-		return second
+// afterFirst is the time from a probe's due time to the next probe's,
+// with next the interval in use (see nextIntervalLocked), jittered. But
+// after a first probe sent early (second > 0, see Start) the second probe
+// goes where the spread over the interval puts it, or sooner if a shorter
+// fast_interval or down_interval is in use. A first probe that took longer
+// than that (a timeout: took is from its SYN to its result) moves its
+// second on by whole intervals, past the result: the engine starts a next
+// probe whose time has passed at once, so the dead addresses of a Start
+// would be probed in one burst from then on.
+func (c *Checker) afterFirst(next, second, took time.Duration) time.Duration {
+	d := c.set.jittered(next)
+	if second <= 0 {
+		return d
 	}
-	return d
+	if second <= took {
+		iv := c.set.Interval
+		second += ((took-second)/iv + 1) * iv
+	}
+	if next < c.set.Interval && d > took && d < second {
+		return d
+	}
+	return second
 }
 
 // nextIntervalLocked is the time from the start of the last probe to the

@@ -119,8 +119,7 @@ func TestFirstProbesAtOnce(t *testing.T) {
 }
 
 // TestFirstProbesPaced: a Start of many new addresses paces their first
-// probes at the engine's BurstRate, never later than the spread over the
-// interval would have sent them; a Start right after queues behind it.
+// probes at the engine's Burst; a Start right after queues behind it.
 func TestFirstProbesPaced(t *testing.T) {
 	closed := uint16(testkit.FreePort(t)) // probes are refused at once
 	wants := func(n int, base byte, set Settings) []Want {
@@ -131,39 +130,74 @@ func TestFirstProbesPaced(t *testing.T) {
 		}
 		return ws
 	}
-	t.Run("fast engine", func(t *testing.T) {
-		e, r := engineRegistry(t)
-		set := Settings{Interval: time.Hour, Timeout: time.Second, Passes: 1, Fails: 1}
-		rate := e.BurstRate(set.Timeout)
-		ws := wants(1000, 1, set)
-		_, fresh := r.Acquire(ws)
-		defer r.Release(ws)
-		before := Now()
-		r.Start(fresh)
-		after := Now()
-		// the slots of 1000 first probes at the rate
-		step := time.Duration(float64(time.Second) / rate)
-		window := time.Duration(len(ws)) * step
-		r.mu.Lock()
-		free := r.firstFree
-		r.mu.Unlock()
-		if got := time.Duration(free - before); got < window || got > window+time.Duration(after-before) {
-			t.Errorf("pacing free %v after Start, want %v (1000 at %v/s)", got, window, rate)
-		}
+	e, r := engineRegistry(t)
+	set := Settings{Interval: time.Hour, Timeout: time.Second, Passes: 1, Fails: 1}
+	b := e.Burst(set.Timeout)
+	if b.Size < 1000 {
+		t.Skipf("engine of %d sockets: too few for this test", 2*b.Size)
+	}
+	step := time.Duration(float64(time.Second) / b.Rate)
+	ws := wants(1000, 1, set)
+	_, fresh := r.Acquire(ws)
+	defer r.Release(ws)
+	before := Now()
+	r.Start(fresh)
+	after := Now()
+	// the slots of 1000 first probes at the rate
+	window := 1000 * step
+	r.mu.Lock()
+	next := r.pace.next
+	r.mu.Unlock()
+	if got := time.Duration(next - before); got < window || got > window+time.Duration(after-before) {
+		t.Errorf("pacing free %v after Start, want %v (1000 at %v/s)", got, window, b.Rate)
+	}
 
-		// a second Start goes after the first one's slots (but for its
-		// first address, whose spread slot is at once)
-		ws2 := wants(10, 2, set)
-		_, fresh2 := r.Acquire(ws2)
-		defer r.Release(ws2)
-		r.Start(fresh2)
-		r.mu.Lock()
-		free2 := r.firstFree
-		r.mu.Unlock()
-		if got, want := time.Duration(free2-free), 9*step; got < want {
-			t.Errorf("second Start: pacing moved on by %v, want at least %v", got, want)
+	// a second Start goes after the first one's slots (but for its
+	// first address, whose spread slot is at once)
+	ws2 := wants(10, 2, set)
+	_, fresh2 := r.Acquire(ws2)
+	defer r.Release(ws2)
+	r.Start(fresh2)
+	r.mu.Lock()
+	next2 := r.pace.next
+	r.mu.Unlock()
+	if got, want := time.Duration(next2-next), 9*step; got < want {
+		t.Errorf("second Start: pacing moved on by %v, want at least %v", got, want)
+	}
+}
+
+// TestPacer: at most Rate a second, and at most Size within any Timeout.
+func TestPacer(t *testing.T) {
+	b := shaker.Burst{Rate: 1000, Size: 10, Timeout: time.Second} // 1 ms apart; 10 a second
+	var p pacer
+	const now = int64(time.Hour)
+	var slots []time.Duration
+	for range 25 {
+		s := p.slot(now, b)
+		p.take(s, b)
+		slots = append(slots, time.Duration(s-now))
+	}
+	ms := time.Millisecond
+	for i, s := range slots {
+		want := time.Duration(i) * ms // the first 10 at the rate
+		if i >= 10 {
+			// then one every 100 ms: the (i-10)th after the first
+			// 10 left the window of a timeout
+			want = time.Duration(i-9) * 100 * ms
 		}
-	})
+		if s != want {
+			t.Fatalf("slot %d at %v, want %v (all %v)", i, s, want, slots)
+		}
+	}
+	// after a quiet timeout, a full burst again
+	later := now + int64(10*time.Second)
+	for i := range 10 {
+		s := p.slot(later, b)
+		p.take(s, b)
+		if want := later + int64(i)*int64(ms); s != want {
+			t.Fatalf("after a pause: slot %d at %v, want %v", i, time.Duration(s-later), time.Duration(want-later))
+		}
+	}
 }
 
 // TestFirstProbeSlots: a new checker's first probe goes at its paced slot

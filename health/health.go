@@ -238,10 +238,9 @@ type Registry struct {
 	lastLocal    atomic.Int64 // monotonic ns of the last local failure
 	base         time.Time
 
-	// firstFree is when, on the clock of Now, the pacing of first probes
-	// (see Start) is free again: a Start right after another queues its
-	// first probes behind the other's. Under mu.
-	firstFree int64
+	// pace paces first probes (see Start) over all Starts: one right
+	// after another queues its first probes behind the other's. Under mu.
+	pace pacer
 }
 
 // NewRegistry returns an empty registry, with no engine yet.
@@ -363,10 +362,10 @@ func (r *Registry) inheritLocked(c *Checker) {
 // Start starts the probes of new checkers.
 //
 // An address not probed yet counts as up, so a new checker is probed at
-// once: the first probes of cs go out one after another at the engine's
-// BurstRate (a few thousand take a few milliseconds; 100,000 about 1.6 s),
-// never later than the even spread over the interval would have sent
-// them. Its health is thus unknown for one round trip if it answers, at
+// once: the first probes of cs go out one after another as fast as the
+// engine's Burst allows (64,000 a second; past half of the engine's
+// max_sockets, as many per timeout), never later than the even spread
+// over the interval would have sent them: 1,000 addresses in 16 ms. Its health is thus unknown for one round trip if it answers, at
 // most the timeout if not. From the second probe on, the probes are
 // spread over the interval as if the first ones had been (the k-th of n
 // at k/n of the interval, then every interval, with jitter), so that many
@@ -394,7 +393,6 @@ func (r *Registry) Start(cs []*Checker) {
 // (Every takes only its loop's lock).
 func (r *Registry) arm(e *shaker.Engine, cs []*Checker) {
 	now := Now()
-	next := max(now, r.firstFree) // the next first probe's slot, paced
 	n := time.Duration(len(cs))
 	for i, c := range cs {
 		c.mu.Lock()
@@ -404,13 +402,35 @@ func (r *Registry) arm(e *shaker.Engine, cs []*Checker) {
 			c.mu.Unlock()
 			continue
 		}
-		first, second, paced := firstProbe(time.Duration(next-now), spread, c.set.Interval)
+		b := e.Burst(c.set.Timeout)
+		slot := r.pace.slot(now, b)
+		first, second, paced := firstProbe(time.Duration(slot-now), spread, c.set.Interval)
 		if c.armLocked(e, first, second) && paced {
-			next += int64(float64(time.Second) / e.BurstRate(c.set.Timeout))
+			r.pace.take(slot, b)
 		}
 		c.mu.Unlock()
 	}
-	r.firstFree = next
+}
+
+// pacer paces bursts of first probes as a shaker.Burst says: at most
+// Rate a second (next), and at most Size within any Timeout, as a
+// generic cell rate algorithm (tat: the theoretical arrival time of a
+// probe sent at Size per Timeout). Times are on the clock of Now.
+type pacer struct {
+	next int64 // the earliest slot at Rate
+	tat  int64
+}
+
+// slot is the earliest time from now at which a probe may start.
+func (p *pacer) slot(now int64, b shaker.Burst) int64 {
+	t := max(int64(b.Timeout)/int64(b.Size), 1)
+	return max(now, p.next, p.tat-int64(b.Size-1)*t)
+}
+
+// take counts a probe started at slot.
+func (p *pacer) take(slot int64, b shaker.Burst) {
+	p.next = slot + int64(float64(time.Second)/b.Rate)
+	p.tat = max(p.tat, slot) + max(int64(b.Timeout)/int64(b.Size), 1)
 }
 
 // firstProbe says when a new checker's first probe goes, from now: at

@@ -5,34 +5,21 @@ import (
 	"time"
 )
 
-// TestBurstRate: one start batch per millisecond at most, and never so
-// fast that probes which all time out would hold more than half the
-// sockets.
-func TestBurstRate(t *testing.T) {
-	for _, c := range []struct {
-		sockets int
-		timeout time.Duration
-		want    float64
-	}{
-		{1 << 20, time.Second, MaxBurstRate},
-		{768, time.Second, 384},
-		{768, 100 * time.Millisecond, 3840},
-		{1, time.Second, 1}, // at least 1
-		{1000, 0, MaxBurstRate},
-	} {
-		if got := burstRate(c.sockets, c.timeout); got != c.want {
-			t.Errorf("burstRate(%d, %v) = %v, want %v", c.sockets, c.timeout, got, c.want)
-		}
+// TestBurst: one start batch per millisecond at most, and at most half the
+// sockets within a timeout.
+func TestBurst(t *testing.T) {
+	if got, want := burstOf(1, time.Second), (Burst{MaxBurstRate, 1, time.Second}); got != want {
+		t.Errorf("burstOf(1, 1s) = %+v, want %+v", got, want)
 	}
 	e, err := New(Options{Loops: 1, MaxSockets: 100, DefaultTimeout: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	if got := e.BurstRate(0); got != 100 {
-		t.Errorf("BurstRate(default 500ms) with 100 sockets = %v, want 100", got)
+	if got, want := e.Burst(0), (Burst{MaxBurstRate, 50, 500 * time.Millisecond}); got != want {
+		t.Errorf("Burst(0) with 100 sockets = %+v, want %+v", got, want)
 	}
-	if got := e.BurstRate(time.Second); got != 50 {
-		t.Errorf("BurstRate(1s) with 100 sockets = %v, want 50", got)
+	if got, want := e.Burst(time.Second), (Burst{MaxBurstRate, 50, time.Second}); got != want {
+		t.Errorf("Burst(1s) with 100 sockets = %+v, want %+v", got, want)
 	}
 }

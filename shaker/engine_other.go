@@ -247,18 +247,15 @@ func (e *Engine) Close() error {
 	return nil
 }
 
-// BurstRate is the highest rate, in SYNs per second, at which a burst of
-// new probes with the given timeout (<= 0: the engine's default) should
-// be started, such as the first probes of many new addresses: at most
-// MaxBurstRate, and slow enough that probes which all time out hold at
-// most half of MaxSockets. Pace such a burst at this rate (see
-// health.Registry.Start); periodic probes spread over their interval
-// need no pacing.
-func (e *Engine) BurstRate(timeout time.Duration) float64 {
+// Burst says how fast a burst of new probes with the given timeout (<= 0:
+// the engine's default) may be started, such as the first probes of many
+// new addresses (see health.Registry.Start); periodic probes spread over
+// their interval need no pacing.
+func (e *Engine) Burst(timeout time.Duration) Burst {
 	if timeout <= 0 {
 		timeout = e.defaultTimeout
 	}
-	return burstRate(e.maxInFlight, timeout)
+	return burstOf(e.maxInFlight, timeout)
 }
 
 // Stats returns a snapshot of the engine's counters.

@@ -3,6 +3,8 @@ package health
 import (
 	"fmt"
 	"net/netip"
+	"os"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -249,3 +251,95 @@ func TestAfterFirst(t *testing.T) {
 		}
 	}
 }
+
+// TestFirstProbesLargePool measures how a Start of many new addresses
+// sends their first probes: when the last one had its result, and the
+// most started in any 10 ms. It runs only with HEALTH_FIRSTPROBE_N set
+// (say 100000); HEALTH_FIRSTPROBE_SOCKETS sets the engine's max_sockets.
+// Every address is on a loopback port nothing listens on: refused at once.
+func TestFirstProbesLargePool(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("HEALTH_FIRSTPROBE_N"))
+	if n <= 0 {
+		t.Skip("set HEALTH_FIRSTPROBE_N to run")
+	}
+	if n > 1<<20 {
+		t.Fatalf("HEALTH_FIRSTPROBE_N %d: at most %d", n, 1<<20)
+	}
+	sockets, _ := strconv.Atoi(os.Getenv("HEALTH_FIRSTPROBE_SOCKETS"))
+	closed := uint16(testkit.FreePort(t))
+	e, err := shaker.New(shaker.Options{MaxSockets: sockets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := NewRegistry()
+	r.SetEngine(e)
+	defer func() {
+		r.SetEngine(nil)
+		e.Close()
+	}()
+	const bucket = 10 * time.Millisecond
+	obs := &firstTimes{seen: make(map[netip.AddrPort]bool, n), want: n, done: make(chan struct{})}
+	r.SetObserver(obs)
+	set := Settings{Interval: 2 * time.Second, Timeout: time.Second, Passes: 1, Fails: 1}
+	ws := make([]Want, n)
+	for i := range ws {
+		a := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, byte(8 + i>>16), byte(i >> 8), byte(i)}), closed)
+		ws[i] = Want{Addr: a, Name: a.String(), Settings: set}
+	}
+	_, fresh := r.Acquire(ws)
+	defer r.Release(ws)
+	obs.mu.Lock()
+	obs.start = time.Now()
+	obs.mu.Unlock()
+	r.Start(fresh)
+	took := time.Since(obs.start)
+	select {
+	case <-obs.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%d first results of %d in 30 s", len(obs.seen), n)
+	}
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	peak, at := 0, 0
+	for i, c := range obs.per {
+		if c > peak {
+			peak, at = c, i
+		}
+	}
+	b := e.Burst(set.Timeout)
+	t.Logf("%d new addresses (burst: %.0f/s, %d per %v; interval %v): Start took %v; last first result %v after it began; at most %d first probes sent in 10 ms (at %v), %.0f/s",
+		n, b.Rate, b.Size, b.Timeout, set.Interval, took.Round(time.Millisecond), obs.last.Round(time.Millisecond), peak, time.Duration(at)*bucket, float64(peak)/bucket.Seconds())
+}
+
+// firstTimes is an Observer that counts first probes per 10 ms of their
+// SYN's time.
+type firstTimes struct {
+	mu    sync.Mutex
+	start time.Time
+	seen  map[netip.AddrPort]bool
+	per   []int
+	last  time.Duration
+	want  int
+	done  chan struct{}
+}
+
+func (f *firstTimes) Probed(res shaker.Result) {
+	d := time.Since(f.start)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.seen[res.Addr] || len(f.seen) >= f.want {
+		return
+	}
+	f.seen[res.Addr] = true
+	i := int(max(d-res.Duration, 0) / (10 * time.Millisecond)) // by the SYN's time
+	for len(f.per) <= i {
+		f.per = append(f.per, 0)
+	}
+	f.per[i]++
+	f.last = max(f.last, d)
+	if len(f.seen) == f.want {
+		close(f.done)
+	}
+}
+func (f *firstTimes) Changed(Transition)       {}
+func (f *firstTimes) LocalFailing(bool, error) {}

@@ -365,7 +365,8 @@ func (r *Registry) inheritLocked(c *Checker) {
 // once: the first probes of cs go out one after another as fast as the
 // engine's Burst allows (64,000 a second; past half of the engine's
 // max_sockets, as many per timeout), never later than the even spread
-// over the interval would have sent them: 1,000 addresses in 16 ms. Its health is thus unknown for one round trip if it answers, at
+// over the interval would have sent them: 1,000 addresses in 16 ms. An
+// address's health is thus unknown for one round trip if it answers, at
 // most the timeout if not. From the second probe on, the probes are
 // spread over the interval as if the first ones had been (the k-th of n
 // at k/n of the interval, then every interval, with jitter), so that many

@@ -382,7 +382,7 @@ func TestFailedRequestProbes(t *testing.T) {
 	h.handler = map[string]any{"load_balancing": map[string]any{"retries": 2}}
 	h.load(interval)
 	b1 := h.backends[0]
-	// the first probes are spread over the interval: b1's at once
+	// new addresses are first probed at once
 	waitFor(t, 5*time.Second, "b1's first probe", func() bool { return h.statuses()[b1.addr].Probes > 0 })
 	b1.stop()
 	before := h.statuses()[b1.addr].Probes

@@ -91,7 +91,7 @@ func TestPolicyFailedRequestProbes(t *testing.T) {
 	h.policy = map[string]any{"fast_interval": fast.String(), "retries": 2, "inner": map[string]any{"policy": "round_robin"}}
 	h.load(interval)
 	b1 := h.backends[0]
-	// the first probes are spread over the interval: b1's at once
+	// every first probe goes at once
 	waitFor(t, 5*time.Second, "b1's first probe", func() bool { return h.statuses()[b1.addr].Probes > 0 })
 	b1.stop()
 	before := h.statuses()[b1.addr].Probes

@@ -244,6 +244,10 @@ type Registry struct {
 	localFailing atomic.Bool
 	lastLocal    atomic.Int64 // monotonic ns of the last local failure
 	base         time.Time
+
+	// pace paces first probes (see Start) over all Starts: one right
+	// after another queues its first probes behind the other's. Under mu.
+	pace pacer
 }
 
 // NewRegistry returns an empty registry, with no engine yet.
@@ -280,10 +284,12 @@ func (r *Registry) observer() Observer {
 }
 
 // SetEngine gives the registry the engine to probe with, or takes it away
-// (nil) when it is closed. A new engine takes over every checker, with
-// their first probes spread over their intervals. SetEngine(nil) is the
-// registry's stop: it returns once the observer has been told everything
-// queued before it, and the announcer goroutine is gone.
+// (nil) when it is closed. A new engine takes over every checker, as
+// Start does: those with a result have their first probes on it spread
+// over their intervals, those without are probed at once (paced).
+// SetEngine(nil) is the registry's stop: it returns once the observer has
+// been told everything queued before it, and the announcer goroutine is
+// gone.
 func (r *Registry) SetEngine(e *shaker.Engine) {
 	if e == nil {
 		defer r.waitAnnounced()
@@ -374,9 +380,20 @@ func (r *Registry) inheritLocked(c *Checker) {
 	}
 }
 
-// Start starts the probes of new checkers, their first ones spread over
-// the interval (the first at once, the others at even steps) so that many
-// addresses do not make one burst of SYNs.
+// Start starts the probes of new checkers.
+//
+// An address not probed yet counts as up, so a new checker is probed at
+// once: the first probes of cs go out one after another as fast as the
+// engine's Burst allows (64,000 a second; past half of the engine's
+// max_sockets, as many per timeout), never later than the even spread
+// over the interval would have sent them: 1,000 addresses in 16 ms. An
+// address's health is thus unknown for one round trip if it answers, at
+// most the timeout if not. From the second probe on, the probes are
+// spread over the interval as if the first ones had been (the k-th of n
+// at k/n of the interval, then every interval, with jitter), so that many
+// addresses, proxies or reloads do not fall into step and make bursts of
+// SYNs: only the first probe is compressed. A checker that inherited a
+// result (see Acquire) is not unknown: its first probe is spread too.
 func (r *Registry) Start(cs []*Checker) {
 	if len(cs) == 0 {
 		return
@@ -393,23 +410,80 @@ func (r *Registry) Start(cs []*Checker) {
 	}
 }
 
-// arm registers the schedules of cs on e, but for those that have one.
-// Under r.mu, so that the engine cannot change in between (Every takes
-// only its loop's lock).
+// arm registers the schedules of cs on e, but for those that have one,
+// as Start says. Under r.mu, so that the engine cannot change in between
+// (Every takes only its loop's lock).
 func (r *Registry) arm(e *shaker.Engine, cs []*Checker) {
+	now := Now()
+	n := time.Duration(len(cs))
 	for i, c := range cs {
 		c.mu.Lock()
-		c.armLocked(e, c.set.Interval*time.Duration(i)/time.Duration(len(cs)))
+		spread := c.set.Interval * time.Duration(i) / n
+		if c.known {
+			c.armLocked(e, spread, 0)
+			c.mu.Unlock()
+			continue
+		}
+		b := e.Burst(c.set.Timeout)
+		slot := r.pace.slot(now, b)
+		first, second, paced := firstProbe(time.Duration(slot-now), spread, c.set.Interval)
+		if c.armLocked(e, first, second) && paced {
+			r.pace.take(slot, b)
+		}
 		c.mu.Unlock()
 	}
 }
 
-// armLocked registers c's schedule on e, its first probe after first,
-// unless it has one, is stopped or is in maintenance. Under c.mu.
-func (c *Checker) armLocked(e *shaker.Engine, first time.Duration) {
-	if !c.stopped && c.sched == nil && c.AdminState() != Maint {
-		c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout, First: first}, c.Observe)
+// pacer paces bursts of first probes as a shaker.Burst says: at most
+// Rate a second (next), and at most Size within any Timeout, as a
+// generic cell rate algorithm (tat: the theoretical arrival time of a
+// probe sent at Size per Timeout). Times are on the clock of Now.
+type pacer struct {
+	next int64 // the earliest slot at Rate
+	tat  int64
+}
+
+// slot is the earliest time from now at which a probe may start.
+func (p *pacer) slot(now int64, b shaker.Burst) int64 {
+	t := max(int64(b.Timeout)/int64(b.Size), 1)
+	return max(now, p.next, p.tat-int64(b.Size-1)*t)
+}
+
+// take counts a probe started at slot.
+func (p *pacer) take(slot int64, b shaker.Burst) {
+	p.next = slot + int64(float64(time.Second)/b.Rate)
+	p.tat = max(p.tat, slot) + max(int64(b.Timeout)/int64(b.Size), 1)
+}
+
+// firstProbe says when a new checker's first probe goes, from now: at
+// its paced slot (slot from now), unless the even spread over the
+// interval puts it sooner (spread from now; a rate too low for the pool);
+// paced says which. Its second probe goes second after the first, where
+// the spread puts it: at spread, or an interval after the first probe
+// when that is not later.
+func firstProbe(slot, spread, interval time.Duration) (first, second time.Duration, paced bool) {
+	first, paced = slot, true
+	if first > spread {
+		first, paced = spread, false
 	}
+	second = spread - first
+	if second <= 0 {
+		second = interval
+	}
+	return first, second, paced
+}
+
+// armLocked registers c's schedule on e, its first probe after first and
+// its second second after that (0: as its first result says), unless it
+// has one, is stopped or is in maintenance. It reports whether it did.
+// Under c.mu.
+func (c *Checker) armLocked(e *shaker.Engine, first, second time.Duration) bool {
+	if c.stopped || c.sched != nil || c.AdminState() == Maint {
+		return false
+	}
+	c.second = second
+	c.sched = e.Every(c.addr, shaker.Period{Interval: c.set.Interval, Timeout: c.set.Timeout, First: first}, c.Observe)
+	return true
 }
 
 // Release drops the references taken by Acquire. A checker without
@@ -542,7 +616,7 @@ func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState
 	if e != nil {
 		for _, c := range rearm {
 			c.mu.Lock()
-			c.armLocked(e, 0) // at once
+			c.armLocked(e, 0, 0) // at once
 			c.mu.Unlock()
 		}
 	}
@@ -605,6 +679,7 @@ type Checker struct {
 
 	mu          sync.Mutex
 	sched       *shaker.Schedule
+	second      time.Duration    // from the first probe to the second (see Start); 0 once used, or none
 	name        string           // the name referenced first, or the least
 	names       map[string]int32 // references per name, once there are several names
 	refs        int32
@@ -758,12 +833,16 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		// nothing any more
 		return 0
 	}
+	// the first probe was sent early (see Start): the second one goes
+	// where the spread over the interval puts it, or sooner
+	second := c.second
+	c.second = 0
 	if !res.Outcome.Backend() {
 		// this host could not make the probe (out of fds, ports or
 		// memory), or the engine is closing: it says nothing about the
 		// backend, so it counts neither way; probe again after the
 		// interval
-		return c.set.jittered(c.set.Interval)
+		return c.afterFirst(c.set.Interval, second, res.Duration)
 	}
 	c.probes++
 	c.checkedAt = now.UnixNano()
@@ -821,7 +900,31 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 		}
 		r.announce(news{tr: *tr})
 	}
-	return c.set.jittered(c.nextIntervalLocked())
+	return c.afterFirst(c.nextIntervalLocked(), second, res.Duration)
+}
+
+// afterFirst is the time from a probe's due time to the next probe's,
+// with next the interval in use (see nextIntervalLocked), jittered. But
+// after a first probe sent early (second > 0, see Start) the second probe
+// goes where the spread over the interval puts it, or sooner if a shorter
+// fast_interval or down_interval is in use. A first probe that took longer
+// than that (a timeout: took is from its SYN to its result) moves its
+// second on by whole intervals, past the result: the engine starts a next
+// probe whose time has passed at once, so the dead addresses of a Start
+// would be probed in one burst from then on.
+func (c *Checker) afterFirst(next, second, took time.Duration) time.Duration {
+	d := c.set.jittered(next)
+	if second <= 0 {
+		return d
+	}
+	if second <= took {
+		iv := c.set.Interval
+		second += ((took-second)/iv + 1) * iv
+	}
+	if next < c.set.Interval && d > took && d < second {
+		return d
+	}
+	return second
 }
 
 // nextIntervalLocked is the time from the start of the last probe to the

@@ -247,6 +247,17 @@ func (e *Engine) Close() error {
 	return nil
 }
 
+// Burst says how fast a burst of new probes with the given timeout (<= 0:
+// the engine's default) may be started, such as the first probes of many
+// new addresses (see health.Registry.Start); periodic probes spread over
+// their interval need no pacing.
+func (e *Engine) Burst(timeout time.Duration) Burst {
+	if timeout <= 0 {
+		timeout = e.defaultTimeout
+	}
+	return burstOf(e.maxInFlight, timeout)
+}
+
 // Stats returns a snapshot of the engine's counters.
 func (e *Engine) Stats() Stats {
 	e.mu.Lock()

@@ -71,6 +71,32 @@ type Options struct {
 	epollOnly bool
 }
 
+// MaxBurstRate is the most SYNs per second a Burst allows: one start
+// batch of 64 connect() calls per millisecond. A loop starts at most 64
+// probes before it reads answers again, and such a batch takes well under
+// a millisecond, so a burst paced at this rate leaves most of the loop's
+// time to reading answers (closing a SYN-ACKed socket at once is what
+// keeps a probe half-open) and to the probes already scheduled.
+const MaxBurstRate = 64_000
+
+// Burst says how fast a burst of new probes (the first probes of many new
+// addresses, say) may be started: at most Rate a second, and at most Size
+// within any Timeout, so that probes which all time out (addresses that
+// drop SYNs each hold a socket for the timeout) never hold more than half
+// of MaxSockets, and neither wait for sockets nor make the probes already
+// scheduled wait. A burst of at most Size thus goes out at Rate; a larger
+// one goes on at Size per Timeout.
+type Burst struct {
+	Rate    float64       // SYNs per second: MaxBurstRate
+	Size    int           // half of MaxSockets, at least 1
+	Timeout time.Duration // the probes' timeout
+}
+
+// burstOf is the Burst of an engine of maxSockets sockets.
+func burstOf(maxSockets int, timeout time.Duration) Burst {
+	return Burst{Rate: MaxBurstRate, Size: max(maxSockets/2, 1), Timeout: timeout}
+}
+
 // Result is the outcome of one probe.
 type Result struct {
 	// Addr is the address probed.

@@ -13,22 +13,27 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 // fakeStates are member states a test sets.
 type fakeStates struct {
-	down    map[string]bool
-	version uint64
+	down     map[string]bool
+	returned map[string]int64
+	version  uint64
 }
 
 func (f *fakeStates) Member(dial string) Member {
-	return Member{In: !f.down[dial], Ready: true}
+	return Member{In: !f.down[dial], Ready: true, Returned: f.returned[dial]}
 }
 func (f *fakeStates) Version() uint64 { return f.version }
 
@@ -327,5 +332,70 @@ func BenchmarkPolicySelect(b *testing.B) {
 				p.Select(pool, req, nil)
 			}
 		})
+	}
+}
+
+// newTestPolicy is a policy over pool with inner, whose member states the
+// test sets.
+func newTestPolicy(t testing.TB, inner reverseproxy.Selector, pool reverseproxy.UpstreamPool, st *fakeStates) *Policy {
+	t.Helper()
+	p := &Policy{orig: inner, static: pool, states: st}
+	if err := p.fitInner(); err != nil {
+		t.Fatal(err)
+	}
+	p.pos = p.choosable()
+	p.probe = make([]bool, len(p.pos))
+	for k := range p.probe {
+		p.probe[k] = true
+	}
+	return p
+}
+
+// TestPolicySlowStart: an upstream half-way through its ramp is in about
+// half of the choices; once the ramp is over, in all of them.
+func TestPolicySlowStart(t *testing.T) {
+	pool := newPool(2)
+	const slow = time.Hour
+	st := &fakeStates{returned: map[string]int64{pool[0].Dial: health.Now() - int64(slow/2)}}
+	p := newTestPolicy(t, reverseproxy.FirstSelection{}, pool, st)
+	p.SlowStart = caddy.Duration(slow)
+	req := httptest.NewRequest("GET", "/", nil)
+	const n = 4000
+	got := 0
+	for range n {
+		if p.Select(pool, req, nil) == pool[0] {
+			got++
+		}
+	}
+	// 4 standard deviations of a share of 1/2 over 4000 draws: 0.032
+	if share := float64(got) / n; share < 0.468 || share > 0.532 {
+		t.Errorf("half-way through its ramp: in %.3f of the choices, want about 0.5", share)
+	}
+	// the ramp over: always (the state is rebuilt when the ramp ends)
+	st.returned[pool[0].Dial] = health.Now() - int64(slow) - 1
+	st.version++
+	for range 100 {
+		if p.Select(pool, req, nil) != pool[0] {
+			t.Fatal("after the ramp: left out")
+		}
+	}
+}
+
+// TestPolicyPanicThreshold: below the threshold, every ready upstream is
+// handed on, down or not; above it again, only those up.
+func TestPolicyPanicThreshold(t *testing.T) {
+	pool := newPool(4)
+	st := &fakeStates{down: map[string]bool{pool[0].Dial: true, pool[1].Dial: true, pool[2].Dial: true}}
+	p := newTestPolicy(t, reverseproxy.FirstSelection{}, pool, st)
+	p.PanicThreshold = 0.5
+	p.logger = zap.NewNop()
+	req := httptest.NewRequest("GET", "/", nil)
+	if got := p.Select(pool, req, nil); got != pool[0] {
+		t.Fatalf("1 of 4 up, threshold 0.5: chose %v, want the first (failing open)", dialOf(got))
+	}
+	delete(st.down, pool[1].Dial)
+	st.version++
+	if got := p.Select(pool, req, nil); got != pool[1] {
+		t.Fatalf("2 of 4 up: chose %v, want the first up", dialOf(got))
 	}
 }

@@ -33,8 +33,9 @@ type checker interface {
 	// reload reloads its config and returns once the reload is done.
 	reload(t *testing.T)
 	// verify fails the test unless it is checking every server (for the
-	// checkers that can tell), and returns the checks it counted, if any.
-	verify(t *testing.T, servers []server) (checks int64, ok bool)
+	// checkers that can tell), and returns the checks it counted of each
+	// server, by name; nil for a checker that does not count them.
+	verify(t *testing.T, servers []server) (checks map[string]int64)
 	// stop sends SIGTERM and returns once it has exited: the time it took.
 	stop(t *testing.T) time.Duration
 }
@@ -148,10 +149,10 @@ func (c *caddyChecker) reload(t *testing.T) {
 }
 
 // verify, for the plugin: the admin API shows every server up, probed.
-func (c *caddyChecker) verify(t *testing.T, servers []server) (int64, bool) {
+func (c *caddyChecker) verify(t *testing.T, servers []server) map[string]int64 {
 	t.Helper()
 	if !c.shaker {
-		return 0, false
+		return nil
 	}
 	r, err := c.hc.Get("http://" + c.admin + "/shaker/upstreams")
 	if err != nil {
@@ -167,7 +168,7 @@ func (c *caddyChecker) verify(t *testing.T, servers []server) (int64, bool) {
 	if err := json.NewDecoder(r.Body).Decode(&st); err != nil {
 		t.Fatal(err)
 	}
-	var total int64
+	checks := make(map[string]int64, len(servers))
 	for _, s := range servers {
 		found := false
 		for _, u := range st {
@@ -175,7 +176,7 @@ func (c *caddyChecker) verify(t *testing.T, servers []server) (int64, bool) {
 				continue
 			}
 			found = true
-			total += u.Probes
+			checks[s.name()] += u.Probes
 			if !u.Healthy || u.Probes == 0 {
 				t.Errorf("plugin: %s (%s): healthy %v after %d probes (last error %q)", s.name(), s.target(), u.Healthy, u.Probes, u.LastError)
 			}
@@ -184,7 +185,7 @@ func (c *caddyChecker) verify(t *testing.T, servers []server) (int64, bool) {
 			t.Errorf("plugin: %s (%s) not in /shaker/upstreams: %+v", s.name(), s.target(), st)
 		}
 	}
-	return total, true
+	return checks
 }
 
 func (c *caddyChecker) stop(t *testing.T) time.Duration {
@@ -288,7 +289,7 @@ func (c *haproxyChecker) reload(t *testing.T) {
 }
 
 // verify: every server is UP by a layer-4 check.
-func (c *haproxyChecker) verify(t *testing.T, servers []server) (int64, bool) {
+func (c *haproxyChecker) verify(t *testing.T, servers []server) map[string]int64 {
 	t.Helper()
 	rows, err := c.stat()
 	if err != nil {
@@ -317,7 +318,7 @@ func (c *haproxyChecker) verify(t *testing.T, servers []server) (int64, bool) {
 			t.Errorf("haproxy: %s not in show stat", s.name())
 		}
 	}
-	return 0, false
+	return nil // show stat has no count of checks
 }
 
 func (c *haproxyChecker) stop(t *testing.T) time.Duration {

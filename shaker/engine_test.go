@@ -309,9 +309,21 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 						e.ProbeAsync(ls[i%len(ls)].Addr, time.Minute, cb(i))
 					}
 					// Close while the loop is busy with thousands in flight.
-					<-closeNow
+					// Bounded waits: a broken engine fails here, in seconds,
+					// instead of hanging until the held probes' minute ends.
+					select {
+					case <-closeNow:
+					case <-time.After(30 * time.Second):
+						t.Fatalf("round %d: %d of %d probes up after 30 s, want %d before Close: %+v", round, upN.Load(), perRound, closeAfter, e.Stats())
+					}
 					inFlight := e.Stats().InFlight
-					e.Close()
+					closed := make(chan struct{})
+					go func() { e.Close(); close(closed) }()
+					select {
+					case <-closed:
+					case <-time.After(30 * time.Second):
+						t.Fatalf("round %d: Close did not return after 30 s: %+v", round, e.Stats())
+					}
 					for i := range calls {
 						if n := calls[i].Load(); n != 1 {
 							t.Fatalf("round %d: done of probe %d called %d times", round, i, n)
@@ -323,7 +335,11 @@ func TestCloseWithProbesInFlight(t *testing.T) {
 					if s := e.Stats(); s.InFlight != 0 || s.Queued != 0 {
 						t.Fatalf("after Close: %+v", s)
 					}
-					t.Logf("round %d: %d in flight at Close; %d up, %d closed; worst close delay %v", round, inFlight, upN.Load(), closedN.Load(), e.Stats().MaxCloseDelay)
+					// The held probes start first and stay in flight: the
+					// others in flight at Close had their SYN-ACKs in.
+					t.Logf("round %d: %d in flight at Close, %d of them answered (%.1f%%); %d up, %d closed; worst close delay %v",
+						round, inFlight, max(inFlight-held, 0), 100*float64(max(inFlight-held, 0))/float64(max(inFlight, 1)),
+						upN.Load(), closedN.Load(), e.Stats().MaxCloseDelay)
 					// After Close: ErrClosed at once, from both calls.
 					var after Result
 					e.ProbeAsync(ls[0].Addr, time.Second, func(r Result) { after = r })
@@ -483,7 +499,8 @@ func TestSelfCheck(t *testing.T) {
 
 // TestSelfCheckClose: an engine closed while its self-check runs (before,
 // during or after its probes) ends the check without a hang, and never
-// with ErrNotHalfOpen: the closed probes were reset, not accepted.
+// with ErrNotHalfOpen: the closed probes were reset, not accepted. One
+// round is sure to close with a probe in flight: it ends with ErrClosed.
 func TestSelfCheckClose(t *testing.T) {
 	for round := range 20 {
 		e, err := New(Options{})
@@ -504,6 +521,95 @@ func TestSelfCheckClose(t *testing.T) {
 		case <-time.After(10 * time.Second): // far beyond the check's 250 ms: a hang
 			t.Fatalf("round %d: SelfCheck did not return after Close", round)
 		}
+	}
+	// The rounds above close wherever the race puts Close, mostly before
+	// or after the probes: one more, held so that it closes mid-probe.
+	t.Run("mid-probe", selfCheckCloseMidProbe)
+}
+
+// selfCheckCloseMidProbe: the round of TestSelfCheckClose that is sure to
+// close mid-probe: the engine closes while a probe of the self-check is in
+// flight (its SYN out, its answer not yet read), and the check ends with
+// ErrClosed. The loop is held in callbacks so that each step lands where it
+// must; the epoll path keeps the probe in flight until the loop reads it.
+func selfCheckCloseMidProbe(t *testing.T) {
+	e, err := New(Options{Loops: 1, epollOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	const within = 10 * time.Second
+	// hold runs the loop into a callback that blocks until release.
+	hold := func() (entered, release chan struct{}, done func(Result)) {
+		entered, release = make(chan struct{}), make(chan struct{})
+		return entered, release, func(Result) {
+			close(entered)
+			select { // bounded, so that a failing test does not hang the loop
+			case <-release:
+			case <-time.After(within):
+			}
+		}
+	}
+	await := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(within); !ok(); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not after %v; %+v", what, within, e.Stats())
+			}
+		}
+	}
+	awaitCh := func(what string, c chan struct{}) {
+		t.Helper()
+		select {
+		case <-c:
+		case <-time.After(within):
+			t.Fatalf("%s: not after %v", what, within)
+		}
+	}
+	// 1. The loop held in a one-off probe's callback.
+	entered1, release1, done1 := hold()
+	e.ProbeAsync(l.Addr, within, done1)
+	awaitCh("first callback", entered1)
+	// 2. The self-check's first probe queued behind it...
+	checked := make(chan error, 1)
+	go func() { checked <- e.SelfCheck(context.Background()) }()
+	await("the self-check's probe queued", func() bool { return e.Stats().Queued == 1 })
+	// 3. ...and, queued after it, a probe that fails at its start (a zone
+	// that names no interface: nothing is sent), whose callback holds the
+	// loop again once the self-check's probe is started.
+	entered2, release2, done2 := hold()
+	e.ProbeAsync(netip.MustParseAddrPort("[fe80::1%nosuchif0]:1"), within, done2)
+	close(release1)
+	awaitCh("second callback", entered2)
+	if st := e.Stats(); st.InFlight != 1 || st.Queued != 0 {
+		t.Fatalf("held after the self-check's probe started: %d in flight, %d queued; want 1 and 0", st.InFlight, st.Queued)
+	}
+	// 4. Close, then let the loop go: it finds itself closed with the
+	// self-check's probe in flight.
+	closed := make(chan struct{})
+	go func() { e.Close(); close(closed) }()
+	lp := e.loops[0]
+	await("Close begun", func() bool { lp.mu.Lock(); defer lp.mu.Unlock(); return lp.closed })
+	close(release2)
+	awaitCh("Close", closed)
+	select {
+	case err := <-checked:
+		if !errors.Is(err, ErrClosed) || errors.Is(err, ErrNotHalfOpen) {
+			t.Fatalf("SelfCheck closed mid-probe: %v, want ErrClosed", err)
+		}
+		t.Logf("closed mid-probe: %v", err)
+	case <-time.After(within):
+		t.Fatal("SelfCheck did not return after Close")
+	}
+	// the first held probe up, the second failed, the self-check's closed
+	// in flight and no other (a self-check whose probe had ended up would
+	// have sent a second, refused at once)
+	if st := e.Stats(); st.Up != 1 || st.Failed != 1 || st.Closed != 1 || st.Total() != 3 || st.InFlight != 0 {
+		t.Fatalf("after Close: %+v; want 1 up, 1 failed, 1 closed and no other", st)
+	}
+	if n := l.ProbeAccepts(t); n != 0 {
+		t.Fatalf("listener accepted %d probe connections", n)
 	}
 }
 

@@ -67,10 +67,12 @@ func lossyPath(t *testing.T) (nsA, nsB string) {
 // close delay is measured from the SYN-ACK's arrival. A probe whose first
 // SYN was lost and whose retransmission was answered a second later reads
 // as a late close if the delay is taken from the SYN's time plus the RTT;
-// it must not. Nothing is accepted.
+// it must not. Nothing is accepted. The test fails unless at least one
+// probe was answered after a retransmitted SYN: the helper probes in
+// phases until one was (lossyPhases at most).
 func TestCloseDelayOnLossyPath(t *testing.T) {
 	if testing.Short() {
-		t.Skip("namespaces and 6 s of probes")
+		t.Skip("namespaces and 6 to 30 s of probes")
 	}
 	nsA, nsB := lossyPath(t)
 	self, err := os.Executable()
@@ -86,36 +88,56 @@ func TestCloseDelayOnLossyPath(t *testing.T) {
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("helper: %v\n%s", err, out.String())
 	}
-	var up, timeouts, retrans, accepted int64
+	var up, timeouts, retrans, retransUp, accepted, phases int64
 	var worst, naive time.Duration
 	for _, line := range strings.Split(out.String(), "\n") {
-		if f := strings.Fields(line); len(f) == 7 && f[0] == "RESULT" {
+		if f := strings.Fields(line); len(f) == 9 && f[0] == "RESULT" {
 			up, _ = strconv.ParseInt(f[1], 10, 64)
 			timeouts, _ = strconv.ParseInt(f[2], 10, 64)
 			retrans, _ = strconv.ParseInt(f[3], 10, 64)
-			worst, _ = time.ParseDuration(f[4])
-			naive, _ = time.ParseDuration(f[5])
-			accepted, _ = strconv.ParseInt(f[6], 10, 64)
+			retransUp, _ = strconv.ParseInt(f[4], 10, 64)
+			worst, _ = time.ParseDuration(f[5])
+			naive, _ = time.ParseDuration(f[6])
+			accepted, _ = strconv.ParseInt(f[7], 10, 64)
+			phases, _ = strconv.ParseInt(f[8], 10, 64)
 		}
 	}
-	t.Logf("lossy path: %d up, %d timeouts, %d SYNs retransmitted; worst close delay %v (from SYN + RTT it would read %v); %d accepted",
-		up, timeouts, retrans, worst, naive, accepted)
+	t.Logf("lossy path: %d phases; %d up, %d of them after a retransmitted SYN; %d timeouts; %d SYNs retransmitted; worst close delay %v (from SYN + RTT it would read %v); %d accepted",
+		phases, up, retransUp, timeouts, retrans, worst, naive, accepted)
 	switch {
 	case up == 0:
 		t.Fatalf("no probe answered:\n%s", out.String())
-	case retrans == 0:
-		t.Skipf("tbf dropped no SYN on this machine (%d up): the case is not exercised", up)
+	case retransUp == 0:
+		t.Fatalf("no probe answered after a retransmitted SYN in %d phases (%d SYNs retransmitted): the case is not exercised\n%s",
+			phases, retrans, out.String())
 	case accepted != 0:
 		t.Fatalf("listeners accepted %d probe connections", accepted)
 	case worst >= 150*time.Millisecond:
 		t.Fatalf("worst close delay %v: a false alarm (or a real late close) on a lossy path", worst)
-	}
-	if naive < 500*time.Millisecond {
-		t.Logf("no answered probe had a retransmitted SYN this run (SYN + RTT reads %v)", naive)
+	case naive < lossyRetransmitted-200*time.Millisecond:
+		// the probes answered late must read late from SYN + RTT: else
+		// the case above did not test what it says
+		t.Fatalf("%d probes answered after %v, yet SYN + RTT reads only %v", retransUp, lossyRetransmitted, naive)
 	}
 }
 
-// TestLossyHelper is the child of TestCloseDelayOnLossyPath, in ns A.
+const (
+	// lossyPhases bounds the helper's phases of probing (lossyPhase each,
+	// plus the last probes' timeouts): about 30 s at most.
+	lossyPhases = 4
+	lossyPhase  = 4 * time.Second
+	// lossyRetransmitted: a probe answered this long after its start had
+	// its SYN retransmitted. The kernel's first retransmission is 1 s
+	// after the SYN (the initial RTO); without a loss the round trip is at
+	// most tbf's 100 ms latency each way plus the loop's turn.
+	lossyRetransmitted = 900 * time.Millisecond
+)
+
+// TestLossyHelper is the child of TestCloseDelayOnLossyPath, in ns A. It
+// probes at full rate for a phase, which overflows tbf's queue so that SYNs
+// are dropped; the SYNs dropped near a phase's end are retransmitted onto a
+// path that has gone quiet, and answered. It goes on phase after phase until
+// a probe was answered after a retransmitted SYN, lossyPhases at most.
 func TestLossyHelper(t *testing.T) {
 	nsB := os.Getenv(lossyEnv)
 	if nsB == "" {
@@ -127,40 +149,55 @@ func TestLossyHelper(t *testing.T) {
 		t.Fatal(err)
 	}
 	retrans0 := testkit.TCPExt(t, "TCPSynRetrans")
-	var up, timeouts atomic.Int64
+	var up, timeouts, retransUp atomic.Int64
 	var naive atomic.Int64
-	var wg sync.WaitGroup
-	stop := time.Now().Add(4 * time.Second)
-	const chains = 512
-	for i := 0; i < chains; i++ {
-		wg.Add(1)
-		var done func(Result)
-		k := i
-		done = func(r Result) {
-			switch r.Outcome {
-			case Up:
-				up.Add(1)
-				if d := int64(r.Duration - r.RTT); d > naive.Load() {
-					naive.Store(d)
+	phases := 0
+	for phases < lossyPhases && retransUp.Load() == 0 {
+		phases++
+		var wg sync.WaitGroup
+		stop := time.Now().Add(lossyPhase)
+		const chains = 512
+		for i := 0; i < chains; i++ {
+			wg.Add(1)
+			var done func(Result)
+			k := i
+			done = func(r Result) {
+				switch r.Outcome {
+				case Up:
+					up.Add(1)
+					if r.Duration >= lossyRetransmitted {
+						retransUp.Add(1)
+					}
+					if d := int64(r.Duration - r.RTT); d > naive.Load() {
+						naive.Store(d)
+					}
+				case Timeout:
+					timeouts.Add(1)
 				}
-			case Timeout:
-				timeouts.Add(1)
+				if time.Now().After(stop) || r.Outcome == Closed {
+					wg.Done()
+					return
+				}
+				k++
+				e.ProbeAsync(ls[k%len(ls)].Addr, 3*time.Second, done)
 			}
-			if time.Now().After(stop) || r.Outcome == Closed {
-				wg.Done()
-				return
-			}
-			k++
 			e.ProbeAsync(ls[k%len(ls)].Addr, 3*time.Second, done)
 		}
-		e.ProbeAsync(ls[k%len(ls)].Addr, 3*time.Second, done)
+		// bounded: each chain ends with its first result after stop, and
+		// every probe has a result within its 3 s timeout
+		waited := make(chan struct{})
+		go func() { wg.Wait(); close(waited) }()
+		select {
+		case <-waited:
+		case <-time.After(lossyPhase + 30*time.Second):
+			t.Fatalf("phase %d: probes without a result 30 s after the phase: %+v", phases, e.Stats())
+		}
 	}
-	wg.Wait()
 	st := e.Stats()
 	e.Close()
 	accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
-	fmt.Printf("RESULT %d %d %d %v %v %d\n", up.Load(), timeouts.Load(), testkit.TCPExt(t, "TCPSynRetrans")-retrans0,
-		st.MaxCloseDelay, time.Duration(naive.Load()), accepted)
+	fmt.Printf("RESULT %d %d %d %d %v %v %d %d\n", up.Load(), timeouts.Load(), testkit.TCPExt(t, "TCPSynRetrans")-retrans0,
+		retransUp.Load(), st.MaxCloseDelay, time.Duration(naive.Load()), accepted, phases)
 }
 
 // listenIn opens n counting listeners on lossyAddrB inside network

@@ -308,9 +308,43 @@ func TestScheduleNow(t *testing.T) {
 				s.Now()
 				c.wait(t, i, 10*time.Second)
 			}
+			// Twice in one turn of the loop: one probe. The loop is held
+			// in a one-off probe's callback (same address, so same loop)
+			// while Now is called twice, so both land before its next turn.
+			entered, release := make(chan struct{}), make(chan struct{})
+			e.ProbeAsync(l.Addr, 5*time.Second, func(Result) {
+				close(entered)
+				select { // bounded: a test that fails below must not hang the loop
+				case <-release:
+				case <-time.After(10 * time.Second):
+				}
+			})
+			select {
+			case <-entered:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the one-off probe's callback did not run")
+			}
 			s.Now()
-			s.Now() // twice before the loop's turn: one probe
+			s.Now()
+			close(release)
 			c.wait(t, 4, 10*time.Second)
+			// Then a blocking probe on the same loop, and until nothing is
+			// in flight: a second probe from the second Now would have
+			// started by then, and its result would be counted.
+			if r := e.Probe(t.Context(), l.Addr); r.Err != nil {
+				t.Fatal(r.Err)
+			}
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+				if st := e.Stats(); st.InFlight == 0 && st.Queued == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("probes still in flight after 10 s: %+v", e.Stats())
+				}
+			}
+			if got, total := c.count(), e.Stats().Total(); got != 4 || total != 6 {
+				t.Errorf("Now twice in one turn: %d results of the schedule and %d probes in all, want 4 and 6 (4 of the schedule and 2 one-off)", got, total)
+			}
 			if st := e.Stats(); st.Late != 0 {
 				t.Errorf("%d probes counted late: a probe moved earlier is on time", st.Late)
 			}

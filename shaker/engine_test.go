@@ -248,7 +248,14 @@ func TestStealth(t *testing.T) {
 						wg.Done()
 					}
 				}
-				wg.Wait()
+				// bounded: a broken engine fails here rather than hang CI
+				waited := make(chan struct{})
+				go func() { wg.Wait(); close(waited) }()
+				select {
+				case <-waited:
+				case <-time.After(60 * time.Second):
+					t.Fatalf("%d of %d probes done after 60 s: %+v", up.Load(), probes, e.Stats())
+				}
 				if err, _ := failed.Load().(error); err != nil {
 					t.Fatalf("a probe failed: %v", err)
 				}

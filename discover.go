@@ -64,12 +64,8 @@ type discovered struct {
 	dropped    bool // forgotten or released: a late lookup must not take checkers
 }
 
-// serve is the upstream as the in-service rule sees it: in when it cannot
-// be probed, is not resolved or probed yet, or one of its addresses is in
-// service; ready unless an operator drained or put every one of its
-// addresses in maintenance; returned when it came back into service, for
-// slow start: the earliest return among its addresses in service, 0 if
-// one of them has served since its first result.
+// serve is the upstream as the in-service rule sees it (memberOf): in
+// too when it cannot be probed or is not resolved yet.
 func (d *discovered) serve() Member {
 	if !d.probe {
 		return Member{In: true, Ready: true}
@@ -78,21 +74,7 @@ func (d *discovered) serve() Member {
 	if p == nil || len(*p) == 0 {
 		return Member{In: true, Ready: true}
 	}
-	var m Member
-	first := true
-	for _, c := range *p {
-		if c.AdminState() == health.Ready {
-			m.Ready = true
-		}
-		if !c.InService() {
-			continue
-		}
-		m.In = true
-		if ret := c.ReturnedAt(); first || ret < m.Returned {
-			m.Returned, first = ret, false
-		}
-	}
-	return m
+	return memberOf(*p)
 }
 
 // discoverUpstreams is GetUpstreams for a source that wraps another.

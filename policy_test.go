@@ -113,16 +113,7 @@ func TestPolicyEachBuiltin(t *testing.T) {
 			refPolicy := newInner(t, tc.js)
 
 			ours := newPool(tc.n)
-			p := &Policy{orig: newInner(t, tc.js), static: ours}
-			if err := p.fitInner(); err != nil {
-				t.Fatal(err)
-			}
-			p.pos = p.choosable()
-			p.probe = make([]bool, len(p.pos))
-			for k := range p.probe {
-				p.probe[k] = true
-			}
-			p.states = &fakeStates{down: map[string]bool{ours[tc.down].Dial: true}}
+			p := newTestPolicy(t, newInner(t, tc.js), ours, &fakeStates{down: map[string]bool{ours[tc.down].Dial: true}})
 
 			refCount := map[string]int{}
 			ourCount := map[string]int{}
@@ -184,12 +175,7 @@ func dialOf(u *reverseproxy.Upstream) string {
 func TestPolicyPoolRebuiltOnTransitions(t *testing.T) {
 	pool := newPool(3)
 	st := &fakeStates{down: map[string]bool{}}
-	p := &Policy{orig: reverseproxy.FirstSelection{}, static: pool, states: st}
-	if err := p.fitInner(); err != nil {
-		t.Fatal(err)
-	}
-	p.pos = p.choosable()
-	p.probe = []bool{true, true, true}
+	p := newTestPolicy(t, reverseproxy.FirstSelection{}, pool, st)
 	req := httptest.NewRequest("GET", "/", nil)
 	if got := p.Select(pool, req, nil); got != pool[0] {
 		t.Fatalf("chose %v", dialOf(got))
@@ -313,12 +299,7 @@ func TestPolicyLoadErrors(t *testing.T) {
 func BenchmarkPolicySelect(b *testing.B) {
 	for _, n := range []int{10, 1000, 10000} {
 		pool := newPool(n)
-		p := &Policy{orig: reverseproxy.RandomSelection{}, static: pool, states: &fakeStates{}}
-		if err := p.fitInner(); err != nil {
-			b.Fatal(err)
-		}
-		p.pos = p.choosable()
-		p.probe = make([]bool, n)
+		p := newTestPolicy(b, reverseproxy.RandomSelection{}, pool, &fakeStates{})
 		req := httptest.NewRequest("GET", "/", nil)
 		repl := caddy.NewReplacer()
 		req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, repl))

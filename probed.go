@@ -66,6 +66,14 @@ func (p *Probed) Member(dial string) Member {
 	if len(cs) == 0 {
 		return Member{In: true, Ready: true}
 	}
+	return memberOf(cs)
+}
+
+// memberOf is an upstream with the addresses of cs as the in-service rule
+// sees it: in while one of them is in service; ready unless every one is
+// drained or in maintenance; returned the earliest return among those in
+// service, 0 if one of them has served since its first result.
+func memberOf(cs []*health.Checker) Member {
 	var m Member
 	first := true
 	for _, c := range cs {

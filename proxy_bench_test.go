@@ -81,31 +81,7 @@ func BenchmarkProxy(b *testing.B) {
 	// first (warm-up) or last (a hotter machine)
 	order := []string{"to", "dynamic_shaker", "dynamic_a", "dynamic_a", "dynamic_shaker", "to"}
 	for _, name := range order {
-		b.Run(name, func(b *testing.B) {
-			tr := &http.Transport{MaxIdleConnsPerHost: 256}
-			defer tr.CloseIdleConnections()
-			client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
-			url := "http://" + ports[name] + "/"
-			b.SetParallelism(8)
-			b.ResetTimer()
-			start := time.Now()
-			b.RunParallel(func(pb *testing.PB) {
-				for pb.Next() {
-					resp, err := client.Get(url)
-					if err != nil {
-						b.Error(err)
-						return
-					}
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode != 200 {
-						b.Errorf("status %d", resp.StatusCode)
-						return
-					}
-				}
-			})
-			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "req/s")
-		})
+		b.Run(name, func(b *testing.B) { requestRate(b, "http://"+ports[name]+"/") })
 	}
 	for _, be := range backends {
 		if n := be.empty.Load(); n != 0 {
@@ -177,31 +153,7 @@ func BenchmarkPolicyProxy(b *testing.B) {
 		rates := map[string][]float64{}
 		for _, side := range []string{"static", "shaker", "shaker", "static"} {
 			b.Run(fmt.Sprintf("n=%d/%s", n, side), func(b *testing.B) {
-				tr := &http.Transport{MaxIdleConnsPerHost: 256}
-				defer tr.CloseIdleConnections()
-				client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
-				url := "http://" + ports[side] + "/"
-				b.SetParallelism(8)
-				b.ResetTimer()
-				start := time.Now()
-				b.RunParallel(func(pb *testing.PB) {
-					for pb.Next() {
-						resp, err := client.Get(url)
-						if err != nil {
-							b.Error(err)
-							return
-						}
-						io.Copy(io.Discard, resp.Body)
-						resp.Body.Close()
-						if resp.StatusCode != 200 {
-							b.Errorf("status %d", resp.StatusCode)
-							return
-						}
-					}
-				})
-				rate := float64(b.N) / time.Since(start).Seconds()
-				b.ReportMetric(rate, "req/s")
-				rates[side] = append(rates[side], rate)
+				rates[side] = append(rates[side], requestRate(b, "http://"+ports[side]+"/"))
 			})
 		}
 		if s, k := rates["static"], rates["shaker"]; len(s) == 2 && len(k) == 2 {
@@ -212,4 +164,34 @@ func BenchmarkPolicyProxy(b *testing.B) {
 	if n := be.empty.Load(); n != 0 {
 		b.Errorf("%d connections without a request", n)
 	}
+}
+
+// requestRate sends b.N GET requests to url from 8 goroutines per CPU,
+// fails on anything but a 200, and reports and returns the requests per
+// second.
+func requestRate(b *testing.B, url string) float64 {
+	tr := &http.Transport{MaxIdleConnsPerHost: 256}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	b.SetParallelism(8)
+	b.ResetTimer()
+	start := time.Now()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := client.Get(url)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				b.Errorf("status %d", resp.StatusCode)
+				return
+			}
+		}
+	})
+	rate := float64(b.N) / time.Since(start).Seconds()
+	b.ReportMetric(rate, "req/s")
+	return rate
 }

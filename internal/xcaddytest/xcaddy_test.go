@@ -58,7 +58,7 @@ const (
 // module cache.
 func TestXcaddyBuild(t *testing.T) {
 	if os.Getenv("SHAKER_XCADDY") != "1" {
-		t.Skip("builds Caddy with xcaddy, about two minutes a build: set SHAKER_XCADDY=1 to run it (.ci/run does, and installs xcaddy)")
+		t.Skip("builds Caddy with xcaddy, up to three minutes a build: set SHAKER_XCADDY=1 to run it (.ci/run does, and installs xcaddy)")
 	}
 	// asked for: from here on a missing tool fails the test
 	xcaddy := findXcaddy(t)

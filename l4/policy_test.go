@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
@@ -18,16 +19,18 @@ import (
 	"go.uber.org/zap"
 
 	caddyshaker "github.com/caddy-shaker/caddy-shaker"
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 // fakeStates are member states a test sets.
 type fakeStates struct {
-	down    map[string]bool
-	version uint64
+	down     map[string]bool
+	returned map[string]int64 // back in service at (health.Now), for slow start
+	version  uint64
 }
 
 func (f *fakeStates) Member(dial string) caddyshaker.Member {
-	return caddyshaker.Member{In: !f.down[dial], Ready: true}
+	return caddyshaker.Member{In: !f.down[dial], Ready: true, Returned: f.returned[dial]}
 }
 func (f *fakeStates) Version() uint64 { return f.version }
 
@@ -117,17 +120,23 @@ func TestPolicyEachBuiltin(t *testing.T) {
 		ups    string
 		down   int
 		random bool // compare shares, not choices
+		also   int  // another upstream unavailable to caddy-l4 itself, in both runs (0: none; 1-based)
 	}{
-		{"random", `{"policy":"random"}`, four, 1, true},
-		{"least_conn", `{"policy":"least_conn"}`, four, 1, true},
-		{"round_robin", `{"policy":"round_robin"}`, four, 1, false},
-		{"round_robin, first down", `{"policy":"round_robin"}`, four, 0, false},
-		{"round_robin, last down", `{"policy":"round_robin"}`, four, 3, false},
-		{"weighted_round_robin", `{"policy":"weighted_round_robin"}`, weighted, 1, false},
-		{"weighted_round_robin, heaviest down", `{"policy":"weighted_round_robin"}`, weighted, 3, false},
-		{"weighted_round_robin, unweighted down", `{"policy":"weighted_round_robin"}`, weighted, 2, false},
-		{"first", `{"policy":"first"}`, four, 0, false},
-		{"ip_hash", `{"policy":"ip_hash"}`, weighted, 2, false},
+		{"random", `{"policy":"random"}`, four, 1, true, 0},
+		{"least_conn", `{"policy":"least_conn"}`, four, 1, true, 0},
+		{"round_robin", `{"policy":"round_robin"}`, four, 1, false, 0},
+		{"round_robin, first down", `{"policy":"round_robin"}`, four, 0, false, 0},
+		{"round_robin, last down", `{"policy":"round_robin"}`, four, 3, false, 0},
+		{"weighted_round_robin", `{"policy":"weighted_round_robin"}`, weighted, 1, false, 0},
+		{"weighted_round_robin, heaviest down", `{"policy":"weighted_round_robin"}`, weighted, 3, false, 0},
+		{"weighted_round_robin, unweighted down", `{"policy":"weighted_round_robin"}`, weighted, 2, false, 0},
+		{"first", `{"policy":"first"}`, four, 0, false, 0},
+		{"ip_hash", `{"policy":"ip_hash"}`, weighted, 2, false, 0},
+		// caddy-l4's own unavailability still applies to the inner policy
+		{"round_robin, another unavailable to caddy-l4", `{"policy":"round_robin"}`, four, 1, false, 3},
+		{"weighted_round_robin, another unavailable to caddy-l4", `{"policy":"weighted_round_robin"}`, weighted, 3, false, 1},
+		{"first, another unavailable to caddy-l4", `{"policy":"first"}`, four, 0, false, 2},
+		{"least_conn, another unavailable to caddy-l4", `{"policy":"least_conn"}`, four, 1, true, 4},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// the reference: the policy alone, the down upstream unavailable
@@ -135,6 +144,9 @@ func TestPolicyEachBuiltin(t *testing.T) {
 			ref, done := provisionedPool(t, tc.ups)
 			refPolicy := newInner(t, tc.js)
 			want := make([]string, conns)
+			if tc.also > 0 {
+				setUnavailable(t, ref[tc.also-1], true)
+			}
 			setUnavailable(t, ref[tc.down], true)
 			for i := range conns {
 				if !tc.random && i == conns/2 {
@@ -149,6 +161,9 @@ func TestPolicyEachBuiltin(t *testing.T) {
 			p := &Policy{orig: newInner(t, tc.js), logger: zap.NewNop()}
 			p.kind = kindOf(p.orig)
 			p.setUpstreams(ours)
+			if tc.also > 0 {
+				setUnavailable(t, ours[tc.also-1], true)
+			}
 			states := &fakeStates{down: map[string]bool{ours[tc.down].Dial[0]: true}}
 			p.states = states
 			p.key = "test"
@@ -313,5 +328,47 @@ func TestPolicyCaddyfile(t *testing.T) {
 		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(bad)); err == nil {
 			t.Errorf("%q: no error", bad)
 		}
+	}
+}
+
+// TestPolicyPanicAndSlowStart: the one in-service rule applies to the
+// layer-4 pools too, with both ways of handing the inner policy its
+// upstreams (a pool; by position): failing open below panic_threshold
+// uses every upstream, and an upstream back in service under slow_start
+// gets a share of the choices that starts near none.
+func TestPolicyPanicAndSlowStart(t *testing.T) {
+	for _, js := range []string{`{"policy":"random"}`, `{"policy":"round_robin"}`, `{"policy":"weighted_round_robin"}`} {
+		t.Run(js, func(t *testing.T) {
+			ups, done := provisionedPool(t, `[{"dial":["127.0.0.1:1001"]},{"dial":["127.0.0.1:1002"]},{"dial":["127.0.0.1:1003"]},{"dial":["127.0.0.1:1004"]}]`)
+			defer done()
+			p := &Policy{orig: newInner(t, js), logger: zap.NewNop()}
+			p.kind = kindOf(p.orig)
+			p.PanicThreshold = 0.5
+			p.SlowStart = caddy.Duration(time.Hour)
+			if err := p.SetDefaults(); err != nil {
+				t.Fatal(err)
+			}
+			p.setUpstreams(ups)
+			states := &fakeStates{down: map[string]bool{"127.0.0.1:1001": true, "127.0.0.1:1002": true, "127.0.0.1:1003": true}}
+			p.states = states
+			got := map[string]int{}
+			for i := range 400 {
+				got[dialOf(p.Select(ups, connFrom(i)))]++
+			}
+			if len(got) != 4 {
+				t.Fatalf("1 of 4 up, panic_threshold 0.5: chose %v, want all 4 (failing open)", got)
+			}
+			// 1001 back just now under a slow start of an hour; 1002 down
+			states.down = map[string]bool{"127.0.0.1:1002": true}
+			states.returned = map[string]int64{"127.0.0.1:1001": health.Now()}
+			states.version++
+			got = map[string]int{}
+			for i := range 400 {
+				got[dialOf(p.Select(ups, connFrom(i)))]++
+			}
+			if got["127.0.0.1:1002"] != 0 || got["127.0.0.1:1001"] > 8 || got["127.0.0.1:1003"] == 0 || got["127.0.0.1:1004"] == 0 {
+				t.Fatalf("1001 ramping up, 1002 down: chose %v, want 1001 hardly ever, 1002 never", got)
+			}
+		})
 	}
 }

@@ -88,7 +88,6 @@ type Policy struct {
 
 // slot is one of the handler's upstreams, as this policy sees it.
 type slot struct {
-	i     int      // its position among the handler's upstreams
 	dials []string // its dial addresses that are probed
 }
 
@@ -204,7 +203,7 @@ func (p *Policy) setUpstreams(ups l4proxy.UpstreamPool) {
 	p.slots = make([]*slot, len(ups))
 	p.index = make(map[*l4proxy.Upstream]int, len(ups))
 	for i, u := range ups {
-		s := &slot{i: i}
+		s := new(slot)
 		for _, d := range u.Dial {
 			if pd, ok := probeDial(d); ok {
 				s.dials = append(s.dials, pd)
@@ -292,7 +291,10 @@ func (p *Policy) Select(pool l4proxy.UpstreamPool, conn *layer4.Connection) *l4p
 	if conn != nil {
 		repl = conn.Replacer()
 	}
-	if repl != nil && p.probed != nil {
+	if p.probed == nil {
+		repl = nil // nothing to probe: no need to remember the choice
+	}
+	if repl != nil {
 		if v, ok := repl.Get(p.key); ok {
 			if s, _ := v.(*slot); s != nil {
 				for _, d := range s.dials {

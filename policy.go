@@ -279,7 +279,7 @@ func (p *Policy) rebuild() *poolState {
 	at := func(k int) Member { return ms[k] }
 	t := p.Count(len(ms), at)
 	if t.Panic != p.panic.Load() && p.panic.CompareAndSwap(!t.Panic, t.Panic) {
-		logFailOpen(p.logger, t, p.PanicThreshold)
+		LogFailOpen(p.logger, t, p.PanicThreshold)
 	}
 	slow := int64(p.SlowStart)
 	st.pool = make(reverseproxy.UpstreamPool, 0, t.Serving())
@@ -338,8 +338,10 @@ func (st *poolState) pick(slow time.Duration) reverseproxy.UpstreamPool {
 	return pool
 }
 
-// logFailOpen logs that a pool starts or stops failing open.
-func logFailOpen(logger *zap.Logger, t Tally, threshold float64) {
+// LogFailOpen logs that a pool starts or stops failing open (t.Panic);
+// call it when t.Panic changes. Exported for a module outside this package
+// that keeps its own pool under the in-service rule (the layer-4 policy).
+func LogFailOpen(logger *zap.Logger, t Tally, threshold float64) {
 	fields := []zap.Field{zap.Int("up", t.In), zap.Int("addresses", t.Ready), zap.Float64("panic_threshold", threshold)}
 	if t.Panic {
 		logger.Error("too few upstreams up: failing open, sending requests to every address", fields...)

@@ -335,7 +335,7 @@ func (su *Upstreams) checkersOf(dial string) []*health.Checker {
 // notePanic logs when the source starts or stops failing open.
 func (su *Upstreams) notePanic(t Tally) {
 	if t.Panic != su.panic.Load() && su.panic.CompareAndSwap(!t.Panic, t.Panic) {
-		logFailOpen(su.logger, t, su.PanicThreshold)
+		LogFailOpen(su.logger, t, su.PanicThreshold)
 	}
 }
 

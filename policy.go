@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -57,8 +56,7 @@ type Policy struct {
 	logger *zap.Logger
 
 	panic atomic.Bool
-	mu    sync.Mutex // one rebuild at a time
-	state atomic.Pointer[poolState]
+	pools Rebuilt[poolState]
 }
 
 // memberStates is what a policy reads of its probed upstreams.
@@ -69,7 +67,6 @@ type memberStates interface {
 
 // poolState is the list in service, as of a Version of the probes.
 type poolState struct {
-	version uint64
 	pool    reverseproxy.UpstreamPool // in service (failing open: ready), ramping ones included
 	base    reverseproxy.UpstreamPool // pool less the ramping ones
 	ramping []ramp                    // in service, ramping up under slow_start
@@ -235,26 +232,12 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 }
 
 // current is the list in service, rebuilt when the probes' Version has
-// moved or a ramp has ended. While one request rebuilds it, others use
-// the list before.
+// moved or a ramp has ended.
 func (p *Policy) current() *poolState {
-	st := p.state.Load()
-	if st != nil && st.version == p.version() && (st.rampEnd == 0 || health.Now() < st.rampEnd) {
-		return st
-	}
-	if !p.mu.TryLock() {
-		if st != nil {
-			return st
-		}
-		p.mu.Lock()
-	}
-	defer p.mu.Unlock()
-	if cur := p.state.Load(); cur != st && cur != nil {
-		return cur // rebuilt while this one waited
-	}
-	st = p.rebuild()
-	p.state.Store(st)
-	return st
+	return p.pools.Get(p.version, func() (*poolState, int64) {
+		st := p.rebuild()
+		return st, st.rampEnd
+	})
 }
 
 func (p *Policy) version() uint64 {
@@ -266,7 +249,7 @@ func (p *Policy) version() uint64 {
 
 // rebuild makes the list in service, by the one in-service rule.
 func (p *Policy) rebuild() *poolState {
-	st := &poolState{version: p.version()} // before the states are read: a change during the read rebuilds again
+	st := &poolState{}
 	now := health.Now()
 	ms := make([]Member, len(p.pos))
 	for k, i := range p.pos {
@@ -373,6 +356,14 @@ func LogFailOpen(logger *zap.Logger, t Tally, threshold float64) {
 // on an `inner` line in the block. The subdirectives are those of
 // `dynamic shaker`, with the same defaults.
 func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	return p.UnmarshalPolicy(d, p.setInner)
+}
+
+// UnmarshalPolicy reads a shaker selection policy's Caddyfile tokens, for
+// the HTTP and the layer-4 policies alike: the inner policy on the
+// lb_policy line, or on an `inner` line in the block (setInner reads it,
+// with d on its name), and the probe subdirectives.
+func (pc *ProbeConfig) UnmarshalPolicy(d *caddyfile.Dispenser, setInner func(*caddyfile.Dispenser) error) error {
 	d.Next() // consume policy name
 	if d.NextArg() {
 		// the inner policy's name and arguments, up to the block: a
@@ -383,12 +374,12 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		sub := caddyfile.NewDispenser(line)
 		sub.Next()
-		if err := p.setInner(sub); err != nil {
+		if err := setInner(sub); err != nil {
 			return err
 		}
 	}
 	for d.NextBlock(0) {
-		if ok, err := p.UnmarshalSubdirective(d); ok {
+		if ok, err := pc.UnmarshalSubdirective(d); ok {
 			if err != nil {
 				return err
 			}
@@ -399,14 +390,14 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
-			if err := p.setInner(d); err != nil {
+			if err := setInner(d); err != nil {
 				return err
 			}
 		default:
 			return d.Errf("unrecognized shaker policy option '%s'", d.Val())
 		}
 	}
-	return p.FinishCaddyfile()
+	return pc.FinishCaddyfile()
 }
 
 // setInner reads the inner policy whose name d is on.

@@ -180,9 +180,9 @@ func TestPolicyPoolRebuiltOnTransitions(t *testing.T) {
 	if got := p.Select(pool, req, nil); got != pool[0] {
 		t.Fatalf("chose %v", dialOf(got))
 	}
-	first := p.state.Load()
+	first := p.pools.Peek()
 	st.down[pool[0].Dial] = true
-	if got := p.Select(pool, req, nil); got != pool[0] || p.state.Load() != first {
+	if got := p.Select(pool, req, nil); got != pool[0] || p.pools.Peek() != first {
 		t.Fatalf("rebuilt without a version change")
 	}
 	st.version++

@@ -76,8 +76,7 @@ type Policy struct {
 	logger *zap.Logger
 
 	panic atomic.Bool
-	mu    sync.Mutex // one rebuild at a time
-	state atomic.Pointer[poolState]
+	pools caddyshaker.Rebuilt[poolState]
 
 	// round_robin and weighted_round_robin, chosen by position over the
 	// handler's upstreams (see innerKind)
@@ -118,7 +117,6 @@ type memberStates interface {
 
 // poolState is the list in service, as of a Version of the probes.
 type poolState struct {
-	version uint64
 	pool    l4proxy.UpstreamPool // in service (failing open: ready), ramping ones included, in the handler's order
 	in      []bool               // by position among the handler's upstreams: in pool
 	ramping []ramp               // in service, ramping up under slow_start
@@ -394,23 +392,10 @@ func (p *Policy) weightedRoundRobin(in []bool) *l4proxy.Upstream {
 // moved or a ramp has ended. While one connection rebuilds it, others use
 // the list before.
 func (p *Policy) current() *poolState {
-	st := p.state.Load()
-	if st != nil && st.version == p.version() && (st.rampEnd == 0 || health.Now() < st.rampEnd) {
-		return st
-	}
-	if !p.mu.TryLock() {
-		if st != nil {
-			return st
-		}
-		p.mu.Lock()
-	}
-	defer p.mu.Unlock()
-	if cur := p.state.Load(); cur != st && cur != nil {
-		return cur // rebuilt while this one waited
-	}
-	st = p.rebuild()
-	p.state.Store(st)
-	return st
+	return p.pools.Get(p.version, func() (*poolState, int64) {
+		st := p.rebuild()
+		return st, st.rampEnd
+	})
 }
 
 func (p *Policy) version() uint64 {
@@ -440,7 +425,7 @@ func (p *Policy) member(i int) caddyshaker.Member {
 
 // rebuild makes the list in service, by the one in-service rule.
 func (p *Policy) rebuild() *poolState {
-	st := &poolState{version: p.version()} // before the states are read: a change during the read rebuilds again
+	st := &poolState{}
 	now := health.Now()
 	n := len(p.static)
 	ms := make([]caddyshaker.Member, n)
@@ -535,40 +520,7 @@ func (st *poolState) pick(slow time.Duration, byPosition bool, static l4proxy.Up
 // `inner` line in the block. The subdirectives are those of `dynamic
 // shaker`, with the same defaults.
 func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // consume policy name
-	if d.NextArg() {
-		// the inner policy's name and arguments, up to the block: a
-		// dispenser of this line only, so that the block stays ours
-		line := []caddyfile.Token{d.Token()}
-		for d.NextArg() {
-			line = append(line, d.Token())
-		}
-		sub := caddyfile.NewDispenser(line)
-		sub.Next()
-		if err := p.setInner(sub); err != nil {
-			return err
-		}
-	}
-	for d.NextBlock(0) {
-		if ok, err := p.UnmarshalSubdirective(d); ok {
-			if err != nil {
-				return err
-			}
-			continue
-		}
-		switch d.Val() {
-		case "inner":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			if err := p.setInner(d); err != nil {
-				return err
-			}
-		default:
-			return d.Errf("unrecognized shaker policy option '%s'", d.Val())
-		}
-	}
-	return p.FinishCaddyfile()
+	return p.UnmarshalPolicy(d, p.setInner)
 }
 
 // setInner reads the inner policy whose name d is on.

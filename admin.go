@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
 // adminAPI is a module that provides the /shaker/ endpoints of Caddy's
@@ -81,9 +82,53 @@ type EngineStatus struct {
 	LateProbes uint64 `json:"late_probes"`
 	// MaxCloseDelayMs: the worst SYN-ACK-to-close delay seen, in ms.
 	MaxCloseDelayMs float64 `json:"max_close_delay_ms"`
+	// CloseDelay: the distribution of those delays, one per answered
+	// probe since the engine started.
+	CloseDelay CloseDelayStatus `json:"close_delay"`
 	// Advice says what to do when the engine does not keep its schedule
 	// or closes sockets late; "" when all is well.
 	Advice string `json:"advice,omitempty"`
+}
+
+// CloseDelayStatus is the distribution of SYN-ACK-to-close delays, as GET
+// /shaker/engine shows it: quantiles (the upper bound of the bucket that
+// holds each, at most the worst delay seen) and the buckets themselves.
+type CloseDelayStatus struct {
+	Count  uint64  `json:"count"`
+	P50Ms  float64 `json:"p50_ms"`
+	P99Ms  float64 `json:"p99_ms"`
+	P999Ms float64 `json:"p999_ms"`
+	// Buckets: each bucket's upper bound in ms (le_ms; 0 for the last,
+	// unbounded one) and its own count, not cumulative.
+	Buckets []DelayBucket `json:"buckets"`
+}
+
+// DelayBucket is one bucket of a delay distribution.
+type DelayBucket struct {
+	LeMs  float64 `json:"le_ms"`
+	Count uint64  `json:"count"`
+}
+
+// closeDelayStatus summarises the engine's close delays.
+func closeDelayStatus(st shaker.Stats) CloseDelayStatus {
+	h := st.CloseDelay
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	q := func(q float64) float64 {
+		d := h.Quantile(q, shaker.CloseDelayBuckets)
+		if d < 0 || d > st.MaxCloseDelay {
+			d = st.MaxCloseDelay
+		}
+		return ms(d)
+	}
+	cs := CloseDelayStatus{Count: h.Count(), P50Ms: q(0.5), P99Ms: q(0.99), P999Ms: q(0.999)}
+	for i, c := range h.Counts {
+		var le float64
+		if i < len(shaker.CloseDelayBuckets) {
+			le = ms(shaker.CloseDelayBuckets[i])
+		}
+		cs.Buckets = append(cs.Buckets, DelayBucket{LeMs: le, Count: c})
+	}
+	return cs
 }
 
 // engineStatus reads the engine's state.
@@ -101,6 +146,7 @@ func engineStatus() EngineStatus {
 		Overdue: st.Overdue, LagMs: float64(st.Lag.Microseconds()) / 1000,
 		LateProbes:      st.Late,
 		MaxCloseDelayMs: float64(st.MaxCloseDelay.Microseconds()) / 1000,
+		CloseDelay:      closeDelayStatus(st),
 	}
 	var advice []string
 	if check == checkFailed {

@@ -89,6 +89,9 @@ var (
 	descCloseDelay = prometheus.NewDesc(metricName("max_close_delay_seconds"),
 		"Worst delay seen between a SYN-ACK's arrival and the close of its probe socket; "+
 			"near 0.2 s a probe becomes a real connection.", nil, nil)
+	descCloseDelays = prometheus.NewDesc(metricName("close_delay_seconds"),
+		"Delay between each answered probe's SYN-ACK and the close of its socket; "+
+			"near 0.2 s a probe becomes a real connection.", nil, nil)
 	descStartDelay = prometheus.NewDesc(metricName("probe_start_delay_seconds"),
 		"How late periodic probes started, from their due time to their SYN.", nil, nil)
 	descLate = prometheus.NewDesc(metricName("probes_late_total"),
@@ -113,7 +116,7 @@ var (
 
 // Describe sends the descriptors of the collected metrics.
 func (*engineCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descHealthy, descInFlight, descCloseDelay, descStartDelay,
+	for _, d := range []*prometheus.Desc{descHealthy, descInFlight, descCloseDelay, descCloseDelays, descStartDelay,
 		descLate, descOverdue, descLag, descSockets, descMaxSockets, descLoops, descScheduled, descHalfOpen} {
 		ch <- d
 	}
@@ -139,6 +142,7 @@ func (*engineCollector) Collect(ch chan<- prometheus.Metric) {
 		st = e.Stats()
 	} else {
 		st.StartDelay.Counts = make([]uint64, len(shaker.StartDelayBuckets)+1)
+		st.CloseDelay.Counts = make([]uint64, len(shaker.CloseDelayBuckets)+1)
 	}
 	gauge := func(d *prometheus.Desc, v float64) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v)
@@ -164,4 +168,11 @@ func (*engineCollector) Collect(ch chan<- prometheus.Metric) {
 		buckets[b.Seconds()] = cum
 	}
 	ch <- prometheus.MustNewConstHistogram(descStartDelay, st.StartDelay.Count(), st.StartDelay.Sum.Seconds(), buckets)
+	closeBuckets := make(map[float64]uint64, len(shaker.CloseDelayBuckets))
+	cum = 0
+	for i, b := range shaker.CloseDelayBuckets {
+		cum += st.CloseDelay.Counts[i]
+		closeBuckets[b.Seconds()] = cum
+	}
+	ch <- prometheus.MustNewConstHistogram(descCloseDelays, st.CloseDelay.Count(), st.CloseDelay.Sum.Seconds(), closeBuckets)
 }

@@ -20,11 +20,17 @@ import (
 const halfOpen = true
 
 const (
-	// startBatch is the most probes a loop starts before it reads
-	// answers again, so that SYN-ACKs never wait behind a long run of
-	// connect() calls: at a few microseconds a connect, a batch takes
-	// well under a millisecond.
-	startBatch = 64
+	// slice is the most time a loop spends starting probes or running
+	// callbacks before it looks at epoll again (without waiting) and
+	// closes the sockets that have answered: a SYN-ACK that arrives
+	// meanwhile waits at most about that long, plus one callback. It is
+	// a bound in time, not in work items: on a path where a connect() or
+	// a close() runs the peer's network processing inline (a veth pair),
+	// a few dozen of them can take tens of milliseconds.
+	slice = int64(2 * time.Millisecond)
+	// checkEvery is how many probes a loop starts, or callbacks it runs,
+	// between two reads of the clock.
+	checkEvery = 8
 	// maxEvents is the most completions read by one epoll_wait.
 	maxEvents = 256
 	// wakeIndex marks the eventfd in epoll's user data.
@@ -148,29 +154,31 @@ type loop struct {
 	done chan struct{}
 
 	// Owned by the loop goroutine.
-	slots       []slot
-	free        []int32
-	heap        []int32     // slot indices, min-heap by deadline
-	timers      []*Schedule // min-heap by due
-	events      []unix.EpollEvent
-	batch       []request
-	addBuf      []*Schedule
-	stopBuf     []*Schedule
-	nowBuf      []*Schedule
-	results     []pending
-	idle        [2][]int // sockets kept for reuse, IPv4 and IPv6
-	tcpInfo     unix.TCPInfo
-	linger      unix.Linger
-	evbuf       [8]byte
-	woke        int64 // engine time at which the last epoll_wait returned
-	open        int   // sockets open: in flight and idle
-	queueFirst  bool  // which kind of probe starts first this turn
-	countAfter  int64 // engine time after which overdue may be counted again
-	slack       int64 // how long past its due time a periodic probe may wait for others
-	minCur      int64 // the shortest interval started since slackFrom
-	slackFrom   int64
-	epollOnly   bool
-	startBatchN int
+	slots      []slot
+	free       []int32
+	heap       []int32     // slot indices, min-heap by deadline
+	timers     []*Schedule // min-heap by due
+	events     []unix.EpollEvent
+	batch      []request
+	addBuf     []*Schedule
+	stopBuf    []*Schedule
+	nowBuf     []*Schedule
+	results    []pending
+	idle       [2][]int // sockets kept for reuse, IPv4 and IPv6
+	tcpInfo    unix.TCPInfo
+	linger     unix.Linger
+	evbuf      [8]byte
+	woke       int64 // engine time at which the last epoll_wait returned
+	full       bool  // the last epoll_wait filled the events buffer: more answers may wait
+	hurry      bool  // due probes were left for the next turn: it must not sleep
+	stopping   bool  // shutdown: epoll is closed, no more looks
+	open       int   // sockets open: in flight and idle
+	queueFirst bool  // which kind of probe starts first this turn
+	countAfter int64 // engine time after which overdue may be counted again
+	slack      int64 // how long past its due time a periodic probe may wait for others
+	minCur     int64 // the shortest interval started since slackFrom
+	slackFrom  int64
+	epollOnly  bool
 
 	// Read by Stats from any goroutine.
 	outcomes      outcomeCounts
@@ -184,6 +192,10 @@ type loop struct {
 	delays        [numDelayBuckets]atomic.Uint64
 	delaySum      atomic.Int64
 	maxCloseDelay atomic.Int64
+	closeDelays   [numCloseBuckets]atomic.Uint64
+	closeSum      atomic.Int64
+	epollUp       atomic.Uint64
+	maxReady      atomic.Int64
 }
 
 // New creates an engine: its loops, each with an epoll instance and a
@@ -243,7 +255,7 @@ func newLoop(e *Engine, budget int, epollOnly bool) (*loop, error) {
 		budget:    budget,
 		done:      make(chan struct{}),
 		events:    make([]unix.EpollEvent, maxEvents),
-		batch:     make([]request, 0, startBatch),
+		batch:     make([]request, 0, checkEvery),
 		linger:    unix.Linger{Onoff: 1, Linger: 0},
 		epollOnly: epollOnly,
 	}
@@ -376,6 +388,7 @@ func (e *Engine) Burst(timeout time.Duration) Burst {
 func (e *Engine) Stats() Stats {
 	s := Stats{Loops: len(e.loops), MaxSockets: e.maxSockets}
 	s.StartDelay.Counts = make([]uint64, len(StartDelayBuckets)+1)
+	s.CloseDelay.Counts = make([]uint64, len(CloseDelayBuckets)+1)
 	now := e.now()
 	for _, l := range e.loops {
 		l.outcomes.addTo(&s)
@@ -393,6 +406,12 @@ func (e *Engine) Stats() Stats {
 		}
 		s.StartDelay.Sum += time.Duration(l.delaySum.Load())
 		s.MaxCloseDelay = max(s.MaxCloseDelay, time.Duration(l.maxCloseDelay.Load()))
+		for i := range l.closeDelays {
+			s.CloseDelay.Counts[i] += l.closeDelays[i].Load()
+		}
+		s.CloseDelay.Sum += time.Duration(l.closeSum.Load())
+		s.EpollUp += l.epollUp.Load()
+		s.MaxReady = max(s.MaxReady, int(l.maxReady.Load()))
 	}
 	return s
 }
@@ -416,6 +435,9 @@ func (l *loop) run() {
 		l.takeSchedules()
 
 		wait := l.waitMs(l.e.now())
+		if l.hurry {
+			wait, l.hurry = 0, false
+		}
 		if wait != 0 {
 			l.mu.Lock()
 			if l.closed || len(l.adds) > 0 || len(l.stops) > 0 || len(l.nows) > 0 || l.queue.n > 0 && len(l.heap) < l.budget {
@@ -442,14 +464,7 @@ func (l *loop) run() {
 		}
 
 		// Completions first: close every socket that has its answer.
-		for i := 0; i < n; i++ {
-			ev := &l.events[i]
-			if ev.Fd == wakeIndex {
-				unix.Read(l.evfd, l.evbuf[:])
-				continue
-			}
-			l.complete(ev.Fd, ev.Pad, ev.Events)
-		}
+		l.handle(n)
 		// Then deadlines.
 		if len(l.heap) > 0 {
 			now := l.e.now()
@@ -457,13 +472,63 @@ func (l *loop) run() {
 				l.expire(l.heap[0], now)
 			}
 		}
+		// Then callbacks, in slices with a look at epoll between two.
 		l.deliver()
-		// Then new probes, a batch at a time; but if the events buffer
-		// was full, more answers may be waiting: read them first.
-		if n < len(l.events) {
-			l.startDue()
+		// Then new probes, for at most a slice since the last look. But
+		// if the events buffer was full, more answers may be waiting,
+		// and if the closes (a batch on veth can take tens of ms) and
+		// callbacks used the slice up, more may have come: read them
+		// first.
+		if l.full || l.e.now()-l.woke >= slice {
+			l.hurry = true
+			continue
 		}
+		l.startDue()
 	}
+}
+
+// handle handles the n events an epoll_wait returned: it closes every
+// socket that has its answer (their callbacks run later, in deliver).
+func (l *loop) handle(n int) {
+	l.full = n == len(l.events)
+	if int64(n) > l.maxReady.Load() {
+		l.maxReady.Store(int64(n))
+	}
+	for i := 0; i < n; i++ {
+		ev := &l.events[i]
+		if ev.Fd == wakeIndex {
+			unix.Read(l.evfd, l.evbuf[:])
+			continue
+		}
+		l.complete(ev.Fd, ev.Pad, ev.Events)
+	}
+}
+
+// look reads epoll without waiting and closes the sockets that have
+// answered: between two slices of other work, so that a SYN-ACK never
+// waits for a whole turn.
+func (l *loop) look() {
+	n, errno := epollWait(l.epfd, l.events, 0)
+	l.woke = l.e.now()
+	if errno != 0 {
+		if errno != unix.EINTR {
+			panic("shaker: epoll_wait: " + errno.Error())
+		}
+		n = 0
+	}
+	l.handle(n)
+}
+
+// sliceOver reports whether the loop has spent a slice since its last
+// look at epoll; now is the engine's time, or 0 to read it.
+func (l *loop) sliceOver(now int64) bool {
+	if l.stopping {
+		return false
+	}
+	if now == 0 {
+		now = l.e.now()
+	}
+	return now-l.woke >= slice
 }
 
 // waitMs is how long epoll_wait may sleep: until the next deadline or
@@ -526,33 +591,45 @@ func (l *loop) takeSchedules() {
 }
 
 // deliver runs the callbacks of the results collected so far, and
-// re-arms the schedules among them.
+// re-arms the schedules among them. Once a slice has passed since the
+// last look at epoll (the clock is read every checkEvery callbacks, and
+// after each schedule's, where rearm reads it anyway), it looks again and
+// closes what has answered before the next callback: nothing a callback
+// does (metrics, logs, a lock) keeps an answered socket open for more
+// than a slice plus that one callback. The results of those looks are
+// delivered in the same call.
 func (l *loop) deliver() {
-	for i := range l.results {
+	var now int64 // when the last callback ended, if known
+	for i := 0; i < len(l.results); i++ {
+		if (now != 0 || i%checkEvery == 0) && l.sliceOver(now) {
+			l.look() // appends to l.results
+		}
 		p := &l.results[i]
 		done, s, res := p.done, p.sched, p.res
 		*p = pending{}
 		if s != nil {
-			l.rearm(s, res)
+			now = l.rearm(s, res)
 		} else {
 			done(res)
+			now = 0
 		}
 	}
 	l.results = l.results[:0]
 }
 
 // rearm gives a periodic probe's result to its callback and puts the
-// schedule back in the timer heap.
-func (l *loop) rearm(s *Schedule, res Result) {
+// schedule back in the timer heap. It returns the time it read after
+// the callback, or 0.
+func (l *loop) rearm(s *Schedule, res Result) int64 {
 	s.inFlight = false
 	if s.removed || s.stopped.Load() {
 		s.removed = true
-		return
+		return 0
 	}
 	next := int64(s.fn(res))
 	if s.stopped.Load() {
 		s.removed = true // Stop from the callback
-		return
+		return 0
 	}
 	if next <= 0 {
 		next = s.interval
@@ -562,25 +639,30 @@ func (l *loop) rearm(s *Schedule, res Result) {
 	if next > farFuture-s.due {
 		due = farFuture // an interval of centuries: no overflow
 	}
-	if now := l.e.now(); due < now {
+	now := l.e.now()
+	if due < now {
 		due = now
 	}
 	s.due = due
 	l.timerPush(s)
+	return now
 }
 
 // startDue starts the probes that are due: periodic ones whose time has
-// come and queued one-off ones, up to startBatch, and while sockets are
-// free. The two kinds take turns at going first.
+// come and queued one-off ones, while sockets are free and until a slice
+// has passed since the last look at epoll (then the next turn, which does
+// not sleep, reads the answers first and goes on). The two kinds take
+// turns at going first.
 func (l *loop) startDue() {
-	room := startBatch
 	l.queueFirst = !l.queueFirst
 	if l.queueFirst {
-		room = l.startQueued(room)
-		l.startTimers(room)
+		if l.startQueued() {
+			l.startTimers()
+		}
 	} else {
-		room = l.startTimers(room)
-		l.startQueued(room)
+		if l.startTimers() {
+			l.startQueued()
+		}
 	}
 	// Failures at start (socket errors, deadlines already passed) have
 	// their results now.
@@ -588,14 +670,24 @@ func (l *loop) startDue() {
 	l.noteBacklog()
 }
 
-// startTimers starts up to room due periodic probes and returns the room
-// left.
-func (l *loop) startTimers(room int) int {
+// startTimers starts the due periodic probes, checkEvery at least, until
+// the slice is over. It returns false if it left due probes for that
+// reason.
+func (l *loop) startTimers() bool {
 	if len(l.timers) == 0 {
-		return room
+		return true
 	}
 	now := l.e.now()
-	for room > 0 && len(l.timers) > 0 && len(l.heap) < l.budget {
+	for n := 1; len(l.timers) > 0 && len(l.heap) < l.budget; n++ {
+		if n%checkEvery == 0 {
+			if now = l.e.now(); l.sliceOver(now) {
+				if l.timers[0].due <= now {
+					l.hurry = true
+					return false
+				}
+				return true
+			}
+		}
 		s := l.timers[0]
 		if s.due > now {
 			break
@@ -619,27 +711,39 @@ func (l *loop) startTimers(room int) int {
 		s.inFlight = true
 		req := request{addr: s.addr, timeout: time.Duration(s.timeout), scope: s.scope, err: s.err, sched: s}
 		l.start(&req)
-		room--
 	}
-	return room
+	return true
 }
 
-// startQueued starts up to room queued one-off probes and returns the
-// room left.
-func (l *loop) startQueued(room int) int {
-	room = min(room, l.budget-len(l.heap))
-	if room <= 0 {
-		return max(room, 0)
+// startQueued starts queued one-off probes, checkEvery at a time, until
+// the slice is over. It returns false if it left queued probes for that
+// reason.
+func (l *loop) startQueued() bool {
+	for {
+		room := min(checkEvery, l.budget-len(l.heap))
+		if room <= 0 {
+			return true
+		}
+		l.mu.Lock()
+		l.batch = l.queue.popN(l.batch[:0], room)
+		left := l.queue.n
+		l.mu.Unlock()
+		if len(l.batch) == 0 {
+			return true
+		}
+		l.queued.Add(-int64(len(l.batch)))
+		for i := range l.batch {
+			l.start(&l.batch[i])
+			l.batch[i] = request{}
+		}
+		if left == 0 {
+			return true
+		}
+		if l.sliceOver(0) {
+			l.hurry = true
+			return false
+		}
 	}
-	l.mu.Lock()
-	l.batch = l.queue.popN(l.batch[:0], room)
-	l.mu.Unlock()
-	l.queued.Add(-int64(len(l.batch)))
-	for i := range l.batch {
-		l.start(&l.batch[i])
-		l.batch[i] = request{}
-	}
-	return room - len(l.batch)
 }
 
 // noteBacklog publishes the earliest due time and, while the loop is
@@ -921,6 +1025,9 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 		}
 	} else {
 		rtt = int64(l.tcpInfo.Rtt) * int64(time.Microsecond)
+		if family == 0 {
+			l.epollUp.Add(1)
+		}
 		// The kernel's own clock of the SYN-ACK's arrival, in ms
 		// (jiffies): it counts time the loop spent off the CPU before
 		// epoll_wait returned, which seen does not.
@@ -942,6 +1049,8 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 		if delay > l.maxCloseDelay.Load() {
 			l.maxCloseDelay.Store(delay)
 		}
+		l.closeDelays[closeBucketOf(time.Duration(delay))].Add(1)
+		l.closeSum.Add(delay)
 	}
 	l.finish(done, sched, res)
 }
@@ -985,6 +1094,7 @@ func (l *loop) shutdown() {
 	}
 	l.queued.Store(0)
 	l.adds, l.stops, l.nows = nil, nil, nil
+	l.stopping = true  // no look at epoll from deliver
 	unix.Close(l.evfd) // under mu: see wakeLocked
 	l.mu.Unlock()
 	unix.Close(l.epfd)

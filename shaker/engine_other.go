@@ -267,6 +267,7 @@ func (e *Engine) Stats() Stats {
 		Loops: 1, InFlight: n, Queued: q, Sockets: n, MaxSockets: e.maxInFlight,
 		Scheduled:  int(e.scheduled.Load()),
 		StartDelay: Histogram{Counts: make([]uint64, numDelayBuckets)},
+		CloseDelay: Histogram{Counts: make([]uint64, numCloseBuckets)},
 	}
 	e.outcomes.addTo(&s)
 	return s

@@ -31,6 +31,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"strconv"
@@ -71,12 +72,12 @@ type Options struct {
 	epollOnly bool
 }
 
-// MaxBurstRate is the most SYNs per second a Burst allows: one start
-// batch of 64 connect() calls per millisecond. A loop starts at most 64
-// probes before it reads answers again, and such a batch takes well under
-// a millisecond, so a burst paced at this rate leaves most of the loop's
-// time to reading answers (closing a SYN-ACKed socket at once is what
-// keeps a probe half-open) and to the probes already scheduled.
+// MaxBurstRate is the most SYNs per second a Burst allows: 64 connect()
+// calls per millisecond, which take well under a millisecond. A loop
+// starts probes for at most about 2 ms before it reads answers again, so a
+// burst paced at this rate leaves most of the loop's time to reading
+// answers (closing a SYN-ACKed socket at once is what keeps a probe
+// half-open) and to the probes already scheduled.
 const MaxBurstRate = 64_000
 
 // Burst says how fast a burst of new probes (the first probes of many new
@@ -256,6 +257,18 @@ type Stats struct {
 	// far below the kernel's 200 ms delayed-ACK window; a probe whose
 	// delay reached it became a real connection.
 	MaxCloseDelay time.Duration
+	// CloseDelay is the distribution of those delays, one per probe
+	// answered with a SYN-ACK, over CloseDelayBuckets: the tail, where
+	// MaxCloseDelay is only the worst.
+	CloseDelay Histogram
+	// EpollUp counts the probes answered with a SYN-ACK that came after
+	// connect() had returned, through epoll (a path with some delay: a
+	// veth pair, a network); the others' handshakes finished inside
+	// connect() (loopback) and their sockets were closed there.
+	EpollUp uint64
+	// MaxReady is the most answers one look at epoll has returned: how
+	// large a burst of SYN-ACKs a loop has had to close at once.
+	MaxReady int
 }
 
 // Total is the number of probes with a result.
@@ -280,9 +293,25 @@ var StartDelayBuckets = []time.Duration{
 // numDelayBuckets is len(StartDelayBuckets)+1, for arrays of counters.
 const numDelayBuckets = 13
 
-// Histogram is a distribution of durations over StartDelayBuckets.
+// CloseDelayBuckets are the upper bounds of Stats.CloseDelay's buckets,
+// fine between 1 ms and the kernel's 200 ms.
+var CloseDelayBuckets = []time.Duration{
+	500 * time.Microsecond, time.Millisecond, 2 * time.Millisecond,
+	3 * time.Millisecond, 5 * time.Millisecond, 7500 * time.Microsecond,
+	10 * time.Millisecond, 15 * time.Millisecond, 20 * time.Millisecond,
+	30 * time.Millisecond, 50 * time.Millisecond, 75 * time.Millisecond,
+	100 * time.Millisecond, 150 * time.Millisecond, 200 * time.Millisecond,
+	300 * time.Millisecond,
+}
+
+// numCloseBuckets is len(CloseDelayBuckets)+1, for arrays of counters.
+const numCloseBuckets = 17
+
+// Histogram is a distribution of durations over a list of bucket bounds:
+// StartDelayBuckets for Stats.StartDelay, CloseDelayBuckets for
+// Stats.CloseDelay.
 type Histogram struct {
-	// Counts has len(StartDelayBuckets)+1 entries; each counts the
+	// Counts has one entry per bound, plus one; each counts the
 	// observations of its bucket alone (not cumulative). The last one
 	// counts those above every bound.
 	Counts []uint64
@@ -297,6 +326,40 @@ func (h Histogram) Count() uint64 {
 		n += c
 	}
 	return n
+}
+
+// Quantile is the upper bound, among bounds (the histogram's own), of
+// the bucket that holds the q-th quantile of the observations (0 < q <=
+// 1): at least that fraction of them were at most that long. It is 0 with
+// no observation, and -1 when the quantile falls above every bound.
+func (h Histogram) Quantile(q float64, bounds []time.Duration) time.Duration {
+	n := h.Count()
+	if n == 0 {
+		return 0
+	}
+	rank := uint64(math.Ceil(q * float64(n)))
+	rank = min(max(rank, 1), n)
+	var cum uint64
+	for i, c := range h.Counts {
+		cum += c
+		if cum >= rank {
+			if i < len(bounds) {
+				return bounds[i]
+			}
+			break
+		}
+	}
+	return -1
+}
+
+// closeBucketOf is the index of d's bucket in CloseDelayBuckets.
+func closeBucketOf(d time.Duration) int {
+	for i, b := range CloseDelayBuckets {
+		if d <= b {
+			return i
+		}
+	}
+	return len(CloseDelayBuckets)
 }
 
 // bucketOf is the index of d's bucket.

@@ -265,3 +265,15 @@ func (ls Listeners) SoFar() int64 {
 	}
 	return n
 }
+
+// ShapeA puts a tbf qdisc of the rate and latency given on A's end too,
+// so that the prober's own SYNs and RSTs queue there: with both ends
+// shaped, the probes fill the link both ways, as on a busy bridge.
+func (p *SlowPath) ShapeA(t testing.TB, rate, latency string) {
+	t.Helper()
+	args := []string{"ip", "netns", "exec", p.A, "tc", "qdisc", "add", "dev", p.DevA, "root",
+		"tbf", "rate", rate, "burst", "1600", "latency", latency}
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		t.Skipf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}

@@ -19,23 +19,24 @@ import (
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
-// manyWants are n addresses on 127.100.0.0/14 (never probed: the checkers
-// are acquired, not started).
-func manyWants(n int, name string) []health.Want {
+// manyWants are n addresses on 127.100.0.0/14 from the first-th (never
+// probed: the checkers are acquired, not started).
+func manyWants(n, first int, name string) []health.Want {
 	set := health.Settings{Interval: 10 * time.Second, Timeout: time.Second, Passes: 2, Fails: 3}
 	ws := make([]health.Want, n)
-	for i := range ws {
+	for j := range ws {
+		i := first + j
 		a := netip.AddrFrom4([4]byte{127, 100 + byte(i>>24), byte(i >> 16), byte(i >> 8)})
-		ws[i] = health.Want{Addr: netip.AddrPortFrom(a, uint16(1+i&0xff)), Settings: set, Name: name}
+		ws[j] = health.Want{Addr: netip.AddrPortFrom(a, uint16(1+i&0xff)), Settings: set, Name: name}
 	}
 	return ws
 }
 
 // acquireMany puts n checkers in the process's registry until the test
 // ends.
-func acquireMany(tb testing.TB, n int, name string) []*health.Checker {
+func acquireMany(tb testing.TB, n, first int, name string) []*health.Checker {
 	tb.Helper()
-	ws := manyWants(n, name)
+	ws := manyWants(n, first, name)
 	cs, _ := reg.Acquire(ws)
 	tb.Cleanup(func() { reg.Release(ws) })
 	return cs
@@ -85,7 +86,7 @@ func scrape(tb testing.TB) map[string][]string {
 // and caddy_shaker_addresses count at any number.
 func TestMetricsSeriesBounded(t *testing.T) {
 	const n = 1500
-	cs := acquireMany(t, n, "many")
+	cs := acquireMany(t, n, 0, "many")
 	cs[0].Observe(upResult)
 	cs[1].Observe(refusedResult)
 	if _, err := reg.SetAdminState(cs[2].Addr(), health.Drain); err != nil {
@@ -152,7 +153,7 @@ func TestMetricsSeriesBounded(t *testing.T) {
 	}
 
 	// few addresses: every one has its series by default
-	reg.Release(manyWants(n, "many")[10:])
+	reg.Release(manyWants(n, 0, "many")[10:])
 	heraldApp(t, 0)
 	m := scrape(t)
 	if got := len(m["caddy_shaker_upstream_healthy"]); got != 10 {
@@ -211,7 +212,7 @@ func BenchmarkScrape(b *testing.B) {
 			name = "default"
 		}
 		b.Run(fmt.Sprintf("addresses=%d/per_address_metrics=%s", bc.n, name), func(b *testing.B) {
-			acquireMany(b, bc.n, "bench")
+			acquireMany(b, bc.n, 0, "bench")
 			heraldApp(b, bc.cap)
 			r := prometheus.NewRegistry()
 			if err := registerMetrics(r); err != nil {

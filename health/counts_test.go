@@ -154,3 +154,26 @@ func BenchmarkCounts(b *testing.B) {
 		}
 	}
 }
+
+// TestCountsNoAlloc: keeping the counts allocates nothing on the engine's
+// loop, where Observe runs: results that change no state, and results
+// that move the checker between classes without a transition (the fails
+// counted while up).
+func TestCountsNoAlloc(t *testing.T) {
+	c := testChecker(t, 1, 3)
+	c.Observe(up)
+	i := 0
+	allocs := testing.AllocsPerRun(1000, func() {
+		if i++; i%3 == 0 {
+			c.Observe(up)
+		} else {
+			c.Observe(refused) // fails 1 and 2 of 3: still up
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("%.2f allocations per result", allocs)
+	}
+	if got := c.r.Counts(); got != (Counts{Up: {Ready: 1}}) {
+		t.Fatalf("counts %v", got)
+	}
+}

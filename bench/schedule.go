@@ -45,6 +45,8 @@ type shakerChecker struct {
 	interval time.Duration
 	loops    int
 	admin    string
+	port     int          // its HTTP server's, with the status page on /shaker-status
+	reads    *windowReads // the window's reads (reading.go)
 	// onWindowEnd, if set, runs after each measured window, while the
 	// child still runs (the bench reads its heap then).
 	onWindowEnd func()
@@ -55,6 +57,7 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
+	k.port = port
 	aport, err := testkit.LoopbackPort()
 	if err != nil {
 		return err
@@ -67,7 +70,10 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 	apps := map[string]any{"http": map[string]any{"servers": map[string]any{"bench": map[string]any{
 		"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
 		"automatic_https": map[string]any{"disable": true},
-		"routes": []any{map[string]any{"handle": []any{map[string]any{
+		"routes": []any{map[string]any{
+			"match":  []any{map[string]any{"path": []string{"/shaker-status"}}},
+			"handle": []any{map[string]any{"handler": "shaker_status"}},
+		}, map[string]any{"handle": []any{map[string]any{
 			"handler": "reverse_proxy",
 			"dynamic_upstreams": map[string]any{
 				"source":    "shaker",
@@ -135,8 +141,21 @@ func (k *shakerChecker) metric(name string) (float64, error) {
 	return 0, fmt.Errorf("no metric %s", name)
 }
 
-// windowEnd runs onWindowEnd, if set, after a measured window.
+// windowStart starts reading the child as operators do (reading.go).
+func (k *shakerChecker) windowStart() {
+	k.reads = startReads(k.cmd.Process.Pid, map[string]string{
+		"metrics": "http://" + k.admin + "/metrics",
+		"status":  fmt.Sprintf("http://127.0.0.1:%d/shaker-status", k.port),
+	}, map[string]time.Duration{"metrics": *readMetricsEvery, "status": *readStatusEvery})
+}
+
+// windowEnd ends the window's reads, then runs onWindowEnd, if set, after
+// a measured window.
 func (k *shakerChecker) windowEnd() {
+	if k.reads != nil {
+		k.reads.end()
+		k.reads = nil
+	}
 	if k.onWindowEnd != nil {
 		k.onWindowEnd()
 	}

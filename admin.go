@@ -171,16 +171,18 @@ func (adminAPI) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
 	w.Header().Set("Content-Type", "application/json")
 	// one status at a time: "all" over a million addresses never holds
 	// them all as objects
+	// (the bytes json.Encoder wrote for the whole list before)
 	bw := bufio.NewWriterSize(w, 64<<10)
-	enc := json.NewEncoder(bw)
 	bw.WriteByte('[')
 	for i, row := range rows {
+		b, err := json.Marshal(row.Checker.Status())
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
+		}
 		if i > 0 {
 			bw.WriteByte(',')
 		}
-		if err := enc.Encode(row.Checker.Status()); err != nil {
-			return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
-		}
+		bw.Write(b)
 	}
 	bw.WriteString("]\n")
 	return bw.Flush()

@@ -1,6 +1,7 @@
 package caddyshaker
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -224,5 +225,22 @@ func BenchmarkAdminUpstreams(b *testing.B) {
 			b.ReportMetric(float64(processCPU()-cpu0)/float64(b.N), "cpu-ns/op")
 			b.ReportMetric(float64(n), "bytes/answer")
 		})
+	}
+}
+
+// TestAdminUpstreamsBytes: a page is the bytes json.Encoder made of the
+// whole list before paging.
+func TestAdminUpstreamsBytes(t *testing.T) {
+	acquireMany(t, 3, 0, "x")
+	w, _, err := getUpstreams(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want bytes.Buffer
+	if err := json.NewEncoder(&want).Encode(reg.Statuses()); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.Body.String(); got != want.String() {
+		t.Fatalf("got\n%s\nwant\n%s", got, want.String())
 	}
 }

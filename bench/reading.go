@@ -27,7 +27,7 @@ import (
 
 var (
 	readMetricsEvery = flag.Duration("read-metrics", 15*time.Second, "with -compare: GET the shaker checker's /metrics this often during its windows (0: never)")
-	readStatusEvery  = flag.Duration("read-status", 5*time.Second, "with -compare: GET the shaker checker's status page this often during its windows (0: never)")
+	readStatusEvery  = flag.Duration("read-status", 5*time.Second, "with -compare: GET the shaker checker's status page this often during its windows (0: never, and the page is not configured)")
 )
 
 // readStats are the reads of one kind over every window.

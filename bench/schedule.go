@@ -70,10 +70,7 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 	apps := map[string]any{"http": map[string]any{"servers": map[string]any{"bench": map[string]any{
 		"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
 		"automatic_https": map[string]any{"disable": true},
-		"routes": []any{map[string]any{
-			"match":  []any{map[string]any{"path": []string{"/shaker-status"}}},
-			"handle": []any{map[string]any{"handler": "shaker_status"}},
-		}, map[string]any{"handle": []any{map[string]any{
+		"routes": append(statusRoute(), map[string]any{"handle": []any{map[string]any{
 			"handler": "reverse_proxy",
 			"dynamic_upstreams": map[string]any{
 				"source":    "shaker",
@@ -81,7 +78,7 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 				"interval":  k.interval.String(),
 				"timeout":   "1s",
 			},
-		}}}},
+		}}}),
 	}}}}
 	if k.loops > 0 {
 		apps["shaker"] = map[string]any{"loops": k.loops}
@@ -139,6 +136,19 @@ func (k *shakerChecker) metric(name string) (float64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no metric %s", name)
+}
+
+// statusRoute is the route of the status page on /shaker-status, unless
+// -read-status is 0: the page's RTT sampler reads every address every 5 s
+// while it is configured, read or not.
+func statusRoute() []any {
+	if *readStatusEvery <= 0 {
+		return nil
+	}
+	return []any{map[string]any{
+		"match":  []any{map[string]any{"path": []string{"/shaker-status"}}},
+		"handle": []any{map[string]any{"handler": "shaker_status"}},
+	}}
 }
 
 // windowStart starts reading the child as operators do (reading.go).

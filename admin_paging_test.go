@@ -34,9 +34,9 @@ func getUpstreams(t testing.TB, q string) (*httptest.ResponseRecorder, []Status,
 // Link; per_page=all answers every row; filters by health, admin state
 // and upstream.
 func TestAdminUpstreamsPaging(t *testing.T) {
-	b := acquireMany(t, 600, 1500, "b") // acquired first: the order is the sort's
+	emptyRegistry(t)
+	acquireMany(t, 600, 1500, "b") // acquired first: the order is the sort's
 	a := acquireMany(t, 1500, 0, "a")
-	_ = b
 	a[0].Observe(upResult)
 	a[1].Observe(refusedResult)
 	a[2].Observe(refusedResult)
@@ -207,6 +207,7 @@ func asAPIError(err error, ae *caddy.APIError) bool {
 // BenchmarkAdminUpstreams times GET /shaker/upstreams at 1,000,000
 // addresses: the default page, a filter that matches few, and every row.
 func BenchmarkAdminUpstreams(b *testing.B) {
+	emptyRegistry(b)
 	cs := acquireMany(b, 1_000_000, 0, "bench")
 	for _, c := range cs[:10] {
 		c.Observe(refusedResult)
@@ -231,6 +232,7 @@ func BenchmarkAdminUpstreams(b *testing.B) {
 // TestAdminUpstreamsBytes: a page is the bytes json.Encoder made of the
 // whole list before paging.
 func TestAdminUpstreamsBytes(t *testing.T) {
+	emptyRegistry(t)
 	acquireMany(t, 3, 0, "x")
 	w, _, err := getUpstreams(t, "")
 	if err != nil {

@@ -33,6 +33,18 @@ func manyWants(n, first int, name string) []health.Want {
 	return ws
 }
 
+// emptyRegistry waits for the process's registry to be empty (another
+// test's Caddy may still be stopping): the tests that count every
+// checker start with it.
+func emptyRegistry(tb testing.TB) {
+	tb.Helper()
+	for deadline := time.Now().Add(5 * time.Second); reg.Len() > 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			tb.Fatalf("%d checkers left in the registry by another test", reg.Len())
+		}
+	}
+}
+
 // acquireMany puts n checkers in the process's registry until the test
 // ends.
 func acquireMany(tb testing.TB, n, first int, name string) []*health.Checker {
@@ -87,6 +99,7 @@ func scrape(tb testing.TB) map[string][]string {
 // and caddy_shaker_addresses count at any number.
 func TestMetricsSeriesBounded(t *testing.T) {
 	const n = 1500
+	emptyRegistry(t)
 	cs := acquireMany(t, n, 0, "many")
 	cs[0].Observe(upResult)
 	cs[1].Observe(refusedResult)
@@ -213,6 +226,7 @@ func BenchmarkScrape(b *testing.B) {
 			name = "default"
 		}
 		b.Run(fmt.Sprintf("addresses=%d/per_address_metrics=%s", bc.n, name), func(b *testing.B) {
+			emptyRegistry(b)
 			acquireMany(b, bc.n, 0, "bench")
 			heraldApp(b, bc.cap)
 			r := prometheus.NewRegistry()

@@ -20,8 +20,9 @@ func init() {
 //
 //	{
 //	    shaker {
-//	        loops       <n>
-//	        max_sockets <n>
+//	        loops               <n>
+//	        max_sockets         <n>
+//	        per_address_metrics <n>|all|off
 //	    }
 //	}
 //
@@ -38,6 +39,19 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 		var dst *int
 		limit := math.MaxInt32
 		switch name {
+		case "per_address_metrics":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			c, err := parseSeriesCap(d.Val())
+			if err != nil {
+				return nil, d.Err(err.Error())
+			}
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			app.PerAddressMetrics = c
+			continue
 		case "loops":
 			dst, limit = &app.Loops, MaxLoops
 		case "max_sockets":

@@ -278,13 +278,23 @@ func TestCaddyfileGlobalOption(t *testing.T) {
 	if !strings.Contains(out, `"shaker":{"loops":3,"max_sockets":5000,"max_in_flight":256}`) {
 		t.Errorf("no shaker app in %s", out)
 	}
+	for arg, want := range map[string]string{"all": `"all"`, "off": `"off"`, "50000": `50000`} {
+		out, err := adapt("{\n\tshaker {\n\t\tper_address_metrics " + arg + "\n\t}\n}\n:8080 {\n\treverse_proxy {\n\t\tdynamic shaker 127.0.0.1:9001\n\t}\n}\n")
+		if err != nil || !strings.Contains(out, `"shaker":{"per_address_metrics":`+want+`}`) {
+			t.Errorf("per_address_metrics %s: %v, no shaker app with it in %s", arg, err, out)
+		}
+	}
 	for src, want := range map[string]string{
-		"{\n\tshaker {\n\t\tloops 0\n\t}\n}\n":          "loops '0': must be an integer from 1 to 256",
-		"{\n\tshaker {\n\t\tloops 1000\n\t}\n}\n":       "loops '1000': must be an integer from 1 to 256",
-		"{\n\tshaker {\n\t\tmax_sockets many\n\t}\n}\n": "max_sockets 'many'",
-		"{\n\tshaker {\n\t\tmax_sockets 1 2\n\t}\n}\n":  "wrong argument count",
-		"{\n\tshaker {\n\t\tmax_in_flight 0\n\t}\n}\n":  "max_in_flight '0'",
-		"{\n\tshaker {\n\t\tmax_in_fly 10\n\t}\n}\n":    "unrecognized shaker global option 'max_in_fly'",
+		"{\n\tshaker {\n\t\tloops 0\n\t}\n}\n":                  "loops '0': must be an integer from 1 to 256",
+		"{\n\tshaker {\n\t\tloops 1000\n\t}\n}\n":               "loops '1000': must be an integer from 1 to 256",
+		"{\n\tshaker {\n\t\tmax_sockets many\n\t}\n}\n":         "max_sockets 'many'",
+		"{\n\tshaker {\n\t\tmax_sockets 1 2\n\t}\n}\n":          "wrong argument count",
+		"{\n\tshaker {\n\t\tmax_in_flight 0\n\t}\n}\n":          "max_in_flight '0'",
+		"{\n\tshaker {\n\t\tmax_in_fly 10\n\t}\n}\n":            "unrecognized shaker global option 'max_in_fly'",
+		"{\n\tshaker {\n\t\tper_address_metrics 0\n\t}\n}\n":    `per_address_metrics "0": must be a number of addresses from 1 to 2147483647, all or off`,
+		"{\n\tshaker {\n\t\tper_address_metrics most\n\t}\n}\n": `per_address_metrics "most"`,
+		"{\n\tshaker {\n\t\tper_address_metrics\n\t}\n}\n":      "wrong argument count",
+		"{\n\tshaker {\n\t\tper_address_metrics 1 2\n\t}\n}\n":  "wrong argument count",
 	} {
 		if _, err := adapt(src); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%q: error %v, want %q", src, err, want)

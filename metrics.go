@@ -1,15 +1,111 @@
 package caddyshaker
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
+	"strconv"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 
+	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
+
+// SeriesCap is App.PerAddressMetrics: how many probed addresses get a
+// series of their own. In JSON it is a number of addresses, "all" or
+// "off"; 0 (or absent) is the default, DefaultPerAddressMetrics.
+type SeriesCap int
+
+// The SeriesCap values that are not a number of addresses.
+const (
+	SeriesOff SeriesCap = -1 // "off": no per-address series
+	SeriesAll SeriesCap = -2 // "all": one per address, however many
+)
+
+// DefaultPerAddressMetrics is the default of per_address_metrics: a scrape
+// of 1,000 per-address series is about 60 KB, and any cluster with more
+// addresses than that is better watched through caddy_shaker_upstreams.
+const DefaultPerAddressMetrics = 1000
+
+// limit is the most addresses that get a series of their own.
+func (c SeriesCap) limit() int {
+	switch {
+	case c == 0:
+		return DefaultPerAddressMetrics
+	case c == SeriesOff:
+		return 0
+	case c == SeriesAll:
+		return math.MaxInt
+	}
+	return int(c)
+}
+
+// String is the cap as the Caddyfile and JSON write it.
+func (c SeriesCap) String() string {
+	switch c {
+	case SeriesOff:
+		return "off"
+	case SeriesAll:
+		return "all"
+	}
+	return strconv.Itoa(int(c))
+}
+
+func (c SeriesCap) validate() error {
+	if c < SeriesAll {
+		return fmt.Errorf("per_address_metrics %d: must be a number of addresses, \"all\" or \"off\"", int(c))
+	}
+	return nil
+}
+
+// parseSeriesCap parses a number of addresses (at least 1), all or off.
+func parseSeriesCap(s string) (SeriesCap, error) {
+	switch s {
+	case "off":
+		return SeriesOff, nil
+	case "all":
+		return SeriesAll, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 || n > math.MaxInt32 {
+		return 0, fmt.Errorf("per_address_metrics %q: must be a number of addresses from 1 to %d, all or off", s, math.MaxInt32)
+	}
+	return SeriesCap(n), nil
+}
+
+// MarshalJSON writes the cap as a number, "all" or "off".
+func (c SeriesCap) MarshalJSON() ([]byte, error) {
+	if c < 0 {
+		return json.Marshal(c.String())
+	}
+	return json.Marshal(int(c))
+}
+
+// UnmarshalJSON reads a number of addresses (0 for the default), "all" or
+// "off".
+func (c *SeriesCap) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err == nil {
+		v, err := parseSeriesCap(s)
+		if err != nil {
+			return err
+		}
+		*c = v
+		return nil
+	}
+	var n int64
+	if err := json.Unmarshal(b, &n); err != nil || n < 0 || n > math.MaxInt32 {
+		return fmt.Errorf("per_address_metrics %s: must be a number of addresses from 0 (the default, %d) to %d, \"all\" or \"off\"",
+			b, DefaultPerAddressMetrics, math.MaxInt32)
+	}
+	*c = SeriesCap(n)
+	return nil
+}
 
 // The collectors live at package level, like reverse_proxy's, so that
 // their values survive config reloads; each config's registry gets them
@@ -75,15 +171,71 @@ func observeProbe(res shaker.Result) {
 	m.byOutcome[res.Outcome].Inc()
 }
 
+// collectPerAddress sends caddy_shaker_upstream_healthy for each address,
+// unless there are more than per_address_metrics of them: then it sends
+// none (a subset would change from scrape to scrape) and warns, once per
+// config.
+func collectPerAddress(ch chan<- prometheus.Metric, addresses int) {
+	app := engines.herald.Load()
+	var limit SeriesCap
+	if app != nil {
+		limit = app.PerAddressMetrics
+	}
+	if addresses > limit.limit() {
+		if app != nil && limit != SeriesOff && app.startState != nil && !app.warnedSeries.Swap(true) {
+			app.logger.Warn("more addresses are probed than per_address_metrics: no address has a series of its own "+
+				"(caddy_shaker_upstream_healthy) while that lasts; caddy_shaker_upstreams counts them by health and admin state. "+
+				"To export them, set per_address_metrics in the shaker global option to a number above the addresses, or all "+
+				"(each series costs every scrape about 60 bytes)",
+				zap.Int("addresses", addresses),
+				zap.Int("per_address_metrics", limit.limit()))
+		}
+		return
+	}
+	type addrHealth struct {
+		addr netip.AddrPort
+		up   bool
+	}
+	hs := make([]addrHealth, 0, addresses)
+	reg.EachAddress(func(addr netip.AddrPort, up bool) { hs = append(hs, addrHealth{addr, up}) })
+	for _, h := range hs {
+		v := 0.0
+		if h.up {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, v, h.addr.String())
+	}
+}
+
 // engineCollector reports, at each scrape, what the engine and the health
-// layer know: the health of each address and the engine's own figures.
-// Nothing is kept per address between scrapes, so a million addresses
-// cost no memory here until they are scraped.
+// layer know: how many addresses are in each state, the health of each
+// address while there are at most per_address_metrics of them, and the
+// engine's own figures. Nothing is kept per address between scrapes; the
+// counts are the registry's running ones, so that a default scrape costs
+// the same at any number of addresses.
 type engineCollector struct{}
 
+// Health and admin states of caddy_shaker_upstreams: every one but those
+// maint makes impossible (health is unknown in maintenance).
+var upstreamStates = []struct {
+	h health.Health
+	a health.AdminState
+}{
+	{health.Up, health.Ready}, {health.Down, health.Ready}, {health.Unknown, health.Ready},
+	{health.Up, health.Drain}, {health.Down, health.Drain}, {health.Unknown, health.Drain},
+	{health.Unknown, health.Maint},
+}
+
 var (
+	descUpstreams = prometheus.NewDesc(metricName("upstreams"),
+		"Probed upstreams (an address under one set of probe settings: the rows of GET /shaker/upstreams) "+
+			"by health (up, down, or unknown: not probed yet, or in maintenance and until its first result after it) "+
+			"and admin state (ready, drain, maint).", []string{"health", "admin_state"}, nil)
+	descAddresses = prometheus.NewDesc(metricName("addresses"),
+		"Probed addresses (an address probed with several settings counts once).", nil, nil)
 	descHealthy = prometheus.NewDesc(metricName("upstream_healthy"),
-		"Health of each probed address: 1 up (or not probed yet), 0 down.", []string{"address"}, nil)
+		"Health of each probed address: 1 up (or not probed yet), 0 down. "+
+			"Only while there are at most per_address_metrics addresses (default 1000).", []string{"address"}, nil)
 	descInFlight = prometheus.NewDesc(metricName("probes_in_flight"),
 		"Probes whose SYN is out and whose result is not known yet.", nil, nil)
 	descCloseDelay = prometheus.NewDesc(metricName("max_close_delay_seconds"),
@@ -116,7 +268,7 @@ var (
 
 // Describe sends the descriptors of the collected metrics.
 func (*engineCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descHealthy, descInFlight, descCloseDelay, descCloseDelays, descStartDelay,
+	for _, d := range []*prometheus.Desc{descUpstreams, descAddresses, descHealthy, descInFlight, descCloseDelay, descCloseDelays, descStartDelay,
 		descLate, descOverdue, descLag, descSockets, descMaxSockets, descLoops, descScheduled, descHalfOpen} {
 		ch <- d
 	}
@@ -124,19 +276,14 @@ func (*engineCollector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect sends the current values.
 func (*engineCollector) Collect(ch chan<- prometheus.Metric) {
-	type addrHealth struct {
-		addr netip.AddrPort
-		up   bool
+	counts := reg.Counts()
+	for _, s := range upstreamStates {
+		ch <- prometheus.MustNewConstMetric(descUpstreams, prometheus.GaugeValue,
+			float64(counts[s.h][s.a]), s.h.String(), s.a.String())
 	}
-	var hs []addrHealth
-	reg.EachAddress(func(addr netip.AddrPort, up bool) { hs = append(hs, addrHealth{addr, up}) })
-	for _, h := range hs {
-		v := 0.0
-		if h.up {
-			v = 1
-		}
-		ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, v, h.addr.String())
-	}
+	addresses := reg.Addresses()
+	ch <- prometheus.MustNewConstMetric(descAddresses, prometheus.GaugeValue, float64(addresses))
+	collectPerAddress(ch, addresses)
 	var st shaker.Stats
 	if e := engines.cur.Load(); e != nil {
 		st = e.Stats()

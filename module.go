@@ -73,6 +73,18 @@ type App struct {
 	// sockets it holds (max_sockets).
 	MaxInFlight int `json:"max_in_flight,omitempty"`
 
+	// How many probed addresses get a series of their own in the
+	// metrics (caddy_shaker_upstream_healthy{address}): a number, "all",
+	// or "off". While more addresses than that are probed, none has a
+	// series of its own, and Caddy warns once per config saying so;
+	// caddy_shaker_upstreams counts them by health and admin state at any
+	// number of addresses. Each series costs every scrape about 60 bytes
+	// and some microseconds of CPU, and the Prometheus server a series to
+	// keep: at 1,000,000 addresses, "all" makes scrapes of about 60 MB
+	// and tens of seconds of CPU. Read at every scrape, from the newest
+	// config. Default: 1000.
+	PerAddressMetrics SeriesCap `json:"per_address_metrics,omitempty"`
+
 	ctx    caddy.Context
 	logger *zap.Logger
 	events *caddyevents.App
@@ -89,6 +101,8 @@ type startState struct {
 	held    bool              // holds a reference to the engine
 	started bool              // the config's apps have all started
 	pending []*health.Checker // new checkers waiting for that
+
+	warnedSeries atomic.Bool // warned that per-address series are off (metrics.go)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -142,6 +156,9 @@ func (a *App) Validate() error {
 	}
 	if a.MaxSockets < 0 {
 		return fmt.Errorf("max_sockets %d: must not be negative (0 for the default: three quarters of the open-file limit)", a.MaxSockets)
+	}
+	if err := a.PerAddressMetrics.validate(); err != nil {
+		return err
 	}
 	if a.MaxInFlight < 0 {
 		return fmt.Errorf("max_in_flight %d: must not be negative (and it is retired: see max_sockets)", a.MaxInFlight)

@@ -123,6 +123,9 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 	}
 	own0, _ := c.own()
 	t0 := time.Now()
+	if w, ok := c.(interface{ windowStart() }); ok {
+		w.windowStart() // the shaker checker starts reading its Caddy
+	}
 
 	time.Sleep(d)
 

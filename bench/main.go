@@ -298,6 +298,9 @@ func main() {
 			fmt.Printf("shaker: configured %.0f checks/s (%d addresses every %v); live heap of the Caddy process after a GC %.1f MB, %.0f bytes per address\n",
 				float64(len(ls.addrs))/shakerIval.Seconds(), len(ls.addrs), *shakerIval, float64(h)/1e6, float64(h)/float64(len(ls.addrs)))
 		}
+		if wants("shaker") {
+			printReads(len(ls.addrs), heaps["shaker"])
+		}
 		if a, b := ctotals["shaker"], ctotals["haproxy"]; a != nil && b != nil && a.checks > 0 && b.checks > 0 {
 			fmt.Printf("shaker vs HAProxy, CPU per check: %.2fx\n", a.cpuPerCheck()/b.cpuPerCheck())
 		}

@@ -45,6 +45,8 @@ type shakerChecker struct {
 	interval time.Duration
 	loops    int
 	admin    string
+	port     int          // its HTTP server's, with the status page on /shaker-status
+	reads    *windowReads // the window's reads (reading.go)
 	// onWindowEnd, if set, runs after each measured window, while the
 	// child still runs (the bench reads its heap then).
 	onWindowEnd func()
@@ -55,6 +57,7 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
+	k.port = port
 	aport, err := testkit.LoopbackPort()
 	if err != nil {
 		return err
@@ -67,7 +70,7 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 	apps := map[string]any{"http": map[string]any{"servers": map[string]any{"bench": map[string]any{
 		"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
 		"automatic_https": map[string]any{"disable": true},
-		"routes": []any{map[string]any{"handle": []any{map[string]any{
+		"routes": append(statusRoute(), map[string]any{"handle": []any{map[string]any{
 			"handler": "reverse_proxy",
 			"dynamic_upstreams": map[string]any{
 				"source":    "shaker",
@@ -75,7 +78,7 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 				"interval":  k.interval.String(),
 				"timeout":   "1s",
 			},
-		}}}},
+		}}}),
 	}}}}
 	if k.loops > 0 {
 		apps["shaker"] = map[string]any{"loops": k.loops}
@@ -135,8 +138,34 @@ func (k *shakerChecker) metric(name string) (float64, error) {
 	return 0, fmt.Errorf("no metric %s", name)
 }
 
-// windowEnd runs onWindowEnd, if set, after a measured window.
+// statusRoute is the route of the status page on /shaker-status, unless
+// -read-status is 0: the page's RTT sampler reads every address every 5 s
+// while it is configured, read or not.
+func statusRoute() []any {
+	if *readStatusEvery <= 0 {
+		return nil
+	}
+	return []any{map[string]any{
+		"match":  []any{map[string]any{"path": []string{"/shaker-status"}}},
+		"handle": []any{map[string]any{"handler": "shaker_status"}},
+	}}
+}
+
+// windowStart starts reading the child as operators do (reading.go).
+func (k *shakerChecker) windowStart() {
+	k.reads = startReads(k.cmd.Process.Pid, map[string]string{
+		"metrics": "http://" + k.admin + "/metrics",
+		"status":  fmt.Sprintf("http://127.0.0.1:%d/shaker-status", k.port),
+	}, map[string]time.Duration{"metrics": *readMetricsEvery, "status": *readStatusEvery})
+}
+
+// windowEnd ends the window's reads, then runs onWindowEnd, if set, after
+// a measured window.
 func (k *shakerChecker) windowEnd() {
+	if k.reads != nil {
+		k.reads.end()
+		k.reads = nil
+	}
 	if k.onWindowEnd != nil {
 		k.onWindowEnd()
 	}

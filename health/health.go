@@ -235,6 +235,7 @@ type Registry struct {
 	checkers map[netip.AddrPort]*Checker // first checker of each address; others follow in next
 	n        int
 	admin    map[netip.AddrPort]AdminState // addresses not Ready
+	counts   counts                        // checkers by health and admin state (counts.go)
 
 	qmu        sync.Mutex
 	queue      []news     // for the observer, oldest first
@@ -337,6 +338,7 @@ func (r *Registry) Acquire(ws []Want) (all, fresh []*Checker) {
 			c.next = r.checkers[w.Addr]
 			r.checkers[w.Addr] = c
 			r.n++
+			r.counts.add(c.classLocked(), 1)
 			fresh = append(fresh, c)
 		}
 		c.mu.Lock()
@@ -501,6 +503,7 @@ func (r *Registry) Release(ws []Want) {
 		last := c.dropName(w.Name)
 		var sched *shaker.Schedule
 		if last {
+			r.counts.add(c.classLocked(), -1)
 			c.stopped = true
 			sched, c.sched = c.sched, nil
 		}
@@ -588,6 +591,7 @@ func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState
 	var stops []*shaker.Schedule
 	for c := first; c != nil; c = c.next {
 		c.mu.Lock()
+		old := c.classLocked()
 		c.admin.Store(uint32(st))
 		switch {
 		case st == Maint:
@@ -609,6 +613,7 @@ func (r *Registry) SetAdminState(addr netip.AddrPort, st AdminState) (AdminState
 			// back from drain: slow start ramps from now
 			c.returned.Store(mono)
 		}
+		c.recount(old)
 		c.mu.Unlock()
 	}
 	// under r.mu, so that SetEngine cannot swap the engine in between
@@ -828,6 +833,7 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 	now := time.Now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	defer c.recount(c.classLocked())
 	if c.stopped || c.AdminState() == Maint {
 		// a result that came in as the schedule stopped: it says
 		// nothing any more

@@ -25,6 +25,69 @@
 // to a full connect closed with a zero linger (HalfOpen reports which), and
 // some Linux-like kernels, such as gVisor's, ignore the delayed ACK:
 // SelfCheck finds out at run time.
+//
+// # Usage
+//
+//	e, err := shaker.New(shaker.Options{}) // one epoll loop per CPU, each a goroutine
+//	if err != nil { ... }
+//	defer e.Close()
+//
+//	// Blocking: ctx's deadline is the probe's timeout (none: Options.DefaultTimeout, 1s).
+//	r := e.Probe(ctx, netip.MustParseAddrPort("127.0.0.1:5432"))
+//	if r.Err == nil {
+//		fmt.Println("up, SYN to SYN-ACK", r.RTT)
+//	}
+//
+//	// Asynchronous: done runs once, on the loop goroutine; it must not
+//	// block, and may call ProbeAsync again to re-arm without a goroutine hop.
+//	e.ProbeAsync(addr, time.Second, func(r shaker.Result) { ... })
+//
+//	// Periodic: registered once, fired by the loop from its own timer heap.
+//	// fn runs on the loop; it returns the time to the next probe (0: Interval).
+//	s := e.Every(addr, shaker.Period{Interval: time.Second, Timeout: time.Second, First: spread},
+//		func(r shaker.Result) time.Duration { ...; return 0 })
+//	s.Now()  // probe at once, out of schedule (nothing while one is in flight)
+//	s.Stop() // cheap, from any goroutine
+//
+// A [Result] holds Addr, Outcome, Err, RTT and Duration. [Outcome] is the one
+// classification every consumer reads (Up, Refused, Timeout, Unreachable,
+// Local, Failed, Closed; String gives the names used in logs and metrics).
+// Err is nil (SYN-ACK), or matches [ErrRefused] (RST), [ErrTimeout] (no
+// answer: firewall drop, dead host, full accept queue), [ErrUnreachable]
+// (ICMP; also matches syscall.EHOSTUNREACH or ENETUNREACH) or [ErrClosed]
+// (engine closed first) with errors.Is, or wraps the errno of the failing
+// call (EMFILE, EADDRNOTAVAIL, ...); such an error also matches [ErrLocal]
+// when the failure is this host's (out of fds, ports or memory), so that a
+// health checker need not blame the backend. RTT is the kernel's tcpi_rtt of
+// the SYN / SYN-ACK exchange.
+//
+// The zero [Options] works: Loops one per CPU the Go runtime uses,
+// MaxSockets three quarters of RLIMIT_NOFILE, DefaultTimeout 1s. A probe due
+// when MaxSockets sockets are waiting for answers waits for one (it shows as
+// overdue in [Stats]); its timeout starts with its SYN.
+//
+// [Engine.Every] starts every probe due in a turn of the loop in that turn,
+// in due order, 64 SYNs at a time with answers read between batches, so a
+// SYN-ACK waits for at most one batch. A probe may wait up to a 64th of the
+// shortest interval on its loop (at most 10 ms) to share a wake-up. After
+// [Schedule.Stop] or [Engine.Close], fn is not called again, and it is never
+// called with a Closed result. [Engine.Burst] says how fast the first probes
+// of many new addresses may be started without holding more than half of
+// MaxSockets.
+//
+// [Engine.Stats] reports probes by outcome, in flight, queued, sockets,
+// schedules, the start delay of periodic probes (a histogram), how many
+// started late, how many are overdue and how late the worst is, and the delay
+// between a SYN-ACK's arrival (as the loop saw it, or the kernel's
+// tcpi_last_ack_recv) and the close of its socket (the worst, and a
+// histogram).
+//
+// [HalfOpen] says whether probes here are half-open by construction (Linux).
+// [Engine.SelfCheck] probes a listener of its own on 127.0.0.1 and fails if it
+// accepted anything within 250 ms, longer than the kernel's delayed-ACK timer
+// (that error matches [ErrNotHalfOpen]; any other means the check could not
+// run). On Linux, go test -tags shaker_fallback ./shaker builds and tests the
+// fallback engine instead of the epoll one.
 package shaker
 
 import (

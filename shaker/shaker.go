@@ -66,9 +66,10 @@
 // when MaxSockets sockets are waiting for answers waits for one (it shows as
 // overdue in [Stats]); its timeout starts with its SYN.
 //
-// [Engine.Every] starts every probe due in a turn of the loop in that turn,
-// in due order, 64 SYNs at a time with answers read between batches, so a
-// SYN-ACK waits for at most one batch. A probe may wait up to a 64th of the
+// [Engine.Every]'s probes start in due order, in slices: a loop starts probes
+// and runs callbacks for at most 2 ms since it last looked at epoll, then
+// looks again and closes what has answered before it goes on, so a SYN-ACK
+// waits about one slice. A probe may wait up to a 64th of the
 // shortest interval on its loop (at most 10 ms) to share a wake-up. After
 // [Schedule.Stop] or [Engine.Close], fn is not called again, and it is never
 // called with a Closed result. [Engine.Burst] says how fast the first probes

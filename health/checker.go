@@ -204,60 +204,82 @@ func (c *Checker) Observe(res shaker.Result) time.Duration {
 	c.probes++
 	c.checkedAt = now.UnixNano()
 	c.lastOutcome = res.Outcome
-	var tr *Transition
-	rejoin := c.rejoin.Load()
 	if res.Outcome == shaker.Up {
 		c.lastRTT, c.lastErr = res.RTT, nil
-		c.passes++
-		c.fails = 0
-		switch {
-		case rejoin:
-			tr = &Transition{Up: true, Rejoin: true}
-		case !c.known:
-			tr = &Transition{Up: true, First: true}
-		case !c.healthy.Load() && int(c.passes) >= c.set.Passes:
-			tr = &Transition{Up: true}
-		}
 	} else {
 		c.lastErr = res.Err
-		c.fails++
-		c.passes = 0
-		switch {
-		case rejoin:
-			tr = &Transition{Up: false, Rejoin: true}
-		case !c.known:
-			tr = &Transition{Up: false, First: true}
-		case c.healthy.Load() && int(c.fails) >= c.set.Fails:
-			tr = &Transition{Up: false}
-		}
 	}
-	known := c.known
-	c.known = true
-	if tr != nil {
-		was := c.healthy.Load()
-		changed := known && was != tr.Up
-		if !known || rejoin || changed {
+	was := standing{passes: c.passes, fails: c.fails, known: c.known, healthy: c.healthy.Load(), rejoin: c.rejoin.Load()}
+	st, tr, ok := step(was, c.set, res.Outcome)
+	c.passes, c.fails, c.known = st.passes, st.fails, st.known
+	if ok {
+		changed := was.known && was.healthy != tr.Up
+		if !was.known || was.rejoin || changed {
 			c.since = now.UnixNano()
 		}
 		if changed {
 			c.transitions++
 		}
-		if tr.Up && (rejoin || changed) {
+		if tr.Up && (was.rejoin || changed) {
 			c.returned.Store(Now())
 		}
-		c.healthy.Store(tr.Up)
-		if rejoin {
-			c.rejoin.Store(false)
+		c.healthy.Store(st.healthy)
+		if was.rejoin {
+			c.rejoin.Store(st.rejoin)
 		}
 		tr.Addr, tr.Name, tr.Settings = c.addr, c.name, c.set
 		tr.Outcome, tr.Err, tr.RTT, tr.At = res.Outcome, res.Err, res.RTT, now
-		tr.N = int(max(c.passes, c.fails))
-		if was != tr.Up || rejoin {
+		if was.healthy != tr.Up || was.rejoin {
 			r.version.Add(1) // in or out of service (a first Up changes nothing)
 		}
-		r.announce(news{tr: *tr})
+		r.announce(news{tr: tr})
 	}
 	return c.afterFirst(c.nextIntervalLocked(), second, res.Duration)
+}
+
+// standing is the part of a checker's state that its results move: the
+// consecutive answers (passes) and failures (fails), whether it has had a
+// first result (known), its health, and whether it is back from
+// maintenance and waiting for its first result (rejoin).
+type standing struct {
+	passes, fails          int32
+	known, healthy, rejoin bool
+}
+
+// step is the state machine's pass/fail step, a pure function: the
+// standing after a result with outcome o, one that says something about
+// the backend (o.Backend(); Up is an answer, any other a failure), under
+// settings s, and the transition it makes, if any (ok). The first result
+// makes one, as does the first after maintenance (Rejoin, whatever the
+// health before), s.Passes answers in a row while down and s.Fails
+// failures in a row while up. The transition has Up, First, Rejoin and N
+// set; the rest is the caller's to fill in.
+func step(was standing, s Settings, o shaker.Outcome) (now standing, tr Transition, ok bool) {
+	up := o == shaker.Up
+	now = was
+	now.known = true
+	var n int32
+	need := s.Fails
+	if up {
+		now.passes, now.fails = was.passes+1, 0
+		n, need = now.passes, s.Passes
+	} else {
+		now.passes, now.fails = 0, was.fails+1
+		n = now.fails
+	}
+	switch {
+	case was.rejoin:
+		tr = Transition{Up: up, Rejoin: true}
+	case !was.known:
+		tr = Transition{Up: up, First: true}
+	case was.healthy != up && int(n) >= need:
+		tr = Transition{Up: up}
+	default:
+		return now, Transition{}, false
+	}
+	now.healthy, now.rejoin = up, false
+	tr.N = int(n)
+	return now, tr, true
 }
 
 // nextIntervalLocked is the time from the start of the last probe to the

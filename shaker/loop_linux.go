@@ -1,0 +1,565 @@
+//go:build linux && !shaker_fallback
+
+package shaker
+
+import (
+	"math"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// slice is the most time a loop spends starting probes or running
+	// callbacks before it looks at epoll again (without waiting) and
+	// closes the sockets that have answered: a SYN-ACK that arrives
+	// meanwhile waits at most about that long, plus one callback. It is
+	// a bound in time, not in work items: on a path where a connect() or
+	// a close() runs the peer's network processing inline (a veth pair),
+	// a few dozen of them can take tens of milliseconds.
+	slice = int64(2 * time.Millisecond)
+	// checkEvery is how many probes a loop starts, or callbacks it runs,
+	// between two reads of the clock.
+	checkEvery = 8
+	// maxEvents is the most completions read by one epoll_wait.
+	maxEvents = 256
+	// wakeIndex marks the eventfd in epoll's user data.
+	wakeIndex = -1
+	// overdueEvery is how often a loop that is behind its schedule counts
+	// its overdue probes (the count walks them).
+	overdueEvery = int64(100 * time.Millisecond)
+	// farFuture bounds due times, far from overflow.
+	farFuture = math.MaxInt64 / 2
+	// maxSlack is the most a loop lets a periodic probe wait past its due
+	// time so that it starts in one wake-up with others: waking once for
+	// many probes costs far less CPU than once for each (one epoll_wait,
+	// warm caches). A loop's slack is a 64th of the shortest interval it
+	// started in the last second, at most maxSlack: 10 ms for 1 s
+	// intervals, well under a millisecond for fast ones.
+	maxSlack = int64(10 * time.Millisecond)
+	// slackWindow is how often a loop forgets its shortest interval.
+	slackWindow = int64(time.Second)
+)
+
+// loop is one epoll instance and its goroutine.
+type loop struct {
+	e      *Engine
+	epfd   int
+	evfd   int
+	budget int // probes this loop may have waiting for an answer
+
+	mu       sync.Mutex
+	queue    ring        // one-off probes waiting to start
+	adds     []*Schedule // schedules to take in
+	stops    []*Schedule // schedules to drop
+	nows     []*Schedule // schedules to probe at once (Schedule.Now)
+	closed   bool
+	sleeping bool // the loop is in, or about to enter, a blocking epoll_wait
+
+	done chan struct{}
+
+	// Owned by the loop goroutine.
+	slots      []slot
+	free       []int32
+	heap       []int32     // slot indices, min-heap by deadline
+	timers     []*Schedule // min-heap by due
+	events     []unix.EpollEvent
+	batch      []request
+	addBuf     []*Schedule
+	stopBuf    []*Schedule
+	nowBuf     []*Schedule
+	results    []pending
+	idle       [2][]int // sockets kept for reuse, IPv4 and IPv6
+	tcpInfo    unix.TCPInfo
+	linger     unix.Linger
+	evbuf      [8]byte
+	woke       int64 // engine time at which the last epoll_wait returned
+	full       bool  // the last epoll_wait filled the events buffer: more answers may wait
+	hurry      bool  // due probes were left for the next turn: it must not sleep
+	stopping   bool  // shutdown: epoll is closed, no more looks
+	open       int   // sockets open: in flight and idle
+	queueFirst bool  // which kind of probe starts first this turn
+	countAfter int64 // engine time after which overdue may be counted again
+	slack      int64 // how long past its due time a periodic probe may wait for others
+	minCur     int64 // the shortest interval started since slackFrom
+	slackFrom  int64
+	epollOnly  bool
+
+	// Read by Stats from any goroutine.
+	outcomes      outcomeCounts
+	inFlight      atomic.Int64
+	sockets       atomic.Int64
+	queued        atomic.Int64
+	scheduled     atomic.Int64
+	overdue       atomic.Int64
+	headDue       atomic.Int64 // due time of the earliest timer; MaxInt64 when none
+	late          atomic.Uint64
+	delays        [numDelayBuckets]atomic.Uint64
+	delaySum      atomic.Int64
+	maxCloseDelay atomic.Int64
+	closeDelays   [numCloseBuckets]atomic.Uint64
+	closeSum      atomic.Int64
+	epollUp       atomic.Uint64
+	maxReady      atomic.Int64
+}
+
+func newLoop(e *Engine, budget int, epollOnly bool) (*loop, error) {
+	l := &loop{
+		e:         e,
+		budget:    budget,
+		done:      make(chan struct{}),
+		events:    make([]unix.EpollEvent, maxEvents),
+		batch:     make([]request, 0, checkEvery),
+		linger:    unix.Linger{Onoff: 1, Linger: 0},
+		epollOnly: epollOnly,
+	}
+	l.headDue.Store(math.MaxInt64)
+	var err error
+	l.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, &opError{"epoll_create1", errnoOf(err)}
+	}
+	l.evfd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(l.epfd)
+		return nil, &opError{"eventfd", errnoOf(err)}
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: wakeIndex}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, l.evfd, &ev); err != nil {
+		l.close()
+		return nil, &opError{"epoll_ctl", errnoOf(err)}
+	}
+	return l, nil
+}
+
+// close releases a loop that never ran.
+func (l *loop) close() {
+	unix.Close(l.evfd)
+	unix.Close(l.epfd)
+}
+
+var one = [8]byte{1}
+
+// wakeLocked wakes the loop if it sleeps. Under mu: the loop closes the
+// eventfd under mu too, so this never writes to a closed (or reused) fd
+// number.
+func (l *loop) wakeLocked() {
+	if l.sleeping {
+		l.sleeping = false
+		// EAGAIN means the counter is full: the loop is awake anyway.
+		unix.Write(l.evfd, one[:])
+	}
+}
+
+func (l *loop) run() {
+	defer close(l.done)
+	for {
+		l.mu.Lock()
+		if l.closed {
+			l.mu.Unlock()
+			l.shutdown()
+			return
+		}
+		l.addBuf, l.adds = l.adds, l.addBuf[:0]
+		l.stopBuf, l.stops = l.stops, l.stopBuf[:0]
+		l.nowBuf, l.nows = l.nows, l.nowBuf[:0]
+		l.mu.Unlock()
+		l.takeSchedules()
+
+		wait := l.waitMs(l.e.now())
+		if l.hurry {
+			wait, l.hurry = 0, false
+		}
+		if wait != 0 {
+			l.mu.Lock()
+			if l.closed || len(l.adds) > 0 || len(l.stops) > 0 || len(l.nows) > 0 || l.queue.n > 0 && len(l.heap) < l.budget {
+				wait = 0
+			} else {
+				l.sleeping = true
+			}
+			l.mu.Unlock()
+		}
+
+		n, errno := epollWait(l.epfd, l.events, wait)
+		l.woke = l.e.now()
+		if wait != 0 {
+			l.mu.Lock()
+			l.sleeping = false
+			l.mu.Unlock()
+		}
+		if errno != 0 {
+			if errno != unix.EINTR {
+				// epoll_wait fails only on a bad epfd or buffer: a bug.
+				panic("shaker: epoll_wait: " + errno.Error())
+			}
+			n = 0
+		}
+
+		// Completions first: close every socket that has its answer.
+		l.handle(n)
+		// Then deadlines.
+		if len(l.heap) > 0 {
+			now := l.e.now()
+			for len(l.heap) > 0 && l.slots[l.heap[0]].deadline <= now {
+				l.expire(l.heap[0], now)
+			}
+		}
+		// Then callbacks, in slices with a look at epoll between two.
+		l.deliver()
+		// Then new probes, for at most a slice since the last look. But
+		// if the events buffer was full, more answers may be waiting,
+		// and if the closes (a batch on veth can take tens of ms) and
+		// callbacks used the slice up, more may have come: read them
+		// first.
+		if l.full || l.e.now()-l.woke >= slice {
+			l.hurry = true
+			continue
+		}
+		l.startDue()
+	}
+}
+
+// handle handles the n events an epoll_wait returned: it closes every
+// socket that has its answer (their callbacks run later, in deliver).
+func (l *loop) handle(n int) {
+	l.full = n == len(l.events)
+	if int64(n) > l.maxReady.Load() {
+		l.maxReady.Store(int64(n))
+	}
+	for i := 0; i < n; i++ {
+		ev := &l.events[i]
+		if ev.Fd == wakeIndex {
+			unix.Read(l.evfd, l.evbuf[:])
+			continue
+		}
+		l.complete(ev.Fd, ev.Pad, ev.Events)
+	}
+}
+
+// look reads epoll without waiting and closes the sockets that have
+// answered: between two slices of other work, so that a SYN-ACK never
+// waits for a whole turn.
+func (l *loop) look() {
+	n, errno := epollWait(l.epfd, l.events, 0)
+	l.woke = l.e.now()
+	if errno != 0 {
+		if errno != unix.EINTR {
+			panic("shaker: epoll_wait: " + errno.Error())
+		}
+		n = 0
+	}
+	l.handle(n)
+}
+
+// sliceOver reports whether the loop has spent a slice since its last
+// look at epoll; now is the engine's time, or 0 to read it.
+func (l *loop) sliceOver(now int64) bool {
+	if l.stopping {
+		return false
+	}
+	if now == 0 {
+		now = l.e.now()
+	}
+	return now-l.woke >= slice
+}
+
+// waitMs is how long epoll_wait may sleep: until the next deadline or
+// due probe, 0 if one has passed, -1 for ever.
+func (l *loop) waitMs(now int64) int {
+	next := int64(math.MaxInt64)
+	if len(l.heap) > 0 {
+		next = l.slots[l.heap[0]].deadline
+	}
+	if len(l.timers) > 0 && len(l.heap) < l.budget {
+		next = min(next, l.timers[0].due+l.slack)
+	}
+	if next == math.MaxInt64 {
+		return -1
+	}
+	d := next - now
+	switch {
+	case d <= 0:
+		return 0
+	case d >= int64(time.Hour):
+		return int(time.Hour / time.Millisecond)
+	}
+	return int((d + int64(time.Millisecond) - 1) / int64(time.Millisecond))
+}
+
+// takeSchedules takes in the schedules added and stopped since the last
+// turn.
+func (l *loop) takeSchedules() {
+	for i, s := range l.addBuf {
+		l.addBuf[i] = nil
+		if s.stopped.Load() {
+			s.removed = true
+			continue
+		}
+		l.timerPush(s)
+	}
+	for i, s := range l.stopBuf {
+		l.stopBuf[i] = nil
+		if s.removed {
+			continue
+		}
+		s.removed = true
+		if s.idx >= 0 {
+			l.timerRemove(int(s.idx))
+		}
+	}
+	if len(l.nowBuf) > 0 {
+		now := l.e.now()
+		for i, s := range l.nowBuf {
+			l.nowBuf[i] = nil
+			// not in the heap: in flight (its result comes soon), or gone
+			if s.removed || s.idx < 0 || s.due <= now {
+				continue
+			}
+			s.due = now
+			siftUp(int(s.idx), l.timerLess, l.timerSwap)
+		}
+	}
+	l.addBuf, l.stopBuf, l.nowBuf = l.addBuf[:0], l.stopBuf[:0], l.nowBuf[:0]
+}
+
+// deliver runs the callbacks of the results collected so far, and
+// re-arms the schedules among them. Once a slice has passed since the
+// last look at epoll (the clock is read every checkEvery callbacks, and
+// after each schedule's, where rearm reads it anyway), it looks again and
+// closes what has answered before the next callback: nothing a callback
+// does (metrics, logs, a lock) keeps an answered socket open for more
+// than a slice plus that one callback. The results of those looks are
+// delivered in the same call.
+func (l *loop) deliver() {
+	var now int64 // when the last callback ended, if known
+	for i := 0; i < len(l.results); i++ {
+		if (now != 0 || i%checkEvery == 0) && l.sliceOver(now) {
+			l.look() // appends to l.results
+		}
+		p := &l.results[i]
+		done, s, res := p.done, p.sched, p.res
+		*p = pending{}
+		if s != nil {
+			now = l.rearm(s, res)
+		} else {
+			done(res)
+			now = 0
+		}
+	}
+	l.results = l.results[:0]
+}
+
+// rearm gives a periodic probe's result to its callback and puts the
+// schedule back in the timer heap. It returns the time it read after
+// the callback, or 0.
+func (l *loop) rearm(s *Schedule, res Result) int64 {
+	s.inFlight = false
+	if s.removed || s.stopped.Load() {
+		s.removed = true
+		return 0
+	}
+	next := int64(s.fn(res))
+	if s.stopped.Load() {
+		s.removed = true // Stop from the callback
+		return 0
+	}
+	if next <= 0 {
+		next = s.interval
+	}
+	s.cur = next
+	due := s.due + next
+	if next > farFuture-s.due {
+		due = farFuture // an interval of centuries: no overflow
+	}
+	now := l.e.now()
+	if due < now {
+		due = now
+	}
+	s.due = due
+	l.timerPush(s)
+	return now
+}
+
+// startDue starts the probes that are due: periodic ones whose time has
+// come and queued one-off ones, while sockets are free and until a slice
+// has passed since the last look at epoll (then the next turn, which does
+// not sleep, reads the answers first and goes on). The two kinds take
+// turns at going first.
+func (l *loop) startDue() {
+	l.queueFirst = !l.queueFirst
+	if l.queueFirst {
+		if l.startQueued() {
+			l.startTimers()
+		}
+	} else {
+		if l.startTimers() {
+			l.startQueued()
+		}
+	}
+	// Failures at start (socket errors, deadlines already passed) have
+	// their results now.
+	l.deliver()
+	l.noteBacklog()
+}
+
+// startTimers starts the due periodic probes, checkEvery at least, until
+// the slice is over. It returns false if it left due probes for that
+// reason.
+func (l *loop) startTimers() bool {
+	if len(l.timers) == 0 {
+		return true
+	}
+	now := l.e.now()
+	for n := 1; len(l.timers) > 0 && len(l.heap) < l.budget; n++ {
+		if n%checkEvery == 0 {
+			if now = l.e.now(); l.sliceOver(now) {
+				if l.timers[0].due <= now {
+					l.hurry = true
+					return false
+				}
+				return true
+			}
+		}
+		s := l.timers[0]
+		if s.due > now {
+			break
+		}
+		l.timerRemove(0)
+		if s.stopped.Load() {
+			// stopped since this turn took its stops in: it must not
+			// start (its stop, still queued, finds it removed)
+			s.removed = true
+			continue
+		}
+		delay := now - s.due
+		l.delays[bucketOf(time.Duration(delay))].Add(1)
+		l.delaySum.Add(delay)
+		if delay > max(s.cur/4, int64(LateMin)) {
+			l.late.Add(1)
+		}
+		if s.cur < l.minCur || l.minCur == 0 {
+			l.minCur = s.cur
+		}
+		s.inFlight = true
+		req := request{addr: s.addr, timeout: time.Duration(s.timeout), scope: s.scope, err: s.err, sched: s}
+		l.start(&req)
+	}
+	return true
+}
+
+// startQueued starts queued one-off probes, checkEvery at a time, until
+// the slice is over. It returns false if it left queued probes for that
+// reason.
+func (l *loop) startQueued() bool {
+	for {
+		room := min(checkEvery, l.budget-len(l.heap))
+		if room <= 0 {
+			return true
+		}
+		l.mu.Lock()
+		l.batch = l.queue.popN(l.batch[:0], room)
+		left := l.queue.n
+		l.mu.Unlock()
+		if len(l.batch) == 0 {
+			return true
+		}
+		l.queued.Add(-int64(len(l.batch)))
+		for i := range l.batch {
+			l.start(&l.batch[i])
+			l.batch[i] = request{}
+		}
+		if left == 0 {
+			return true
+		}
+		if l.sliceOver(0) {
+			l.hurry = true
+			return false
+		}
+	}
+}
+
+// noteBacklog publishes the earliest due time and, while the loop is
+// behind, the number of overdue probes.
+func (l *loop) noteBacklog() {
+	if len(l.timers) == 0 {
+		l.headDue.Store(math.MaxInt64)
+		l.overdue.Store(0)
+		return
+	}
+	head := l.timers[0].due + l.slack // not overdue while it waits for others
+	l.headDue.Store(head)
+	now := l.e.now()
+	if now-l.slackFrom >= slackWindow {
+		if l.minCur > 0 {
+			l.slack = min(l.minCur/64, maxSlack)
+		}
+		l.minCur, l.slackFrom = 0, now
+	}
+	if head > now {
+		l.overdue.Store(0)
+		return
+	}
+	if now < l.countAfter {
+		return
+	}
+	l.countAfter = now + overdueEvery
+	l.overdue.Store(int64(l.countDue(0, now)))
+}
+
+// countDue counts the timers at or below heap index i that are due.
+func (l *loop) countDue(i int, now int64) int {
+	if i >= len(l.timers) || l.timers[i].due > now {
+		return 0
+	}
+	return 1 + l.countDue(2*i+1, now) + l.countDue(2*i+2, now)
+}
+
+// shutdown closes every probe socket and completes every one-off probe
+// with ErrClosed. It runs on the loop goroutine once closed is set, so no
+// new request or schedule can come in.
+func (l *loop) shutdown() {
+	// Sockets first, all of them, before any callback runs.
+	for len(l.heap) > 0 {
+		idx := l.heap[len(l.heap)-1]
+		s := &l.slots[idx]
+		l.closeFD(s.fd)
+		if s.sched != nil {
+			s.sched.removed = true
+			l.outcomes.add(Closed)
+		} else {
+			l.finish(s.done, nil, Result{Addr: s.addr, Err: ErrClosed})
+		}
+		l.release(idx)
+	}
+	for i := range l.idle {
+		for _, fd := range l.idle[i] {
+			l.closeFD(fd)
+		}
+		l.idle[i] = nil
+	}
+	l.mu.Lock()
+	var queued []request
+	for l.queue.n > 0 {
+		queued = l.queue.popN(queued, l.queue.n)
+	}
+	l.queued.Store(0)
+	l.adds, l.stops, l.nows = nil, nil, nil
+	l.stopping = true  // no look at epoll from deliver
+	unix.Close(l.evfd) // under mu: see wakeLocked
+	l.mu.Unlock()
+	unix.Close(l.epfd)
+	for i := range queued {
+		l.finish(queued[i].done, nil, Result{Addr: queued[i].addr, Err: ErrClosed})
+	}
+	for _, s := range l.timers {
+		s.idx = -1
+		s.removed = true
+	}
+	l.timers = nil
+	l.scheduled.Store(0)
+	l.headDue.Store(math.MaxInt64)
+	l.overdue.Store(0)
+	l.deliver()
+}

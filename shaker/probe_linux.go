@@ -1,0 +1,319 @@
+//go:build linux && !shaker_fallback
+
+package shaker
+
+import (
+	"net/netip"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// slot is a probe in flight. Slots are owned by their loop's goroutine.
+type slot struct {
+	fd       int   // -1 when free
+	gen      int32 // bumped each time the slot is freed; stale events carry an old one
+	heapIdx  int
+	start    int64 // engine time of connect()
+	deadline int64 // engine time
+	addr     netip.AddrPort
+	done     func(Result) // a one-off probe's callback, or
+	sched    *Schedule    // a periodic probe's schedule
+}
+
+// pending is a result whose callback has not run yet.
+type pending struct {
+	done  func(Result)
+	sched *Schedule
+	res   Result
+}
+
+func (l *loop) finish(done func(Result), sched *Schedule, res Result) {
+	res.Outcome = outcomeOf(res.Err)
+	l.outcomes.add(res.Outcome)
+	l.results = append(l.results, pending{done, sched, res})
+}
+
+// start sends the SYN of a probe.
+func (l *loop) start(req *request) {
+	res := Result{Addr: req.addr, Err: req.err}
+	if req.deadline != 0 && req.deadline <= l.e.now() {
+		// Probe's context ended while the probe was queued.
+		res.Err = ErrTimeout
+	}
+	if res.Err != nil {
+		l.finish(req.done, req.sched, res)
+		return
+	}
+	var (
+		sa4    unix.RawSockaddrInet4
+		sa6    unix.RawSockaddrInet6
+		sa     unsafe.Pointer
+		salen  uintptr
+		family int
+	)
+	ip := req.addr.Addr()
+	port := req.addr.Port()
+	switch {
+	case !req.addr.IsValid() || port == 0:
+		res.Err = errInvalidAddr
+	case ip.Is4() || ip.Is4In6():
+		family = unix.AF_INET
+		sa4.Family = unix.AF_INET
+		sa4.Addr = ip.Unmap().As4()
+		putPort(&sa4.Port, port)
+		sa, salen = unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
+	default:
+		family = unix.AF_INET6
+		sa6.Family = unix.AF_INET6
+		sa6.Addr = ip.As16()
+		putPort(&sa6.Port, port)
+		sa6.Scope_id = req.scope
+		sa, salen = unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
+	}
+	if res.Err != nil {
+		l.finish(req.done, req.sched, res)
+		return
+	}
+
+	fd, op, errno := l.socket(family)
+	if errno != 0 {
+		res.Err = &opError{op, errno}
+		l.finish(req.done, req.sched, res)
+		return
+	}
+	// Delayed-ACK mode, before every connect: a disconnect resets it.
+	var zero int32
+	if errno := rawSetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, unsafe.Pointer(&zero), 4); errno != 0 {
+		l.closeFD(fd)
+		res.Err = &opError{"setsockopt TCP_QUICKACK", errno}
+		l.finish(req.done, req.sched, res)
+		return
+	}
+
+	// The timeout runs from the SYN.
+	start := l.e.now()
+	deadline := start + int64(req.timeout)
+	if req.deadline != 0 && req.deadline < deadline {
+		deadline = req.deadline
+	}
+	switch errno := rawConnect(fd, sa, salen); errno {
+	case 0, unix.EINPROGRESS:
+	default:
+		l.closeFD(fd)
+		res.Err = classify("connect", errno)
+		res.Duration = time.Duration(l.e.now() - start)
+		l.finish(req.done, req.sched, res)
+		return
+	}
+	// On loopback and other local paths the handshake has often finished
+	// inside connect(). Then the socket is closed now, with no epoll
+	// round trip at all; TCP_INFO is read anyway for the RTT.
+	if state, ok := l.readTCPInfo(fd); ok && state != unix.BPF_TCP_SYN_SENT && !l.epollOnly {
+		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, state != unix.BPF_TCP_ESTABLISHED)
+		return
+	}
+	idx := l.alloc(fd, req, start, deadline)
+	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: idx, Pad: l.slots[idx].gen}
+	if errno := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); errno != 0 {
+		l.release(idx)
+		l.closeFD(fd)
+		res.Err = &opError{"epoll_ctl", errno}
+		l.finish(req.done, req.sched, res)
+	}
+}
+
+// maxIdle is how many sockets of each family a loop keeps for reuse. A
+// socket is reused only when its probe ended inside start, so one or two
+// are enough.
+const maxIdle = 4
+
+func familyIndex(family int) int {
+	if family == unix.AF_INET6 {
+		return 1
+	}
+	return 0
+}
+
+// socket returns a TCP socket of the family, non-blocking, with a zero
+// linger, from the idle ones or new. On error it names the failing call.
+func (l *loop) socket(family int) (int, string, syscall.Errno) {
+	idle := &l.idle[familyIndex(family)]
+	if n := len(*idle); n > 0 {
+		fd := (*idle)[n-1]
+		*idle = (*idle)[:n-1]
+		return fd, "", 0
+	}
+	r, _, errno := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if errno != 0 {
+		return -1, "socket", errno
+	}
+	fd := int(r)
+	l.open++
+	l.sockets.Store(int64(l.open))
+	if errno := rawSetsockopt(fd, unix.SOL_SOCKET, unix.SO_LINGER, unsafe.Pointer(&l.linger), unsafe.Sizeof(l.linger)); errno != 0 {
+		l.closeFD(fd)
+		return -1, "setsockopt SO_LINGER", errno
+	}
+	return fd, "", 0
+}
+
+// closeFD closes a probe socket (with its zero linger, an RST if the
+// handshake was answered).
+func (l *loop) closeFD(fd int) {
+	rawClose(fd)
+	l.open--
+	l.sockets.Store(int64(l.open))
+}
+
+// unspec is the address of a disconnect: connect() to AF_UNSPEC.
+var unspec = unix.RawSockaddr{Family: unix.AF_UNSPEC}
+
+// recycle ends the connection of a socket whose probe is over and keeps
+// the socket for another probe. connect(AF_UNSPEC) aborts the connection
+// as close() with a zero linger does, an RST if the handshake was answered,
+// and leaves the socket unbound and ready to connect again: reuse saves a
+// socket(), a close() and a setsockopt per probe.
+func (l *loop) recycle(fd, family int) {
+	idle := &l.idle[familyIndex(family)]
+	if len(*idle) >= maxIdle || rawConnect(fd, unsafe.Pointer(&unspec), unsafe.Sizeof(unspec)) != 0 {
+		l.closeFD(fd)
+		return
+	}
+	*idle = append(*idle, fd)
+}
+
+// alloc takes a slot for a probe whose SYN is out and puts it in the
+// deadline heap.
+func (l *loop) alloc(fd int, req *request, start, deadline int64) int32 {
+	var idx int32
+	if n := len(l.free); n > 0 {
+		idx = l.free[n-1]
+		l.free = l.free[:n-1]
+	} else {
+		l.slots = append(l.slots, slot{})
+		idx = int32(len(l.slots) - 1)
+	}
+	s := &l.slots[idx]
+	s.fd = fd
+	s.start = start
+	s.deadline = deadline
+	s.addr = req.addr
+	s.done = req.done
+	s.sched = req.sched
+	l.heapPush(idx)
+	l.inFlight.Add(1)
+	return idx
+}
+
+// release takes a slot out of the heap and frees it.
+func (l *loop) release(idx int32) {
+	s := &l.slots[idx]
+	l.heapRemove(s.heapIdx)
+	s.fd = -1
+	s.gen++
+	s.done = nil
+	s.sched = nil
+	s.addr = netip.AddrPort{}
+	l.free = append(l.free, idx)
+	l.inFlight.Add(-1)
+}
+
+// complete handles the epoll event of a probe in flight.
+func (l *loop) complete(idx, gen int32, events uint32) {
+	if idx < 0 || int(idx) >= len(l.slots) {
+		return
+	}
+	s := &l.slots[idx]
+	if s.gen != gen || s.fd < 0 {
+		return // an event for a probe that is already over
+	}
+	failed := events&(unix.EPOLLERR|unix.EPOLLHUP) != 0
+	if !failed {
+		l.readTCPInfo(s.fd)
+	}
+	l.closeProbe(s.fd, 0, s.addr, s.done, s.sched, s.start, l.woke, failed)
+	l.release(idx)
+}
+
+// readTCPInfo reads the socket's TCP_INFO into l.tcpInfo and returns its
+// state.
+func (l *loop) readTCPInfo(fd int) (state uint8, ok bool) {
+	size := uint32(unsafe.Sizeof(l.tcpInfo))
+	if errno := rawGetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&l.tcpInfo), &size); errno != 0 {
+		l.tcpInfo.Rtt = 0
+		l.tcpInfo.Last_ack_recv = 0
+		return 0, false
+	}
+	return l.tcpInfo.State, true
+}
+
+// closeProbe reads the outcome of a probe whose answer has come, ends its
+// connection and queues the result. seen is when the loop saw the answer
+// (the return of epoll_wait, or the connect() that completed inline).
+// When failed is false, l.tcpInfo holds the socket's TCP_INFO. A socket
+// that never entered epoll (family != 0) is kept for another probe;
+// others are closed.
+func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result), sched *Schedule, start, seen int64, failed bool) {
+	res := Result{Addr: addr}
+	var rtt, ackAgo int64
+	if failed {
+		var soerr int32
+		size := uint32(4)
+		switch errno := rawGetsockopt(fd, unix.SOL_SOCKET, unix.SO_ERROR, unsafe.Pointer(&soerr), &size); {
+		case errno != 0:
+			res.Err = &opError{"getsockopt SO_ERROR", errno}
+		case soerr != 0:
+			res.Err = classify("connect", syscall.Errno(soerr))
+		default:
+			// An error event with no error pending: the connection
+			// was made and lost at once. The port answered.
+		}
+	} else {
+		rtt = int64(l.tcpInfo.Rtt) * int64(time.Microsecond)
+		if family == 0 {
+			l.epollUp.Add(1)
+		}
+		// The kernel's own clock of the SYN-ACK's arrival, in ms
+		// (jiffies): it counts time the loop spent off the CPU before
+		// epoll_wait returned, which seen does not.
+		ackAgo = int64(l.tcpInfo.Last_ack_recv) * int64(time.Millisecond)
+	}
+	if family != 0 {
+		l.recycle(fd, family) // the RST goes out now
+	} else {
+		l.closeFD(fd) // zero linger: the RST goes out now
+	}
+	end := l.e.now()
+	res.Duration = time.Duration(end - start)
+	if res.Err == nil {
+		res.RTT = time.Duration(rtt)
+		delay := end - seen
+		if ackAgo <= end-start && ackAgo > delay {
+			delay = ackAgo // never older than the SYN itself
+		}
+		if delay > l.maxCloseDelay.Load() {
+			l.maxCloseDelay.Store(delay)
+		}
+		l.closeDelays[closeBucketOf(time.Duration(delay))].Add(1)
+		l.closeSum.Add(delay)
+	}
+	l.finish(done, sched, res)
+}
+
+// expire ends a probe whose deadline has passed.
+func (l *loop) expire(idx int32, now int64) {
+	s := &l.slots[idx]
+	l.closeFD(s.fd)
+	res := Result{Addr: s.addr, Err: ErrTimeout, Duration: time.Duration(now - s.start)}
+	l.finish(s.done, s.sched, res)
+	l.release(idx)
+}
+
+func putPort(p *uint16, port uint16) {
+	b := (*[2]byte)(unsafe.Pointer(p))
+	b[0] = byte(port >> 8)
+	b[1] = byte(port)
+}

@@ -107,7 +107,7 @@ func (s *Settings) jittered(iv time.Duration) time.Duration {
 	if d < lo {
 		return math.MaxInt64 // iv+j past the end of time.Duration
 	}
-	return d
+	return max(d, min(iv, MinInterval)) // never below MinInterval (nor iv, if shorter)
 }
 
 // Want is an address a source needs probed, under the name it was

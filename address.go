@@ -10,7 +10,7 @@ import (
 )
 
 // The one parser of upstream addresses: configured upstreams, the dials
-// that a discover source returns, and `caddy shake`'s arguments all go
+// that an inner source returns, and `caddy shake`'s arguments all go
 // through parseUpstream.
 
 // upstreamSpec is a configured upstream, parsed.

@@ -5,10 +5,12 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
 )
 
 func init() {
@@ -84,7 +86,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //
 //	dynamic shaker [<upstreams...>] {
 //	    to               <upstreams...>
-//	    source           <module> [<args...>] [{ <module options> }]
+//	    inner            <module> [<args...>] [{ <module options> }]
 //	    forget_after     <duration>
 //	    max_discovered   <n>
 //	    interval         <duration>
@@ -102,10 +104,11 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //	}
 //
 // Upstreams are host:port, on the `dynamic shaker` line, on `to` lines in
-// the block, or both; or they come from another upstream source, `source
+// the block, or both; or they come from another upstream source, `inner
 // a my-service.internal 8080 { refresh 10s }` (any
 // http.reverse_proxy.upstreams module, with its own Caddyfile syntax),
-// whose upstreams are then probed and filtered by health. Every subdirective is optional; the defaults are
+// whose upstreams are then probed and filtered by health. `source` is
+// inner's old name, still read with a deprecation warning. Every subdirective is optional; the defaults are
 // interval 2s, fast_interval and down_interval the interval, jitter 5%, timeout 1s,
 // passes 2, fails 3, the upstream's own port, no panic threshold (503
 // when none is up), no slow start, resolve_interval 1m and resolve_timeout
@@ -147,26 +150,8 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			su.ForgetAfter, err = ArgDuration(d)
 		case "max_discovered":
 			su.MaxDiscovered, err = ArgInt(d, 1, maxInt)
-		case "source":
-			if su.SourceRaw != nil {
-				return d.Err("source already given: one source per shaker block (use 'source multi' for several)")
-			}
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			name := d.Val()
-			if name == "shaker" {
-				return d.Err("source shaker: a shaker source cannot wrap another shaker source")
-			}
-			unm, err := caddyfile.UnmarshalModule(d, "http.reverse_proxy.upstreams."+name)
-			if err != nil {
-				return err
-			}
-			src, ok := unm.(reverseproxy.UpstreamSource)
-			if !ok {
-				return d.Errf("source %s (%T) is not an upstream source", name, unm)
-			}
-			su.SourceRaw = caddyconfig.JSONModuleObject(src, "source", name, nil)
+		case "inner", "source":
+			err = su.unmarshalInner(d)
 		default:
 			return d.Errf("unrecognized shaker option '%s'", d.Val())
 		}
@@ -178,11 +163,45 @@ func (su *Upstreams) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return err
 	}
 	switch {
-	case len(su.Upstreams) == 0 && su.SourceRaw == nil:
-		return d.Err("no upstreams: give host:port upstreams after 'dynamic shaker' or on 'to' lines, or a 'source' to discover them")
-	case len(su.Upstreams) > 0 && su.SourceRaw != nil:
-		return d.Errf("upstreams %v and a source: give one or the other", su.Upstreams)
+	case len(su.Upstreams) == 0 && su.InnerRaw == nil:
+		return d.Err("no upstreams: give host:port upstreams after 'dynamic shaker' or on 'to' lines, or an 'inner' source to discover them")
+	case len(su.Upstreams) > 0 && su.InnerRaw != nil:
+		return d.Errf("upstreams %v and an inner source: give one or the other", su.Upstreams)
 	}
+	return nil
+}
+
+// deprecationLog is where the Caddyfile parser warns of deprecated
+// subdirectives: Caddy's default logger; a variable for tests.
+var deprecationLog = func() *zap.Logger { return caddy.Log().Named("shaker") }
+
+// unmarshalInner reads the inner subdirective, the upstream source to
+// probe; or source, its deprecated name, with a warning.
+func (su *Upstreams) unmarshalInner(d *caddyfile.Dispenser) error {
+	sub := d.Val()
+	if sub == "source" {
+		deprecationLog().Warn("dynamic shaker: the 'source' subdirective is deprecated: it is 'inner' now (as in JSON); 'source' still works",
+			zap.String("file", d.File()), zap.Int("line", d.Line()))
+	}
+	if su.InnerRaw != nil {
+		return d.Errf("%s already given: one inner source per shaker block (use '%s multi' for several)", sub, sub)
+	}
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	name := d.Val()
+	if name == "shaker" {
+		return d.Errf("%s shaker: a shaker source cannot wrap another shaker source", sub)
+	}
+	unm, err := caddyfile.UnmarshalModule(d, "http.reverse_proxy.upstreams."+name)
+	if err != nil {
+		return err
+	}
+	src, ok := unm.(reverseproxy.UpstreamSource)
+	if !ok {
+		return d.Errf("%s %s (%T) is not an upstream source", sub, name, unm)
+	}
+	su.InnerRaw = caddyconfig.JSONModuleObject(src, "source", name, nil)
 	return nil
 }
 

@@ -38,12 +38,14 @@ var fuzzBlocks = []string{
 	"127.0.0.1:8080 {\n\tjitter 200ms\n\tfast_interval 100ms\n}",
 	"127.0.0.1:8080 {\n\tjitter off\n}",
 	"127.0.0.1:8080 {\n\tpanic_threshold 0.25\n\tforget_after 1m\n}",
-	"{\n\tsource a my-service.internal 8080 {\n\t\trefresh 10s\n\t}\n\tinterval 1s\n}",
-	"{\n\tsource srv _http._tcp.example.internal\n}",
-	"{\n\tsource multi {\n\t\ta one.internal 80\n\t}\n}",
-	"{\n\tsource shaker 127.0.0.1:1\n}",
-	"{\n\tsource a x 80\n\tsource a y 80\n}",
-	"{\n\tsource nope\n}",
+	"{\n\tinner a my-service.internal 8080 {\n\t\trefresh 10s\n\t}\n\tinterval 1s\n}",
+	"{\n\tinner srv _http._tcp.example.internal\n}",
+	"{\n\tinner multi {\n\t\ta one.internal 80\n\t}\n}",
+	"{\n\tinner shaker 127.0.0.1:1\n}",
+	"{\n\tinner a x 80\n\tinner a y 80\n}",
+	"{\n\tinner nope\n}",
+	"{\n\tsource a my-service.internal 8080\n}", // inner's deprecated name
+	"{\n\tinner a x 80\n\tsource a y 80\n}",
 	``,
 	"{\n\tinterval 1s\n}",
 	"a:1 {\n\tinterval 0s\n}",
@@ -197,13 +199,13 @@ func FuzzCaddyfile(f *testing.F) {
 			msg := err.Error()
 			// Caddy's errors from the Dispenser name file and line;
 			// an inner source's own errors are its module's business
-			if !strings.Contains(msg, "Testfile:") && !strings.Contains(text, "source") {
+			if !strings.Contains(msg, "Testfile:") && !strings.Contains(text, "source") && !strings.Contains(text, "inner") {
 				t.Fatalf("error %q does not say where", msg)
 			}
 			return
 		}
-		if (len(su.Upstreams) > 0) == (su.SourceRaw != nil) {
-			t.Fatalf("accepted with upstreams %q and source %s: want one of them", su.Upstreams, su.SourceRaw)
+		if (len(su.Upstreams) > 0) == (su.InnerRaw != nil) {
+			t.Fatalf("accepted with upstreams %q and source %s: want one of them", su.Upstreams, su.InnerRaw)
 		}
 		if _, err := parseUpstreams(su.Upstreams); err != nil {
 			t.Fatalf("accepted an upstream that does not parse: %v", err)
@@ -285,7 +287,7 @@ func TestFuzzCaddyfileHarness(t *testing.T) {
 var settingNames = []string{
 	"upstreams", "interval", "fast_interval", "down_interval", "timeout",
 	"resolve_interval", "resolve_timeout", "forget_after", "passes", "fails",
-	"port", "panic_threshold", "jitter", "no upstreams",
+	"port", "panic_threshold", "jitter", "no upstreams", "inner",
 }
 
 // checkNamesSetting fails unless err starts with the name of a setting.
@@ -334,8 +336,10 @@ var fuzzJSONSeeds = []string{
 	`{"source":"shaker","upstreams":["127.0.0.1:1"],"rise":2}`,
 	`{"source":"shaker","upstreams":["10.0.0.1:80"]}`,
 	`{"source":"shaker","upstreams":["app.internal:80"],"interval":"-1s"}`,
-	`{"source":"shaker","upstreams":["127.0.0.1:1"],"discover":{"source":"a","name":"x","port":"80"}}`,
-	`{"source":"shaker","discover":{"source":"shaker_test_list","list":"x"}}`,
+	`{"source":"shaker","upstreams":["127.0.0.1:1"],"inner":{"source":"a","name":"x","port":"80"}}`,
+	`{"source":"shaker","inner":{"source":"shaker_test_list","list":"x"}}`,
+	`{"source":"shaker","discover":{"source":"a","name":"x","port":"80"}}`, // inner's deprecated name
+	`{"source":"shaker","inner":{"source":"a","name":"x","port":"80"},"discover":{"source":"a","name":"y","port":"80"}}`,
 	`{"source":"shaker","upstreams":"127.0.0.1:1"}`,
 	`{"source":"shaker","upstreams":[1]}`,
 	`{"source":"shaker","interval":true}`,
@@ -370,7 +374,7 @@ func FuzzJSONConfig(f *testing.F) {
 // source's own checks and Caddy's loading agree. Caddy is only asked to
 // load it (caddy.Validate: provision, never start, so nothing is
 // probed) when the source's own checks reject it before anything would
-// be resolved, or when it has no discover source and every upstream is
+// be resolved, or when it has no inner source and every upstream is
 // a loopback IP address.
 func checkDynamicJSON(t *testing.T, dyn []byte) {
 	t.Helper()
@@ -401,7 +405,7 @@ func checkDynamicJSON(t *testing.T, dyn []byte) {
 			t.Fatalf("parseUpstreams error %q does not name the upstream", checkErr)
 		}
 	}
-	loopbackOnly := decoded && su.SourceRaw == nil
+	loopbackOnly := decoded && su.InnerRaw == nil && su.DiscoverRaw == nil
 	for _, u := range su.Upstreams {
 		s, err := parseUpstream(u)
 		if err == nil && !(s.ip.IsValid() && s.ip.IsLoopback()) {

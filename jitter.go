@@ -13,7 +13,8 @@ import (
 // Jitter is how much every probe interval varies at random: a percentage
 // of the interval in use, from 0 to 50% ("5%"), or a duration ("200ms"),
 // at most half the interval; "0", "0%" and "off" turn it off, "" is the
-// default. In JSON it is a string, or an integer of nanoseconds.
+// default. A jittered interval is never below MinInterval. In JSON it is
+// a string, or an integer of nanoseconds.
 type Jitter string
 
 // UnmarshalJSON takes a string, or an integer of nanoseconds as

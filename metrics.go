@@ -121,6 +121,17 @@ var shakerMetrics = struct {
 
 const metricsNS, metricsSub = "caddy", "shaker"
 
+// probesTotalHelp is caddy_shaker_probes_total's help. It counts the
+// probes of upstreams, the health layer's, and by design not the
+// engine's self-check: its three probes of a listener of its own, once
+// per engine start, say nothing of any upstream, and their verdict has a
+// metric of its own (caddy_shaker_half_open). The engine's own figures
+// (caddy_shaker_close_delay_seconds, the probe count it logs when it
+// stops) count every probe it sent, the self-check's too.
+const probesTotalHelp = "Half-open health probes of upstreams by result (up, refused, timeout, unreachable, error, local_error). " +
+	"The engine's startup self-check (3 probes of its own listener on 127.0.0.1, see caddy_shaker_half_open) is not counted here, " +
+	"though caddy_shaker_close_delay_seconds counts it."
+
 func metricName(name string) string { return prometheus.BuildFQName(metricsNS, metricsSub, name) }
 
 func initMetrics() {
@@ -128,7 +139,7 @@ func initMetrics() {
 		m := &shakerMetrics
 		m.probes = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNS, Subsystem: metricsSub, Name: "probes_total",
-			Help: "Half-open health probes by result (up, refused, timeout, unreachable, error, local_error).",
+			Help: probesTotalHelp,
 		}, []string{"result"})
 		for o := shaker.Up; o <= shaker.Failed; o++ {
 			m.byOutcome[o] = m.probes.WithLabelValues(o.String())

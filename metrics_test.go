@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"runtime"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -255,13 +254,4 @@ func BenchmarkScrape(b *testing.B) {
 			b.ReportMetric(float64(buf.Len()), "bytes/scrape")
 		})
 	}
-}
-
-// processCPU is the process's user and system CPU time so far, in ns.
-func processCPU() int64 {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return ru.Utime.Nano() + ru.Stime.Nano()
 }

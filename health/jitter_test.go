@@ -169,3 +169,29 @@ func TestSettingsValidateJitter(t *testing.T) {
 		}
 	}
 }
+
+// TestJitteredFloor: jitter never takes an interval below MinInterval,
+// however much it may vary an interval of MinInterval or just above it;
+// an interval already below MinInterval (the health layer allows one) is
+// never shortened by it.
+func TestJitteredFloor(t *testing.T) {
+	for _, tc := range []struct {
+		set   Settings
+		iv    time.Duration
+		floor time.Duration
+	}{
+		{Settings{JitterPercent: 50}, MinInterval, MinInterval},
+		{Settings{JitterPercent: 5}, MinInterval, MinInterval},
+		{Settings{Jitter: time.Millisecond}, 3 * MinInterval / 2, MinInterval},
+		{Settings{JitterPercent: 50}, MinInterval / 2, MinInterval / 2},
+	} {
+		lo, hi, _, _, above := drawStats(tc.set, tc.iv, 2000)
+		if lo < tc.floor {
+			t.Errorf("%+v: jittered(%v) went down to %v, below %v", tc.set, tc.iv, lo, tc.floor)
+		}
+		// the jitter still varies it upwards
+		if above == 0 || hi <= tc.iv {
+			t.Errorf("%+v: jittered(%v) never above it (at most %v)", tc.set, tc.iv, hi)
+		}
+	}
+}

@@ -88,5 +88,5 @@ func (s *Settings) jittered(iv time.Duration) time.Duration {
 	if d < lo {
 		return math.MaxInt64 // iv+j past the end of time.Duration
 	}
-	return d
+	return max(d, min(iv, MinInterval)) // never below MinInterval (nor iv, if shorter)
 }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/caddyhome"
 )
 
 // detect bounds how long an address takes to go down once it stops
@@ -270,8 +272,10 @@ func TestL4ProbeAcceptsCompared(t *testing.T) {
 	}
 }
 
+// TestMain runs the tests with Caddy's autosave and storage out of the
+// home directory, and stops Caddy at the end.
 func TestMain(m *testing.M) {
-	code := m.Run()
+	code := caddyhome.Main(m)
 	_ = caddy.Stop()
 	os.Exit(code)
 }

@@ -40,7 +40,7 @@ import (
 // forget_after is not set.
 const DefaultForgetAfterIntervals = 5
 
-// DefaultMaxDiscovered is how many upstreams a discover source probes at
+// DefaultMaxDiscovered is how many upstreams an inner source probes at
 // most, when max_discovered is not set.
 const DefaultMaxDiscovered = 10000
 
@@ -319,23 +319,34 @@ func (su *Upstreams) releaseDiscoveredLocked() {
 	su.table.Store(&empty)
 }
 
+// takeDiscover reads discover, inner's deprecated JSON name, as inner,
+// with a warning; given with inner, it is left for Validate to refuse.
+func (su *Upstreams) takeDiscover() {
+	if su.DiscoverRaw == nil || su.InnerRaw != nil {
+		return
+	}
+	su.logger.Warn(`dynamic shaker: "discover" is deprecated: the wrapped upstream source is "inner" now (as in the Caddyfile); "discover" still works`,
+		zap.ByteString("discover", su.DiscoverRaw))
+	su.InnerRaw, su.DiscoverRaw = su.DiscoverRaw, nil
+}
+
 // provisionInner loads the inner source and starts polling it.
 func (su *Upstreams) provisionInner(ctx caddy.Context) error {
-	if ph, field := requestPlaceholder(su.SourceRaw); ph != "" {
-		return fmt.Errorf("discover: %s in %q is filled in from each request: "+
+	if ph, field := requestPlaceholder(su.InnerRaw); ph != "" {
+		return fmt.Errorf("inner: %s in %q is filled in from each request: "+
 			"this source probes what its inner source returns, so clients would choose what this proxy probes; "+
 			"give the inner source fixed names (global placeholders such as {env.*} are fine), or use it without shaker", ph, field)
 	}
-	mod, err := ctx.LoadModule(su, "SourceRaw")
+	mod, err := ctx.LoadModule(su, "InnerRaw")
 	if err != nil {
 		return fmt.Errorf("loading upstream source to probe: %v", err)
 	}
 	if _, self := mod.(*Upstreams); self {
-		return fmt.Errorf("discover: a shaker source cannot wrap another shaker source")
+		return fmt.Errorf("inner: a shaker source cannot wrap another shaker source")
 	}
 	inner, ok := mod.(reverseproxy.UpstreamSource)
 	if !ok {
-		return fmt.Errorf("discover: module %T is not an upstream source", mod)
+		return fmt.Errorf("inner: module %T is not an upstream source", mod)
 	}
 	su.inner = inner
 	empty := map[string]*discovered{}

@@ -1,3 +1,5 @@
+//go:build linux
+
 package caddyshaker
 
 import (
@@ -95,10 +97,10 @@ func TestParseDial(t *testing.T) {
 	}
 }
 
-// discoverHarness is a harness whose shaker source wraps another source.
-func discoverHarness(t *testing.T, n int, inner map[string]any, extra map[string]any) *harness {
+// innerHarness is a harness whose shaker source wraps another source.
+func innerHarness(t *testing.T, n int, inner map[string]any, extra map[string]any) *harness {
 	h := newHarness(t, n)
-	h.extra = map[string]any{"upstreams": nil, "discover": inner}
+	h.extra = map[string]any{"upstreams": nil, "inner": inner}
 	for k, v := range extra {
 		h.extra[k] = v
 	}
@@ -118,7 +120,7 @@ func TestDiscover(t *testing.T) {
 	setList("discover", b1.addr, b2.addr)
 	h.extra = map[string]any{
 		"upstreams":    nil,
-		"discover":     map[string]any{"source": "shaker_test_list", "list": "discover"},
+		"inner":        map[string]any{"source": "shaker_test_list", "list": "discover"},
 		"forget_after": forget.String(),
 	}
 	h.load(tInterval)
@@ -192,7 +194,7 @@ func TestDiscoverHostName(t *testing.T) {
 	b := h.backends[0]
 	_, port, _ := strings.Cut(b.addr, "127.0.0.1:")
 	setList("hostname", "localhost:"+port)
-	h.extra = map[string]any{"upstreams": nil, "discover": map[string]any{"source": "shaker_test_list", "list": "hostname"}}
+	h.extra = map[string]any{"upstreams": nil, "inner": map[string]any{"source": "shaker_test_list", "list": "hostname"}}
 	h.load(tInterval)
 	waitFor(t, 5*time.Second, "localhost resolved and probed", func() bool {
 		s, ok := h.statuses()[b.addr]
@@ -211,7 +213,7 @@ func TestDiscoverASource(t *testing.T) {
 	h := newHarness(t, 1)
 	b := h.backends[0]
 	_, port, _ := strings.Cut(b.addr, "127.0.0.1:")
-	h.extra = map[string]any{"upstreams": nil, "discover": map[string]any{"source": "a", "name": "localhost", "port": port}}
+	h.extra = map[string]any{"upstreams": nil, "inner": map[string]any{"source": "a", "name": "localhost", "port": port}}
 	h.load(tInterval)
 	var st map[string]Status
 	waitFor(t, 5*time.Second, "localhost's addresses probed", func() bool {
@@ -239,7 +241,7 @@ func TestDiscoverASource(t *testing.T) {
 
 func TestDiscoverCaddyfile(t *testing.T) {
 	got, err := adaptDynamic(t, `dynamic shaker {
-		source a my-service.internal 8080 {
+		inner a my-service.internal 8080 {
 			refresh 10s
 		}
 		interval 1s
@@ -250,37 +252,37 @@ func TestDiscoverCaddyfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	b, _ := json.Marshal(got)
-	want := `{"discover":{"name":"my-service.internal","port":"8080","refresh":10000000000,"source":"a"},"forget_after":30000000000,"interval":1000000000,"max_discovered":500,"source":"shaker"}`
+	want := `{"forget_after":30000000000,"inner":{"name":"my-service.internal","port":"8080","refresh":10000000000,"source":"a"},"interval":1000000000,"max_discovered":500,"source":"shaker"}`
 	if string(b) != want {
 		t.Fatalf("got  %s\nwant %s", b, want)
 	}
 	for _, tc := range []struct{ block, want string }{
 		{`dynamic shaker 127.0.0.1:80 {
-			source a localhost 80
+			inner a localhost 80
 		}`, "give one or the other"},
 		{`dynamic shaker {
-			source shaker 127.0.0.1:80
+			inner shaker 127.0.0.1:80
 		}`, "cannot wrap another shaker source"},
 		{`dynamic shaker {
-			source nosuchsource x
+			inner nosuchsource x
 		}`, "http.reverse_proxy.upstreams.nosuchsource"},
 		{`dynamic shaker {
-			source a localhost 80
-			source a localhost 81
-		}`, "source already given"},
+			inner a localhost 80
+			inner a localhost 81
+		}`, "inner already given"},
 		{`dynamic shaker {
 			source
 		}`, "wrong argument count"},
 		{`dynamic shaker {
-			source a localhost 80
+			inner a localhost 80
 			forget_after 0s
 		}`, "forget_after '0s': must be positive"},
 		{`dynamic shaker {
-			source a localhost 80
+			inner a localhost 80
 			max_discovered 0
 		}`, "max_discovered '0'"},
 		{`dynamic shaker {
-			source a localhost 80
+			inner a localhost 80
 			max_discovered many
 		}`, "max_discovered 'many': not an integer"},
 	} {
@@ -293,11 +295,11 @@ func TestDiscoverCaddyfile(t *testing.T) {
 
 func TestDiscoverJSONErrors(t *testing.T) {
 	for _, tc := range []struct{ dyn, want string }{
-		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"discover":{"source":"a","name":"localhost","port":"1"}}`, "give one or the other"},
-		{`{"source":"shaker","discover":{"source":"shaker","upstreams":["127.0.0.1:1"]}}`, "cannot wrap another shaker source"},
-		{`{"source":"shaker","discover":{"source":"nosuch"}}`, "nosuch"},
-		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"},"forget_after":"-1s"}`, "forget_after -1s"},
-		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"},"max_discovered":-5}`, "max_discovered -5: must not be negative"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"inner":{"source":"a","name":"localhost","port":"1"}}`, "give one or the other"},
+		{`{"source":"shaker","inner":{"source":"shaker","upstreams":["127.0.0.1:1"]}}`, "cannot wrap another shaker source"},
+		{`{"source":"shaker","inner":{"source":"nosuch"}}`, "nosuch"},
+		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"forget_after":"-1s"}`, "forget_after -1s"},
+		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"max_discovered":-5}`, "max_discovered -5: must not be negative"},
 	} {
 		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
 		var c caddy.Config
@@ -357,7 +359,7 @@ func TestDiscoverForgetsWhileFailing(t *testing.T) {
 	t.Cleanup(func() { setFailing("failing", false) })
 	h.extra = map[string]any{
 		"upstreams":    nil,
-		"discover":     map[string]any{"source": "shaker_test_list", "list": "failing"},
+		"inner":        map[string]any{"source": "shaker_test_list", "list": "failing"},
 		"forget_after": forget.String(),
 	}
 	h.load(tInterval)
@@ -388,7 +390,7 @@ func TestMaxDiscovered(t *testing.T) {
 	setList("max", b1.addr, b2.addr, b3.addr)
 	h.extra = map[string]any{
 		"upstreams":      nil,
-		"discover":       map[string]any{"source": "shaker_test_list", "list": "max"},
+		"inner":          map[string]any{"source": "shaker_test_list", "list": "max"},
 		"max_discovered": 2,
 		"forget_after":   "100ms",
 	}
@@ -461,4 +463,77 @@ func TestMaxDiscoveredWarnsOnce(t *testing.T) {
 	if e["max_discovered"] != int64(3) || e["not_probed"] != int64(1) {
 		t.Errorf("warning fields %v", e)
 	}
+}
+
+// TestInnerOldNames: the inner source's old names still work, with a
+// deprecation warning: `source` in the Caddyfile adapts to what `inner`
+// does, and "discover" in JSON is read as "inner" (refused beside it).
+func TestInnerOldNames(t *testing.T) {
+	core, logs := observer.New(zap.WarnLevel)
+	old := deprecationLog
+	deprecationLog = func() *zap.Logger { return zap.New(core) }
+	t.Cleanup(func() { deprecationLog = old })
+	adapt := func(sub string) string {
+		got, err := adaptDynamic(t, "dynamic shaker {\n"+sub+" a my-service.internal 8080 {\nrefresh 10s\n}\ninterval 1s\n}")
+		if err != nil {
+			t.Fatalf("%s: %v", sub, err)
+		}
+		b, _ := json.Marshal(got)
+		return string(b)
+	}
+	if n, o := adapt("inner"), adapt("source"); n != o || !strings.Contains(n, `"inner":{`) {
+		t.Errorf("source adapts to %s, inner to %s: want the same, with \"inner\"", o, n)
+	}
+	if w := logs.FilterMessageSnippet("'source' subdirective is deprecated").All(); len(w) != 1 {
+		t.Errorf("%d deprecation warnings for one source, want 1: %v", len(w), logs.All())
+	}
+	if _, err := adaptDynamic(t, "dynamic shaker {\ninner a x 80\nsource a y 80\n}"); err == nil || !strings.Contains(err.Error(), "source already given") {
+		t.Errorf("inner and source: error %v, want source already given", err)
+	}
+
+	// JSON: discover is taken as inner, with a warning
+	core, logs = observer.New(zap.WarnLevel)
+	su := &Upstreams{DiscoverRaw: json.RawMessage(`{"source":"a","name":"x","port":"80"}`), logger: zap.New(core)}
+	su.takeDiscover()
+	if string(su.InnerRaw) != `{"source":"a","name":"x","port":"80"}` || su.DiscoverRaw != nil {
+		t.Errorf("discover not taken as inner: inner %s, discover %s", su.InnerRaw, su.DiscoverRaw)
+	}
+	if w := logs.FilterMessageSnippet(`"discover" is deprecated`).All(); len(w) != 1 {
+		t.Errorf("%d deprecation warnings, want 1: %v", len(w), logs.All())
+	}
+	for _, tc := range []struct{ dyn, want string }{
+		{`{"source":"shaker","discover":{"source":"a","name":"localhost","port":"1"}}`, ""},
+		{`{"source":"shaker","discover":{"source":"shaker","upstreams":["127.0.0.1:1"]}}`, "cannot wrap another shaker source"},
+		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"discover":{"source":"a","name":"localhost","port":"1"}}`, "give one or the other"},
+		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"discover":{"source":"a","name":"localhost","port":"2"}}`,
+			`inner {"name":"localhost","port":"1","source":"a"} and discover {"name":"localhost","port":"2","source":"a"}: discover is inner's deprecated name`},
+	} {
+		cfg := `{"admin":{"disabled":true},"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
+		var c caddy.Config
+		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
+			t.Fatal(err)
+		}
+		err := caddy.Validate(&c)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%s: %v", tc.dyn, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s:\nerror %v\nwant  %q", tc.dyn, err, tc.want)
+		}
+	}
+}
+
+// TestDiscoverKeyStillProbes: a config with the old "discover" key
+// probes the inner source's upstreams as one with "inner" does.
+func TestDiscoverKeyStillProbes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	h := newHarness(t, 1)
+	b := h.backends[0]
+	setList("old-key", b.addr)
+	h.extra = map[string]any{"upstreams": nil, "discover": map[string]any{"source": "shaker_test_list", "list": "old-key"}}
+	h.load(tInterval)
+	waitFor(t, 5*time.Second, "the old key's upstream probed", func() bool { s, ok := h.statuses()[b.addr]; return ok && s.CheckedAt != nil })
+	h.noLeakedProbes()
 }

@@ -146,7 +146,7 @@ func (c *caddyChecker) l4Servers(t *testing.T, servers []server) map[string]any 
 	srvs := map[string]any{}
 	c.proxies = map[string]string{}
 	for _, s := range servers {
-		h := l4Proxy(c.kind == kindShakerL4, map[string]any{
+		h := l4Proxy(c.kind == kindShakerL4, "", map[string]any{
 			"interval": probeInterval.String(),
 			"timeout":  probeTimeout.String(),
 		}, s.target())
@@ -162,8 +162,9 @@ func (c *caddyChecker) l4Servers(t *testing.T, servers []server) map[string]any 
 
 // l4Proxy is a caddy-l4 proxy handler to targets (one upstream each),
 // checked by the plugin's selection policy with the probe settings in
-// checks (shaker), or by caddy-l4's own active checks with those settings.
-func l4Proxy(shaker bool, checks map[string]any, targets ...string) map[string]any {
+// checks (shaker), or by caddy-l4's own active checks with those settings;
+// selection by the policy named inner ("": caddy-l4's default, random).
+func l4Proxy(shaker bool, inner string, checks map[string]any, targets ...string) map[string]any {
 	var ups []any
 	for _, a := range targets {
 		ups = append(ups, map[string]any{"dial": []string{a}})
@@ -174,9 +175,15 @@ func l4Proxy(shaker bool, checks map[string]any, targets ...string) map[string]a
 		for k, v := range checks {
 			sel[k] = v
 		}
+		if inner != "" {
+			sel["inner"] = map[string]any{"policy": inner}
+		}
 		h["load_balancing"] = map[string]any{"selection": sel}
 	} else {
 		h["health_checks"] = map[string]any{"active": checks}
+		if inner != "" {
+			h["load_balancing"] = map[string]any{"selection": map[string]any{"policy": inner}}
+		}
 	}
 	return h
 }

@@ -19,6 +19,9 @@ package realservers
 // The layer-4 proxies (shaker-l4, caddy-l4, haproxy) also carry real
 // clients: psql's SELECT 1 and redis-cli's PING through the proxy, which
 // must work, and which the servers' counts leave out (clients_linux_test.go).
+// Then failover through caddy-l4's proxy in front of two PostgreSQL
+// servers, with the plugin and with caddy-l4's own checks, is measured
+// (failover_linux_test.go).
 //
 // Each checker runs three phases: its start and a phase of steady checks;
 // a phase of forced config reloads (every 500 ms); SIGTERM, until it has
@@ -274,6 +277,7 @@ func realServersMain(t *testing.T) {
 			assertClients(t, s, results)
 		})
 	}
+	t.Run("failover", func(t *testing.T) { testFailover(t, env, servers) })
 }
 
 // assertClients checks that every query a client ran through a layer-4

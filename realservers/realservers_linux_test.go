@@ -20,8 +20,8 @@ package realservers
 // clients: psql's SELECT 1 and redis-cli's PING through the proxy, which
 // must work, and which the servers' counts leave out (clients_linux_test.go).
 // Then failover through caddy-l4's proxy in front of two PostgreSQL
-// servers, with the plugin and with caddy-l4's own checks, is measured
-// (failover_linux_test.go).
+// servers, with the plugin and with caddy-l4's own checks (and HAProxy
+// beside), is measured (failover_linux_test.go).
 //
 // Each checker runs three phases: its start and a phase of steady checks;
 // a phase of forced config reloads (every 500 ms); SIGTERM, until it has
@@ -382,11 +382,10 @@ func runChecker(t *testing.T, c checker, servers []server, phase time.Duration) 
 	t0 := time.Now()
 	for n := 1; n <= clientQueries; n++ {
 		time.Sleep(time.Until(t0.Add(time.Duration(n) * phase / (clientQueries + 1))))
-		if !queryThrough(t, c, servers, r.queries[0]) {
+		if r.proxied = queryThrough(t, c, servers, r.queries[0]); !r.proxied {
 			break
 		}
 	}
-	r.proxied = len(r.queries[0]) > 0
 	time.Sleep(time.Until(t0.Add(phase)))
 	before := c.verify(t, servers)
 	s1 := snapshot(t, servers)

@@ -40,24 +40,34 @@ type checker interface {
 	stop(t *testing.T) time.Duration
 }
 
-// caddyChecker is Caddy built from ./cmd/caddy with one HTTP server per
-// backend, each a reverse_proxy to it: with the plugin (shaker) or with
-// Caddy's own active health checks.
+// The kinds of caddyChecker.
+const (
+	kindShaker   = "shaker"    // ./cmd/caddy, reverse_proxy with dynamic shaker
+	kindCaddy    = "caddy"     // ./cmd/caddy, reverse_proxy with Caddy's own active checks
+	kindShakerL4 = "shaker-l4" // l4/cmd/caddy, layer4 proxy with lb_policy shaker
+	kindCaddyL4  = "caddy-l4"  // l4/cmd/caddy, layer4 proxy with caddy-l4's own active checks
+)
+
+// caddyChecker is Caddy with one server per backend in front of it: an HTTP
+// server with a reverse_proxy (Caddy built from ./cmd/caddy), with the
+// plugin (kindShaker) or with Caddy's own active health checks
+// (kindCaddy); or a layer4 server with caddy-l4's proxy (Caddy built from
+// l4/cmd/caddy), with the plugin's selection policy (kindShakerL4) or with
+// caddy-l4's own active checks (kindCaddyL4).
 type caddyChecker struct {
-	bin    string
-	shaker bool
-	admin  string
-	cfg    []byte
-	p      *proc
-	hc     *http.Client
+	bin     string
+	kind    string
+	admin   string
+	cfg     []byte
+	p       *proc
+	hc      *http.Client
+	proxies map[string]string // layer 4: server name -> the proxy's address in front of it
 }
 
-func (c *caddyChecker) name() string {
-	if c.shaker {
-		return "shaker"
-	}
-	return "caddy"
-}
+func (c *caddyChecker) name() string { return c.kind }
+
+// probes says whether it is the plugin, which counts its probes.
+func (c *caddyChecker) probes() bool { return c.kind == kindShaker || c.kind == kindShakerL4 }
 
 func (c *caddyChecker) label() string {
 	v := strings.Fields(version(c.bin, "v2", "version"))
@@ -65,21 +75,47 @@ func (c *caddyChecker) label() string {
 	if len(v) > 0 {
 		ver = " " + v[0]
 	}
-	if c.shaker {
+	// "dep	github.com/mholt/caddy-l4	v0.1.2	h1:..."
+	l4 := "caddy-l4"
+	if f := strings.Fields(version(c.bin, "github.com/mholt/caddy-l4", "build-info")); len(f) >= 3 {
+		l4 += " " + f[2]
+	}
+	switch c.kind {
+	case kindShaker:
 		return fmt.Sprintf("caddy-shaker (Caddy%s, `dynamic shaker`, `interval %v`)", ver, probeInterval)
+	case kindShakerL4:
+		return fmt.Sprintf("caddy-shaker (Caddy%s, %s `proxy`, `lb_policy shaker`, `interval %v`)", ver, l4, probeInterval)
+	case kindCaddyL4:
+		return fmt.Sprintf("%s `proxy` (Caddy%s) `health_interval %v`", l4, ver, probeInterval)
 	}
 	return fmt.Sprintf("Caddy%s `health_uri /`, `health_interval %v`", ver, probeInterval)
 }
 
+// proxyAddr is the layer-4 proxy's address in front of server, or "" for
+// an HTTP reverse proxy (no client of these servers speaks HTTP).
+func (c *caddyChecker) proxyAddr(server string) string { return c.proxies[server] }
+
 func (c *caddyChecker) start(t *testing.T, servers []server) {
 	t.Helper()
-	dir := t.TempDir()
-	c.admin = fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	var apps map[string]any
+	switch c.kind {
+	case kindShaker, kindCaddy:
+		apps = map[string]any{"http": map[string]any{"servers": c.httpServers(t, servers)}}
+	case kindShakerL4, kindCaddyL4:
+		apps = map[string]any{"layer4": map[string]any{"servers": c.l4Servers(t, servers)}}
+	default:
+		t.Fatalf("caddyChecker: no kind %q", c.kind)
+	}
+	c.p, c.admin, c.cfg = startCaddy(t, "caddy-"+c.name(), c.bin, apps)
 	c.hc = &http.Client{Timeout: 30 * time.Second}
+}
+
+// httpServers: one HTTP server per backend, a reverse_proxy to it.
+func (c *caddyChecker) httpServers(t *testing.T, servers []server) map[string]any {
 	srvs := map[string]any{}
 	for _, s := range servers {
 		h := map[string]any{"handler": "reverse_proxy"}
-		if c.shaker {
+		if c.kind == kindShaker {
 			h["dynamic_upstreams"] = map[string]any{
 				"source":    "shaker",
 				"upstreams": []string{s.target()},
@@ -100,31 +136,91 @@ func (c *caddyChecker) start(t *testing.T, servers []server) {
 			"routes":          []any{map[string]any{"handle": []any{h}}},
 		}
 	}
+	return srvs
+}
+
+// l4Servers: one layer4 server per backend, a proxy to it, with the
+// plugin's policy or caddy-l4's own active checks (a TCP connect, closed)
+// at the same interval and timeout.
+func (c *caddyChecker) l4Servers(t *testing.T, servers []server) map[string]any {
+	srvs := map[string]any{}
+	c.proxies = map[string]string{}
+	for _, s := range servers {
+		h := l4Proxy(c.kind == kindShakerL4, "", map[string]any{
+			"interval": probeInterval.String(),
+			"timeout":  probeTimeout.String(),
+		}, s.target())
+		addr := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+		c.proxies[s.name()] = addr
+		srvs[s.name()] = map[string]any{
+			"listen": []string{addr},
+			"routes": []any{map[string]any{"handle": []any{h}}},
+		}
+	}
+	return srvs
+}
+
+// l4Proxy is a caddy-l4 proxy handler to targets (one upstream each),
+// checked by the plugin's selection policy with the probe settings in
+// checks (shaker), or by caddy-l4's own active checks with those settings;
+// selection by the policy named inner ("": caddy-l4's default, random).
+func l4Proxy(shaker bool, inner string, checks map[string]any, targets ...string) map[string]any {
+	var ups []any
+	for _, a := range targets {
+		ups = append(ups, map[string]any{"dial": []string{a}})
+	}
+	h := map[string]any{"handler": "proxy", "upstreams": ups}
+	if shaker {
+		sel := map[string]any{"policy": "shaker"}
+		for k, v := range checks {
+			sel[k] = v
+		}
+		if inner != "" {
+			sel["inner"] = map[string]any{"policy": inner}
+		}
+		h["load_balancing"] = map[string]any{"selection": sel}
+	} else {
+		h["health_checks"] = map[string]any{"active": checks}
+		if inner != "" {
+			h["load_balancing"] = map[string]any{"selection": map[string]any{"policy": inner}}
+		}
+	}
+	return h
+}
+
+// startCaddy runs bin with apps and an admin endpoint of its own, and
+// returns once the admin endpoint answers: the process, the admin address
+// and the config it loaded.
+func startCaddy(t *testing.T, name, bin string, apps map[string]any) (*proc, string, []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	cfg, err := json.Marshal(map[string]any{
-		"admin": map[string]any{"listen": c.admin},
-		"apps":  map[string]any{"http": map[string]any{"servers": srvs}},
+		"admin": map[string]any{"listen": admin},
+		"apps":  apps,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.cfg = cfg
 	path := filepath.Join(dir, "caddy.json")
 	if err := os.WriteFile(path, cfg, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	c.p = startProc(t, "caddy-"+c.name(), filepath.Join(dir, "caddy.log"), dir, nil, syscall.SIGKILL,
-		c.bin, "run", "--config", path)
-	waitFor(t, 60*time.Second, "Caddy's admin endpoint answers", func() bool {
-		if c.p.exited() {
-			t.Fatalf("caddy exited: %v\n%s", c.p.err, c.p.tail())
+	p := startProc(t, name, filepath.Join(dir, "caddy.log"), dir, nil, syscall.SIGKILL,
+		bin, "run", "--config", path)
+	hc := &http.Client{Timeout: 5 * time.Second}
+	waitFor(t, 60*time.Second, name+": Caddy's admin endpoint answers", func() bool {
+		if p.exited() {
+			t.Fatalf("%s exited: %v\n%s", name, p.err, p.tail())
 		}
-		r, err := c.hc.Get("http://" + c.admin + "/config/")
+		r, err := hc.Get("http://" + admin + "/config/")
 		if err != nil {
 			return false
 		}
 		r.Body.Close()
 		return r.StatusCode == http.StatusOK
 	})
+	return p, admin, cfg
 }
 
 // reload posts the same config to /load; Cache-Control: must-revalidate
@@ -151,23 +247,10 @@ func (c *caddyChecker) reload(t *testing.T) {
 // verify, for the plugin: the admin API shows every server up, probed.
 func (c *caddyChecker) verify(t *testing.T, servers []server) map[string]int64 {
 	t.Helper()
-	if !c.shaker {
+	if !c.probes() {
 		return nil
 	}
-	r, err := c.hc.Get("http://" + c.admin + "/shaker/upstreams")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Body.Close()
-	var st []struct {
-		Address   string `json:"address"`
-		Healthy   bool   `json:"healthy"`
-		Probes    int64  `json:"probes"`
-		LastError string `json:"last_error"`
-	}
-	if err := json.NewDecoder(r.Body).Decode(&st); err != nil {
-		t.Fatal(err)
-	}
+	st := shakerUpstreams(t, c.hc, c.admin)
 	checks := make(map[string]int64, len(servers))
 	for _, s := range servers {
 		found := false
@@ -188,6 +271,29 @@ func (c *caddyChecker) verify(t *testing.T, servers []server) map[string]int64 {
 	return checks
 }
 
+// upstreamState is an entry of the plugin's GET /shaker/upstreams.
+type upstreamState struct {
+	Address   string `json:"address"`
+	Healthy   bool   `json:"healthy"`
+	Probes    int64  `json:"probes"`
+	LastError string `json:"last_error"`
+}
+
+// shakerUpstreams reads the plugin's GET /shaker/upstreams from admin.
+func shakerUpstreams(t *testing.T, hc *http.Client, admin string) []upstreamState {
+	t.Helper()
+	r, err := hc.Get("http://" + admin + "/shaker/upstreams")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	var st []upstreamState
+	if err := json.NewDecoder(r.Body).Decode(&st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
 func (c *caddyChecker) stop(t *testing.T) time.Duration {
 	t.Helper()
 	d, err := c.p.stop(syscall.SIGTERM, 30*time.Second)
@@ -198,14 +304,18 @@ func (c *caddyChecker) stop(t *testing.T) time.Duration {
 }
 
 // haproxyChecker is HAProxy in master-worker mode with one `listen`
-// section per backend and a plain `check`: reloaded with SIGUSR2 (a new
-// worker; the old one stops softly), stopped with SIGTERM.
+// section per backend (`mode tcp`, a layer-4 proxy) and a plain `check`:
+// reloaded with SIGUSR2 (a new worker; the old one stops softly), stopped
+// with SIGTERM.
 type haproxyChecker struct {
-	bin  string
-	dir  string
-	p    *proc
-	done int // reloads done
+	bin     string
+	dir     string
+	p       *proc
+	done    int               // reloads done
+	proxies map[string]string // server name -> its listen section's address
 }
+
+func (c *haproxyChecker) proxyAddr(server string) string { return c.proxies[server] }
 
 func (c *haproxyChecker) name() string { return "haproxy" }
 
@@ -213,9 +323,9 @@ func (c *haproxyChecker) label() string {
 	v := strings.Fields(version(c.bin, "version", "-v"))
 	if len(v) >= 3 {
 		ver, _, _ := strings.Cut(v[2], "-")
-		return fmt.Sprintf("HAProxy %s `check inter %v`", ver, probeInterval)
+		return fmt.Sprintf("HAProxy %s `mode tcp`, `check inter %v`", ver, probeInterval)
 	}
-	return fmt.Sprintf("HAProxy `check inter %v`", probeInterval)
+	return fmt.Sprintf("HAProxy `mode tcp`, `check inter %v`", probeInterval)
 }
 
 func (c *haproxyChecker) start(t *testing.T, servers []server) {
@@ -233,9 +343,12 @@ defaults
 	timeout server 10s
 	timeout check %dms
 `, c.dir, probeTimeout.Milliseconds())
+	c.proxies = map[string]string{}
 	for _, s := range servers {
-		fmt.Fprintf(&b, "\nlisten %s\n\tbind 127.0.0.1:%d\n\tserver s %s check inter %dms\n",
-			s.name(), testkit.FreePort(t), s.target(), probeInterval.Milliseconds())
+		addr := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+		c.proxies[s.name()] = addr
+		fmt.Fprintf(&b, "\nlisten %s\n\tbind %s\n\tserver s %s check inter %dms\n",
+			s.name(), addr, s.target(), probeInterval.Milliseconds())
 	}
 	cfg := filepath.Join(c.dir, "haproxy.cfg")
 	if err := os.WriteFile(cfg, []byte(b.String()), 0o644); err != nil {

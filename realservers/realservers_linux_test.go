@@ -7,21 +7,32 @@ package realservers
 // log_connections, MariaDB's Connections and Aborted_connects and its
 // max_connect_errors lockout, OpenSSH at LogLevel VERBOSE, nginx's access
 // log and stub_status, Redis's total_connections_received) are checked
-// every 100 ms by three checkers in turn:
+// every 100 ms by five checkers in turn:
 //
-//	shaker   Caddy built from ./cmd/caddy with this plugin (dynamic shaker)
-//	caddy    the same Caddy with its own active health checks (health_uri)
-//	haproxy  HAProxy's plain `check` (a half-open TCP check)
+//	shaker     Caddy built from ./cmd/caddy with this plugin (dynamic shaker)
+//	caddy      the same Caddy with its own active health checks (health_uri)
+//	shaker-l4  Caddy built from l4/cmd/caddy: caddy-l4's `proxy` in front
+//	           of each server, with this plugin's `lb_policy shaker`
+//	caddy-l4   the same, with caddy-l4's own active checks (health_interval)
+//	haproxy    HAProxy `mode tcp` with a plain `check` (a half-open TCP check)
+//
+// The layer-4 proxies (shaker-l4, caddy-l4, haproxy) also carry real
+// clients: psql's SELECT 1 and redis-cli's PING through the proxy, which
+// must work, and which the servers' counts leave out (clients_linux_test.go).
+// Then failover through caddy-l4's proxy in front of two PostgreSQL
+// servers, with the plugin and with caddy-l4's own checks (and HAProxy
+// beside), is measured (failover_linux_test.go).
 //
 // Each checker runs three phases: its start and a phase of steady checks;
 // a phase of forced config reloads (every 500 ms); SIGTERM, until it has
 // exited and 500 ms more (past the kernel's 200 ms delayed-ACK timer, after
 // which a socket left open with a SYN-ACK in hand becomes a connection).
 // The test counts what every server logged or counted in every phase.
-// It asserts that the plugin left nothing anywhere, that Caddy's checks,
-// which connect, left something everywhere (so the counting works), and
-// that HAProxy's half-open checks left nothing while running; and a control
-// connection of the test's own must move each count by one first.
+// It asserts that the plugin left nothing anywhere (both ways), that
+// Caddy's and caddy-l4's checks, which connect, left something everywhere
+// (so the counting works), and that HAProxy's half-open checks left
+// nothing while running; and a control connection of the test's own must
+// move each count by one first.
 //
 // Everything runs in a network namespace of the test's own (the test binary
 // runs itself again there; root needed), so the servers' ports are private
@@ -47,9 +58,10 @@ import (
 )
 
 const (
-	childEnv = "REALSERVERS_CHILD" // set in the test binary run in the namespace
-	caddyEnv = "REALSERVERS_CADDY" // a caddy built from ./cmd/caddy
-	phaseEnv = "REALSERVERS_PHASE" // length of a phase
+	childEnv   = "REALSERVERS_CHILD"    // set in the test binary run in the namespace
+	caddyEnv   = "REALSERVERS_CADDY"    // a caddy built from ./cmd/caddy
+	caddyL4Env = "REALSERVERS_CADDY_L4" // a caddy built from l4/cmd/caddy (the nested module)
+	phaseEnv   = "REALSERVERS_PHASE"    // length of a phase
 
 	probeInterval = 100 * time.Millisecond
 	probeTimeout  = 80 * time.Millisecond
@@ -116,6 +128,17 @@ func TestRealServers(t *testing.T) {
 			t.Fatalf("go build ./cmd/caddy: %v\n%s", err, out)
 		}
 	}
+	// Caddy with caddy-l4 and the layer-4 policy: built in the nested
+	// module l4/, which this package (the root module) does not import.
+	l4bin := os.Getenv(caddyL4Env)
+	if l4bin == "" {
+		l4bin = filepath.Join(t.TempDir(), "caddy-l4")
+		cmd := exec.Command("go", "build", "-o", l4bin, "./cmd/caddy")
+		cmd.Dir = filepath.Join("..", "l4")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("cd l4 && go build ./cmd/caddy: %v\n%s", err, out)
+		}
+	}
 
 	self, err := os.Executable()
 	if err != nil {
@@ -131,7 +154,7 @@ func TestRealServers(t *testing.T) {
 	}
 	cmd := exec.CommandContext(ctx, self, "-test.run=^TestRealServers$", "-test.v", "-test.count=1",
 		"-test.timeout="+timeout.String())
-	cmd.Env = append(os.Environ(), childEnv+"=1", caddyEnv+"="+bin)
+	cmd.Env = append(os.Environ(), childEnv+"=1", caddyEnv+"="+bin, caddyL4Env+"="+l4bin)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()
 	t.Logf("in a network namespace of its own:\n%s", out)
@@ -176,6 +199,10 @@ type result struct {
 	loopback [2][2]int64
 	reloads  int
 	exit     time.Duration // from SIGTERM to its exit
+	// queries: the client queries that worked through its layer-4 proxy
+	// per phase, by server; proxied: it is such a proxy
+	queries [3]map[string]int64
+	proxied bool
 }
 
 func realServersMain(t *testing.T) {
@@ -204,8 +231,10 @@ func realServersMain(t *testing.T) {
 	}
 
 	checkers := []checker{
-		&caddyChecker{bin: os.Getenv(caddyEnv), shaker: true},
-		&caddyChecker{bin: os.Getenv(caddyEnv)},
+		&caddyChecker{bin: os.Getenv(caddyEnv), kind: kindShaker},
+		&caddyChecker{bin: os.Getenv(caddyEnv), kind: kindCaddy},
+		&caddyChecker{bin: os.Getenv(caddyL4Env), kind: kindShakerL4},
+		&caddyChecker{bin: os.Getenv(caddyL4Env), kind: kindCaddyL4},
 	}
 	haproxy, herr := findBin("haproxy")
 	if herr == nil {
@@ -236,6 +265,41 @@ func realServersMain(t *testing.T) {
 		}
 	})
 	t.Run("checks", func(t *testing.T) { assertChecking(t, servers, results, phase) })
+	for _, s := range servers {
+		if _, ok := s.(queryable); !ok {
+			continue
+		}
+		t.Run("clients/"+s.name(), func(t *testing.T) {
+			c := clients[s.name()]
+			if _, err := findBin(c[0]); err != nil {
+				t.Skipf("%v: Debian package %s is not installed (a dependency of %s)", err, c[1], debianPackage[s.name()])
+			}
+			assertClients(t, s, results)
+		})
+	}
+	t.Run("failover", func(t *testing.T) { testFailover(t, env, servers) })
+}
+
+// assertClients checks that every query a client ran through a layer-4
+// proxy in front of s worked: clientQueries in the steady phase, one
+// after each reload. (A query that failed was reported as it failed.)
+func assertClients(t *testing.T, s server, results []*result) {
+	for _, r := range results {
+		_, isProxy := r.c.(proxier)
+		if r.c.name() == kindShaker || r.c.name() == kindCaddy || !isProxy {
+			continue // HTTP reverse proxies: no client of s speaks HTTP
+		}
+		if !r.proxied {
+			t.Errorf("%s: no layer-4 proxy in front of %s", r.c.name(), s.name())
+			continue
+		}
+		if n := r.queries[0][s.name()]; n != clientQueries {
+			t.Errorf("%s, steady: %d of %d queries through its proxy to %s worked", r.c.name(), n, clientQueries, s.name())
+		}
+		if n := r.queries[1][s.name()]; n != int64(r.reloads) {
+			t.Errorf("%s, reloads: %d of %d queries through its proxy to %s (one after each reload) worked", r.c.name(), n, r.reloads, s.name())
+		}
+	}
 }
 
 // control makes the test's own connection to s and waits until each count
@@ -300,6 +364,9 @@ func diff(a, b map[string]int64) map[string]int64 {
 func runChecker(t *testing.T, c checker, servers []server, phase time.Duration) *result {
 	t.Helper()
 	r := &result{c: c, blocked: map[string]bool{}}
+	for p := range r.queries {
+		r.queries[p] = map[string]int64{}
+	}
 	for _, s := range servers {
 		if hc, ok := s.(hostCache); ok {
 			hc.flushHosts(t)
@@ -308,9 +375,18 @@ func runChecker(t *testing.T, c checker, servers []server, phase time.Duration) 
 
 	// Steady: its start, and a phase of checks. The phases are windows
 	// in which nothing is awaited: what the servers count is the result.
+	// A layer-4 proxy gets clientQueries real queries through it, spread
+	// over the phase.
 	s0 := snapshot(t, servers)
 	c.start(t, servers)
-	time.Sleep(phase)
+	t0 := time.Now()
+	for n := 1; n <= clientQueries; n++ {
+		time.Sleep(time.Until(t0.Add(time.Duration(n) * phase / (clientQueries + 1))))
+		if r.proxied = queryThrough(t, c, servers, r.queries[0]); !r.proxied {
+			break
+		}
+	}
+	time.Sleep(time.Until(t0.Add(phase)))
 	before := c.verify(t, servers)
 	s1 := snapshot(t, servers)
 	after := c.verify(t, servers)
@@ -318,12 +394,16 @@ func runChecker(t *testing.T, c checker, servers []server, phase time.Duration) 
 	r.checks[0] = sum(after, servers, false)
 	r.loopback[0] = [2]int64{sum(before, servers, true), sum(after, servers, true)}
 
-	// Reloads, forced, every reloadEvery.
+	// Reloads, forced, every reloadEvery; a layer-4 proxy gets a real
+	// query through it after each.
 	t1 := time.Now()
 	for n := 1; time.Duration(n)*reloadEvery < phase; n++ {
 		time.Sleep(time.Until(t1.Add(time.Duration(n) * reloadEvery)))
 		c.reload(t)
 		r.reloads++
+		if r.proxied {
+			queryThrough(t, c, servers, r.queries[1])
+		}
 	}
 	time.Sleep(time.Until(t1.Add(phase)))
 	before = c.verify(t, servers)
@@ -367,10 +447,10 @@ func assertServer(t *testing.T, s server, results []*result) {
 			for _, m := range s.metrics() {
 				n := r.delta[p][s.name()+"/"+m.key]
 				switch r.c.name() {
-				case "shaker":
+				case kindShaker, kindShakerL4:
 					// The product's claim: nothing, in every phase.
 					if n != 0 {
-						t.Errorf("plugin, %s: %s moved by %d, want 0", phaseNames[p], m.label, n)
+						t.Errorf("plugin (%s), %s: %s moved by %d, want 0", r.c.name(), phaseNames[p], m.label, n)
 					}
 				case "haproxy":
 					// Half-open checks while it runs; what its hard stop
@@ -378,16 +458,21 @@ func assertServer(t *testing.T, s server, results []*result) {
 					if p < 2 && n != 0 {
 						t.Errorf("HAProxy, %s: %s moved by %d, want 0", phaseNames[p], m.label, n)
 					}
-				case "caddy":
+				case kindCaddy:
 					// Every HTTP check is a connection: the count must move.
 					if p < 2 && m.connects && n <= 0 {
 						t.Errorf("Caddy health_uri, %s: %s moved by %d, want more than 0", phaseNames[p], m.label, n)
+					}
+				case kindCaddyL4:
+					// Every check is a connection, closed at once.
+					if p < 2 && m.bare && n <= 0 {
+						t.Errorf("caddy-l4's active checks, %s: %s moved by %d, want more than 0", phaseNames[p], m.label, n)
 					}
 				}
 			}
 		}
 		if b, ok := r.blocked[s.name()]; ok {
-			want := r.c.name() == "caddy"
+			want := r.c.name() == kindCaddy || r.c.name() == kindCaddyL4 // they connect
 			if b != want {
 				t.Errorf("%s: %s blocked the checkers' host: %v, want %v", r.c.name(), s.label(), b, want)
 			}
@@ -425,7 +510,7 @@ func assertChecking(t *testing.T, servers []server, results []*result, phase tim
 		for p := range 2 {
 			n := r.delta[p]["kernel/embryonic"]
 			switch r.c.name() {
-			case "shaker":
+			case kindShaker, kindShakerL4:
 				// its checks from before the snapshot that ends the phase
 				// since after the one that began it; and the widest
 				var lo, hi int64
@@ -437,22 +522,23 @@ func assertChecking(t *testing.T, servers []server, results []*result, phase tim
 					lo = r.loopback[p][0] - r.loopback[p-1][1]
 					hi = r.loopback[p][1] - r.loopback[p-1][0]
 				}
-				t.Logf("plugin, %s: %d half-open checks of %d servers on loopback seen by the kernel; it counted %d to %d", phaseNames[p], n, loopback, lo, hi)
+				t.Logf("plugin (%s), %s: %d half-open checks of %d servers on loopback seen by the kernel; it counted %d to %d", r.c.name(), phaseNames[p], n, loopback, lo, hi)
 				if n < lo-slack || n > hi+slack {
-					t.Errorf("plugin, %s: %d half-open checks of %d servers on loopback seen by the kernel, but it counted %d to %d itself (give or take %d)",
-						phaseNames[p], n, loopback, lo, hi, slack)
+					t.Errorf("plugin (%s), %s: %d half-open checks of %d servers on loopback seen by the kernel, but it counted %d to %d itself (give or take %d)",
+						r.c.name(), phaseNames[p], n, loopback, lo, hi, slack)
 				}
 				if lo < least {
-					t.Errorf("plugin, %s: %d checks of %d servers on loopback, want at least %d (a quarter of those due)", phaseNames[p], lo, loopback, least)
+					t.Errorf("plugin (%s), %s: %d checks of %d servers on loopback, want at least %d (a quarter of those due)", r.c.name(), phaseNames[p], lo, loopback, least)
 				}
 			case "haproxy":
 				if n < least {
 					t.Errorf("%s, %s: %d half-open checks of %d servers on loopback, want at least %d",
 						r.c.name(), phaseNames[p], n, loopback, least)
 				}
-			case "caddy":
+			case kindCaddy, kindCaddyL4:
+				// they connect in full: no half-made connection is reset
 				if n != 0 {
-					t.Errorf("Caddy health_uri, %s: %d half-open checks, want 0", phaseNames[p], n)
+					t.Errorf("%s, %s: %d half-open checks, want 0", r.c.label(), phaseNames[p], n)
 				}
 			}
 		}
@@ -484,6 +570,17 @@ func table(servers []server, results []*result) string {
 		for _, m := range s.metrics() {
 			fmt.Fprintf(&b, "| %s | %s |", s.label(), m.label)
 			cells(s.name() + "/" + m.key)
+		}
+		if q, ok := queryClient(s); ok {
+			fmt.Fprintf(&b, "| %s | client queries through the checker's layer-4 proxy (%s; their connections are not counted above) |", s.label(), q.queryLabel())
+			for _, r := range results {
+				if r.proxied {
+					fmt.Fprintf(&b, " %d / %d / - |", r.queries[0][s.name()], r.queries[1][s.name()])
+				} else {
+					b.WriteString(" - |")
+				}
+			}
+			b.WriteString("\n")
 		}
 		if _, ok := s.(hostCache); ok {
 			fmt.Fprintf(&b, "| %s | checkers' host blocked at the end (`max_connect_errors = %d`) |", s.label(), maxConnectErrors)

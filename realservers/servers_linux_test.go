@@ -4,6 +4,7 @@ package realservers
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -45,6 +46,9 @@ type metric struct {
 	// connects: every full connection moves it, so Caddy's HTTP checks,
 	// which connect, must.
 	connects bool
+	// bare: a bare connection (connect, close, nothing sent) moves it, so
+	// caddy-l4's active checks, which are that, must.
+	bare bool
 }
 
 // server is a running instance of a real server.
@@ -133,17 +137,35 @@ func findPostgres() (string, error) {
 }
 
 func startPostgres(t *testing.T, env *testEnv, bin string) server {
+	bin, data, cred := initPostgres(t, env, bin, "pgdata")
+	port := testkit.FreePort(t)
+	s := &postgres{addr: fmt.Sprintf("127.0.0.1:%d", port), ver: version(bin, "postgres", "--version")}
+	s.p = runPostgres(t, bin, data, cred, port, filepath.Join(env.dir, "postgres.log"))
+	s.base, _ = countLines(s.p.output(), "")
+	return s
+}
+
+// initPostgres makes a cluster in env.dir/name, owned by the postgres
+// user: postgres's real path, the cluster's directory and the user.
+func initPostgres(t *testing.T, env *testEnv, bin, name string) (string, string, *syscall.Credential) {
+	t.Helper()
 	// The real path: initdb lives beside postgres (PATH may hold links).
 	if r, err := filepath.EvalSymlinks(bin); err == nil {
 		bin = r
 	}
 	initdb := filepath.Join(filepath.Dir(bin), "initdb")
 	cred, _ := account(t, "postgres") // postgres refuses to run as root
-	data := ownedDir(t, env.dir, "pgdata", cred)
+	data := ownedDir(t, env.dir, name, cred)
 	run(t, cred, initdb, "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C")
-	port := testkit.FreePort(t)
-	s := &postgres{addr: fmt.Sprintf("127.0.0.1:%d", port), ver: version(bin, "postgres", "--version")}
-	s.p = startProc(t, "postgres", filepath.Join(env.dir, "postgres.log"), data, cred, syscall.SIGINT, bin,
+	return bin, data, cred
+}
+
+// runPostgres starts postgres on the cluster data at 127.0.0.1:port,
+// logging to logPath, and returns once it accepts connections. SIGINT (a
+// fast shutdown) stops it.
+func runPostgres(t *testing.T, bin, data string, cred *syscall.Credential, port int, logPath string) *proc {
+	t.Helper()
+	p := startProc(t, "postgres", logPath, data, cred, syscall.SIGINT, bin,
 		"-D", data,
 		"-c", "listen_addresses=127.0.0.1",
 		"-c", "port="+strconv.Itoa(port),
@@ -155,9 +177,8 @@ func startPostgres(t *testing.T, env *testEnv, bin string) server {
 		"-c", "shared_buffers=16MB",
 		"-c", "max_connections=20",
 		"-c", "fsync=off")
-	waitLog(t, s.p, "database system is ready to accept connections", 60*time.Second)
-	s.base, _ = countLines(s.p.output(), "")
-	return s
+	waitLog(t, p, "database system is ready to accept connections", 60*time.Second)
+	return p
 }
 
 func (s *postgres) name() string   { return "postgres" }
@@ -171,14 +192,99 @@ func (s *postgres) label() string {
 
 func (s *postgres) metrics() []metric {
 	return []metric{
-		{"received", "log lines `connection received` (`log_connections = on`)", ctlOne, true},
-		{"lines", "log lines, any", ctlOne, true},
+		{"received", "log lines `connection received` (`log_connections = on`)", ctlOne, true, true},
+		{"lines", "log lines, any", ctlOne, true, true},
 	}
 }
 
+// read counts the log's lines, leaving out the sessions of the test's own
+// clients (psql through a proxy, which log in): their backend logs
+// "connection received" and then "connection authorized". No checker logs
+// in.
 func (s *postgres) read(t *testing.T) map[string]int64 {
-	all, rec := countLines(s.p.output(), "connection received")
+	var all, rec int64
+	for _, l := range withoutClients(s.p.output()) {
+		all++
+		if strings.Contains(l, "connection received") {
+			rec++
+		}
+	}
 	return map[string]int64{"received": rec, "lines": all - s.base}
+}
+
+// withoutClients returns the lines of a PostgreSQL log (log_line_prefix
+// "%m [%p] ") without those of sessions that logged in. A session is a
+// backend's lines from its "connection received" on (a pid may come back
+// for a later session).
+func withoutClients(log string) []string {
+	var lines []string
+	session := map[string]int{} // pid -> index of its current session
+	var sessions []bool         // by index: logged in
+	var of []int                // by line: its session's index, or -1
+	for l := range strings.Lines(log) {
+		pid := ""
+		if _, rest, ok := strings.Cut(l, " ["); ok {
+			pid, _, _ = strings.Cut(rest, "] ")
+		}
+		if strings.Contains(l, "connection received") {
+			session[pid] = len(sessions)
+			sessions = append(sessions, false)
+		}
+		i, ok := session[pid]
+		if !ok {
+			i = -1
+		} else if strings.Contains(l, "connection authorized") {
+			sessions[i] = true
+		}
+		lines = append(lines, l)
+		of = append(of, i)
+	}
+	out := lines[:0]
+	for n, l := range lines {
+		if of[n] < 0 || !sessions[of[n]] {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// query runs `SELECT 1` with psql through addr, a proxy in front of the
+// server: one session of the test's own, which read leaves out.
+func (s *postgres) query(t *testing.T, addr string) error {
+	t.Helper()
+	out, err := psql(t, addr, "SELECT 1")
+	if err == nil && out != "1" {
+		err = fmt.Errorf("psql: SELECT 1 answered %q", out)
+	}
+	return err
+}
+
+func (s *postgres) queryLabel() string { return "`psql -c 'SELECT 1'`" }
+
+// psql runs one query with psql at addr (host:port) as the postgres user,
+// on one connection (no SSL, no GSS attempt), within 10 s, and returns its
+// unaligned output.
+func psql(t *testing.T, addr, sql string) (string, error) {
+	t.Helper()
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, err := findBin("psql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "-X", "-w", "-q", "-A", "-t", "-h", host, "-p", port,
+		"-U", "postgres", "-d", "postgres", "-c", sql)
+	cmd.Env = append(os.Environ(), "LANG=C", "LC_ALL=C", "PGSSLMODE=disable", "PGGSSENCMODE=disable",
+		"PGCONNECT_TIMEOUT=5", "PGAPPNAME=realservers")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("psql %s: %v: %s", addr, err, strings.TrimSpace(string(out)))
+	}
+	return strings.TrimSpace(string(out)), nil
 }
 
 func (s *postgres) touch(t *testing.T) { plainConnect(t, s.addr) }
@@ -284,9 +390,9 @@ func (s *mariadb) label() string {
 
 func (s *mariadb) metrics() []metric {
 	return []metric{
-		{"connections", "`Connections`", ctlOne, true},
-		{"aborted", "`Aborted_connects`", ctlOne, true},
-		{"errlog", "error-log lines (`log_warnings = 4`)", ctlAtLeastOne, true},
+		{"connections", "`Connections`", ctlOne, true, true},
+		{"aborted", "`Aborted_connects`", ctlOne, true, true},
+		{"errlog", "error-log lines (`log_warnings = 4`)", ctlAtLeastOne, true, true},
 	}
 }
 
@@ -415,8 +521,8 @@ func (s *sshd) label() string {
 
 func (s *sshd) metrics() []metric {
 	return []metric{
-		{"from", "log lines `Connection from` (`LogLevel VERBOSE`)", ctlOne, true},
-		{"lines", "log lines, any", ctlAtLeastOne, true},
+		{"from", "log lines `Connection from` (`LogLevel VERBOSE`)", ctlOne, true, true},
+		{"lines", "log lines, any", ctlAtLeastOne, true, true},
 	}
 }
 
@@ -513,8 +619,8 @@ func (s *nginx) label() string {
 
 func (s *nginx) metrics() []metric {
 	return []metric{
-		{"accepts", "connections accepted (`stub_status`)", ctlOne, true},
-		{"access", "access-log lines", ctlOne, true},
+		{"accepts", "connections accepted (`stub_status`)", ctlOne, true, true},
+		{"access", "access-log lines", ctlOne, true, false},
 	}
 }
 
@@ -590,7 +696,7 @@ func (s *redis) label() string {
 }
 
 func (s *redis) metrics() []metric {
-	return []metric{{"conns", "`total_connections_received`", ctlOne, true}}
+	return []metric{{"conns", "`total_connections_received`", ctlOne, true, true}}
 }
 
 // read asks INFO stats on a connection of its own.
@@ -633,3 +739,30 @@ func (s *redis) read(t *testing.T) map[string]int64 {
 }
 
 func (s *redis) touch(t *testing.T) { plainConnect(t, s.addr) }
+
+// query runs PING with redis-cli through addr, a proxy in front of the
+// server: one connection of the test's own, which read leaves out.
+func (s *redis) query(t *testing.T, addr string) error {
+	t.Helper()
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, err := findBin("redis-cli")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "-h", host, "-p", port, "PING").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("redis-cli %s PING: %v: %s", addr, err, strings.TrimSpace(string(out)))
+	}
+	if got := strings.TrimSpace(string(out)); got != "PONG" {
+		return fmt.Errorf("redis-cli %s PING: %q", addr, got)
+	}
+	s.own++
+	return nil
+}
+
+func (s *redis) queryLabel() string { return "`redis-cli PING`" }

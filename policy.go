@@ -93,19 +93,9 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 	if err := p.SetDefaults(); err != nil {
 		return err
 	}
-	// The lineage ends with this policy; the one before it is the module
-	// whose load_balancing holds it.
-	mods := ctx.Modules()
-	var h *reverseproxy.Handler
-	if len(mods) >= 2 {
-		h, _ = mods[len(mods)-2].(*reverseproxy.Handler)
-	}
-	if h == nil {
-		parent := "none"
-		if len(mods) >= 2 {
-			parent = string(mods[len(mods)-2].CaddyModule().ID)
-		}
-		return fmt.Errorf("the shaker selection policy goes directly in a reverse_proxy handler's load_balancing, to probe its upstreams; its parent here is %s", parent)
+	h, err := Parent[*reverseproxy.Handler](ctx, "a reverse_proxy handler's load_balancing")
+	if err != nil {
+		return err
 	}
 	if err := p.loadInner(ctx); err != nil {
 		return err

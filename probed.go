@@ -1,6 +1,7 @@
 package caddyshaker
 
 import (
+	"fmt"
 	"strings"
 	"sync"
 
@@ -121,4 +122,23 @@ func (p *Probed) checkers(dial string) []*health.Checker {
 		p.by, p.gen = by, g
 	}
 	return p.by[dial]
+}
+
+// Parent returns the module whose provisioning is provisioning the current
+// one (the one before it in ctx's lineage of modules), as a T; or an error
+// that says where the current module belongs (what, as "a reverse_proxy
+// handler's load_balancing", say) and names the parent it has.
+func Parent[T caddy.Module](ctx caddy.Context, what string) (T, error) {
+	mods := ctx.Modules() // ends with the current module
+	var zero T
+	if len(mods) >= 2 {
+		if h, ok := mods[len(mods)-2].(T); ok {
+			return h, nil
+		}
+	}
+	parent := "none"
+	if len(mods) >= 2 {
+		parent = string(mods[len(mods)-2].CaddyModule().ID)
+	}
+	return zero, fmt.Errorf("the shaker selection policy goes directly in %s, to probe its upstreams; its parent here is %s", what, parent)
 }

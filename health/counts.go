@@ -1,6 +1,7 @@
 package health
 
 import (
+	"fmt"
 	"net/netip"
 	"sync/atomic"
 	"time"
@@ -30,6 +31,17 @@ func (h Health) String() string {
 		return "down"
 	}
 	return "unknown"
+}
+
+// ParseHealth parses a health's name (Status.Health): unknown, up or
+// down.
+func ParseHealth(s string) (Health, error) {
+	for h := Unknown; h <= Down; h++ {
+		if s == h.String() {
+			return h, nil
+		}
+	}
+	return Unknown, fmt.Errorf("health %q: must be unknown, up or down", s)
 }
 
 // Counts holds how many checkers are in each state: by health (Unknown,

@@ -177,3 +177,20 @@ func TestCountsNoAlloc(t *testing.T) {
 		t.Fatalf("counts %v", got)
 	}
 }
+
+// TestParseHealth: Status.Health's names parse back to the health they
+// name, and nothing else parses.
+func TestParseHealth(t *testing.T) {
+	want := map[string]Health{"unknown": Unknown, "up": Up, "down": Down}
+	for name, h := range want {
+		got, err := ParseHealth(name)
+		if err != nil || got != h || got.String() != name {
+			t.Errorf("ParseHealth(%q) = %v, %v; want %v", name, got, err, h)
+		}
+	}
+	for _, bad := range []string{"", "Up", "healthy", "pending"} {
+		if _, err := ParseHealth(bad); err == nil {
+			t.Errorf("ParseHealth(%q): no error", bad)
+		}
+	}
+}

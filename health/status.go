@@ -34,9 +34,10 @@ type Status struct {
 	// probe answers.
 	Healthy bool `json:"healthy"`
 	// Health is up, down, or unknown (not probed yet; in maintenance, and
-	// after it until its first result).
+	// after it until its first result): a Health's name (ParseHealth).
 	Health string `json:"health"`
-	// AdminState is ready, drain or maint (see the admin API's POST
+	// AdminState is ready, drain or maint, an AdminState's name
+	// (ParseAdminState; see the admin API's POST
 	// /shaker/upstreams/<address>/<action>).
 	AdminState string `json:"admin_state"`
 	// Since is when the address entered its current health state (its
@@ -77,7 +78,7 @@ func (c *Checker) Status() Status {
 		Upstream:      c.name,
 		Address:       c.addr.String(),
 		Healthy:       c.Healthy(),
-		Health:        "unknown",
+		Health:        Unknown.String(),
 		AdminState:    admin.String(),
 		Transitions:   c.transitions,
 		LastRTTMicros: c.lastRTT.Microseconds(),
@@ -105,9 +106,9 @@ func (c *Checker) Status() Status {
 	switch {
 	case !c.known || admin == Maint || c.rejoin.Load():
 	case c.healthy.Load():
-		s.Health = "up"
+		s.Health = Up.String()
 	default:
-		s.Health = "down"
+		s.Health = Down.String()
 	}
 	if c.since != 0 {
 		t := time.Unix(0, c.since).UTC()

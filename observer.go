@@ -102,7 +102,3 @@ func (glueObserver) LocalFailing(failing bool, err error) {
 
 // Status is the health of one probed address, as the admin API shows it.
 type Status = health.Status
-
-// currentStatuses is the state of every probed address, as the admin API
-// and the status page show it.
-func currentStatuses() []Status { return reg.Statuses() }

@@ -1,13 +1,15 @@
 //go:build linux
 
-package caddyshaker
+package status_test
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,7 +23,12 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	_ "github.com/caddy-shaker/caddy-shaker" // the shaker app and `dynamic shaker`
+	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
+	"github.com/caddy-shaker/caddy-shaker/status"
 )
 
 // statusPassword's bcrypt hash (cost 4: the page reloads every second and
@@ -108,26 +115,19 @@ func TestStatusPageBrowser(t *testing.T) {
 	}
 
 	// a history that fills in seconds
-	sampler.mu.Lock()
-	if sampler.refs != 0 {
-		sampler.mu.Unlock()
-		t.Fatal("the RTT sampler is already running")
-	}
-	old := sampler.every
-	sampler.every = 100 * time.Millisecond
-	sampler.mu.Unlock()
-	t.Cleanup(func() { // after Caddy stops
-		sampler.mu.Lock()
-		sampler.every = old
-		sampler.mu.Unlock()
-	})
+	status.SampleEvery(t, 100*time.Millisecond)
 
-	var bs []*backend
+	var bs []string // the backends' addresses
 	for i := range 6 {
-		bs = append(bs, startBackend(t, fmt.Sprintf("b%d", i+1), "127.0.0.1:0"))
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
+		bs = append(bs, srv.Listener.Addr().String())
+		if i == 3 {
+			srv.Close() // nothing listens there: refused
+		} else {
+			t.Cleanup(srv.Close)
+		}
 	}
 	dead := bs[3]
-	dead.stop() // nothing listens there: refused
 
 	admin := fmt.Sprintf("localhost:%d", testkit.FreePort(t))
 	site := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
@@ -161,7 +161,7 @@ http://%s {
 		}
 	}
 }
-`, admin, site, statusHash, bs[0].addr, bs[1].addr, bs[2].addr, dead.addr, bs[4].addr, bs[5].addr)
+`, admin, site, statusHash, bs[0], bs[1], bs[2], dead, bs[4], bs[5])
 	cfg, warn, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
 	if err != nil || len(warn) > 0 {
 		t.Fatalf("adapt: %v %v", err, warn)
@@ -176,35 +176,24 @@ http://%s {
 	})
 
 	// every address probed, the dead one down, and a full RTT history
-	waitFor(t, 20*time.Second, "6 addresses probed, one down, a full RTT history", func() bool {
-		list := currentStatuses()
-		if len(list) != 6 {
-			return false
+	for deadline := time.Now().Add(20 * time.Second); !fullHistory(status.CurrentStatuses(), dead); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out after 20s waiting for 6 addresses probed, one down, a full RTT history")
 		}
-		for i := range list {
-			s := &list[i]
-			if s.CheckedAt == nil || s.Healthy == (s.Address == dead.addr) {
-				return false
-			}
-			if s.Healthy && len(sampler.history(historyKey(nil, s))) < rttHistoryLen {
-				return false
-			}
-		}
-		return true
-	})
+	}
 
 	client := &http.Client{Timeout: 10 * time.Second}
 
 	// drain a live backend, so that the page has its Admin column: still
 	// probed, still up, no new requests
 	drained := bs[1]
-	dresp, err := client.Post("http://"+admin+"/shaker/upstreams/"+drained.addr+"/drain", "application/json", nil)
+	dresp, err := client.Post("http://"+admin+"/shaker/upstreams/"+drained+"/drain", "application/json", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	dresp.Body.Close()
 	if dresp.StatusCode != http.StatusOK {
-		t.Fatalf("POST /shaker/upstreams/%s/drain: %s", drained.addr, dresp.Status)
+		t.Fatalf("POST /shaker/upstreams/%s/drain: %s", drained, dresp.Status)
 	}
 
 	base := "http://" + site + "/shaker"
@@ -227,9 +216,9 @@ http://%s {
 	}
 	resp := get("admin", "application/json")
 	var doc struct {
-		Summary   statusSummary `json:"summary"`
+		Summary   status.Summary `json:"summary"`
 		Upstreams []struct {
-			Status
+			health.Status
 			RTTHistory []*int64 `json:"rtt_history_us"`
 		} `json:"upstreams"`
 	}
@@ -244,10 +233,10 @@ http://%s {
 	}
 	for _, u := range doc.Upstreams {
 		want := "ready"
-		if u.Address == drained.addr {
+		if u.Address == drained {
 			want = "drain"
 		}
-		if u.AdminState != want || u.Health != map[bool]string{true: "down", false: "up"}[u.Address == dead.addr] || u.Since == nil {
+		if u.AdminState != want || u.Health != map[bool]string{true: "down", false: "up"}[u.Address == dead] || u.Since == nil {
 			t.Errorf("JSON: %s: admin_state %q, health %q, since %v", u.Address, u.AdminState, u.Health, u.Since)
 		}
 	}
@@ -293,13 +282,13 @@ http://%s {
 	for _, r := range rows {
 		text := tagsRE.ReplaceAllString(r[2], " ")
 		badge := strings.Contains(r[2], `<span class="badge admin">drain</span>`)
-		if badge != strings.Contains(r[2], ">"+drained.addr+"<") {
+		if badge != strings.Contains(r[2], ">"+drained+"<") {
 			t.Errorf("drain badge %v in the row %s", badge, strings.Join(strings.Fields(text), " "))
 		}
 		if !strings.Contains(r[2], `<td class="since"><time datetime=`) {
 			t.Errorf("no since in the row %s", strings.Join(strings.Fields(text), " "))
 		}
-		if !strings.Contains(r[2], ">"+dead.addr+"<") {
+		if !strings.Contains(r[2], ">"+dead+"<") {
 			if r[1] != "up" || strings.Contains(text, "refused") || !strings.Contains(r[2], "<path d=") {
 				t.Errorf("live backend's row: class %q, %s", r[1], strings.Join(strings.Fields(text), " "))
 			}
@@ -311,7 +300,7 @@ http://%s {
 		}
 	}
 	if seen != 1 {
-		t.Errorf("the stopped backend %s: %d rows, want 1", dead.addr, seen)
+		t.Errorf("the stopped backend %s: %d rows, want 1", dead, seen)
 	}
 
 	// the screenshot
@@ -330,6 +319,24 @@ http://%s {
 		t.Errorf("screenshot %s: not a PNG of a page (%d bytes)", shot, len(png))
 	}
 	t.Logf("screenshot: %s (%d bytes)", shot, len(png))
+}
+
+// fullHistory: every address probed, the dead one down, and a full RTT
+// history of each live one.
+func fullHistory(list []health.Status, dead string) bool {
+	if len(list) != 6 {
+		return false
+	}
+	for i := range list {
+		s := &list[i]
+		if s.CheckedAt == nil || s.Healthy == (s.Address == dead) {
+			return false
+		}
+		if s.Healthy && status.HistoryLen(s) < status.RTTHistoryLen {
+			return false
+		}
+	}
+	return true
 }
 
 var tagsRE = regexp.MustCompile(`<[^>]*>`)

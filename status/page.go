@@ -1,4 +1,4 @@
-package caddyshaker
+package status
 
 import (
 	"bufio"
@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -26,11 +27,38 @@ import (
 )
 
 func init() {
-	caddy.RegisterModule(StatusPage{})
-	httpcaddyfile.RegisterHandlerDirective("shaker_status", parseStatusPage)
+	caddy.RegisterModule(Page{})
+	httpcaddyfile.RegisterHandlerDirective("shaker_status", parsePage)
 	// Next to Caddy's own `metrics`: a handler that answers the request,
 	// after basic_auth, forward_auth and the like.
 	httpcaddyfile.RegisterDirectiveOrder("shaker_status", httpcaddyfile.After, "metrics")
+}
+
+// Source is what the page reads: the state of every probed address, as
+// the admin API shows it, sorted by upstream. The shaker app's registry
+// (*health.Registry) is one.
+type Source interface {
+	Statuses() []health.Status
+}
+
+// source is the page's Source, set once by the package that registers the
+// shaker app (SetSource); nil until then.
+var source atomic.Pointer[sourceOf]
+
+type sourceOf struct{ Source }
+
+// SetSource sets where every shaker_status handler, and the RTT history,
+// read the statuses from. The plugin's root package calls it at init,
+// with its registry: the page shows nothing until it is set.
+func SetSource(s Source) { source.Store(&sourceOf{s}) }
+
+// currentStatuses is the state of every probed address, from the Source;
+// none without one.
+func currentStatuses() []health.Status {
+	if src := source.Load(); src != nil && src.Source != nil {
+		return src.Statuses()
+	}
+	return nil
 }
 
 // Bounds of the page's settings.
@@ -45,7 +73,7 @@ const (
 	statusMaxPerPage = 1000 // and at most
 )
 
-// StatusPage is an HTTP handler that serves the health of every address
+// Page is an HTTP handler that serves the health of every address
 // the shaker app probes: an HTML page (HAProxy's stats page, for Caddy)
 // or, when the request's Accept header prefers application/json, the same
 // data as JSON. It is meant to be mounted on a path of a site and
@@ -71,27 +99,27 @@ const (
 // when page or per_page is given.
 //
 // Only GET and HEAD are served; other methods get 405.
-type StatusPage struct {
+type Page struct {
 	// How often the page reloads its data (the JSON is fresh on each
 	// request). Default: 5s; from 1s to 1h.
 	Refresh caddy.Duration `json:"refresh,omitempty"`
 
-	statuses func() []Status
+	statuses func() []health.Status
 	history  *rttSampler
 	held     bool
 }
 
 // CaddyModule returns the Caddy module information.
-func (StatusPage) CaddyModule() caddy.ModuleInfo {
+func (Page) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "http.handlers.shaker_status",
-		New: func() caddy.Module { return new(StatusPage) },
+		New: func() caddy.Module { return new(Page) },
 	}
 }
 
 // Provision sets the page up and starts the RTT history sampler (or takes
 // a reference to the running one, so that the history survives reloads).
-func (p *StatusPage) Provision(ctx caddy.Context) error {
+func (p *Page) Provision(ctx caddy.Context) error {
 	if p.Refresh == 0 {
 		p.Refresh = caddy.Duration(DefaultStatusRefresh)
 	}
@@ -106,7 +134,7 @@ func (p *StatusPage) Provision(ctx caddy.Context) error {
 }
 
 // Validate checks the settings.
-func (p *StatusPage) Validate() error {
+func (p *Page) Validate() error {
 	if d := time.Duration(p.Refresh); d != 0 && (d < MinStatusRefresh || d > MaxStatusRefresh) {
 		return fmt.Errorf("refresh %v: must be from %v to %v", d, MinStatusRefresh, MaxStatusRefresh)
 	}
@@ -115,7 +143,7 @@ func (p *StatusPage) Validate() error {
 
 // Cleanup drops this handler's reference to the RTT history sampler; the
 // last one stops it and frees the history.
-func (p *StatusPage) Cleanup() error {
+func (p *Page) Cleanup() error {
 	if p.held {
 		p.held = false
 		p.history.release()
@@ -123,8 +151,8 @@ func (p *StatusPage) Cleanup() error {
 	return nil
 }
 
-func parseStatusPage(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
-	p := new(StatusPage)
+func parsePage(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	p := new(Page)
 	err := p.UnmarshalCaddyfile(h.Dispenser)
 	return p, err
 }
@@ -134,7 +162,7 @@ func parseStatusPage(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error
 //	shaker_status [<matcher>] {
 //	    refresh <duration>
 //	}
-func (p *StatusPage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+func (p *Page) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name
 	if d.NextArg() {
 		return d.Errf("shaker_status takes no arguments, got %q (a matcher, if any, comes first and must be a path starting with / or a named matcher @name)", d.Val())
@@ -164,7 +192,7 @@ func (p *StatusPage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 }
 
 // ServeHTTP answers with the page or the JSON; it never calls next.
-func (p *StatusPage) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+func (p *Page) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		return caddyhttp.Error(http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed", r.Method))
@@ -267,7 +295,7 @@ var (
 // (up, down or pending), and the health it shows: pending when never
 // probed, unknown when its health is (in maintenance, or back from it
 // until its first result).
-func healthOf(s *Status) (state, shown string) {
+func healthOf(s *health.Status) (state, shown string) {
 	switch {
 	case s.CheckedAt == nil:
 		return healthPending, healthPending
@@ -282,7 +310,7 @@ func healthOf(s *Status) (state, shown string) {
 
 // adminOf returns the address's admin state when it is not ready (in
 // service as its health allows), "" when it is.
-func adminOf(s *Status) string {
+func adminOf(s *health.Status) string {
 	if s.AdminState == adminReady {
 		return ""
 	}
@@ -294,7 +322,7 @@ type statusView struct {
 	json    bool
 	now     time.Time
 	refresh time.Duration
-	all     []Status
+	all     []health.Status
 	sum     statusSummary
 	rows    []int // indices into all: the page's rows, in order
 	match   int   // rows matching the filter
@@ -337,7 +365,7 @@ var statusSortKeys = []struct{ key, title string }{
 	{"transitions", "Transitions"},
 }
 
-func (p *StatusPage) build(q url.Values, now time.Time, asJSON bool) *statusView {
+func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 	v := &statusView{
 		json:    asJSON,
 		now:     now,
@@ -483,7 +511,7 @@ func containsFold(s, lower string) bool {
 
 // statusCompare returns the comparison of one sort key; ties keep the
 // upstream order.
-func statusCompare(key string) func(a, b *Status) int {
+func statusCompare(key string) func(a, b *health.Status) int {
 	rank := map[string]int{healthDown: 0, healthPending: 1, healthUp: 2}
 	// ready first, then drain, then maint
 	adminRank := map[string]int{"": 0, adminDrain: 1, adminMaint: 2}
@@ -501,9 +529,9 @@ func statusCompare(key string) func(a, b *Status) int {
 	}
 	switch key {
 	case "address":
-		return func(a, b *Status) int { return strings.Compare(a.Address, b.Address) }
+		return func(a, b *health.Status) int { return strings.Compare(a.Address, b.Address) }
 	case "health":
-		return func(a, b *Status) int {
+		return func(a, b *health.Status) int {
 			ha, _ := healthOf(a)
 			hb, _ := healthOf(b)
 			ra, rb := rank[ha], rank[hb]
@@ -513,21 +541,21 @@ func statusCompare(key string) func(a, b *Status) int {
 			return ra - rb
 		}
 	case "rtt":
-		return func(a, b *Status) int { return cmpInt(a.LastRTTMicros, b.LastRTTMicros) }
+		return func(a, b *health.Status) int { return cmpInt(a.LastRTTMicros, b.LastRTTMicros) }
 	case "error":
-		return func(a, b *Status) int { return strings.Compare(a.LastError, b.LastError) }
+		return func(a, b *health.Status) int { return strings.Compare(a.LastError, b.LastError) }
 	case "checked":
-		return func(a, b *Status) int { return cmpTime(a.CheckedAt, b.CheckedAt) }
+		return func(a, b *health.Status) int { return cmpTime(a.CheckedAt, b.CheckedAt) }
 	case "probes":
-		return func(a, b *Status) int { return cmpInt(a.Probes, b.Probes) }
+		return func(a, b *health.Status) int { return cmpInt(a.Probes, b.Probes) }
 	case "admin":
-		return func(a, b *Status) int { return adminRank[adminOf(a)] - adminRank[adminOf(b)] }
+		return func(a, b *health.Status) int { return adminRank[adminOf(a)] - adminRank[adminOf(b)] }
 	case "since":
-		return func(a, b *Status) int { return cmpTime(a.Since, b.Since) }
+		return func(a, b *health.Status) int { return cmpTime(a.Since, b.Since) }
 	case "transitions":
-		return func(a, b *Status) int { return cmpInt(a.Transitions, b.Transitions) }
+		return func(a, b *health.Status) int { return cmpInt(a.Transitions, b.Transitions) }
 	}
-	return func(a, b *Status) int { return strings.Compare(a.Upstream, b.Upstream) }
+	return func(a, b *health.Status) int { return strings.Compare(a.Upstream, b.Upstream) }
 }
 
 func cmpInt[T int64 | uint64 | uint32 | int](a, b T) int {
@@ -555,7 +583,7 @@ func boolCmp(a, b bool) int {
 // statusEntry is one address in the JSON: the admin API's fields, and the
 // RTT history.
 type statusEntry struct {
-	Status
+	health.Status
 	// RTTHistory is the last RTTs sampled, oldest first, in microseconds;
 	// null where the address was down or not probed yet.
 	RTTHistory rttHistory `json:"rtt_history_us"`
@@ -938,9 +966,9 @@ func sparkline(h rttHistory) (path, title string, empty bool) {
 
 // Interface guards
 var (
-	_ caddy.Provisioner           = (*StatusPage)(nil)
-	_ caddy.Validator             = (*StatusPage)(nil)
-	_ caddy.CleanerUpper          = (*StatusPage)(nil)
-	_ caddyhttp.MiddlewareHandler = (*StatusPage)(nil)
-	_ caddyfile.Unmarshaler       = (*StatusPage)(nil)
+	_ caddy.Provisioner           = (*Page)(nil)
+	_ caddy.Validator             = (*Page)(nil)
+	_ caddy.CleanerUpper          = (*Page)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Page)(nil)
+	_ caddyfile.Unmarshaler       = (*Page)(nil)
 )

@@ -1,4 +1,4 @@
-package caddyshaker
+package status
 
 import (
 	"crypto/sha256"
@@ -21,6 +21,9 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	_ "github.com/caddyserver/caddy/v2/modules/standard" // basic_auth and reverse_proxy, to adapt Caddyfiles
+
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 var statusEpoch = time.Date(2026, 5, 4, 12, 0, 0, 0, time.UTC)
@@ -28,12 +31,12 @@ var statusEpoch = time.Date(2026, 5, 4, 12, 0, 0, 0, time.UTC)
 // fakeStatuses returns n addresses in upstream order, all ready, every
 // tenth down (refused), every 25th (of the others) up but failing, the
 // last one not probed yet.
-func fakeStatuses(n int) []Status {
-	out := make([]Status, n)
+func fakeStatuses(n int) []health.Status {
+	out := make([]health.Status, n)
 	for i := range out {
 		t := statusEpoch.Add(-time.Duration(i%7) * time.Second)
 		since := statusEpoch.Add(-time.Duration(i%50) * time.Minute)
-		s := Status{
+		s := health.Status{
 			Upstream:      fmt.Sprintf("app%03d.internal:8080", i/10),
 			Address:       fmt.Sprintf("10.%d.%d.%d:8080", i>>16&255, i>>8&255, i&255),
 			Healthy:       true,
@@ -64,19 +67,19 @@ func fakeStatuses(n int) []Status {
 
 // testPage returns a page over list with a sampler (not running) that has
 // recorded it samples times.
-func testPage(list []Status, samples int) *StatusPage {
+func testPage(list []health.Status, samples int) *Page {
 	h := &rttSampler{every: DefaultRTTSampleEvery, rings: make(map[string]*rttRing)}
 	for range samples {
 		h.record(list)
 	}
-	return &StatusPage{
+	return &Page{
 		Refresh:  caddy.Duration(DefaultStatusRefresh),
-		statuses: func() []Status { return list },
+		statuses: func() []health.Status { return list },
 		history:  h,
 	}
 }
 
-func serveStatus(t testing.TB, p *StatusPage, method, target, accept string) *httptest.ResponseRecorder {
+func serveStatus(t testing.TB, p *Page, method, target, accept string) *httptest.ResponseRecorder {
 	t.Helper()
 	r := httptest.NewRequest(method, target, nil)
 	if accept != "" {
@@ -405,7 +408,7 @@ func statusRowOf(body, address string) string {
 }
 
 // renderStatusAt renders the page for the query as of now.
-func renderStatusAt(t testing.TB, p *StatusPage, query string, now time.Time) string {
+func renderStatusAt(t testing.TB, p *Page, query string, now time.Time) string {
 	t.Helper()
 	q, err := url.ParseQuery(query)
 	if err != nil {
@@ -426,15 +429,15 @@ func renderStatusAt(t testing.TB, p *StatusPage, query string, now time.Time) st
 // a result; the summary's counts of admin states, in HTML and JSON.
 func TestStatusAdminSinceTransitions(t *testing.T) {
 	at := func(d time.Duration) *time.Time { x := statusEpoch.Add(-d); return &x }
-	base := func(i int) Status {
-		return Status{
+	base := func(i int) health.Status {
+		return health.Status{
 			Upstream: "app.internal:8080", Address: fmt.Sprintf("10.0.0.%d:8080", i+1),
 			Healthy: true, Health: "up", AdminState: "ready",
 			Since: at(time.Hour), Transitions: 1, CheckedAt: at(time.Second),
 			LastRTTMicros: 100, Passes: 3, Probes: 10, Interval: "2s", Timeout: "1s",
 		}
 	}
-	list := []Status{base(0), base(1), base(2), base(3), base(4)}
+	list := []health.Status{base(0), base(1), base(2), base(3), base(4)}
 	// drained: up, its health tracked
 	list[1].AdminState, list[1].Since, list[1].Transitions = "drain", at(90*time.Second), 3
 	// in maintenance: no probes, health unknown, out of service
@@ -631,7 +634,7 @@ func TestStatusCaddyfile(t *testing.T) {
 		}
 	}
 	// JSON: refresh out of range
-	p := &StatusPage{Refresh: caddy.Duration(time.Millisecond)}
+	p := &Page{Refresh: caddy.Duration(time.Millisecond)}
 	if err := p.Validate(); err == nil {
 		t.Error("refresh 1ms accepted")
 	}
@@ -721,7 +724,7 @@ func TestRTTSampler(t *testing.T) {
 	// release of the old config)
 	g := &rttSampler{every: time.Millisecond}
 	calls := make(chan struct{}, 1)
-	src := func() []Status {
+	src := func() []health.Status {
 		select {
 		case calls <- struct{}{}:
 		default:
@@ -783,11 +786,11 @@ func (w *discardWriter) WriteHeader(int) {}
 
 var _ io.Writer = (*discardWriter)(nil)
 
-// BenchmarkStatusPage10k renders the page over 10,000 addresses, each with
+// BenchmarkPage10k renders the page over 10,000 addresses, each with
 // a full RTT history: the default view (summary over all, first 100 rows),
 // the largest page (1,000 rows), a filtered and sorted view, and the JSON
 // of all 10,000.
-func BenchmarkStatusPage10k(b *testing.B) {
+func BenchmarkPage10k(b *testing.B) {
 	b.Run("html", func(b *testing.B) { benchStatus(b, "/shaker", "") })
 	b.Run("html-1000-rows", func(b *testing.B) { benchStatus(b, "/shaker?per_page=1000", "") })
 	b.Run("html-down-by-rtt", func(b *testing.B) { benchStatus(b, "/shaker?state=down&sort=rtt&order=desc&q=app", "") })

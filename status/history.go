@@ -1,10 +1,12 @@
-package caddyshaker
+package status
 
 import (
 	"context"
 	"math/bits"
 	"sync"
 	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 // The RTT history of the status page: while at least one shaker_status
@@ -32,7 +34,7 @@ type rttSampler struct {
 	done   chan struct{}
 	rings  map[string]*rttRing // historyKey -> ring
 	gen    uint32
-	source func() []Status
+	source func() []health.Status
 }
 
 // rttRing is one address's last RTTs (packed, see packRTT; 0 = no
@@ -45,7 +47,7 @@ type rttRing struct {
 }
 
 // acquire takes a reference; the first starts sampling source.
-func (s *rttSampler) acquire(source func() []Status) {
+func (s *rttSampler) acquire(source func() []health.Status) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.refs++
@@ -95,7 +97,7 @@ func (s *rttSampler) run(ctx context.Context, every time.Duration, done chan str
 
 // record adds one sample of every address to the history and drops the
 // addresses that are gone.
-func (s *rttSampler) record(list []Status) {
+func (s *rttSampler) record(list []health.Status) {
 	key := make([]byte, 0, 64)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -161,7 +163,7 @@ func (s *rttSampler) period() time.Duration {
 
 // historyKey appends the key of an address's history: the address and
 // its probe settings, as the registry keeps one checker per pair.
-func historyKey(b []byte, s *Status) []byte {
+func historyKey(b []byte, s *health.Status) []byte {
 	b = append(b, s.Address...)
 	for _, x := range []string{s.Interval, s.Timeout, s.FastInterval, s.DownInterval, s.Jitter} {
 		b = append(b, ' ')

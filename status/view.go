@@ -1,0 +1,320 @@
+package status
+
+import (
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
+)
+
+// Health of an address as the page counts and filters it: the health
+// layer's, and pending.
+var (
+	healthUp   = health.Up.String()
+	healthDown = health.Down.String()
+	// healthUnknown is the health of an address in maintenance, or back
+	// from it and waiting for its first result: shown as such, counted
+	// as pending.
+	healthUnknown = health.Unknown.String()
+)
+
+// healthPending: no result to go by: not probed yet, or unknown.
+const healthPending = "pending"
+
+// Admin states as the page filters them (state=drain, state=maint): the
+// health layer's. A ready address shows no admin state.
+var (
+	adminReady = health.Ready.String()
+	adminDrain = health.Drain.String()
+	adminMaint = health.Maint.String()
+)
+
+// healthOf returns the address's state as the page counts and filters it
+// (up, down or pending), and the health it shows: pending when never
+// probed, unknown when its health is (in maintenance, or back from it
+// until its first result).
+func healthOf(s *health.Status) (state, shown string) {
+	switch {
+	case s.CheckedAt == nil:
+		return healthPending, healthPending
+	case s.Health == healthUp:
+		return healthUp, healthUp
+	case s.Health == healthDown:
+		return healthDown, healthDown
+	default: // unknown
+		return healthPending, healthUnknown
+	}
+}
+
+// adminOf returns the address's admin state when it is not ready (in
+// service as its health allows), "" when it is.
+func adminOf(s *health.Status) string {
+	if s.AdminState == adminReady {
+		return ""
+	}
+	return s.AdminState
+}
+
+// statusView is one request's answer: the filtered, sorted, paged rows.
+type statusView struct {
+	json    bool
+	now     time.Time
+	refresh time.Duration
+	all     []health.Status
+	sum     statusSummary
+	rows    []int // indices into all: the page's rows, in order
+	match   int   // rows matching the filter
+	hist    *rttSampler
+
+	q, state, sort, order string
+	page, pages, perPage  int
+	paged                 bool
+	query                 url.Values
+}
+
+// statusSummary holds the counts over every address.
+type statusSummary struct {
+	Addresses int `json:"addresses"`
+	Upstreams int `json:"upstreams"`
+	Up        int `json:"up"`
+	Down      int `json:"down"`
+	// Pending is addresses whose health is not known: not probed yet
+	// (they count as up), or in maintenance or back from it until their
+	// first result (out of service).
+	Pending int `json:"pending"`
+	// Failing is addresses up whose last probe failed.
+	Failing int `json:"failing"`
+	// AdminStates counts the addresses not ready by admin state (drain,
+	// maint); absent when all are ready.
+	AdminStates map[string]int `json:"admin_states,omitempty"`
+}
+
+// Sort keys of the page, and their column titles.
+var statusSortKeys = []struct{ key, title string }{
+	{"upstream", "Upstream"},
+	{"address", "Address"},
+	{"health", "Health"},
+	{"rtt", "Last RTT"},
+	{"error", "Last error"},
+	{"checked", "Checked"},
+	{"probes", "Probes"},
+	{"admin", "Admin"}, // shown only when an address is not ready
+	{"since", "For"},
+	{"transitions", "Transitions"},
+}
+
+func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
+	v := &statusView{
+		json:    asJSON,
+		now:     now,
+		refresh: time.Duration(p.Refresh),
+		all:     p.statuses(),
+		hist:    p.history,
+		q:       strings.TrimSpace(q.Get("q")),
+		state:   q.Get("state"),
+		sort:    q.Get("sort"),
+		order:   q.Get("order"),
+	}
+	if v.refresh == 0 {
+		v.refresh = DefaultStatusRefresh
+	}
+	switch v.state {
+	case healthUp, healthDown, healthPending, "failing", adminDrain, adminMaint:
+	default:
+		v.state = ""
+	}
+	if !slices.ContainsFunc(statusSortKeys, func(k struct{ key, title string }) bool { return k.key == v.sort }) {
+		v.sort = "upstream"
+	}
+	if v.order != "desc" {
+		v.order = "asc"
+	}
+	v.perPage = statusPerPage
+	if n, err := strconv.Atoi(q.Get("per_page")); err == nil && n > 0 {
+		v.perPage = min(n, statusMaxPerPage)
+	}
+	v.page = 1
+	if n, err := strconv.Atoi(q.Get("page")); err == nil && n > 0 {
+		v.page = n
+	}
+	v.paged = !asJSON || q.Has("page") || q.Has("per_page")
+
+	// summary over everything, and the rows that match
+	names := make(map[string]struct{})
+	lq := strings.ToLower(v.q)
+	rows := make([]int, 0, len(v.all))
+	for i := range v.all {
+		s := &v.all[i]
+		h, _ := healthOf(s)
+		v.sum.Addresses++
+		names[s.Upstream] = struct{}{}
+		switch h {
+		case healthUp:
+			v.sum.Up++
+			if s.LastError != "" {
+				v.sum.Failing++
+			}
+		case healthDown:
+			v.sum.Down++
+		case healthPending:
+			v.sum.Pending++
+		}
+		if a := adminOf(s); a != "" {
+			if v.sum.AdminStates == nil {
+				v.sum.AdminStates = make(map[string]int)
+			}
+			v.sum.AdminStates[a]++
+		}
+		switch v.state {
+		case "":
+		case "failing":
+			if h != healthUp || s.LastError == "" {
+				continue
+			}
+		case adminDrain, adminMaint:
+			if s.AdminState != v.state {
+				continue
+			}
+		default:
+			if h != v.state {
+				continue
+			}
+		}
+		if lq != "" && !containsFold(s.Upstream, lq) && !containsFold(s.Address, lq) && !containsFold(s.LastError, lq) {
+			continue
+		}
+		rows = append(rows, i)
+	}
+	v.sum.Upstreams = len(names)
+	v.match = len(rows)
+
+	if v.sort != "upstream" || v.order != "asc" { // statuses() come sorted by upstream
+		cmp := statusCompare(v.sort)
+		desc := v.order == "desc"
+		slices.SortStableFunc(rows, func(a, b int) int {
+			c := cmp(&v.all[a], &v.all[b])
+			if desc {
+				return -c
+			}
+			return c
+		})
+	}
+	v.pages = max(1, (len(rows)+v.perPage-1)/v.perPage)
+	if v.paged {
+		v.page = min(v.page, v.pages)
+		lo := (v.page - 1) * v.perPage
+		rows = rows[lo:min(lo+v.perPage, len(rows))]
+	}
+	v.rows = rows
+	v.query = url.Values{}
+	for k, val := range map[string]string{"q": v.q, "state": v.state} {
+		if val != "" {
+			v.query.Set(k, val)
+		}
+	}
+	if v.sort != "upstream" || v.order != "asc" {
+		v.query.Set("sort", v.sort)
+		v.query.Set("order", v.order)
+	}
+	if v.perPage != statusPerPage {
+		v.query.Set("per_page", strconv.Itoa(v.perPage))
+	}
+	return v
+}
+
+// containsFold reports whether s contains lower (already lower case),
+// ignoring ASCII case.
+func containsFold(s, lower string) bool {
+	if len(lower) > len(s) {
+		return false
+	}
+	for i := 0; i+len(lower) <= len(s); i++ {
+		ok := true
+		for j := 0; j < len(lower); j++ {
+			c := s[i+j]
+			if 'A' <= c && c <= 'Z' {
+				c += 'a' - 'A'
+			}
+			if c != lower[j] {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
+}
+
+// statusCompare returns the comparison of one sort key; ties keep the
+// upstream order.
+func statusCompare(key string) func(a, b *health.Status) int {
+	rank := map[string]int{healthDown: 0, healthPending: 1, healthUp: 2}
+	// ready first, then drain, then maint
+	adminRank := map[string]int{"": 0, adminDrain: 1, adminMaint: 2}
+	// nil (no result yet) first, then oldest first
+	cmpTime := func(a, b *time.Time) int {
+		switch {
+		case a == nil && b == nil:
+			return 0
+		case a == nil:
+			return -1
+		case b == nil:
+			return 1
+		}
+		return a.Compare(*b)
+	}
+	switch key {
+	case "address":
+		return func(a, b *health.Status) int { return strings.Compare(a.Address, b.Address) }
+	case "health":
+		return func(a, b *health.Status) int {
+			ha, _ := healthOf(a)
+			hb, _ := healthOf(b)
+			ra, rb := rank[ha], rank[hb]
+			if ra == rb && ra == 2 { // failing before fine
+				return boolCmp(a.LastError == "", b.LastError == "")
+			}
+			return ra - rb
+		}
+	case "rtt":
+		return func(a, b *health.Status) int { return cmpInt(a.LastRTTMicros, b.LastRTTMicros) }
+	case "error":
+		return func(a, b *health.Status) int { return strings.Compare(a.LastError, b.LastError) }
+	case "checked":
+		return func(a, b *health.Status) int { return cmpTime(a.CheckedAt, b.CheckedAt) }
+	case "probes":
+		return func(a, b *health.Status) int { return cmpInt(a.Probes, b.Probes) }
+	case "admin":
+		return func(a, b *health.Status) int { return adminRank[adminOf(a)] - adminRank[adminOf(b)] }
+	case "since":
+		return func(a, b *health.Status) int { return cmpTime(a.Since, b.Since) }
+	case "transitions":
+		return func(a, b *health.Status) int { return cmpInt(a.Transitions, b.Transitions) }
+	}
+	return func(a, b *health.Status) int { return strings.Compare(a.Upstream, b.Upstream) }
+}
+
+func cmpInt[T int64 | uint64 | uint32 | int](a, b T) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func boolCmp(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case !a:
+		return -1
+	}
+	return 1
+}

@@ -21,7 +21,7 @@ import (
 
 func init() {
 	caddy.RegisterModule(Page{})
-	httpcaddyfile.RegisterHandlerDirective("shaker_status", parsePage)
+	httpcaddyfile.RegisterHandlerDirective("shaker_status", parseStatusPage)
 	// Next to Caddy's own `metrics`: a handler that answers the request,
 	// after basic_auth, forward_auth and the like.
 	httpcaddyfile.RegisterDirectiveOrder("shaker_status", httpcaddyfile.After, "metrics")
@@ -144,7 +144,7 @@ func (p *Page) Cleanup() error {
 	return nil
 }
 
-func parsePage(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+func parseStatusPage(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	p := new(Page)
 	err := p.UnmarshalCaddyfile(h.Dispenser)
 	return p, err

@@ -786,11 +786,11 @@ func (w *discardWriter) WriteHeader(int) {}
 
 var _ io.Writer = (*discardWriter)(nil)
 
-// BenchmarkPage10k renders the page over 10,000 addresses, each with
+// BenchmarkStatusPage10k renders the page over 10,000 addresses, each with
 // a full RTT history: the default view (summary over all, first 100 rows),
 // the largest page (1,000 rows), a filtered and sorted view, and the JSON
 // of all 10,000.
-func BenchmarkPage10k(b *testing.B) {
+func BenchmarkStatusPage10k(b *testing.B) {
 	b.Run("html", func(b *testing.B) { benchStatus(b, "/shaker", "") })
 	b.Run("html-1000-rows", func(b *testing.B) { benchStatus(b, "/shaker?per_page=1000", "") })
 	b.Run("html-down-by-rtt", func(b *testing.B) { benchStatus(b, "/shaker?state=down&sort=rtt&order=desc&q=app", "") })

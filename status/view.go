@@ -25,9 +25,8 @@ var (
 const healthPending = "pending"
 
 // Admin states as the page filters them (state=drain, state=maint): the
-// health layer's. A ready address shows no admin state.
+// health layer's. A ready address shows no admin state (adminOf).
 var (
-	adminReady = health.Ready.String()
 	adminDrain = health.Drain.String()
 	adminMaint = health.Maint.String()
 )
@@ -37,12 +36,13 @@ var (
 // probed, unknown when its health is (in maintenance, or back from it
 // until its first result).
 func healthOf(s *health.Status) (state, shown string) {
-	switch {
-	case s.CheckedAt == nil:
+	if s.CheckedAt == nil {
 		return healthPending, healthPending
-	case s.Health == healthUp:
+	}
+	switch h, _ := health.ParseHealth(s.Health); h {
+	case health.Up:
 		return healthUp, healthUp
-	case s.Health == healthDown:
+	case health.Down:
 		return healthDown, healthDown
 	default: // unknown
 		return healthPending, healthUnknown
@@ -52,7 +52,7 @@ func healthOf(s *health.Status) (state, shown string) {
 // adminOf returns the address's admin state when it is not ready (in
 // service as its health allows), "" when it is.
 func adminOf(s *health.Status) string {
-	if s.AdminState == adminReady {
+	if a, err := health.ParseAdminState(s.AdminState); err == nil && a == health.Ready {
 		return ""
 	}
 	return s.AdminState

@@ -22,7 +22,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/caddy-shaker/caddy-shaker" // the shaker app and `dynamic shaker`
@@ -104,7 +103,7 @@ func runChromium(t *testing.T, bin string, args ...string) []byte {
 // down with its error, the drained one's admin state, and the right
 // counts.
 // It saves a screenshot; SHAKER_STATUS_SCREENSHOT=docs/status.png writes
-// the one README shows.
+// the one README shows (a relative path is from the repository's root).
 func TestStatusPageBrowser(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
@@ -307,7 +306,10 @@ http://%s {
 	shot := os.Getenv("SHAKER_STATUS_SCREENSHOT")
 	if shot == "" {
 		shot = filepath.Join(t.TempDir(), "status.png")
-	} else if shot, err = filepath.Abs(shot); err != nil {
+	} else if !filepath.IsAbs(shot) { // from the repository's root, where the test ran before it moved here
+		shot = filepath.Join("..", shot)
+	}
+	if shot, err = filepath.Abs(shot); err != nil {
 		t.Fatal(err)
 	}
 	runChromium(t, chromium, "--virtual-time-budget=1500", "--window-size=1280,380", "--screenshot="+shot, u)

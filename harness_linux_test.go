@@ -295,29 +295,53 @@ func (h *harness) load(interval time.Duration) {
 	}
 }
 
+// statuses reads GET /shaker/upstreams on h's admin endpoint, by address,
+// retried across a reload (adminStatuses).
 func (h *harness) statuses() map[string]Status {
 	h.t.Helper()
-	// Right after a reload, Caddy stops the old admin server in the
-	// background: a request may meet it closing. Retry, boundedly.
+	return adminStatuses(h.t, h.admin)
+}
+
+// adminStatuses reads GET /shaker/upstreams, by address. With admin "" it
+// calls the admin handler directly: no connection, so it reads with no
+// file descriptor left. Otherwise it asks admin over HTTP, retried
+// boundedly: right after a reload, Caddy stops the old admin server in the
+// background, and a request may meet it closing.
+func adminStatuses(t testing.TB, admin string) map[string]Status {
+	t.Helper()
+	if admin == "" {
+		_, list, err := getUpstreams(t, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return byAddress(list)
+	}
 	var resp *http.Response
 	var err error
 	for range 50 {
-		if resp, err = http.Get("http://" + h.admin + "/shaker/upstreams"); err == nil {
+		if resp, err = http.Get("http://" + admin + "/shaker/upstreams"); err == nil {
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	if err != nil {
-		h.t.Fatal(err)
+		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != 200 {
-		h.t.Fatalf("admin: %s", resp.Status)
+		t.Fatalf("admin: %s", resp.Status)
 	}
 	var list []Status
 	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
-		h.t.Fatal(err)
+		t.Fatal(err)
 	}
+	return byAddress(list)
+}
+
+// byAddress indexes statuses by address: the one way the tests turn the
+// admin API's list or the registry's (byAddress(reg.Statuses())) into a
+// map.
+func byAddress(list []Status) map[string]Status {
 	m := make(map[string]Status, len(list))
 	for _, s := range list {
 		m[s.Address] = s

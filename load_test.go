@@ -49,13 +49,7 @@ func TestReloadsWhileProbing1000(t *testing.T) {
 	if err := caddy.Load(loadConfig(t, all, "200ms", 0), true); err != nil {
 		t.Fatal(err)
 	}
-	statuses := func() map[string]Status {
-		m := make(map[string]Status, len(all))
-		for _, s := range reg.Statuses() {
-			m[s.Address] = s
-		}
-		return m
-	}
+	statuses := func() map[string]Status { return byAddress(reg.Statuses()) }
 	isDown := func(m map[string]Status, addrs []string) bool {
 		for _, a := range addrs {
 			if m[a].Health != "down" {

@@ -3,8 +3,6 @@
 package caddyshaker
 
 import (
-	"encoding/json"
-	"io"
 	"math"
 	"net/http"
 	"net/netip"
@@ -152,62 +150,6 @@ func TestSlowStartShare(t *testing.T) {
 			t.Fatalf("one ramping from 0 for 1000h: %v", got)
 		}
 	}
-}
-
-// adminDo sends method to Caddy's admin endpoint at path and returns the
-// status code and body.
-func (h *harness) adminDo(method, path string) (int, string) {
-	h.t.Helper()
-	req, err := http.NewRequest(method, "http://"+h.admin+path, nil)
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	var resp *http.Response
-	for range 50 { // the admin server may be restarting after a reload
-		if resp, err = http.DefaultClient.Do(req); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(body)
-}
-
-// setAdmin posts an action for b's address and checks the answer: 200
-// and the address's new state.
-func (h *harness) setAdmin(b *backend, action string) Status {
-	h.t.Helper()
-	code, body := h.adminDo("POST", "/shaker/upstreams/"+b.addr+"/"+action)
-	if code != 200 {
-		h.t.Fatalf("POST %s/%s: %d %s", b.addr, action, code, body)
-	}
-	var list []Status
-	if err := json.Unmarshal([]byte(body), &list); err != nil || len(list) != 1 {
-		h.t.Fatalf("POST %s/%s: %q: %v", b.addr, action, body, err)
-	}
-	if list[0].AdminState != action || list[0].Address != b.addr {
-		h.t.Fatalf("POST %s/%s: answered %+v", b.addr, action, list[0])
-	}
-	return list[0]
-}
-
-// servedBy sends n requests and counts the answers by backend name; any
-// answer but a backend's 200 fails the test.
-func (h *harness) servedBy(n int) map[string]int {
-	h.t.Helper()
-	m := make(map[string]int)
-	for range n {
-		code, body := h.get()
-		if code != 200 {
-			h.t.Fatalf("request: %d %q", code, body)
-		}
-		m[body]++
-	}
-	return m
 }
 
 // TestAdminDrainMaintReady: through Caddy's admin API, a drained address

@@ -37,49 +37,55 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 		return nil, d.ArgErr()
 	}
 	for d.NextBlock(0) {
-		name := d.Val()
-		var dst *int
-		limit := math.MaxInt32
-		switch name {
-		case "per_address_metrics":
-			if !d.NextArg() {
-				return nil, d.ArgErr()
-			}
-			c, err := parseSeriesCap(d.Val())
-			if err != nil {
-				return nil, d.Err(err.Error())
-			}
-			if d.NextArg() {
-				return nil, d.ArgErr()
-			}
-			app.PerAddressMetrics = c
-			continue
-		case "loops":
-			dst, limit = &app.Loops, MaxLoops
-		case "max_sockets":
-			dst = &app.MaxSockets
-		case "max_in_flight":
-			dst = &app.MaxInFlight
-		default:
-			return nil, d.Errf("unrecognized shaker global option '%s'", d.Val())
+		if err := app.unmarshalGlobal(d); err != nil {
+			return nil, err
 		}
-		if !d.NextArg() {
-			return nil, d.ArgErr()
-		}
-		val := d.Val()
-		if d.NextArg() {
-			return nil, d.ArgErr()
-		}
-		n, err := strconv.Atoi(val)
-		if err != nil || n < 1 || n > limit {
-			return nil, d.Errf("%s '%s': must be an integer from 1 to %d", name, val, limit)
-		}
-		*dst = n
 	}
 	return httpcaddyfile.App{
 		Name:  "shaker",
 		Value: caddyconfig.JSON(app, nil),
 	}, nil
+}
+
+// unmarshalGlobal reads one subdirective of the shaker global option, the
+// one d is on.
+func (app *App) unmarshalGlobal(d *caddyfile.Dispenser) error {
+	name := d.Val()
+	var dst *int
+	limit := math.MaxInt32
+	switch name {
+	case "per_address_metrics":
+		val, err := ArgString(d)
+		if err != nil {
+			return err
+		}
+		c, err := parseSeriesCap(val)
+		if err != nil {
+			return d.Err(err.Error())
+		}
+		app.PerAddressMetrics = c
+		return nil
+	case "loops":
+		dst, limit = &app.Loops, MaxLoops
+	case "max_sockets":
+		dst = &app.MaxSockets
+	case "max_in_flight":
+		dst = &app.MaxInFlight
+	default:
+		return d.Errf("unrecognized shaker global option '%s'", name)
+	}
+	val, err := ArgString(d)
+	if err != nil {
+		return err
+	}
+	// Not ArgInt: these options' message gives the whole range, 1 to
+	// limit, in one form.
+	n, err := strconv.Atoi(val)
+	if err != nil || n < 1 || n > limit {
+		return d.Errf("%s '%s': must be an integer from 1 to %d", name, val, limit)
+	}
+	*dst = n
+	return nil
 }
 
 // UnmarshalCaddyfile sets up the source from Caddyfile tokens. Syntax:

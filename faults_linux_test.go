@@ -11,7 +11,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -218,34 +217,6 @@ func (c *childBackend) kill() {
 	c.cmd = nil
 }
 
-// faultStatuses is h.statuses, retried when the request fails: after a
-// config load Caddy stops the old admin server in a goroutine, and a
-// connection that reached the old listener on the same port is reset.
-func faultStatuses(t testing.TB, h *harness) map[string]Status {
-	t.Helper()
-	for i := 0; ; i++ {
-		resp, err := http.Get("http://" + h.admin + "/shaker/upstreams")
-		if err != nil {
-			if i < 10 {
-				time.Sleep(20 * time.Millisecond)
-				continue
-			}
-			t.Fatal(err)
-		}
-		var list []Status
-		err = json.NewDecoder(resp.Body).Decode(&list)
-		resp.Body.Close()
-		if resp.StatusCode != 200 || err != nil {
-			t.Fatalf("admin: %s: %v", resp.Status, err)
-		}
-		m := make(map[string]Status, len(list))
-		for _, s := range list {
-			m[s.Address] = s
-		}
-		return m
-	}
-}
-
 // loadFaults loads the harness's config with the fault tests' settings.
 func loadFaults(h *harness) {
 	h.t.Helper()
@@ -273,7 +244,7 @@ type faultResult struct {
 func runFault(t testing.TB, h *harness, victim, other *backend, reason string, inject, heal func() time.Time, slowHeal bool) faultResult {
 	t.Helper()
 	waitFor(t, 10*time.Second, "both backends up, probed twice", func() bool {
-		st := faultStatuses(t, h)
+		st := adminStatuses(t, h.admin)
 		for _, b := range []*backend{victim, other} {
 			if s := st[b.addr]; !s.Healthy || s.Probes < 2 || s.Timeout != fTimeout.String() {
 				return false
@@ -295,11 +266,11 @@ func runFault(t testing.TB, h *harness, victim, other *backend, reason string, i
 	}
 
 	var r faultResult
-	before := faultStatuses(t, h)[victim.addr].Probes
+	before := adminStatuses(t, h.admin)[victim.addr].Probes
 	t0 := inject()
-	waitFor(t, 10*time.Second, victim.name+" marked down", func() bool { return !faultStatuses(t, h)[victim.addr].Healthy })
+	waitFor(t, 10*time.Second, victim.name+" marked down", func() bool { return !adminStatuses(t, h.admin)[victim.addr].Healthy })
 	r.down = time.Since(t0)
-	s := faultStatuses(t, h)[victim.addr]
+	s := adminStatuses(t, h.admin)[victim.addr]
 	r.reason, r.downProbes = s.LastError, s.Probes-before
 	bound := fInterval*tFails + fTimeout + fSlack
 	t.Logf("%s: marked down %v after the fault (bound %v), %d probes, reason %q", victim.name, r.down, bound, r.downProbes, s.LastError)
@@ -318,16 +289,16 @@ func runFault(t testing.TB, h *harness, victim, other *backend, reason string, i
 		}
 	}
 
-	before = faultStatuses(t, h)[victim.addr].Probes
+	before = adminStatuses(t, h.admin)[victim.addr].Probes
 	t1 := heal()
 	if slowHeal {
 		// counted from here: a restarted process takes a while to
 		// listen, and probes are refused until then
-		before = faultStatuses(t, h)[victim.addr].Probes
+		before = adminStatuses(t, h.admin)[victim.addr].Probes
 	}
-	waitFor(t, 10*time.Second, victim.name+" marked up", func() bool { return faultStatuses(t, h)[victim.addr].Healthy })
+	waitFor(t, 10*time.Second, victim.name+" marked up", func() bool { return adminStatuses(t, h.admin)[victim.addr].Healthy })
 	r.up = time.Since(t1)
-	s = faultStatuses(t, h)[victim.addr]
+	s = adminStatuses(t, h.admin)[victim.addr]
 	r.upProbes = s.Probes - before
 	bound = fInterval*tPasses + fTimeout + fSlack
 	t.Logf("%s: back, marked up %v later (bound %v) after %d probes", victim.name, r.up, bound, r.upProbes)
@@ -489,26 +460,6 @@ func TestFaultsNftables(t *testing.T) {
 	}
 }
 
-// adminStatuses reads GET /shaker/upstreams by calling the admin handler
-// directly: with no file descriptor left, no connection to the admin
-// endpoint can be made.
-func adminStatuses(t testing.TB) map[string]Status {
-	t.Helper()
-	w := httptest.NewRecorder()
-	if err := (adminAPI{}).handleUpstreams(w, httptest.NewRequest(http.MethodGet, "/shaker/upstreams", nil)); err != nil {
-		t.Fatal(err)
-	}
-	var list []Status
-	if err := json.Unmarshal(w.Body.Bytes(), &list); err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]Status{}
-	for _, s := range list {
-		m[s.Address] = s
-	}
-	return m
-}
-
 // faultsFDLimitMain runs in a child process: Caddy with two backends up
 // and one hung (a full accept queue: its probes time out, and their
 // sockets are closed rather than kept for reuse, so the engine runs out
@@ -565,7 +516,7 @@ func faultsFDLimitMain(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "two backends up, the hung one down", func() bool {
-		st := faultStatuses(t, h)
+		st := adminStatuses(t, h.admin)
 		return st[b1.addr].Healthy && st[b1.addr].Probes >= 2 &&
 			st[b2.addr].Healthy && st[b2.addr].Probes >= 2 &&
 			!st[hungAddr].Healthy && st[hungAddr].Probes >= 2
@@ -602,9 +553,9 @@ func faultsFDLimitMain(t *testing.T) {
 	waitFor(t, 10*time.Second, "a probe failing with EMFILE", func() bool { return failed() > f0 })
 	first := time.Since(t0)
 	waitFor(t, 10*time.Second, "probes failing with EMFILE", func() bool { return failed() >= f0+6 })
-	s1, f1 := adminStatuses(t), failed()
+	s1, f1 := adminStatuses(t, ""), failed()
 	waitFor(t, 10*time.Second, "30 more probes failing", func() bool { return failed() >= f1+30 })
-	s2, f2 := adminStatuses(t), failed()
+	s2, f2 := adminStatuses(t, ""), failed()
 	held := time.Since(t0)
 	for _, b := range []*backend{b1, b2} {
 		if a, z := s1[b.addr], s2[b.addr]; !a.Healthy || !z.Healthy || z.Fails != 0 || z.Probes != a.Probes || z.LastError != "" {
@@ -624,11 +575,11 @@ func faultsFDLimitMain(t *testing.T) {
 	}
 	t1 := time.Now()
 	waitFor(t, 10*time.Second, "probes counted again", func() bool {
-		st := faultStatuses(t, h)
+		st := adminStatuses(t, h.admin)
 		return st[b1.addr].Probes >= s2[b1.addr].Probes+2 && st[b2.addr].Probes >= s2[b2.addr].Probes+2
 	})
 	again := time.Since(t1)
-	st := faultStatuses(t, h)
+	st := adminStatuses(t, h.admin)
 	for _, b := range []*backend{b1, b2} {
 		if !st[b.addr].Healthy {
 			t.Errorf("%s down after the fds were freed: %+v", b.name, st[b.addr])

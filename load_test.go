@@ -4,9 +4,7 @@ package caddyshaker
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
-	"fmt"
 	"os/exec"
 	"runtime"
 	"slices"
@@ -19,39 +17,6 @@ import (
 	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
-
-// loadConfig is a Caddy config with one reverse_proxy over ups, probed by
-// dynamic shaker; knob changes the config so that loading it reloads.
-func loadConfig(tb testing.TB, ups []string, interval string, knob int) []byte {
-	b, err := json.Marshal(map[string]any{
-		"admin":   map[string]any{"disabled": true},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
-		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"p": map[string]any{
-			"listen":          []string{"127.0.0.1:0"},
-			"automatic_https": map[string]any{"disable": true},
-			"routes": []any{map[string]any{"handle": []any{
-				map[string]any{"handler": "headers", "response": map[string]any{"set": map[string]any{"X-Knob": []string{fmt.Sprint(knob)}}}},
-				map[string]any{
-					"handler": "reverse_proxy",
-					"dynamic_upstreams": map[string]any{
-						"source": "shaker", "upstreams": ups, "interval": interval, "timeout": "500ms",
-					},
-				},
-			}}},
-		}}}},
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return b
-}
-
-func engineProbes() uint64 {
-	if e := engines.cur.Load(); e != nil {
-		return e.Stats().Total()
-	}
-	return 0
-}
 
 // TestReloadsWhileProbing1000: 100 config reloads while 1,000 upstreams are
 // probed: nothing accepted, every address keeps its checker (the same
@@ -84,13 +49,7 @@ func TestReloadsWhileProbing1000(t *testing.T) {
 	if err := caddy.Load(loadConfig(t, all, "200ms", 0), true); err != nil {
 		t.Fatal(err)
 	}
-	statuses := func() map[string]Status {
-		m := make(map[string]Status, len(all))
-		for _, s := range reg.Statuses() {
-			m[s.Address] = s
-		}
-		return m
-	}
+	statuses := func() map[string]Status { return byAddress(reg.Statuses()) }
 	isDown := func(m map[string]Status, addrs []string) bool {
 		for _, a := range addrs {
 			if m[a].Health != "down" {

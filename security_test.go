@@ -28,7 +28,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
-	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
@@ -115,16 +114,6 @@ func TestAdminReadOnly(t *testing.T) {
 	if cfg := config(); cfg != cfg0 {
 		t.Errorf("config changed:\n%s\n%s", cfg0, cfg)
 	}
-}
-
-// probedAddrs returns the addresses of the registry's checkers and their
-// checkers.
-func probedAddrs() map[string][]*health.Checker {
-	out := map[string][]*health.Checker{}
-	for _, c := range reg.Checkers() {
-		out[c.Addr().String()] = append(out[c.Addr().String()], c)
-	}
-	return out
 }
 
 // probeCounts returns the engine's count of finished probes and the sum

@@ -4,10 +4,8 @@ package caddyshaker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -91,26 +89,6 @@ func waitCheckDone(t *testing.T) string {
 		return state != checkPending
 	})
 	return state
-}
-
-// awaitSelfCheck polls GET /shaker/engine until the engine's self-check
-// is no longer pending (it takes about 250 ms), and returns the status.
-func (h *harness) awaitSelfCheck() EngineStatus {
-	h.t.Helper()
-	var es EngineStatus
-	waitFor(h.t, 10*time.Second, "the self-check to end (GET /shaker/engine)", func() bool {
-		resp, err := http.Get("http://" + h.admin + "/shaker/engine")
-		if err != nil {
-			h.t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		es = EngineStatus{}
-		if err := json.NewDecoder(resp.Body).Decode(&es); err != nil || resp.StatusCode != http.StatusOK {
-			h.t.Fatalf("GET /shaker/engine: %s, %v", resp.Status, err)
-		}
-		return es.SelfCheck != checkPending
-	})
-	return es
 }
 
 // errorLines returns the Error-level log lines.

@@ -1,0 +1,556 @@
+//go:build linux
+
+// The root's test harness: Caddy running in this process in front of
+// backends that count what they accept, the waits the tests share, and
+// the one way the tests read statuses (byAddress, over adminStatuses or
+// the registry). The files of tests that use it build on Linux only.
+
+package caddyshaker
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
+)
+
+// Probe settings of the integration tests.
+const (
+	tInterval = 50 * time.Millisecond
+	tTimeout  = 40 * time.Millisecond // <= tInterval: the bound interval x fails + timeout holds
+	tPasses   = 2
+	tFails    = 3
+	// slack for scheduling under -race on a busy 2-core machine
+	tSlack = 150 * time.Millisecond
+	// config reloads in test (5)
+	reloads = 20
+)
+
+// backend is an HTTP server on 127.0.0.1 whose listener counts accept():
+// a half-open probe must never reach it. A connection that was accepted
+// but never carried a request is what a leaked probe looks like.
+type backend struct {
+	t    testing.TB
+	name string
+	addr string
+
+	mu  sync.Mutex
+	srv *http.Server
+	ln  *testkit.Counted // while it serves
+
+	accepts atomic.Int64 // connections accepted: count with probeAccepts
+	served  atomic.Int64 // requests answered
+	empty   atomic.Int64 // connections closed without a request
+	fresh   sync.Map     // connections open that have not carried a request yet
+}
+
+func startBackend(t testing.TB, name, addr string) *backend {
+	t.Helper()
+	b := &backend{t: t, name: name, addr: addr}
+	b.start()
+	t.Cleanup(b.stop)
+	return b
+}
+
+func (b *backend) start() {
+	b.t.Helper()
+	var ln net.Listener
+	var err error
+	// the port may linger briefly after a stop: retry, bounded
+	for i := 0; i < 100; i++ {
+		ln, err = net.Listen("tcp", b.addr)
+		if err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err != nil {
+		b.t.Fatalf("backend %s: %v", b.name, err)
+	}
+	b.addr = ln.Addr().String()
+	active := sync.Map{}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b.served.Add(1)
+			io.WriteString(w, b.name)
+		}),
+		ConnState: func(c net.Conn, s http.ConnState) {
+			switch s {
+			case http.StateNew:
+				b.fresh.Store(c, true)
+			case http.StateActive:
+				active.Store(c, true)
+				b.fresh.Delete(c)
+			case http.StateClosed, http.StateHijacked:
+				b.fresh.Delete(c)
+				if _, ok := active.LoadAndDelete(c); !ok {
+					b.empty.Add(1)
+				}
+			}
+		},
+	}
+	counted := testkit.CountAccepts(ln, &b.accepts)
+	b.mu.Lock()
+	b.srv, b.ln = srv, counted
+	b.mu.Unlock()
+	go srv.Serve(counted)
+}
+
+func (b *backend) stop() {
+	b.mu.Lock()
+	srv := b.srv
+	b.srv, b.ln = nil, nil
+	b.mu.Unlock()
+	if srv != nil {
+		srv.Close()
+	}
+}
+
+// recorder is an events handler module that tests subscribe to
+// "healthy" and "unhealthy".
+type recorder struct{}
+
+func (recorder) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "events.handlers.shaker_test_recorder",
+		New: func() caddy.Module { return new(recorder) },
+	}
+}
+
+type seenEvent struct{ name, host string }
+
+var events = struct {
+	sync.Mutex
+	list []seenEvent
+}{}
+
+func (recorder) Handle(_ context.Context, e caddy.Event) error {
+	host, _ := e.Data["host"].(string)
+	events.Lock()
+	events.list = append(events.list, seenEvent{e.Name(), host})
+	events.Unlock()
+	return nil
+}
+
+func init() { caddy.RegisterModule(recorder{}) }
+
+// waitEvent waits until an event name with host has been recorded.
+func waitEvent(t testing.TB, name, host string, within time.Duration) {
+	t.Helper()
+	waitFor(t, within, fmt.Sprintf("event %s for %s", name, host), func() bool {
+		events.Lock()
+		defer events.Unlock()
+		for _, e := range events.list {
+			if e.name == name && e.host == host {
+				return true
+			}
+		}
+		return false
+	})
+}
+
+// waitFor polls cond every 2 ms until it holds or within has passed.
+func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		if cond() {
+			return time.Since(start)
+		}
+		if time.Since(start) > within {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// harness is Caddy running in this process: a proxy with `dynamic
+// shaker` in front of backends, admin on a free localhost port.
+type harness struct {
+	t         testing.TB
+	admin     string
+	proxy     string
+	backends  []*backend
+	client    *http.Client
+	extraKnob int            // changes the config so that Load reloads
+	extra     map[string]any // more fields of the shaker source
+	handler   map[string]any // more fields of the reverse_proxy handler
+	// policy, when set, replaces the shaker source with the handler's own
+	// upstreams and the shaker selection policy with these more fields
+	// ("retries" goes in load_balancing).
+	policy map[string]any
+}
+
+func (h *harness) config(interval time.Duration) []byte {
+	ups := make([]string, len(h.backends))
+	for i, b := range h.backends {
+		ups[i] = b.addr
+	}
+	cfg := map[string]any{
+		"admin": map[string]any{"listen": h.admin},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
+			"level": "ERROR",
+		}}},
+		"apps": map[string]any{
+			"events": map[string]any{"subscriptions": []any{map[string]any{
+				"events":   []string{"healthy", "unhealthy", "admin_state_changed"},
+				"handlers": []any{map[string]any{"handler": "shaker_test_recorder"}},
+			}}},
+			"http": map[string]any{"servers": map[string]any{"proxy": map[string]any{
+				"listen":          []string{h.proxy},
+				"automatic_https": map[string]any{"disable": true},
+				"routes": []any{map[string]any{"handle": []any{
+					map[string]any{
+						"handler": "headers",
+						"response": map[string]any{"set": map[string]any{
+							"X-Knob": []string{fmt.Sprint(h.extraKnob)},
+						}},
+					},
+					map[string]any{
+						"handler": "reverse_proxy",
+						"dynamic_upstreams": map[string]any{
+							"source":    "shaker",
+							"upstreams": ups,
+							"interval":  interval.String(),
+							"timeout":   tTimeout.String(),
+							"passes":    tPasses,
+							"fails":     tFails,
+						},
+					},
+				}}},
+			}}},
+		},
+	}
+	dyn := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["proxy"].(map[string]any)["routes"].([]any)[0].(map[string]any)["handle"].([]any)[1].(map[string]any)["dynamic_upstreams"].(map[string]any)
+	for k, v := range h.extra {
+		dyn[k] = v
+	}
+	rp := cfg["apps"].(map[string]any)["http"].(map[string]any)["servers"].(map[string]any)["proxy"].(map[string]any)["routes"].([]any)[0].(map[string]any)["handle"].([]any)[1].(map[string]any)
+	if h.policy != nil {
+		delete(rp, "dynamic_upstreams")
+		var static []any
+		for _, u := range ups {
+			static = append(static, map[string]any{"dial": u})
+		}
+		rp["upstreams"] = static
+		sel := map[string]any{"policy": "shaker", "interval": interval.String(), "timeout": tTimeout.String(), "passes": tPasses, "fails": tFails}
+		lb := map[string]any{"selection_policy": sel}
+		for k, v := range h.policy {
+			if k == "retries" {
+				lb[k] = v
+			} else {
+				sel[k] = v
+			}
+		}
+		rp["load_balancing"] = lb
+	}
+	for k, v := range h.handler {
+		rp[k] = v
+	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return b
+}
+
+func newHarness(t testing.TB, nBackends int) *harness {
+	t.Helper()
+	h := &harness{
+		t:      t,
+		admin:  fmt.Sprintf("localhost:%d", testkit.FreePort(t)),
+		proxy:  fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
+		client: &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}},
+	}
+	for i := range nBackends {
+		h.backends = append(h.backends, startBackend(t, fmt.Sprintf("b%d", i+1), "127.0.0.1:0"))
+	}
+	h.load(tInterval)
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("caddy.Stop: %v", err)
+		}
+		h.client.CloseIdleConnections()
+	})
+	return h
+}
+
+func (h *harness) load(interval time.Duration) {
+	h.t.Helper()
+	if err := caddy.Load(h.config(interval), true); err != nil {
+		h.t.Fatalf("caddy.Load: %v", err)
+	}
+}
+
+// statuses reads GET /shaker/upstreams on h's admin endpoint, by address,
+// retried across a reload (adminStatuses).
+func (h *harness) statuses() map[string]Status {
+	h.t.Helper()
+	return adminStatuses(h.t, h.admin)
+}
+
+// adminStatuses reads GET /shaker/upstreams, by address. With admin "" it
+// calls the admin handler directly: no connection, so it reads with no
+// file descriptor left. Otherwise it asks admin over HTTP, retried
+// boundedly: right after a reload, Caddy stops the old admin server in the
+// background, and a request may meet it closing.
+func adminStatuses(t testing.TB, admin string) map[string]Status {
+	t.Helper()
+	if admin == "" {
+		_, list, err := getUpstreams(t, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return byAddress(list)
+	}
+	var resp *http.Response
+	var err error
+	for range 50 {
+		if resp, err = http.Get("http://" + admin + "/shaker/upstreams"); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("admin: %s", resp.Status)
+	}
+	var list []Status
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		t.Fatal(err)
+	}
+	return byAddress(list)
+}
+
+// byAddress indexes statuses by address: the one way the tests turn the
+// admin API's list or the registry's (byAddress(reg.Statuses())) into a
+// map.
+func byAddress(list []Status) map[string]Status {
+	m := make(map[string]Status, len(list))
+	for _, s := range list {
+		m[s.Address] = s
+	}
+	return m
+}
+
+// checkMetrics checks that the admin /metrics page has each line prefix.
+func (h *harness) checkMetrics(prefixes ...string) {
+	h.t.Helper()
+	resp, err := http.Get("http://" + h.admin + "/metrics")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, p := range prefixes {
+		if !strings.Contains("\n"+string(body), "\n"+p) {
+			h.t.Errorf("metrics: no line %q", p)
+		}
+	}
+}
+
+func (h *harness) get() (int, string) {
+	resp, err := h.client.Get("http://" + h.proxy + "/")
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// noLeakedProbes fails the test if a backend accepted a connection that
+// never carried a request: what a probe that became a connection looks like,
+// closed since or still open. It counts past the kernel's delayed-ACK window
+// (probeAccepts), once client requests are done.
+func (h *harness) noLeakedProbes() {
+	h.t.Helper()
+	h.probeAccepts() // wait out the window, flush the accept queues
+	for _, b := range h.backends {
+		open := 0
+		b.fresh.Range(func(_, _ any) bool { open++; return true })
+		if n := b.empty.Load(); n != 0 || open != 0 {
+			h.t.Errorf("%s: %d connections closed without a request, %d open without one (leaked probes)", b.name, n, open)
+		}
+	}
+}
+
+// probeAccepts returns how many connections the backends have accepted in
+// all (probeAccepts of h.backends).
+func (h *harness) probeAccepts() int64 {
+	h.t.Helper()
+	return probeAccepts(h.t, h.backends...)
+}
+
+// probeAccepts returns how many connections bs have accepted in all,
+// counted past the kernel's delayed-ACK window (testkit.ProbeAccepts: one
+// wait for all) with the accept queues of those that serve flushed. A
+// stopped backend accepts nothing more.
+func probeAccepts(t testing.TB, bs ...*backend) int64 {
+	t.Helper()
+	var serving []testkit.Counter
+	var n int64
+	for _, b := range bs {
+		b.mu.Lock()
+		ln := b.ln
+		b.mu.Unlock()
+		if ln != nil {
+			serving = append(serving, ln)
+		} else {
+			n += b.accepts.Load()
+		}
+	}
+	return n + testkit.ProbeAccepts(t, serving...)
+}
+
+// waitProbes waits until every backend has at least n more probe results
+// than in before.
+func (h *harness) waitProbes(before map[string]Status, n uint64, within time.Duration) map[string]Status {
+	h.t.Helper()
+	var st map[string]Status
+	waitFor(h.t, within, fmt.Sprintf("%d probes of every backend", n), func() bool {
+		st = h.statuses()
+		for _, b := range h.backends {
+			if st[b.addr].Probes < before[b.addr].Probes+n {
+				return false
+			}
+		}
+		return true
+	})
+	return st
+}
+
+// adminDo sends method to Caddy's admin endpoint at path and returns the
+// status code and body.
+func (h *harness) adminDo(method, path string) (int, string) {
+	h.t.Helper()
+	req, err := http.NewRequest(method, "http://"+h.admin+path, nil)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	var resp *http.Response
+	for range 50 { // the admin server may be restarting after a reload
+		if resp, err = http.DefaultClient.Do(req); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// setAdmin posts an action for b's address and checks the answer: 200
+// and the address's new state.
+func (h *harness) setAdmin(b *backend, action string) Status {
+	h.t.Helper()
+	code, body := h.adminDo("POST", "/shaker/upstreams/"+b.addr+"/"+action)
+	if code != 200 {
+		h.t.Fatalf("POST %s/%s: %d %s", b.addr, action, code, body)
+	}
+	var list []Status
+	if err := json.Unmarshal([]byte(body), &list); err != nil || len(list) != 1 {
+		h.t.Fatalf("POST %s/%s: %q: %v", b.addr, action, body, err)
+	}
+	if list[0].AdminState != action || list[0].Address != b.addr {
+		h.t.Fatalf("POST %s/%s: answered %+v", b.addr, action, list[0])
+	}
+	return list[0]
+}
+
+// servedBy sends n requests and counts the answers by backend name; any
+// answer but a backend's 200 fails the test.
+func (h *harness) servedBy(n int) map[string]int {
+	h.t.Helper()
+	m := make(map[string]int)
+	for range n {
+		code, body := h.get()
+		if code != 200 {
+			h.t.Fatalf("request: %d %q", code, body)
+		}
+		m[body]++
+	}
+	return m
+}
+
+// awaitSelfCheck polls GET /shaker/engine until the engine's self-check
+// is no longer pending (it takes about 250 ms), and returns the status.
+func (h *harness) awaitSelfCheck() EngineStatus {
+	h.t.Helper()
+	var es EngineStatus
+	waitFor(h.t, 10*time.Second, "the self-check to end (GET /shaker/engine)", func() bool {
+		resp, err := http.Get("http://" + h.admin + "/shaker/engine")
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		es = EngineStatus{}
+		if err := json.NewDecoder(resp.Body).Decode(&es); err != nil || resp.StatusCode != http.StatusOK {
+			h.t.Fatalf("GET /shaker/engine: %s, %v", resp.Status, err)
+		}
+		return es.SelfCheck != checkPending
+	})
+	return es
+}
+
+// probedAddrs returns the addresses of the registry's checkers and their
+// checkers.
+func probedAddrs() map[string][]*health.Checker {
+	out := map[string][]*health.Checker{}
+	for _, c := range reg.Checkers() {
+		out[c.Addr().String()] = append(out[c.Addr().String()], c)
+	}
+	return out
+}
+
+// loadConfig is a Caddy config with one reverse_proxy over ups, probed by
+// dynamic shaker; knob changes the config so that loading it reloads.
+func loadConfig(tb testing.TB, ups []string, interval string, knob int) []byte {
+	b, err := json.Marshal(map[string]any{
+		"admin":   map[string]any{"disabled": true},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"p": map[string]any{
+			"listen":          []string{"127.0.0.1:0"},
+			"automatic_https": map[string]any{"disable": true},
+			"routes": []any{map[string]any{"handle": []any{
+				map[string]any{"handler": "headers", "response": map[string]any{"set": map[string]any{"X-Knob": []string{fmt.Sprint(knob)}}}},
+				map[string]any{
+					"handler": "reverse_proxy",
+					"dynamic_upstreams": map[string]any{
+						"source": "shaker", "upstreams": ups, "interval": interval, "timeout": "500ms",
+					},
+				},
+			}}},
+		}}}},
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b
+}
+
+func engineProbes() uint64 {
+	if e := engines.cur.Load(); e != nil {
+		return e.Stats().Total()
+	}
+	return 0
+}

@@ -392,24 +392,41 @@ func (pc *ProbeConfig) UnmarshalPolicy(d *caddyfile.Dispenser, setInner func(*ca
 
 // setInner reads the inner policy whose name d is on.
 func (p *Policy) setInner(d *caddyfile.Dispenser) error {
-	if p.InnerRaw != nil {
-		return d.Err("inner policy already given")
+	raw, err := UnmarshalInner[reverseproxy.Selector](d, "http.reverse_proxy.selection_policies.", p.InnerRaw != nil, nil)
+	if err == nil {
+		p.InnerRaw = raw
+	}
+	return err
+}
+
+// UnmarshalInner reads the inner selection policy whose name d is on, for
+// a shaker policy: a module of namespace (its IDs' prefix) that is an S,
+// the proxy's selector interface. given says one was read already; refuse,
+// if not nil, refuses names with a reason (shaker is always refused).
+func UnmarshalInner[S any](d *caddyfile.Dispenser, namespace string, given bool, refuse func(name string) error) (json.RawMessage, error) {
+	if given {
+		return nil, d.Err("inner policy already given")
 	}
 	name := d.Val()
 	if name == "shaker" {
-		return d.Err("inner shaker: a shaker policy cannot wrap another shaker policy")
+		return nil, d.Err("inner shaker: a shaker policy cannot wrap another shaker policy")
 	}
-	modID := "http.reverse_proxy.selection_policies." + name
+	if refuse != nil {
+		if err := refuse(name); err != nil {
+			return nil, d.Errf("inner %s: %v", name, err)
+		}
+	}
+	modID := namespace + name
 	unm, err := caddyfile.UnmarshalModule(d, modID)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	sel, ok := unm.(reverseproxy.Selector)
+	sel, ok := unm.(S)
 	if !ok {
-		return d.Errf("module %s (%T) is not a reverseproxy.Selector", modID, unm)
+		var zero S
+		return nil, d.Errf("module %s (%T) is not a %T selection policy", modID, unm, &zero)
 	}
-	p.InnerRaw = caddyconfig.JSONModuleObject(sel, "policy", name, nil)
-	return nil
+	return caddyconfig.JSONModuleObject(sel, "policy", name, nil), nil
 }
 
 // Interface guards

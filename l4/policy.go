@@ -24,7 +24,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/mholt/caddy-l4/layer4"
 	"github.com/mholt/caddy-l4/modules/l4proxy"
@@ -515,24 +514,11 @@ func (p *Policy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // setInner reads the inner policy whose name d is on.
 func (p *Policy) setInner(d *caddyfile.Dispenser) error {
-	if p.InnerRaw != nil {
-		return d.Err("inner policy already given")
+	raw, err := caddyshaker.UnmarshalInner[l4proxy.Selector](d, "layer4.proxy.selection_policies.", p.InnerRaw != nil, refuseInner)
+	if err == nil {
+		p.InnerRaw = raw
 	}
-	name := d.Val()
-	if err := refuseInner(name); err != nil {
-		return d.Errf("inner %s: %v", name, err)
-	}
-	modID := "layer4.proxy.selection_policies." + name
-	unm, err := caddyfile.UnmarshalModule(d, modID)
-	if err != nil {
-		return err
-	}
-	sel, ok := unm.(l4proxy.Selector)
-	if !ok {
-		return d.Errf("module %s (%T) is not a layer4 upstream selector", modID, unm)
-	}
-	p.InnerRaw = caddyconfig.JSONModuleObject(sel, "policy", name, nil)
-	return nil
+	return err
 }
 
 // Interface guards

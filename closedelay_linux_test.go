@@ -122,19 +122,9 @@ func TestCloseDelayInCaddyHelper(t *testing.T) {
 	}
 	family, _ := strconv.Atoi(os.Getenv("CADDYSHAKER_CD_FAMILY"))
 	p := &testkit.SlowPath{A: os.Getenv("CADDYSHAKER_CD_NS_A"), B: os.Getenv("CADDYSHAKER_CD_NS_B"), DevA: "shk-a", DevB: "shk-b"}
-	network, wild := "tcp4", "0.0.0.0:0"
-	if family == 6 {
-		network, wild = "tcp6", "[::]:0"
-	}
-	var ls testkit.Listeners
-	var ports []uint16
-	for range cdPorts {
-		l := testkit.ListenIn(t, p.B, network, wild)
-		ls = append(ls, l)
-		ports = append(ports, l.Addr.Port())
-	}
+	ls, addrs := testkit.SlowListeners(t, p.B, family, cdPorts, cdAddrs)
 	var ups []string
-	for _, a := range testkit.SlowAddrs(family, cdAddrs, ports) {
+	for _, a := range addrs {
 		ups = append(ups, a.String())
 	}
 	if mode == "busy" {

@@ -90,20 +90,10 @@ func TestStopInFlightHelper(t *testing.T) {
 // addresses of the SlowPath's prefix that they answer.
 func stopListeners(t testing.TB, ns string, family int) (testkit.Listeners, []string) {
 	t.Helper()
-	network, addr := "tcp4", "0.0.0.0:0"
-	if family == 6 {
-		network, addr = "tcp6", "[::]:0"
-	}
-	var ls testkit.Listeners
-	var ports []uint16
-	for range stopPorts {
-		l := testkit.ListenIn(t, ns, network, addr)
-		ls = append(ls, l)
-		ports = append(ports, l.Addr.Port())
-	}
-	var ups []string
-	for _, a := range testkit.SlowAddrs(family, stopAddrs, ports) {
-		ups = append(ups, a.String())
+	ls, addrs := testkit.SlowListeners(t, ns, family, stopPorts, stopAddrs)
+	ups := make([]string, len(addrs))
+	for i, a := range addrs {
+		ups[i] = a.String()
 	}
 	return ls, ups
 }

@@ -167,18 +167,7 @@ func TestCloseDelayBurstsHelper(t *testing.T) {
 // addresses of the SlowPath's prefix that they answer.
 func burstListeners(t testing.TB, ns string, family int) (testkit.Listeners, []netip.AddrPort) {
 	t.Helper()
-	network, addr := "tcp4", "0.0.0.0:0"
-	if family == 6 {
-		network, addr = "tcp6", "[::]:0"
-	}
-	var ls testkit.Listeners
-	var ports []uint16
-	for range burstPorts {
-		l := testkit.ListenIn(t, ns, network, addr)
-		ls = append(ls, l)
-		ports = append(ports, l.Addr.Port())
-	}
-	return ls, testkit.SlowAddrs(family, burstAddrs, ports)
+	return testkit.SlowListeners(t, ns, family, burstPorts, burstAddrs)
 }
 
 // measureBursts lets the scenario warm up, then samples the tbf's queue

@@ -277,3 +277,23 @@ func (p *SlowPath) ShapeA(t testing.TB, rate, latency string) {
 		t.Skipf("%s: %v: %s", strings.Join(args, " "), err, out)
 	}
 }
+
+// SlowListeners starts ports counting listeners on the wildcard address of
+// family (4 or 6) in namespace ns (ListenIn), and returns them and addrs
+// addresses of the SlowPath's prefix that they answer (SlowAddrs), as the
+// scenarios on a SlowPath set them up.
+func SlowListeners(tb testing.TB, ns string, family, ports, addrs int) (Listeners, []netip.AddrPort) {
+	tb.Helper()
+	network, wild := "tcp4", "0.0.0.0:0"
+	if family == 6 {
+		network, wild = "tcp6", "[::]:0"
+	}
+	var ls Listeners
+	var ps []uint16
+	for range ports {
+		l := ListenIn(tb, ns, network, wild)
+		ls = append(ls, l)
+		ps = append(ps, l.Addr.Port())
+	}
+	return ls, SlowAddrs(family, addrs, ps)
+}

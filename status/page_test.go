@@ -68,7 +68,7 @@ func fakeStatuses(n int) []health.Status {
 // testPage returns a page over list with a sampler (not running) that has
 // recorded it samples times.
 func testPage(list []health.Status, samples int) *Page {
-	h := &rttSampler{every: DefaultRTTSampleEvery, rings: make(map[string]*rttRing)}
+	h := &rttSampler{every: DefaultRTTSampleEvery, rings: make(map[histKey]*rttRing)}
 	for range samples {
 		h.record(list)
 	}
@@ -686,7 +686,7 @@ func TestRTTPacking(t *testing.T) {
 
 func TestRTTSampler(t *testing.T) {
 	list := fakeStatuses(4) // 0 up, 1 up but failing, 2 up, 3 pending
-	s := &rttSampler{every: time.Hour, rings: make(map[string]*rttRing)}
+	s := &rttSampler{every: time.Hour, rings: make(map[histKey]*rttRing)}
 	key := func(i int) []byte { return historyKey(nil, &list[i]) }
 	for i := range rttHistoryLen + 5 {
 		list[0].LastRTTMicros = int64(i + 1)
@@ -724,12 +724,12 @@ func TestRTTSampler(t *testing.T) {
 	// release of the old config)
 	g := &rttSampler{every: time.Millisecond}
 	calls := make(chan struct{}, 1)
-	src := func() []health.Status {
+	src := func(s *rttSampler) {
 		select {
 		case calls <- struct{}{}:
 		default:
 		}
-		return list
+		s.record(list)
 	}
 	g.acquire(src)
 	<-calls
@@ -804,7 +804,7 @@ func BenchmarkRTTHistory10k(b *testing.B) {
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	s := &rttSampler{every: time.Hour, rings: make(map[string]*rttRing)}
+	s := &rttSampler{every: time.Hour, rings: make(map[histKey]*rttRing)}
 	s.record(list)
 	runtime.GC()
 	runtime.ReadMemStats(&after)

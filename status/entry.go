@@ -19,24 +19,31 @@ type entry struct {
 	err string         // the last error, when the filter or sort needs it
 }
 
-// each calls fn with every address: the checkers of the Source, or the
-// statuses of a test's list. fn must copy the entry to keep it.
-func (p *Page) each(fn func(e *entry)) {
-	var e entry
+// snapshot returns how many addresses there are, and each, which calls
+// fn with every one of them, as often as asked: the checkers of the
+// Source, or the statuses of a test's list, read once. fn must copy the
+// entry to keep it.
+func (p *Page) snapshot() (n int, each func(fn func(e *entry))) {
 	if p.statuses != nil {
 		list := p.statuses()
-		for i := range list {
-			e = entry{Brief: briefOf(&list[i]), st: &list[i], i: i}
+		return len(list), func(fn func(e *entry)) {
+			var e entry
+			for i := range list {
+				e = entry{Brief: briefOf(&list[i]), st: &list[i], i: i}
+				fn(&e)
+			}
+		}
+	}
+	var cs []*health.Checker
+	if p.checkers != nil {
+		cs = p.checkers()
+	}
+	return len(cs), func(fn func(e *entry)) {
+		var e entry
+		for _, c := range cs {
+			e = entry{Brief: c.Brief()}
 			fn(&e)
 		}
-		return
-	}
-	if p.checkers == nil {
-		return
-	}
-	for _, c := range p.checkers() {
-		e = entry{Brief: c.Brief()}
-		fn(&e)
 	}
 }
 

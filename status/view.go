@@ -1,7 +1,6 @@
 package status
 
 import (
-	"math"
 	"net/url"
 	"slices"
 	"strconv"
@@ -154,13 +153,12 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 	names := make(map[string]struct{})
 	lq := strings.ToLower(v.q)
 	needErr := lq != "" || v.sort == "error"
-	cmpKey := entryCompare(v.sort)
 	desc := v.order == "desc"
 	order := func(a, b entry) int {
 		if v.sort == "upstream" && !desc { // the default order (a list's own)
 			return compareDefault(&a, &b)
 		}
-		c := cmpKey(&a, &b)
+		c := compareKey(v.sort, &a, &b)
 		if desc {
 			c = -c
 		}
@@ -169,77 +167,68 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 		}
 		return c
 	}
+	n, each := p.snapshot()
+	keep := n // every row, unpaged
+	if v.paged {
+		// the rows up to the end of the page; past the last page there
+		// can be, up to the end of that one, which holds the last page
+		// of the rows that match
+		keep = min(v.page, max(1, (n+v.perPage-1)/v.perPage)) * v.perPage
+	}
+	top := health.NewTop(keep, statusPerPage, order)
 	var addr [64]byte
-	pick := func(keep int, count bool) []entry {
-		top := health.NewTop(keep, statusPerPage, order)
-		p.each(func(e *entry) {
-			h := e.state()
-			if count {
-				v.sum.Addresses++
-				if _, ok := names[e.Name]; !ok {
-					names[e.Name] = struct{}{}
-				}
-				switch h {
-				case healthUp:
-					v.sum.Up++
-					if !e.LastOK {
-						v.sum.Failing++
-					}
-				case healthDown:
-					v.sum.Down++
-				case healthPending:
-					v.sum.Pending++
-				}
-				if a := e.admin(); a != "" {
-					if v.sum.AdminStates == nil {
-						v.sum.AdminStates = make(map[string]int)
-					}
-					v.sum.AdminStates[a]++
-				}
+	each(func(e *entry) {
+		h := e.state()
+		v.sum.Addresses++
+		if _, ok := names[e.Name]; !ok {
+			names[e.Name] = struct{}{}
+		}
+		switch h {
+		case healthUp:
+			v.sum.Up++
+			if !e.LastOK {
+				v.sum.Failing++
 			}
-			switch v.state {
-			case "":
-			case "failing":
-				if h != healthUp || e.LastOK {
-					return
-				}
-			case adminDrain, adminMaint:
-				if e.adminState() != v.state {
-					return
-				}
-			default:
-				if h != v.state {
-					return
-				}
+		case healthDown:
+			v.sum.Down++
+		case healthPending:
+			v.sum.Pending++
+		}
+		if a := e.admin(); a != "" {
+			if v.sum.AdminStates == nil {
+				v.sum.AdminStates = make(map[string]int)
 			}
-			if needErr {
-				e.err = e.lastError()
-			}
-			if lq != "" && !containsFold(e.Name, lq) && !containsFold(e.appendAddr(addr[:0]), lq) && !containsFold(e.err, lq) {
+			v.sum.AdminStates[a]++
+		}
+		switch v.state {
+		case "":
+		case "failing":
+			if h != healthUp || e.LastOK {
 				return
 			}
-			if count {
-				v.match++
+		case adminDrain, adminMaint:
+			if e.adminState() != v.state {
+				return
 			}
-			top.Add(*e)
-		})
-		return top.Sorted()
-	}
-	keep := math.MaxInt // every row, unpaged
-	if v.paged {
-		keep = v.page * v.perPage
-		if keep/v.perPage != v.page {
-			keep = math.MaxInt
+		default:
+			if h != v.state {
+				return
+			}
 		}
-	}
-	rows := pick(keep, true)
+		if needErr {
+			e.err = e.lastError()
+		}
+		if lq != "" && !containsFold(e.Name, lq) && !containsFold(e.appendAddr(addr[:0]), lq) && !containsFold(e.err, lq) {
+			return
+		}
+		v.match++
+		top.Add(*e)
+	})
+	rows := top.Sorted()
 	v.sum.Upstreams = len(names)
 	v.pages = max(1, (v.match+v.perPage-1)/v.perPage)
 	if v.paged {
-		if v.page > v.pages { // past the end: the last page, again
-			v.page = v.pages
-			rows = pick(v.page*v.perPage, false)
-		}
+		v.page = min(v.page, v.pages)
 		lo := min((v.page-1)*v.perPage, len(rows))
 		rows = rows[lo:min(lo+v.perPage, len(rows))]
 	}
@@ -288,39 +277,46 @@ func containsFold[S string | []byte](s S, lower string) bool {
 	return false
 }
 
-// entryCompare returns the comparison of one sort key; ties are broken
-// by the caller.
-func entryCompare(key string) func(a, b *entry) int {
-	rank := map[string]int{healthDown: 0, healthPending: 1, healthUp: 2}
-	// nil (no result yet, 0) first, then oldest first
+// compareKey compares by one sort key; ties are broken by the caller. A
+// plain function, not one chosen per key, so that its entries stay on
+// the stack.
+func compareKey(key string, a, b *entry) int {
 	switch key {
 	case "address":
-		return func(a, b *entry) int { return compareAddr(a, b) }
+		return compareAddr(a, b)
 	case "health":
-		return func(a, b *entry) int {
-			ra, rb := rank[a.state()], rank[b.state()]
-			if ra == rb && ra == 2 { // failing before fine
-				return boolCmp(a.LastOK, b.LastOK)
-			}
-			return ra - rb
+		ra, rb := healthRank(a.state()), healthRank(b.state())
+		if ra == rb && ra == 2 { // failing before fine
+			return boolCmp(a.LastOK, b.LastOK)
 		}
+		return ra - rb
 	case "rtt":
-		return func(a, b *entry) int { return cmpInt(a.LastRTT.Microseconds(), b.LastRTT.Microseconds()) }
+		return cmpInt(a.LastRTT.Microseconds(), b.LastRTT.Microseconds())
 	case "error":
-		return func(a, b *entry) int { return strings.Compare(a.err, b.err) }
-	case "checked":
-		return func(a, b *entry) int { return cmpInt(a.CheckedAt, b.CheckedAt) }
+		return strings.Compare(a.err, b.err)
+	case "checked": // no result yet (0) first, then oldest first
+		return cmpInt(a.CheckedAt, b.CheckedAt)
 	case "probes":
-		return func(a, b *entry) int { return cmpInt(a.Probes, b.Probes) }
-	case "admin":
-		// ready first, then drain, then maint
-		return func(a, b *entry) int { return cmpInt(a.AdminState, b.AdminState) }
-	case "since":
-		return func(a, b *entry) int { return cmpInt(a.Since, b.Since) }
+		return cmpInt(a.Probes, b.Probes)
+	case "admin": // ready first, then drain, then maint
+		return cmpInt(a.AdminState, b.AdminState)
+	case "since": // none yet (0) first, then oldest first
+		return cmpInt(a.Since, b.Since)
 	case "transitions":
-		return func(a, b *entry) int { return cmpInt(a.Transitions, b.Transitions) }
+		return cmpInt(a.Transitions, b.Transitions)
 	}
-	return func(a, b *entry) int { return strings.Compare(a.Name, b.Name) }
+	return strings.Compare(a.Name, b.Name)
+}
+
+// healthRank orders the states: down, pending, up.
+func healthRank(state string) int {
+	switch state {
+	case healthDown:
+		return 0
+	case healthPending:
+		return 1
+	}
+	return 2
 }
 
 func cmpInt[T int64 | uint64 | uint32 | int | health.AdminState](a, b T) int {

@@ -175,7 +175,7 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 		// of the rows that match
 		keep = min(v.page, max(1, (n+v.perPage-1)/v.perPage)) * v.perPage
 	}
-	top := health.NewTop(keep, statusPerPage, order)
+	top := health.NewTop(keep, keep, order)
 	var addr [64]byte
 	each(func(e *entry) {
 		h := e.state()

@@ -2,7 +2,6 @@ package caddyshaker
 
 import (
 	"bufio"
-	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -324,7 +323,7 @@ func (q *upstreamsQuery) rows(cs []*health.Checker) (rows []health.Summary, tota
 			keep = min(keep, q.page*q.perPage)
 		}
 	}
-	h := make([]health.Summary, 0, min(keep, 1<<16))
+	top := health.NewTop(keep, len(cs), compareRows)
 	for _, c := range cs {
 		s := c.Summary()
 		if len(q.health) > 0 && !slices.Contains(q.health, s.Health) ||
@@ -333,47 +332,14 @@ func (q *upstreamsQuery) rows(cs []*health.Checker) (rows []health.Summary, tota
 			continue
 		}
 		total++
-		switch {
-		case len(h) < keep:
-			h = append(h, s)
-			if len(h) == keep && keep < len(cs) {
-				heapify(h)
-			}
-		case keep > 0 && compareRows(s, h[0]) < 0:
-			h[0] = s // the last row kept gives way
-			siftDown(h, 0)
-		}
+		top.Add(s)
 	}
-	slices.SortFunc(h, compareRows)
+	h := top.Sorted()
 	lo := 0
 	if q.perPage > 0 {
 		lo = min((q.page-1)*q.perPage, len(h))
 	}
 	return h[lo:], total
-}
-
-// heapify makes h a heap with its last row (the greatest) first.
-func heapify(h []health.Summary) {
-	for i := len(h)/2 - 1; i >= 0; i-- {
-		siftDown(h, i)
-	}
-}
-
-func siftDown(h []health.Summary, i int) {
-	for {
-		c := 2*i + 1
-		if c >= len(h) {
-			return
-		}
-		if c+1 < len(h) && compareRows(h[c+1], h[c]) > 0 {
-			c++
-		}
-		if compareRows(h[c], h[i]) <= 0 {
-			return
-		}
-		h[i], h[c] = h[c], h[i]
-		i = c
-	}
 }
 
 // compareRows orders the rows of GET /shaker/upstreams: by upstream, then
@@ -385,15 +351,9 @@ func compareRows(a, b health.Summary) int {
 	if c := a.Addr.Compare(b.Addr); c != 0 {
 		return c
 	}
-	if c := cmp.Compare(a.Interval, b.Interval); c != 0 {
-		return c
-	}
-	// the same address and interval, other settings: any order, but
-	// the same on every page
-	x, y := a.Checker.Settings(), b.Checker.Settings()
-	return cmp.Or(cmp.Compare(x.Timeout, y.Timeout), cmp.Compare(x.Passes, y.Passes), cmp.Compare(x.Fails, y.Fails),
-		cmp.Compare(x.FastInterval, y.FastInterval), cmp.Compare(x.DownInterval, y.DownInterval),
-		cmp.Compare(x.JitterPercent, y.JitterPercent), cmp.Compare(x.Jitter, y.Jitter))
+	// then settings: the same address and interval, other settings:
+	// any order, but the same on every page
+	return health.CompareSettings(a.Checker.Settings(), b.Checker.Settings())
 }
 
 // links is the Link header of a page of total rows: first, prev, next and

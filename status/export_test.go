@@ -22,11 +22,27 @@ type Summary = statusSummary
 // RTTHistoryLen is how many samples a full RTT history has.
 const RTTHistoryLen = rttHistoryLen
 
-// CurrentStatuses is what the page reads from its Source.
-var CurrentStatuses = currentStatuses
+// CurrentStatuses is the Status of every checker the page reads from its
+// Source.
+func CurrentStatuses() []health.Status {
+	var out []health.Status
+	for _, c := range currentCheckers() {
+		out = append(out, c.Status())
+	}
+	return out
+}
 
-// HistoryLen is how many RTT samples the process's sampler holds of s.
-func HistoryLen(s *health.Status) int { return len(sampler.history(historyKey(nil, s))) }
+// HistoryLen is how many RTT samples the process's sampler holds of s's
+// checker (its address and settings).
+func HistoryLen(s *health.Status) int {
+	want := string(historyKey(nil, s))
+	for _, c := range currentCheckers() {
+		if st := c.Status(); string(historyKey(nil, &st)) == want {
+			return len(sampler.historyOf(histKey{c: c}))
+		}
+	}
+	return 0
+}
 
 // SampleEvery makes the process's RTT sampler, not running yet, sample
 // every d until the test and its cleanups (Caddy's stop) are done.

@@ -10,16 +10,23 @@ import (
 )
 
 // The RTT history of the status page: while at least one shaker_status
-// handler is provisioned, a process-wide sampler reads the statuses every
-// rttSampleEvery and keeps the last rttHistoryLen RTTs of each address, 2
-// bytes each. Addresses no longer probed are dropped at the next sample.
-// It lives here, not in the health state, so that the probing path pays
-// nothing for it.
+// handler is provisioned, a process-wide sampler reads the last RTT of
+// every checker every rttSampleEvery (Checker.LastRTT: a short lock, no
+// Status built, no allocation once the address has its history) and keeps
+// the last rttHistoryLen RTTs of each, 2 bytes each, for at most
+// rttHistoryMax addresses. Addresses no longer probed are dropped at the
+// next sample. It lives here, not in the health state, so that the
+// probing path pays nothing for it.
 const (
 	// rttHistoryLen samples of rttSampleEvery: 5 minutes.
 	rttHistoryLen = 60
 	// DefaultRTTSampleEvery is the period of the RTT history's samples.
 	DefaultRTTSampleEvery = 5 * time.Second
+	// rttHistoryMax is how many addresses (checkers) the history keeps:
+	// 100,000 at 128 bytes each, 13 MB. Past it, an address first seen
+	// when the history is full has none (its sparkline is empty) until
+	// others go.
+	rttHistoryMax = 100_000
 )
 
 // sampler is the process's one RTT history.
@@ -32,9 +39,17 @@ type rttSampler struct {
 	refs   int
 	stop   context.CancelFunc
 	done   chan struct{}
-	rings  map[string]*rttRing // historyKey -> ring
+	rings  map[histKey]*rttRing
 	gen    uint32
-	source func() []health.Status
+	source func(*rttSampler) // takes one sample (recordCheckers)
+}
+
+// histKey is whose history a ring is: a checker's (one per address and
+// settings, as the registry keeps them), or, for the tests' lists of
+// statuses, a historyKey.
+type histKey struct {
+	c *health.Checker
+	s string
 }
 
 // rttRing is one address's last RTTs (packed, see packRTT; 0 = no
@@ -46,8 +61,9 @@ type rttRing struct {
 	gen  uint32
 }
 
-// acquire takes a reference; the first starts sampling source.
-func (s *rttSampler) acquire(source func() []health.Status) {
+// acquire takes a reference; the first starts sampling: source takes one
+// sample (as sampleSource does).
+func (s *rttSampler) acquire(source func(*rttSampler)) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.refs++
@@ -56,7 +72,7 @@ func (s *rttSampler) acquire(source func() []health.Status) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop, s.done, s.source = cancel, make(chan struct{}), source
-	s.rings = make(map[string]*rttRing)
+	s.rings = make(map[histKey]*rttRing)
 	go s.run(ctx, s.every, s.done)
 }
 
@@ -85,7 +101,7 @@ func (s *rttSampler) run(ctx context.Context, every time.Duration, done chan str
 		source := s.source
 		s.mu.Unlock()
 		if source != nil {
-			s.record(source())
+			source(s)
 		}
 		select {
 		case <-ctx.Done():
@@ -95,29 +111,53 @@ func (s *rttSampler) run(ctx context.Context, every time.Duration, done chan str
 	}
 }
 
-// record adds one sample of every address to the history and drops the
-// addresses that are gone.
+// sampleSource is the sampler's source: every checker of the Source.
+func sampleSource(s *rttSampler) { s.recordCheckers(currentCheckers()) }
+
+// recordCheckers adds one sample of every checker to the history and
+// drops the checkers that are gone.
+func (s *rttSampler) recordCheckers(cs []*health.Checker) {
+	s.sample(len(cs), func(i int) (histKey, uint16) {
+		var x uint16
+		if rtt, ok := cs[i].LastRTT(); ok {
+			x = packRTT(rtt.Microseconds())
+		}
+		return histKey{c: cs[i]}, x
+	})
+}
+
+// record is recordCheckers for a list of statuses (the tests').
 func (s *rttSampler) record(list []health.Status) {
-	key := make([]byte, 0, 64)
+	s.sample(len(list), func(i int) (histKey, uint16) {
+		st := &list[i]
+		var x uint16
+		if st.Healthy && st.CheckedAt != nil && st.LastError == "" {
+			x = packRTT(st.LastRTTMicros)
+		}
+		return histKey{s: string(historyKey(nil, st))}, x
+	})
+}
+
+// sample adds one sample of each of n addresses, at(i) being the key of
+// the i-th and its packed RTT, and drops the addresses not sampled.
+func (s *rttSampler) sample(n int, at func(i int) (histKey, uint16)) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.rings == nil {
 		return // released meanwhile
 	}
 	s.gen++
-	for i := range list {
-		st := &list[i]
-		key = historyKey(key[:0], st)
-		r := s.rings[string(key)]
+	for i := range n {
+		k, x := at(i)
+		r := s.rings[k]
 		if r == nil {
+			if len(s.rings) >= rttHistoryMax {
+				continue
+			}
 			r = new(rttRing)
-			s.rings[string(key)] = r
+			s.rings[k] = r
 		}
 		r.gen = s.gen
-		var x uint16
-		if st.Healthy && st.CheckedAt != nil && st.LastError == "" {
-			x = packRTT(st.LastRTTMicros)
-		}
 		r.buf[r.next] = x
 		r.next = uint8((int(r.next) + 1) % rttHistoryLen)
 		if int(r.n) < rttHistoryLen {
@@ -131,15 +171,21 @@ func (s *rttSampler) record(list []health.Status) {
 	}
 }
 
-// history returns the samples of the address with this key, oldest
-// first; nil when there are none.
+// history returns the samples of the address with this historyKey (the
+// tests' statuses), oldest first; nil when there are none.
 func (s *rttSampler) history(key []byte) rttHistory {
+	return s.historyOf(histKey{s: string(key)})
+}
+
+// historyOf returns the samples of k, oldest first; nil when there are
+// none.
+func (s *rttSampler) historyOf(k histKey) rttHistory {
 	if s == nil {
 		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	r := s.rings[string(key)]
+	r := s.rings[k]
 	if r == nil || r.n == 0 {
 		return nil
 	}
@@ -161,8 +207,9 @@ func (s *rttSampler) period() time.Duration {
 	return s.every
 }
 
-// historyKey appends the key of an address's history: the address and
-// its probe settings, as the registry keeps one checker per pair.
+// historyKey appends the key of the history of a status of the tests'
+// lists: the address and its probe settings, as the registry keeps one
+// checker per pair.
 func historyKey(b []byte, s *health.Status) []byte {
 	b = append(b, s.Address...)
 	for _, x := range []string{s.Interval, s.Timeout, s.FastInterval, s.DownInterval, s.Jitter} {

@@ -27,11 +27,13 @@ func init() {
 	httpcaddyfile.RegisterDirectiveOrder("shaker_status", httpcaddyfile.After, "metrics")
 }
 
-// Source is what the page reads: the state of every probed address, as
-// the admin API shows it, sorted by upstream. The shaker app's registry
-// (*health.Registry) is one.
+// Source is what the page reads: every checker of every probed address.
+// The page reads each one's Brief, builds the Status (as the admin API
+// shows it) only of the rows it shows, and orders them as
+// Registry.Statuses does: by upstream, then address, then settings. The
+// shaker app's registry (*health.Registry) is one.
 type Source interface {
-	Statuses() []health.Status
+	Checkers() []*health.Checker
 }
 
 // source is the page's Source, set once by the package that registers the
@@ -41,15 +43,14 @@ var source atomic.Pointer[sourceOf]
 type sourceOf struct{ Source }
 
 // SetSource sets where every shaker_status handler, and the RTT history,
-// read the statuses from. The plugin's root package calls it at init,
+// read the checkers from. The plugin's root package calls it at init,
 // with its registry: the page shows nothing until it is set.
 func SetSource(s Source) { source.Store(&sourceOf{s}) }
 
-// currentStatuses is the state of every probed address, from the Source;
-// none without one.
-func currentStatuses() []health.Status {
+// currentCheckers is every checker, from the Source; none without one.
+func currentCheckers() []*health.Checker {
 	if src := source.Load(); src != nil && src.Source != nil {
-		return src.Statuses()
+		return src.Checkers()
 	}
 	return nil
 }
@@ -97,7 +98,8 @@ type Page struct {
 	// request). Default: 5s; from 1s to 1h.
 	Refresh caddy.Duration `json:"refresh,omitempty"`
 
-	statuses func() []health.Status
+	checkers func() []*health.Checker
+	statuses func() []health.Status // the tests' lists, instead of checkers
 	history  *rttSampler
 	held     bool
 }
@@ -119,9 +121,9 @@ func (p *Page) Provision(ctx caddy.Context) error {
 	if err := p.Validate(); err != nil {
 		return err
 	}
-	p.statuses = currentStatuses
+	p.checkers = currentCheckers
 	p.history = sampler
-	p.history.acquire(currentStatuses)
+	p.history.acquire(sampleSource)
 	p.held = true
 	return nil
 }

@@ -68,7 +68,7 @@ func fakeStatuses(n int) []health.Status {
 // testPage returns a page over list with a sampler (not running) that has
 // recorded it samples times.
 func testPage(list []health.Status, samples int) *Page {
-	h := &rttSampler{every: DefaultRTTSampleEvery, rings: make(map[string]*rttRing)}
+	h := &rttSampler{every: DefaultRTTSampleEvery, rings: make(map[histKey]*rttRing)}
 	for range samples {
 		h.record(list)
 	}
@@ -686,7 +686,7 @@ func TestRTTPacking(t *testing.T) {
 
 func TestRTTSampler(t *testing.T) {
 	list := fakeStatuses(4) // 0 up, 1 up but failing, 2 up, 3 pending
-	s := &rttSampler{every: time.Hour, rings: make(map[string]*rttRing)}
+	s := &rttSampler{every: time.Hour, rings: make(map[histKey]*rttRing)}
 	key := func(i int) []byte { return historyKey(nil, &list[i]) }
 	for i := range rttHistoryLen + 5 {
 		list[0].LastRTTMicros = int64(i + 1)
@@ -724,12 +724,12 @@ func TestRTTSampler(t *testing.T) {
 	// release of the old config)
 	g := &rttSampler{every: time.Millisecond}
 	calls := make(chan struct{}, 1)
-	src := func() []health.Status {
+	src := func(s *rttSampler) {
 		select {
 		case calls <- struct{}{}:
 		default:
 		}
-		return list
+		s.record(list)
 	}
 	g.acquire(src)
 	<-calls
@@ -754,22 +754,42 @@ func TestRTTSampler(t *testing.T) {
 // Benchmarks. The page's target: 10,000 addresses in well under a second
 // of server time per request.
 
-func benchStatus(b *testing.B, target, accept string) {
-	list := fakeStatuses(10000)
-	p := testPage(list, rttHistoryLen)
-	r := httptest.NewRequest("GET", target, nil)
+func benchStatus(b *testing.B, target, accept string) { benchStatusAt(b, 10000, target, accept) }
+
+// benchStatusAt serves target over a registry of n checkers (no engine;
+// testRegistry), each with a full RTT history (up to rttHistoryMax).
+func benchStatusAt(b *testing.B, n int, target, accept string) {
+	r := benchRegistry(b, n)
+	p := testPage(nil, 0)
+	p.statuses, p.checkers = nil, r.Checkers
+	for range rttHistoryLen {
+		p.history.recordCheckers(r.Checkers())
+	}
+	req := httptest.NewRequest("GET", target, nil)
 	if accept != "" {
-		r.Header.Set("Accept", accept)
+		req.Header.Set("Accept", accept)
 	}
 	w := &discardWriter{h: make(http.Header)}
 	b.ReportAllocs()
 	b.ResetTimer()
 	for b.Loop() {
-		if err := p.ServeHTTP(w, r, nil); err != nil {
+		if err := p.ServeHTTP(w, req, nil); err != nil {
 			b.Fatal(err)
 		}
 	}
 	b.ReportMetric(float64(w.n)/float64(b.N), "bytes/page")
+}
+
+// benchRegistries are the benchmarks' registries, by size: built once.
+var benchRegistries = map[int]*health.Registry{}
+
+func benchRegistry(b *testing.B, n int) *health.Registry {
+	if r := benchRegistries[n]; r != nil {
+		return r
+	}
+	r := testRegistry(b, n, true)
+	benchRegistries[n] = r
+	return r
 }
 
 type discardWriter struct {
@@ -797,22 +817,44 @@ func BenchmarkStatusPage10k(b *testing.B) {
 	b.Run("json-all", func(b *testing.B) { benchStatus(b, "/shaker", "application/json") })
 }
 
+// BenchmarkStatusPage100k and BenchmarkStatusPage1M: the default view
+// (HTML, and its JSON: page 1), a page deep in the list, and a filtered
+// and sorted view, at 100,000 and 1,000,000 addresses. A read is a look
+// at each address's Brief, and a Status for each row shown.
+func BenchmarkStatusPage100k(b *testing.B) { benchStatusLarge(b, 100_000) }
+
+func BenchmarkStatusPage1M(b *testing.B) { benchStatusLarge(b, 1_000_000) }
+
+func benchStatusLarge(b *testing.B, n int) {
+	b.Run("html", func(b *testing.B) { benchStatusAt(b, n, "/shaker", "") })
+	b.Run("json-page", func(b *testing.B) { benchStatusAt(b, n, "/shaker?page=1", "application/json") })
+	b.Run("html-page-500", func(b *testing.B) { benchStatusAt(b, n, "/shaker?page=500", "") })
+	b.Run("html-down-by-rtt", func(b *testing.B) { benchStatusAt(b, n, "/shaker?state=down&sort=rtt&order=desc&q=app", "") })
+}
+
 // BenchmarkRTTHistory10k records one sample of 10,000 addresses and
 // reports the history's memory per address.
-func BenchmarkRTTHistory10k(b *testing.B) {
-	list := fakeStatuses(10000)
+func BenchmarkRTTHistory10k(b *testing.B) { benchRTTHistory(b, 10000) }
+
+// BenchmarkRTTHistory1M: one sample of 1,000,000 checkers, what the
+// sampler costs every 5 s while a page is configured (history kept for
+// rttHistoryMax of them).
+func BenchmarkRTTHistory1M(b *testing.B) { benchRTTHistory(b, 1_000_000) }
+
+func benchRTTHistory(b *testing.B, n int) {
+	cs := benchRegistry(b, n).Checkers()
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	s := &rttSampler{every: time.Hour, rings: make(map[string]*rttRing)}
-	s.record(list)
+	s := &rttSampler{every: time.Hour, rings: make(map[histKey]*rttRing)}
+	s.recordCheckers(cs)
 	runtime.GC()
 	runtime.ReadMemStats(&after)
-	perAddr := float64(after.HeapAlloc-before.HeapAlloc) / float64(len(list))
+	perAddr := float64(after.HeapAlloc-before.HeapAlloc) / float64(len(s.rings))
 	b.ReportAllocs()
 	b.ResetTimer()
 	for b.Loop() {
-		s.record(list)
+		s.recordCheckers(cs)
 	}
 	b.ReportMetric(perAddr, "heap-bytes/address")
 	runtime.KeepAlive(s)

@@ -54,11 +54,8 @@ func (v *statusView) writeJSON(w *bufio.Writer) error {
 	if v.paged {
 		doc.Page, doc.Pages = v.page, v.pages
 	}
-	keys := make([]byte, 0, 64)
-	for i, idx := range v.rows {
-		s := &v.all[idx]
-		keys = historyKey(keys[:0], s)
-		doc.Upstreams[i] = statusEntry{Status: *s, RTTHistory: v.hist.history(keys)}
+	for i := range v.rows {
+		doc.Upstreams[i] = statusEntry{Status: v.rows[i].st, RTTHistory: v.hist.historyOf(v.rows[i].key)}
 	}
 	return json.NewEncoder(w).Encode(doc)
 }
@@ -283,10 +280,9 @@ func (v *statusView) pageData() *statusPageData {
 	period := v.hist.period()
 	d.HistFor = fmt.Sprintf("last %v, one sample every %v", period*rttHistoryLen, period)
 
-	key := make([]byte, 0, 64)
 	d.Rows = make([]statusRow, len(v.rows))
-	for i, idx := range v.rows {
-		s := &v.all[idx]
+	for i := range v.rows {
+		s := &v.rows[i].st
 		r := &d.Rows[i]
 		r.Upstream, r.Address = s.Upstream, s.Address
 		r.Class, r.Health = healthOf(s)
@@ -320,8 +316,7 @@ func (v *statusView) pageData() *statusPageData {
 		if s.Jitter != "" {
 			r.Interval += ", jitter " + s.Jitter
 		}
-		key = historyKey(key[:0], s)
-		r.Spark, r.SparkTitle, r.SparkEmpty = sparkline(v.hist.history(key))
+		r.Spark, r.SparkTitle, r.SparkEmpty = sparkline(v.hist.historyOf(v.rows[i].key))
 	}
 	return d
 }

@@ -63,16 +63,22 @@ type statusView struct {
 	json    bool
 	now     time.Time
 	refresh time.Duration
-	all     []health.Status
 	sum     statusSummary
-	rows    []int // indices into all: the page's rows, in order
-	match   int   // rows matching the filter
+	rows    []shownRow // the page's rows, in order
+	match   int        // rows matching the filter
 	hist    *rttSampler
 
 	q, state, sort, order string
 	page, pages, perPage  int
 	paged                 bool
 	query                 url.Values
+}
+
+// shownRow is a row of the page: its Status, built for it alone, and
+// whose RTT history it shows.
+type shownRow struct {
+	st  health.Status
+	key histKey
 }
 
 // statusSummary holds the counts over every address.
@@ -111,7 +117,6 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 		json:    asJSON,
 		now:     now,
 		refresh: time.Duration(p.Refresh),
-		all:     p.statuses(),
 		hist:    p.history,
 		q:       strings.TrimSpace(q.Get("q")),
 		state:   q.Get("state"),
@@ -142,19 +147,46 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 	}
 	v.paged = !asJSON || q.Has("page") || q.Has("per_page")
 
-	// summary over everything, and the rows that match
+	// summary over everything, and the rows that match: a look at each
+	// address's Brief, keeping the rows up to the end of the page in a
+	// heap (health.Top); a Status only for the rows shown
 	names := make(map[string]struct{})
 	lq := strings.ToLower(v.q)
-	rows := make([]int, 0, len(v.all))
-	for i := range v.all {
-		s := &v.all[i]
-		h, _ := healthOf(s)
+	needErr := lq != "" || v.sort == "error"
+	desc := v.order == "desc"
+	order := func(a, b entry) int {
+		if v.sort == "upstream" && !desc { // the default order (a list's own)
+			return compareDefault(&a, &b)
+		}
+		c := compareKey(v.sort, &a, &b)
+		if desc {
+			c = -c
+		}
+		if c == 0 { // ties keep the default order
+			c = compareDefault(&a, &b)
+		}
+		return c
+	}
+	n, each := p.snapshot()
+	keep := n // every row, unpaged
+	if v.paged {
+		// the rows up to the end of the page; past the last page there
+		// can be, up to the end of that one, which holds the last page
+		// of the rows that match
+		keep = min(v.page, max(1, (n+v.perPage-1)/v.perPage)) * v.perPage
+	}
+	top := health.NewTop(keep, keep, order)
+	var addr [64]byte
+	each(func(e *entry) {
+		h := e.state()
 		v.sum.Addresses++
-		names[s.Upstream] = struct{}{}
+		if _, ok := names[e.Name]; !ok {
+			names[e.Name] = struct{}{}
+		}
 		switch h {
 		case healthUp:
 			v.sum.Up++
-			if s.LastError != "" {
+			if !e.LastOK {
 				v.sum.Failing++
 			}
 		case healthDown:
@@ -162,7 +194,7 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 		case healthPending:
 			v.sum.Pending++
 		}
-		if a := adminOf(s); a != "" {
+		if a := e.admin(); a != "" {
 			if v.sum.AdminStates == nil {
 				v.sum.AdminStates = make(map[string]int)
 			}
@@ -171,44 +203,39 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 		switch v.state {
 		case "":
 		case "failing":
-			if h != healthUp || s.LastError == "" {
-				continue
+			if h != healthUp || e.LastOK {
+				return
 			}
 		case adminDrain, adminMaint:
-			if s.AdminState != v.state {
-				continue
+			if e.adminState() != v.state {
+				return
 			}
 		default:
 			if h != v.state {
-				continue
+				return
 			}
 		}
-		if lq != "" && !containsFold(s.Upstream, lq) && !containsFold(s.Address, lq) && !containsFold(s.LastError, lq) {
-			continue
+		if needErr {
+			e.err = e.lastError()
 		}
-		rows = append(rows, i)
-	}
+		if lq != "" && !containsFold(e.Name, lq) && !containsFold(e.appendAddr(addr[:0]), lq) && !containsFold(e.err, lq) {
+			return
+		}
+		v.match++
+		top.Add(*e)
+	})
+	rows := top.Sorted()
 	v.sum.Upstreams = len(names)
-	v.match = len(rows)
-
-	if v.sort != "upstream" || v.order != "asc" { // statuses() come sorted by upstream
-		cmp := statusCompare(v.sort)
-		desc := v.order == "desc"
-		slices.SortStableFunc(rows, func(a, b int) int {
-			c := cmp(&v.all[a], &v.all[b])
-			if desc {
-				return -c
-			}
-			return c
-		})
-	}
-	v.pages = max(1, (len(rows)+v.perPage-1)/v.perPage)
+	v.pages = max(1, (v.match+v.perPage-1)/v.perPage)
 	if v.paged {
 		v.page = min(v.page, v.pages)
-		lo := (v.page - 1) * v.perPage
+		lo := min((v.page-1)*v.perPage, len(rows))
 		rows = rows[lo:min(lo+v.perPage, len(rows))]
 	}
-	v.rows = rows
+	v.rows = make([]shownRow, len(rows))
+	for i := range rows {
+		v.rows[i] = shownRow{rows[i].status(), rows[i].key()}
+	}
 	v.query = url.Values{}
 	for k, val := range map[string]string{"q": v.q, "state": v.state} {
 		if val != "" {
@@ -227,7 +254,7 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 
 // containsFold reports whether s contains lower (already lower case),
 // ignoring ASCII case.
-func containsFold(s, lower string) bool {
+func containsFold[S string | []byte](s S, lower string) bool {
 	if len(lower) > len(s) {
 		return false
 	}
@@ -250,56 +277,49 @@ func containsFold(s, lower string) bool {
 	return false
 }
 
-// statusCompare returns the comparison of one sort key; ties keep the
-// upstream order.
-func statusCompare(key string) func(a, b *health.Status) int {
-	rank := map[string]int{healthDown: 0, healthPending: 1, healthUp: 2}
-	// ready first, then drain, then maint
-	adminRank := map[string]int{"": 0, adminDrain: 1, adminMaint: 2}
-	// nil (no result yet) first, then oldest first
-	cmpTime := func(a, b *time.Time) int {
-		switch {
-		case a == nil && b == nil:
-			return 0
-		case a == nil:
-			return -1
-		case b == nil:
-			return 1
-		}
-		return a.Compare(*b)
-	}
+// compareKey compares by one sort key; ties are broken by the caller. A
+// plain function, not one chosen per key, so that its entries stay on
+// the stack.
+func compareKey(key string, a, b *entry) int {
 	switch key {
 	case "address":
-		return func(a, b *health.Status) int { return strings.Compare(a.Address, b.Address) }
+		return compareAddr(a, b)
 	case "health":
-		return func(a, b *health.Status) int {
-			ha, _ := healthOf(a)
-			hb, _ := healthOf(b)
-			ra, rb := rank[ha], rank[hb]
-			if ra == rb && ra == 2 { // failing before fine
-				return boolCmp(a.LastError == "", b.LastError == "")
-			}
-			return ra - rb
+		ra, rb := healthRank(a.state()), healthRank(b.state())
+		if ra == rb && ra == 2 { // failing before fine
+			return boolCmp(a.LastOK, b.LastOK)
 		}
+		return ra - rb
 	case "rtt":
-		return func(a, b *health.Status) int { return cmpInt(a.LastRTTMicros, b.LastRTTMicros) }
+		return cmpInt(a.LastRTT.Microseconds(), b.LastRTT.Microseconds())
 	case "error":
-		return func(a, b *health.Status) int { return strings.Compare(a.LastError, b.LastError) }
-	case "checked":
-		return func(a, b *health.Status) int { return cmpTime(a.CheckedAt, b.CheckedAt) }
+		return strings.Compare(a.err, b.err)
+	case "checked": // no result yet (0) first, then oldest first
+		return cmpInt(a.CheckedAt, b.CheckedAt)
 	case "probes":
-		return func(a, b *health.Status) int { return cmpInt(a.Probes, b.Probes) }
-	case "admin":
-		return func(a, b *health.Status) int { return adminRank[adminOf(a)] - adminRank[adminOf(b)] }
-	case "since":
-		return func(a, b *health.Status) int { return cmpTime(a.Since, b.Since) }
+		return cmpInt(a.Probes, b.Probes)
+	case "admin": // ready first, then drain, then maint
+		return cmpInt(a.AdminState, b.AdminState)
+	case "since": // none yet (0) first, then oldest first
+		return cmpInt(a.Since, b.Since)
 	case "transitions":
-		return func(a, b *health.Status) int { return cmpInt(a.Transitions, b.Transitions) }
+		return cmpInt(a.Transitions, b.Transitions)
 	}
-	return func(a, b *health.Status) int { return strings.Compare(a.Upstream, b.Upstream) }
+	return strings.Compare(a.Name, b.Name)
 }
 
-func cmpInt[T int64 | uint64 | uint32 | int](a, b T) int {
+// healthRank orders the states: down, pending, up.
+func healthRank(state string) int {
+	switch state {
+	case healthDown:
+		return 0
+	case healthPending:
+		return 1
+	}
+	return 2
+}
+
+func cmpInt[T int64 | uint64 | uint32 | int | health.AdminState](a, b T) int {
 	switch {
 	case a < b:
 		return -1

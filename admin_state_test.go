@@ -71,13 +71,13 @@ func TestAdminStateFiltersUpstreams(t *testing.T) {
 	// (counting the drained and maintained ones would make it 25%)
 	su.PanicThreshold = 0.5
 	setHealthy(cs[3], false)
-	if got := dials(t, su); len(got) != 1 || !got["10.0.0.2:8080"] || su.panic.Load() {
-		t.Fatalf("threshold 0.5, 1 of 2 ready up: %v (panic %v)", got, su.panic.Load())
+	if got := dials(t, su); len(got) != 1 || !got["10.0.0.2:8080"] || su.failOpen.on.Load() {
+		t.Fatalf("threshold 0.5, 1 of 2 ready up: %v (panic %v)", got, su.failOpen.on.Load())
 	}
 	// none of the ready ones up: fail open to the ready ones only
 	setHealthy(cs[2], false)
-	if got := dials(t, su); len(got) != 2 || !got["10.0.0.2:8080"] || !got["10.0.0.3:8080"] || !su.panic.Load() {
-		t.Fatalf("threshold 0.5, none ready up: %v (panic %v)", got, su.panic.Load())
+	if got := dials(t, su); len(got) != 2 || !got["10.0.0.2:8080"] || !got["10.0.0.3:8080"] || !su.failOpen.on.Load() {
+		t.Fatalf("threshold 0.5, none ready up: %v (panic %v)", got, su.failOpen.on.Load())
 	}
 	// back to ready
 	su.PanicThreshold = 0

@@ -2,7 +2,10 @@ package caddyshaker
 
 import (
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // Member is what the in-service rule needs to know of one upstream.
@@ -104,4 +107,31 @@ func slowStartDraw(returned, now int64, slow time.Duration) bool {
 		return true
 	}
 	return el > 0 && rand.Int64N(int64(slow)) < el
+}
+
+// RampEnd is when member m's slow-start ramp ends (health.Now's clock), if
+// m ramps up at now in a list of Tally t; 0 if it does not.
+func (pc *ProbeConfig) RampEnd(m Member, t Tally, now int64) int64 {
+	slow := int64(pc.SlowStart)
+	if t.Panic || slow <= 0 || !m.In || m.Returned == 0 || now-m.Returned >= slow {
+		return 0
+	}
+	return m.Returned + slow
+}
+
+// FailOpen remembers whether a list fails open (Tally.Panic), and logs each
+// change: one line when it starts, one when it stops.
+type FailOpen struct{ on atomic.Bool }
+
+// Note logs if t's Panic differs from the last one noted.
+func (f *FailOpen) Note(logger *zap.Logger, t Tally, threshold float64) {
+	if t.Panic == f.on.Load() || !f.on.CompareAndSwap(!t.Panic, t.Panic) {
+		return
+	}
+	fields := []zap.Field{zap.Int("up", t.In), zap.Int("addresses", t.Ready), zap.Float64("panic_threshold", threshold)}
+	if t.Panic {
+		logger.Error("too few upstreams up: failing open, sending requests to every address", fields...)
+	} else {
+		logger.Info("enough upstreams up again: sending requests only to those up", fields...)
+	}
 }

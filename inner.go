@@ -102,7 +102,7 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 		return d.serve()
 	}
 	t := su.Count(len(ups), at)
-	su.notePanic(t)
+	su.failOpen.Note(su.logger, t, su.PanicThreshold)
 	if t.In == len(ups) && !t.Ramp {
 		return ups, nil
 	}

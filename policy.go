@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -55,8 +54,8 @@ type Policy struct {
 	states memberStates              // probed, or a test's
 	logger *zap.Logger
 
-	panic atomic.Bool
-	pools Rebuilt[poolState]
+	failOpen FailOpen
+	pools    Rebuilt[poolState]
 }
 
 // memberStates is what a policy reads of its probed upstreams.
@@ -251,28 +250,24 @@ func (p *Policy) rebuild() *poolState {
 	}
 	at := func(k int) Member { return ms[k] }
 	t := p.Count(len(ms), at)
-	if t.Panic != p.panic.Load() && p.panic.CompareAndSwap(!t.Panic, t.Panic) {
-		LogFailOpen(p.logger, t, p.PanicThreshold)
-	}
-	slow := int64(p.SlowStart)
+	p.failOpen.Note(p.logger, t, p.PanicThreshold)
 	st.pool = make(reverseproxy.UpstreamPool, 0, t.Serving())
+	var base reverseproxy.UpstreamPool
 	p.Choose(len(ms), at, t, nil, func(k int) {
-		u, m := p.static[p.pos[k]], ms[k]
+		u := p.static[p.pos[k]]
 		st.pool = append(st.pool, u)
-		if !t.Panic && slow > 0 && m.In && m.Returned != 0 && now-m.Returned < slow {
-			st.ramping = append(st.ramping, ramp{u, m.Returned})
-			if end := m.Returned + slow; st.rampEnd == 0 || end < st.rampEnd {
-				st.rampEnd = end
-			}
+		end := p.RampEnd(ms[k], t, now)
+		if end == 0 {
+			base = append(base, u)
+			return
+		}
+		st.ramping = append(st.ramping, ramp{u, ms[k].Returned})
+		if st.rampEnd == 0 || end < st.rampEnd {
+			st.rampEnd = end
 		}
 	})
 	if len(st.ramping) > 0 {
-		st.base = make(reverseproxy.UpstreamPool, 0, len(st.pool)-len(st.ramping))
-		for _, u := range st.pool {
-			if !slices.ContainsFunc(st.ramping, func(r ramp) bool { return r.u == u }) {
-				st.base = append(st.base, u)
-			}
-		}
+		st.base = base
 	}
 	return st
 }
@@ -309,18 +304,6 @@ func (st *poolState) pick(slow time.Duration) reverseproxy.UpstreamPool {
 		}
 	}
 	return pool
-}
-
-// LogFailOpen logs that a pool starts or stops failing open (t.Panic);
-// call it when t.Panic changes. Exported for a module outside this package
-// that keeps its own pool under the in-service rule (the layer-4 policy).
-func LogFailOpen(logger *zap.Logger, t Tally, threshold float64) {
-	fields := []zap.Field{zap.Int("up", t.In), zap.Int("addresses", t.Ready), zap.Float64("panic_threshold", threshold)}
-	if t.Panic {
-		logger.Error("too few upstreams up: failing open, sending requests to every address", fields...)
-	} else {
-		logger.Info("enough upstreams up again: sending requests only to those up", fields...)
-	}
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:

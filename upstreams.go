@@ -85,17 +85,17 @@ type Upstreams struct {
 
 // sourceState is the mutable part of a source, set up by Provision.
 type sourceState struct {
-	mu     sync.Mutex
-	closed bool
-	held   []health.Want           // references taken in reg
-	names  map[string][]netip.Addr // host name -> addresses in use
-	hosts  []string                // the names held in resolved
-	snap   atomic.Pointer[[]entry]
-	gen    atomic.Uint64                          // counts the snaps stored
-	table  atomic.Pointer[map[string]*discovered] // with inner: dial -> upstream
-	panic  atomic.Bool                            // failing open (panic_threshold)
-	full   atomic.Bool                            // max_discovered reached and logged
-	wg     sync.WaitGroup
+	mu       sync.Mutex
+	closed   bool
+	held     []health.Want           // references taken in reg
+	names    map[string][]netip.Addr // host name -> addresses in use
+	hosts    []string                // the names held in resolved
+	snap     atomic.Pointer[[]entry]
+	gen      atomic.Uint64                          // counts the snaps stored
+	table    atomic.Pointer[map[string]*discovered] // with inner: dial -> upstream
+	failOpen FailOpen                               // panic_threshold
+	full     atomic.Bool                            // max_discovered reached and logged
+	wg       sync.WaitGroup
 
 	stopCtx    context.Context // canceled by Cleanup, or when the config is unloaded
 	stopCancel context.CancelFunc
@@ -259,7 +259,7 @@ func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, er
 		return Member{In: c.InService(), Ready: c.AdminState() == health.Ready, Returned: c.ReturnedAt()}
 	}
 	t := su.Count(len(es), at)
-	su.notePanic(t)
+	su.failOpen.Note(su.logger, t, su.PanicThreshold)
 	n := t.Serving()
 	if n == 0 {
 		return nil, nil
@@ -336,13 +336,6 @@ func (su *Upstreams) checkersOf(dial string) []*health.Checker {
 		}
 	}
 	return nil
-}
-
-// notePanic logs when the source starts or stops failing open.
-func (su *Upstreams) notePanic(t Tally) {
-	if t.Panic != su.panic.Load() && su.panic.CompareAndSwap(!t.Panic, t.Panic) {
-		LogFailOpen(su.logger, t, su.PanicThreshold)
-	}
 }
 
 // rebuildLocked takes references to the checkers of the current

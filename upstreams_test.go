@@ -291,9 +291,9 @@ func TestPanicThreshold(t *testing.T) {
 		for i, c := range cs {
 			setHealthy(c, !slices.Contains(tc.down, i))
 		}
-		if got := count(); got != tc.want || su.panic.Load() != tc.panic {
+		if got := count(); got != tc.want || su.failOpen.on.Load() != tc.panic {
 			t.Errorf("threshold %v, down %v: %d upstreams (panic %v), want %d (panic %v)",
-				tc.threshold, tc.down, got, su.panic.Load(), tc.want, tc.panic)
+				tc.threshold, tc.down, got, su.failOpen.on.Load(), tc.want, tc.panic)
 		}
 	}
 }

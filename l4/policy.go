@@ -74,8 +74,8 @@ type Policy struct {
 	key    string                    // the connection's replacer key for this policy's last choice
 	logger *zap.Logger
 
-	panic atomic.Bool
-	pools caddyshaker.Rebuilt[poolState]
+	failOpen caddyshaker.FailOpen
+	pools    caddyshaker.Rebuilt[poolState]
 
 	// round_robin and weighted_round_robin, chosen by position over the
 	// handler's upstreams (see innerKind)
@@ -429,19 +429,15 @@ func (p *Policy) rebuild() *poolState {
 	}
 	at := func(i int) caddyshaker.Member { return ms[i] }
 	t := p.Count(n, at)
-	if t.Panic != p.panic.Load() && p.panic.CompareAndSwap(!t.Panic, t.Panic) {
-		caddyshaker.LogFailOpen(p.logger, t, p.PanicThreshold)
-	}
-	slow := int64(p.SlowStart)
+	p.failOpen.Note(p.logger, t, p.PanicThreshold)
 	st.pool = make(l4proxy.UpstreamPool, 0, t.Serving())
 	st.in = make([]bool, n)
 	p.Choose(n, at, t, nil, func(i int) {
 		st.pool = append(st.pool, p.static[i])
 		st.in[i] = true
-		m := ms[i]
-		if !t.Panic && slow > 0 && m.In && m.Returned != 0 && now-m.Returned < slow {
-			st.ramping = append(st.ramping, ramp{i, m.Returned})
-			if end := m.Returned + slow; st.rampEnd == 0 || end < st.rampEnd {
+		if end := p.RampEnd(ms[i], t, now); end != 0 {
+			st.ramping = append(st.ramping, ramp{i, ms[i].Returned})
+			if st.rampEnd == 0 || end < st.rampEnd {
 				st.rampEnd = end
 			}
 		}

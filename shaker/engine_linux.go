@@ -23,6 +23,10 @@ type Engine struct {
 	maxSockets     int
 	base           time.Time
 	loops          []*loop
+	mode           Mode       // ModeConnect or ModeRaw
+	rawErr         error      // why raw mode is not in use (ModeAuto)
+	ports          PortRange  // raw mode's source ports
+	raw            *rawShared // raw mode's reserved ports; nil in connect mode
 }
 
 // New creates an engine: its loops, each with an epoll instance and a
@@ -46,17 +50,38 @@ func New(opts Options) (*Engine, error) {
 	if e.maxSockets == 0 {
 		e.maxSockets = DefaultMaxSockets()
 	}
+	var raw *rawShared
+	if opts.Mode != ModeConnect {
+		var err error
+		raw, err = newRawShared(opts.SourcePorts, n)
+		switch {
+		case err == nil:
+			e.mode, e.ports = ModeRaw, raw.ports
+		case opts.Mode == ModeAuto:
+			e.rawErr = err
+		default:
+			return nil, err
+		}
+	}
 	per := max(e.maxSockets/n, 1)
 	for i := 0; i < n; i++ {
 		l, err := newLoop(e, per, opts.epollOnly)
+		if err == nil && raw != nil {
+			err = l.openRaw(raw, i, n)
+		}
 		if err != nil {
+			if l != nil {
+				l.close()
+			}
 			for _, l := range e.loops {
 				l.close()
 			}
+			raw.close()
 			return nil, err
 		}
 		e.loops = append(e.loops, l)
 	}
+	e.raw = raw
 	for _, l := range e.loops {
 		go l.run()
 	}
@@ -131,6 +156,7 @@ func (e *Engine) Close() error {
 	for _, l := range e.loops {
 		<-l.done
 	}
+	e.raw.close() // the reserved ports, once no loop sends from them
 	return nil
 }
 
@@ -148,7 +174,7 @@ func (e *Engine) Burst(timeout time.Duration) Burst {
 // Stats returns a snapshot of the engine's counters, summed over its
 // loops.
 func (e *Engine) Stats() Stats {
-	s := Stats{Loops: len(e.loops), MaxSockets: e.maxSockets}
+	s := Stats{Mode: e.mode, Loops: len(e.loops), MaxSockets: e.maxSockets}
 	s.StartDelay.Counts = make([]uint64, len(StartDelayBuckets)+1)
 	s.CloseDelay.Counts = make([]uint64, len(CloseDelayBuckets)+1)
 	now := e.now()

@@ -24,6 +24,9 @@ type Engine struct {
 	maxInFlight    int // Options.MaxSockets
 	defaultTimeout time.Duration
 	base           time.Time
+	mode           Mode      // ModeConnect or ModeRaw
+	rawErr         error     // why raw mode is not in use (ModeAuto)
+	ports          PortRange // raw mode's source ports
 
 	ctx    context.Context // canceled by Close
 	cancel context.CancelFunc
@@ -38,12 +41,21 @@ type Engine struct {
 	scheduled atomic.Int64
 }
 
+// errNoRawHere: raw mode is built only for Linux's epoll engine.
+var errNoRawHere = errors.New("raw probes are built only on Linux, without the shaker_fallback tag")
+
 // New creates an engine. Call Close to stop it.
 func New(opts Options) (*Engine, error) {
 	if err := opts.check(); err != nil {
 		return nil, err
 	}
 	e := &Engine{maxInFlight: opts.MaxSockets, defaultTimeout: opts.DefaultTimeout, base: time.Now()}
+	switch opts.Mode {
+	case ModeRaw:
+		return nil, &rawError{"raw sockets", errNoRawHere, ""}
+	case ModeAuto:
+		e.rawErr = &rawError{"raw sockets", errNoRawHere, ""}
+	}
 	if e.maxInFlight == 0 {
 		e.maxInFlight = DefaultMaxSockets()
 	}
@@ -170,7 +182,7 @@ func (e *Engine) Stats() Stats {
 	q, n := e.queue.n, e.inFlight
 	e.mu.Unlock()
 	s := Stats{
-		Loops: 1, InFlight: n, Queued: q, Sockets: n, MaxSockets: e.maxInFlight,
+		Mode: ModeConnect, Loops: 1, InFlight: n, Queued: q, Sockets: n, MaxSockets: e.maxInFlight,
 		Scheduled:  int(e.scheduled.Load()),
 		StartDelay: Histogram{Counts: make([]uint64, numDelayBuckets)},
 		CloseDelay: Histogram{Counts: make([]uint64, numCloseBuckets)},

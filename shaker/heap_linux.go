@@ -35,6 +35,13 @@ func (l *loop) heapRemove(i int) {
 	}
 }
 
+// heapFix restores the deadline heap after the deadline at i changed.
+func (l *loop) heapFix(i int) {
+	if !siftDown(i, len(l.heap), l.heapLess, l.heapSwap) {
+		siftUp(i, l.heapLess, l.heapSwap)
+	}
+}
+
 func (l *loop) timerLess(i, j int) bool { return l.timers[i].due < l.timers[j].due }
 
 func (l *loop) timerSwap(i, j int) {

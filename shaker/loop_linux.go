@@ -86,6 +86,8 @@ type loop struct {
 	minCur     int64 // the shortest interval started since slackFrom
 	slackFrom  int64
 	epollOnly  bool
+	raw        *rawLoop   // raw mode; nil in connect mode
+	srcErrno   unix.Errno // why the last source address lookup failed
 
 	// Read by Stats from any goroutine.
 	outcomes      outcomeCounts
@@ -136,6 +138,9 @@ func newLoop(e *Engine, budget int, epollOnly bool) (*loop, error) {
 
 // close releases a loop that never ran.
 func (l *loop) close() {
+	if l.raw != nil {
+		l.raw.close()
+	}
 	unix.Close(l.evfd)
 	unix.Close(l.epfd)
 }
@@ -232,6 +237,10 @@ func (l *loop) handle(n int) {
 		ev := &l.events[i]
 		if ev.Fd == wakeIndex {
 			unix.Read(l.evfd, l.evbuf[:])
+			continue
+		}
+		if ev.Fd <= rawIndexTCP4 {
+			l.readRaw(ev.Fd)
 			continue
 		}
 		l.complete(ev.Fd, ev.Pad, ev.Events)
@@ -524,7 +533,9 @@ func (l *loop) shutdown() {
 	for len(l.heap) > 0 {
 		idx := l.heap[len(l.heap)-1]
 		s := &l.slots[idx]
-		l.closeFD(s.fd)
+		if s.fd != rawFD {
+			l.closeFD(s.fd)
+		}
 		if s.sched != nil {
 			s.sched.removed = true
 			l.outcomes.add(Closed)
@@ -550,6 +561,9 @@ func (l *loop) shutdown() {
 	unix.Close(l.evfd) // under mu: see wakeLocked
 	l.mu.Unlock()
 	unix.Close(l.epfd)
+	if l.raw != nil {
+		l.raw.close()
+	}
 	for i := range queued {
 		l.finish(queued[i].done, nil, Result{Addr: queued[i].addr, Err: ErrClosed})
 	}

@@ -21,6 +21,15 @@ type slot struct {
 	addr     netip.AddrPort
 	done     func(Result) // a one-off probe's callback, or
 	sched    *Schedule    // a periodic probe's schedule
+
+	// Raw mode (fd is rawFD): deadline is the next retransmission of
+	// the SYN until end, the probe's own deadline.
+	sport    uint16
+	src4     [4]byte // an IPv4 probe's source address
+	scope    uint32
+	end      int64
+	rto      int64
+	sentWall int64 // Unix ns of the last SYN
 }
 
 // pending is a result whose callback has not run yet.
@@ -75,6 +84,10 @@ func (l *loop) start(req *request) {
 	}
 	if res.Err != nil {
 		l.finish(req.done, req.sched, res)
+		return
+	}
+	if l.raw != nil {
+		l.startRaw(req, res, family, sa, salen)
 		return
 	}
 
@@ -306,6 +319,10 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 // expire ends a probe whose deadline has passed.
 func (l *loop) expire(idx int32, now int64) {
 	s := &l.slots[idx]
+	if s.fd == rawFD {
+		l.expireRaw(idx, now)
+		return
+	}
 	l.closeFD(s.fd)
 	res := Result{Addr: s.addr, Err: ErrTimeout, Duration: time.Duration(now - s.start)}
 	l.finish(s.done, s.sched, res)

@@ -24,7 +24,10 @@ type Schedule struct {
 	due      int64 // engine time of the next probe
 	idx      int32 // place in the loop's timer heap; -1 when not there
 	inFlight bool
-	removed  bool // gone from the loop for good
+	removed  bool    // gone from the loop for good
+	rawPort  uint16  // raw mode: the source port of the last probe
+	src4     [4]byte // raw mode: the IPv4 source address, looked up at srcAt
+	srcAt    int64
 
 	stopped atomic.Bool
 }

@@ -131,6 +131,19 @@ type Options struct {
 	// Every with Period.Timeout <= 0. Zero means DefaultTimeout.
 	DefaultTimeout time.Duration
 
+	// Mode is how probes are sent: ModeConnect (the zero value), ModeRaw
+	// or ModeAuto; see Mode. With ModeRaw, New fails (the error matches
+	// ErrRawUnavailable) where raw sockets cannot be opened.
+	Mode Mode
+
+	// SourcePorts is the range of source ports raw mode sends from and
+	// reserves by binding a socket to each (without listen()), so that
+	// no other socket takes them and the kernel answers every SYN-ACK to
+	// them with an RST. The zero range means DefaultPortRange. The loops
+	// share it, each a part of at least one port; it should lie outside
+	// the kernel's ephemeral range. Unused in connect mode.
+	SourcePorts PortRange
+
 	// epollOnly, for tests: always wait for the answer through epoll,
 	// even when the handshake finished inside connect().
 	epollOnly bool
@@ -288,11 +301,12 @@ type Stats struct {
 	Failed      uint64 // probes that failed otherwise
 	Closed      uint64 // probes aborted by Close
 
-	Loops      int // epoll loops
-	InFlight   int // probes whose SYN is out and whose result is not known
-	Queued     int // one-off probes (Probe, ProbeAsync) waiting to start
-	Sockets    int // probe sockets open: in flight, plus a few kept for reuse
-	MaxSockets int // the bound on Sockets (Options.MaxSockets)
+	Mode       Mode // the mode in use: ModeConnect or ModeRaw
+	Loops      int  // epoll loops
+	InFlight   int  // probes whose SYN is out and whose result is not known
+	Queued     int  // one-off probes (Probe, ProbeAsync) waiting to start
+	Sockets    int  // probe sockets open: in flight, plus a few kept for reuse
+	MaxSockets int  // the bound on Sockets (Options.MaxSockets)
 
 	// Scheduled is the number of periodic probes registered with Every
 	// and not stopped.
@@ -460,6 +474,14 @@ func (o Options) check() error {
 	}
 	if o.DefaultTimeout < 0 {
 		return fmt.Errorf("shaker: DefaultTimeout %v is negative", o.DefaultTimeout)
+	}
+	if o.Mode > ModeAuto {
+		return fmt.Errorf("shaker: Mode %v is unknown", o.Mode)
+	}
+	if o.SourcePorts != (PortRange{}) {
+		if err := o.SourcePorts.check(); err != nil {
+			return err
+		}
 	}
 	return nil
 }

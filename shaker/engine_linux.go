@@ -47,27 +47,48 @@ func New(opts Options) (*Engine, error) {
 	if e.defaultTimeout == 0 {
 		e.defaultTimeout = DefaultTimeout
 	}
-	if e.maxSockets == 0 {
-		e.maxSockets = DefaultMaxSockets()
-	}
-	var raw *rawShared
 	if opts.Mode != ModeConnect {
-		var err error
-		raw, err = newRawShared(opts.SourcePorts, n)
+		err := e.build(opts, n, true)
 		switch {
 		case err == nil:
-			e.mode, e.ports = ModeRaw, raw.ports
 		case opts.Mode == ModeAuto:
 			e.rawErr = err
 		default:
 			return nil, err
 		}
 	}
+	if e.raw == nil {
+		if err := e.build(opts, n, false); err != nil {
+			return nil, err
+		}
+	}
+	for _, l := range e.loops {
+		go l.run()
+	}
+	return e, nil
+}
+
+// build makes the engine's loops, in raw mode or not; on failure it
+// leaves none.
+func (e *Engine) build(opts Options, n int, raw bool) error {
+	var shared *rawShared
+	e.maxSockets = opts.MaxSockets
+	if raw {
+		var err error
+		if shared, err = newRawShared(opts.SourcePorts, n); err != nil {
+			return err
+		}
+		if e.maxSockets == 0 {
+			e.maxSockets = DefaultRawInFlight
+		}
+	} else if e.maxSockets == 0 {
+		e.maxSockets = DefaultMaxSockets()
+	}
 	per := max(e.maxSockets/n, 1)
 	for i := 0; i < n; i++ {
 		l, err := newLoop(e, per, opts.epollOnly)
-		if err == nil && raw != nil {
-			err = l.openRaw(raw, i, n)
+		if err == nil && shared != nil {
+			err = l.openRaw(shared, i, n)
 		}
 		if err != nil {
 			if l != nil {
@@ -76,17 +97,22 @@ func New(opts Options) (*Engine, error) {
 			for _, l := range e.loops {
 				l.close()
 			}
-			raw.close()
-			return nil, err
+			e.loops = nil
+			shared.close()
+			return err
 		}
 		e.loops = append(e.loops, l)
 	}
-	e.raw = raw
-	for _, l := range e.loops {
-		go l.run()
+	if shared != nil {
+		e.raw, e.mode, e.ports = shared, ModeRaw, shared.ports
 	}
-	return e, nil
+	return nil
 }
+
+// DefaultRawInFlight is the bound on probes in flight in raw mode when
+// Options.MaxSockets is zero. A raw probe holds no file descriptor, only
+// a slot of about 100 bytes, so the bound is far above the fd limit's.
+const DefaultRawInFlight = 1 << 16
 
 // DefaultMaxSockets is the bound on probe sockets when Options.MaxSockets
 // is zero: the RLIMIT_NOFILE soft limit, less a quarter of it (at least

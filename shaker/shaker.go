@@ -123,7 +123,9 @@ type Options struct {
 	// in Stats) until a socket is free; it does not fail. Zero means
 	// three quarters of the RLIMIT_NOFILE soft limit (Go raises it to the
 	// hard limit at start), leaving the rest to the process's own files
-	// and connections; see DefaultMaxSockets.
+	// and connections; see DefaultMaxSockets. In raw mode a probe holds
+	// no socket, and MaxSockets bounds the probes in flight (zero means
+	// DefaultRawInFlight).
 	MaxSockets int
 
 	// DefaultTimeout is the timeout of probes that are given none: Probe

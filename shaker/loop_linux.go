@@ -55,6 +55,7 @@ type loop struct {
 	adds     []*Schedule // schedules to take in
 	stops    []*Schedule // schedules to drop
 	nows     []*Schedule // schedules to probe at once (Schedule.Now)
+	inbox    []rawAnswer // raw mode: answers to this loop's probes, read by the first loop
 	closed   bool
 	sleeping bool // the loop is in, or about to enter, a blocking epoll_wait
 
@@ -70,6 +71,7 @@ type loop struct {
 	addBuf     []*Schedule
 	stopBuf    []*Schedule
 	nowBuf     []*Schedule
+	inboxBuf   []rawAnswer
 	results    []pending
 	idle       [2][]int // sockets kept for reuse, IPv4 and IPv6
 	tcpInfo    unix.TCPInfo
@@ -170,8 +172,10 @@ func (l *loop) run() {
 		l.addBuf, l.adds = l.adds, l.addBuf[:0]
 		l.stopBuf, l.stops = l.stops, l.stopBuf[:0]
 		l.nowBuf, l.nows = l.nows, l.nowBuf[:0]
+		l.inboxBuf, l.inbox = l.inbox, l.inboxBuf[:0]
 		l.mu.Unlock()
 		l.takeSchedules()
+		l.takeAnswers()
 
 		wait := l.waitMs(l.e.now())
 		if l.hurry {
@@ -179,7 +183,7 @@ func (l *loop) run() {
 		}
 		if wait != 0 {
 			l.mu.Lock()
-			if l.closed || len(l.adds) > 0 || len(l.stops) > 0 || len(l.nows) > 0 || l.queue.n > 0 && len(l.heap) < l.budget {
+			if l.closed || len(l.adds) > 0 || len(l.stops) > 0 || len(l.nows) > 0 || len(l.inbox) > 0 || l.queue.n > 0 && len(l.heap) < l.budget {
 				wait = 0
 			} else {
 				l.sleeping = true
@@ -556,7 +560,7 @@ func (l *loop) shutdown() {
 		queued = l.queue.popN(queued, l.queue.n)
 	}
 	l.queued.Store(0)
-	l.adds, l.stops, l.nows = nil, nil, nil
+	l.adds, l.stops, l.nows, l.inbox = nil, nil, nil, nil
 	l.stopping = true  // no look at epoll from deliver
 	unix.Close(l.evfd) // under mu: see wakeLocked
 	l.mu.Unlock()

@@ -7,19 +7,19 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"net/netip"
-	"syscall"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
 
-// Raw mode: the loop sends each probe's SYN itself on a raw socket, from a
-// source port of its own part of the engine's reserved range, and reads
-// the answers on raw sockets whose kernel filters pass only what can
-// answer its probes (SYN-ACKs and RSTs to those ports, ICMP errors quoting
-// a SYN from them). No socket of any kind listens on, or is connected
+// Raw mode: a loop sends each probe's SYN itself on a raw socket, from a
+// source port of its own part of the engine's reserved range. The answers
+// are read on the engine's raw sockets, one per protocol and family, whose
+// kernel filters pass only what can answer a probe (SYN-ACKs and RSTs to
+// those ports, ICMP errors quoting a SYN from them). The kernel copies
+// every TCP packet of the host to each raw TCP socket before its filter
+// runs, so there is one of each per engine, not per loop: the first loop
+// reads them and hands each answer to the loop of its port. No socket of any kind listens on, or is connected
 // from, a reserved port: each is held by a socket bound to it and nothing
 // else. So the kernel finds no socket for a SYN-ACK and answers it with an
 // RST itself, in softirq, whatever the loop is doing. A probe has no file
@@ -66,22 +66,23 @@ const (
 	synLen = 24
 )
 
-// rawShared is what the loops of a raw engine share: the reserved ports
-// and the key of the sequence numbers.
+// rawShared is what the loops of a raw engine share: the reserved ports,
+// the key of the sequence numbers and the raw sockets. Every loop sends on
+// them (a sendto from several threads is safe); the first loop reads them.
 type rawShared struct {
 	ports   PortRange
 	reserve []int // one socket bound to each port, never listening
 	key     [4]uint32
+	loops   int
+
+	tcp4, tcp6, icmp4, icmp6 int // -1 when not open (no IPv6 here)
 }
 
-// newRawShared checks that raw sockets can be opened and reserves the
-// source ports of an engine of n loops.
+// newRawShared opens the raw sockets and reserves the source ports of an
+// engine of n loops.
 func newRawShared(ports PortRange, n int) (*rawShared, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		return nil, &rawError{"socket(AF_INET, SOCK_RAW, IPPROTO_TCP)", err, rawNeeds}
-	}
-	unix.Close(fd)
+	r := &rawShared{loops: n, tcp4: -1, tcp6: -1, icmp4: -1, icmp6: -1}
+	var err error
 	if ports == (PortRange{}) {
 		if ports, err = DefaultPortRange(); err != nil {
 			return nil, err
@@ -90,9 +91,14 @@ func newRawShared(ports PortRange, n int) (*rawShared, error) {
 	if ports.Size() < n {
 		return nil, fmt.Errorf("shaker: source ports %v: %d ports for %d loops; each loop needs one at least", ports, ports.Size(), n)
 	}
-	r := &rawShared{ports: ports}
+	r.ports = ports
+	if err := r.openSockets(); err != nil {
+		r.close()
+		return nil, err
+	}
 	var kb [16]byte
 	if _, err := rand.Read(kb[:]); err != nil {
+		r.close()
 		return nil, fmt.Errorf("shaker: raw mode's sequence key: %v", err)
 	}
 	for i := range r.key {
@@ -107,6 +113,70 @@ func newRawShared(ports PortRange, n int) (*rawShared, error) {
 		r.reserve = append(r.reserve, fd)
 	}
 	return r, nil
+}
+
+// open opens the raw sockets, their filters passing answers to any of the
+// reserved ports.
+func (r *rawShared) openSockets() error {
+	first, last := r.ports.First, r.ports.Last
+	var err error
+	if r.tcp4, err = rawSocket(unix.AF_INET, unix.IPPROTO_TCP, tcpFilter(4, first, last)); err != nil {
+		return err
+	}
+	if r.icmp4, err = rawSocket(unix.AF_INET, unix.IPPROTO_ICMP, icmp4Filter(first, last)); err != nil {
+		return err
+	}
+	r.tcp6, err = rawSocket(unix.AF_INET6, unix.IPPROTO_TCP, tcpFilter(6, first, last))
+	if errors.Is(err, unix.EAFNOSUPPORT) {
+		return nil // no IPv6 here: IPv6 probes fail with EAFNOSUPPORT
+	}
+	if err != nil {
+		return err
+	}
+	// The kernel fills in the checksum of what this socket sends, from
+	// the source address it picks.
+	if err = unix.SetsockoptInt(r.tcp6, unix.IPPROTO_IPV6, unix.IPV6_CHECKSUM, 16); err != nil {
+		return &rawError{"setsockopt IPV6_CHECKSUM", err, ""}
+	}
+	if r.icmp6, err = rawSocket(unix.AF_INET6, unix.IPPROTO_ICMPV6, icmp6Filter(first, last)); err != nil {
+		return err
+	}
+	var f unix.ICMPv6Filter
+	for i := range f.Data {
+		f.Data[i] = 0xffffffff // block all...
+	}
+	for _, t := range []int{1, 3, 4} { // ...but destination unreachable, time exceeded, parameter problem
+		f.Data[t>>5] &^= 1 << (uint(t) & 31)
+	}
+	if err = unix.SetsockoptICMPv6Filter(r.icmp6, unix.SOL_ICMPV6, unix.ICMPV6_FILTER, &f); err != nil {
+		return &rawError{"setsockopt ICMPV6_FILTER", err, ""}
+	}
+	return nil
+}
+
+// portsOf is loop i's part of the reserved ports: first, and how many.
+func (r *rawShared) portsOf(i int) (first uint16, count int) {
+	size := r.ports.Size()
+	lo, hi := size*i/r.loops, size*(i+1)/r.loops
+	return r.ports.First + uint16(lo), hi - lo
+}
+
+// loopOf is the index of the loop that sends from port, or -1.
+func (r *rawShared) loopOf(port uint16) int {
+	if port < r.ports.First || port > r.ports.Last {
+		return -1
+	}
+	off := int(port - r.ports.First)
+	size := r.ports.Size()
+	// portsOf gives loop i the offsets from size*i/n to size*(i+1)/n.
+	i := (off*r.loops + r.loops - 1) / size
+	for i > 0 && size*i/r.loops > off {
+		i--
+	}
+	for i < r.loops-1 && size*(i+1)/r.loops <= off {
+		i++
+	}
+	return i
 }
 
 // reservePort binds a socket to port, for IPv6 and IPv4 when the host has
@@ -153,11 +223,17 @@ func portError(port uint16, err error) error {
 	return fmt.Errorf("shaker: reserving source port %d: %v", port, err)
 }
 
-// close releases the reserved ports. Nil-safe.
+// close closes the raw sockets and releases the reserved ports. Nil-safe.
 func (r *rawShared) close() {
 	if r == nil {
 		return
 	}
+	for _, fd := range []int{r.tcp4, r.tcp6, r.icmp4, r.icmp6} {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}
+	r.tcp4, r.tcp6, r.icmp4, r.icmp6 = -1, -1, -1, -1
 	for _, fd := range r.reserve {
 		unix.Close(fd)
 	}
@@ -201,30 +277,31 @@ type rawLoop struct {
 	count   int
 	next    int  // the port of the next probe: first+next
 	idxBits uint // bits of a sequence number that hold the slot index
+	udp4    int  // connected to a destination to learn the source address
 
-	tcp4, tcp6, icmp4, icmp6 int // -1 when not open (no IPv6 here)
-	udp4                     int // connected to a destination to learn the source address
+	syn  [synLen]byte
+	srcs [srcCacheSize]srcEntry
 
-	syn [synLen]byte
-
-	msgs  [rawBatch]unix.Mmsghdr
-	iovs  [rawBatch]unix.Iovec
-	bufs  [rawBatch][rawBufSize]byte
-	ctrl  [rawBatch][rawCtrlSize]byte
-	names [rawBatch]unix.RawSockaddrInet6
+	// The first loop's: it reads the engine's raw sockets.
+	recv *rawReceiver
 }
 
-// openRaw opens loop i of n's raw sockets and takes its part of the
-// reserved ports.
+// rawReceiver is the first loop's buffers for reading answers, and the
+// answers it has for each other loop.
+type rawReceiver struct {
+	msgs   [rawBatch]unix.Mmsghdr
+	iovs   [rawBatch]unix.Iovec
+	bufs   [rawBatch][rawBufSize]byte
+	ctrl   [rawBatch][rawCtrlSize]byte
+	names  [rawBatch]unix.RawSockaddrInet6
+	outbox [][]rawAnswer // by loop index
+}
+
+// openRaw sets loop i of n up for raw mode: its part of the reserved
+// ports and, for the first loop, the engine's raw sockets in its epoll.
 func (l *loop) openRaw(shared *rawShared, i, n int) error {
-	size := shared.ports.Size()
-	lo, hi := size*i/n, size*(i+1)/n
-	r := &rawLoop{
-		shared: shared,
-		first:  shared.ports.First + uint16(lo),
-		count:  hi - lo,
-		tcp4:   -1, tcp6: -1, icmp4: -1, icmp6: -1, udp4: -1,
-	}
+	first, count := shared.portsOf(i)
+	r := &rawLoop{shared: shared, first: first, count: count, udp4: -1}
 	l.raw = r
 	// The sequence number keeps the slot index in its low bits and as
 	// much of the slot's generation as fits above.
@@ -235,43 +312,26 @@ func (l *loop) openRaw(shared *rawShared, i, n int) error {
 	if r.idxBits > 24 {
 		return fmt.Errorf("shaker: raw mode: %d probes in flight per loop, more than %d", l.budget, 1<<24)
 	}
-	last := r.first + uint16(r.count) - 1
 	var err error
-	if r.tcp4, err = rawSocket(unix.AF_INET, unix.IPPROTO_TCP, tcpFilter(4, r.first, last)); err != nil {
-		return err
-	}
-	if r.icmp4, err = rawSocket(unix.AF_INET, unix.IPPROTO_ICMP, icmp4Filter(r.first, last)); err != nil {
-		return err
-	}
-	if r.tcp6, err = rawSocket(unix.AF_INET6, unix.IPPROTO_TCP, tcpFilter(6, r.first, last)); err == nil {
-		// The kernel fills in the checksum of what this socket sends,
-		// from the source address it picks.
-		if err = unix.SetsockoptInt(r.tcp6, unix.IPPROTO_IPV6, unix.IPV6_CHECKSUM, 16); err != nil {
-			return &rawError{"setsockopt IPV6_CHECKSUM", err, ""}
-		}
-		if r.icmp6, err = rawSocket(unix.AF_INET6, unix.IPPROTO_ICMPV6, icmp6Filter(r.first, last)); err != nil {
-			return err
-		}
-		var f unix.ICMPv6Filter
-		for i := range f.Data {
-			f.Data[i] = 0xffffffff // block all...
-		}
-		for _, t := range []int{1, 3, 4} { // ...but destination unreachable, time exceeded, parameter problem
-			f.Data[t>>5] &^= 1 << (uint(t) & 31)
-		}
-		if err = unix.SetsockoptICMPv6Filter(r.icmp6, unix.SOL_ICMPV6, unix.ICMPV6_FILTER, &f); err != nil {
-			return &rawError{"setsockopt ICMPV6_FILTER", err, ""}
-		}
-	} else if !errors.Is(err, unix.EAFNOSUPPORT) {
-		return err
-	}
 	if r.udp4, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0); err != nil {
 		return &rawError{"socket(AF_INET, SOCK_DGRAM)", err, ""}
+	}
+	if i != 0 {
+		return nil
+	}
+	rc := &rawReceiver{outbox: make([][]rawAnswer, n)}
+	r.recv = rc
+	for i := range rc.msgs {
+		rc.iovs[i] = unix.Iovec{Base: &rc.bufs[i][0]}
+		rc.iovs[i].SetLen(rawBufSize)
+		h := &rc.msgs[i].Hdr
+		h.Iov = &rc.iovs[i]
+		h.Iovlen = 1
 	}
 	for _, s := range []struct {
 		fd  int
 		idx int32
-	}{{r.tcp4, rawIndexTCP4}, {r.tcp6, rawIndexTCP6}, {r.icmp4, rawIndexICMP4}, {r.icmp6, rawIndexICMP6}} {
+	}{{shared.tcp4, rawIndexTCP4}, {shared.tcp6, rawIndexTCP6}, {shared.icmp4, rawIndexICMP4}, {shared.icmp6, rawIndexICMP6}} {
 		if s.fd < 0 {
 			continue
 		}
@@ -280,24 +340,15 @@ func (l *loop) openRaw(shared *rawShared, i, n int) error {
 			return &opError{"epoll_ctl", errnoOf(err)}
 		}
 	}
-	for i := range r.msgs {
-		r.iovs[i] = unix.Iovec{Base: &r.bufs[i][0]}
-		r.iovs[i].SetLen(rawBufSize)
-		h := &r.msgs[i].Hdr
-		h.Iov = &r.iovs[i]
-		h.Iovlen = 1
-	}
 	return nil
 }
 
-// closeRaw closes the loop's raw sockets.
+// close closes the loop's own socket (the raw ones are the engine's).
 func (r *rawLoop) close() {
-	for _, fd := range []int{r.tcp4, r.tcp6, r.icmp4, r.icmp6, r.udp4} {
-		if fd >= 0 {
-			unix.Close(fd)
-		}
+	if r.udp4 >= 0 {
+		unix.Close(r.udp4)
 	}
-	r.tcp4, r.tcp6, r.icmp4, r.icmp6, r.udp4 = -1, -1, -1, -1, -1
+	r.udp4 = -1
 }
 
 // rawSocket opens a non-blocking raw socket of the protocol with a
@@ -431,368 +482,4 @@ func icmp6Filter(first, last uint16) []unix.SockFilter {
 		bpfStmt(bpfRet, rawBufSize),
 		bpfStmt(bpfRet, 0),
 	}
-}
-
-// startRaw sends the SYN of a probe whose address is valid (sa is its
-// sockaddr, IPv4 or IPv6).
-func (l *loop) startRaw(req *request, res Result, family int, sa unsafe.Pointer, salen uintptr) {
-	r := l.raw
-	var src [4]byte
-	if family == unix.AF_INET {
-		var ok bool
-		if src, ok = l.sourceOf(req, sa, salen); !ok {
-			res.Err = classify("connect", l.srcErrno)
-			l.finish(req.done, req.sched, res)
-			return
-		}
-	}
-	port := r.first + uint16(r.next)
-	if s := req.sched; s != nil && s.rawPort == port && r.count > 1 {
-		// Never the port of this address's previous probe: an answer
-		// to it may still be on its way, or its backend's half-made
-		// connection still alive.
-		r.next = (r.next + 1) % r.count
-		port = r.first + uint16(r.next)
-	}
-	r.next = (r.next + 1) % r.count
-	if s := req.sched; s != nil {
-		s.rawPort = port
-	}
-	start := l.e.now()
-	deadline := start + int64(req.timeout)
-	if req.deadline != 0 && req.deadline < deadline {
-		deadline = req.deadline
-	}
-	idx := l.alloc(rawFD, req, start, deadline)
-	s := &l.slots[idx]
-	s.sport = port
-	s.src4 = src
-	s.scope = req.scope
-	s.end = deadline
-	s.rto = synRTO
-	if start+synRTO < deadline {
-		s.deadline = start + synRTO // the first retransmission, then the deadline
-		l.heapFix(s.heapIdx)
-	}
-	if errno := l.sendSYN(idx); errno != 0 {
-		res.Err = classify("connect", errno)
-		res.Duration = time.Duration(l.e.now() - start)
-		l.release(idx)
-		l.finish(req.done, req.sched, res)
-	}
-}
-
-// sourceOf is the source address of an IPv4 probe: the schedule's, or
-// looked up (a UDP socket connected to the destination names it).
-func (l *loop) sourceOf(req *request, sa unsafe.Pointer, salen uintptr) ([4]byte, bool) {
-	s := req.sched
-	now := l.e.now()
-	if s != nil && s.srcAt != 0 && now-s.srcAt < srcTTL {
-		return s.src4, true
-	}
-	r := l.raw
-	if errno := rawConnect(r.udp4, sa, salen); errno != 0 {
-		l.srcErrno = errno
-		return [4]byte{}, false
-	}
-	var name unix.RawSockaddrInet4
-	size := uint32(unsafe.Sizeof(name))
-	_, _, errno := unix.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(r.udp4), uintptr(unsafe.Pointer(&name)), uintptr(unsafe.Pointer(&size)))
-	if errno != 0 {
-		l.srcErrno = errno
-		return [4]byte{}, false
-	}
-	if s != nil {
-		s.src4, s.srcAt = name.Addr, now
-	}
-	return name.Addr, true
-}
-
-// sendSYN sends (or sends again) the SYN of raw slot idx.
-func (l *loop) sendSYN(idx int32) syscall.Errno {
-	r := l.raw
-	s := &l.slots[idx]
-	seq := r.shared.seal(uint32(idx) | uint32(s.gen)<<r.idxBits)
-	b := r.syn[:]
-	binary.BigEndian.PutUint16(b[0:], s.sport)
-	binary.BigEndian.PutUint16(b[2:], s.addr.Port())
-	binary.BigEndian.PutUint32(b[4:], seq)
-	binary.BigEndian.PutUint32(b[8:], 0)
-	b[12] = (synLen / 4) << 4
-	b[13] = 0x02 // SYN
-	binary.BigEndian.PutUint16(b[14:], 65535)
-	b[16], b[17] = 0, 0 // checksum
-	b[18], b[19] = 0, 0
-	b[20], b[21] = 2, 4 // MSS
-	ip := s.addr.Addr()
-	var (
-		fd    int
-		sa4   unix.RawSockaddrInet4
-		sa6   unix.RawSockaddrInet6
-		sa    unsafe.Pointer
-		salen uintptr
-	)
-	if ip.Is4() || ip.Is4In6() {
-		binary.BigEndian.PutUint16(b[22:], 1460)
-		dst := ip.Unmap().As4()
-		binary.BigEndian.PutUint16(b[16:], tcpChecksum4(s.src4, dst, b))
-		sa4.Family = unix.AF_INET
-		sa4.Addr = dst
-		fd, sa, salen = r.tcp4, unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
-	} else {
-		if r.tcp6 < 0 {
-			return unix.EAFNOSUPPORT
-		}
-		binary.BigEndian.PutUint16(b[22:], 1440)
-		sa6.Family = unix.AF_INET6
-		sa6.Addr = ip.As16()
-		sa6.Scope_id = s.scope
-		fd, sa, salen = r.tcp6, unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
-	}
-	s.sentWall = time.Now().UnixNano()
-	_, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), synLen,
-		unix.MSG_DONTWAIT, uintptr(sa), salen)
-	return errno
-}
-
-// tcpChecksum4 is the checksum of an IPv4 TCP segment from src to dst.
-func tcpChecksum4(src, dst [4]byte, seg []byte) uint16 {
-	var sum uint32
-	sum += uint32(src[0])<<8 | uint32(src[1])
-	sum += uint32(src[2])<<8 | uint32(src[3])
-	sum += uint32(dst[0])<<8 | uint32(dst[1])
-	sum += uint32(dst[2])<<8 | uint32(dst[3])
-	sum += unix.IPPROTO_TCP
-	sum += uint32(len(seg))
-	for i := 0; i+1 < len(seg); i += 2 {
-		sum += uint32(seg[i])<<8 | uint32(seg[i+1])
-	}
-	if len(seg)%2 == 1 {
-		sum += uint32(seg[len(seg)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return ^uint16(sum)
-}
-
-// expireRaw handles a raw probe whose heap time has come: the SYN goes
-// out again while the probe's own deadline is ahead, as connect()'s
-// would, and the probe times out at its deadline.
-func (l *loop) expireRaw(idx int32, now int64) {
-	s := &l.slots[idx]
-	if now < s.end {
-		s.rto *= 2
-		s.deadline = min(now+s.rto, s.end)
-		l.heapFix(s.heapIdx)
-		l.sendSYN(idx) // a failure here is a lost SYN: the deadline stands
-		return
-	}
-	res := Result{Addr: s.addr, Err: ErrTimeout, Duration: time.Duration(now - s.start)}
-	l.finish(s.done, s.sched, res)
-	l.release(idx)
-}
-
-// readRaw reads the answers waiting on one of the loop's raw sockets and
-// ends the probes they answer.
-func (l *loop) readRaw(which int32) {
-	r := l.raw
-	var fd int
-	switch which {
-	case rawIndexTCP4:
-		fd = r.tcp4
-	case rawIndexTCP6:
-		fd = r.tcp6
-	case rawIndexICMP4:
-		fd = r.icmp4
-	default:
-		fd = r.icmp6
-	}
-	for b := 0; b < rawBatches; b++ {
-		for i := range r.msgs {
-			h := &r.msgs[i].Hdr
-			h.Name = (*byte)(unsafe.Pointer(&r.names[i]))
-			h.Namelen = uint32(unsafe.Sizeof(r.names[i]))
-			h.Control = &r.ctrl[i][0]
-			h.SetControllen(rawCtrlSize)
-			h.Flags = 0
-		}
-		n, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, uintptr(fd), uintptr(unsafe.Pointer(&r.msgs[0])), rawBatch,
-			unix.MSG_DONTWAIT, 0, 0)
-		if errno != 0 || n == 0 {
-			return
-		}
-		for i := 0; i < int(n); i++ {
-			l.answer(which, i)
-		}
-		if int(n) < rawBatch {
-			return
-		}
-	}
-}
-
-// answer handles packet i of the last batch read from socket which.
-func (l *loop) answer(which int32, i int) {
-	r := l.raw
-	pkt := r.bufs[i][:min(int(r.msgs[i].Len), rawBufSize)]
-	var (
-		peer      netip.Addr
-		tcp       []byte // the TCP header of the answer, or the quoted one
-		quoted    bool
-		icmpErrno syscall.Errno
-	)
-	switch which {
-	case rawIndexTCP4, rawIndexICMP4:
-		if len(pkt) < 20 {
-			return
-		}
-		ihl := int(pkt[0]&0x0f) * 4
-		if which == rawIndexTCP4 {
-			if len(pkt) < ihl+14 {
-				return
-			}
-			peer = netip.AddrFrom4([4]byte(pkt[12:16]))
-			tcp = pkt[ihl:]
-			break
-		}
-		// ICMP: type, code, checksum, 4 bytes; then the quoted IP header
-		if len(pkt) < ihl+8+20 {
-			return
-		}
-		icmp := pkt[ihl:]
-		q := icmp[8:]
-		qihl := int(q[0]&0x0f) * 4
-		if len(q) < qihl+8 {
-			return
-		}
-		peer = netip.AddrFrom4([4]byte(q[16:20]))
-		tcp, quoted = q[qihl:], true
-		icmpErrno = icmp4Errno(icmp[0], icmp[1])
-	case rawIndexTCP6:
-		if len(pkt) < 14 {
-			return
-		}
-		peer = netip.AddrFrom16(r.names[i].Addr)
-		tcp = pkt
-	case rawIndexICMP6:
-		if len(pkt) < 8+40+8 {
-			return
-		}
-		peer = netip.AddrFrom16([16]byte(pkt[8+24 : 8+40]))
-		tcp, quoted = pkt[8+40:], true
-		icmpErrno = icmp6Errno(pkt[0], pkt[1])
-	}
-	var ours, theirs uint16
-	var seq uint32
-	if quoted {
-		// The quoted SYN: from our port, to theirs, with our sequence number.
-		ours, theirs = binary.BigEndian.Uint16(tcp[0:]), binary.BigEndian.Uint16(tcp[2:])
-		seq = binary.BigEndian.Uint32(tcp[4:])
-		if icmpErrno == 0 {
-			return // not an error for a SYN (a fragmentation-needed, say)
-		}
-	} else {
-		theirs, ours = binary.BigEndian.Uint16(tcp[0:]), binary.BigEndian.Uint16(tcp[2:])
-		if tcp[13]&0x10 == 0 {
-			return // no ACK: it answers nothing of ours
-		}
-		seq = binary.BigEndian.Uint32(tcp[8:]) - 1
-	}
-	v := r.shared.open(seq)
-	idx := int32(v & (1<<r.idxBits - 1))
-	if int(idx) >= len(l.slots) {
-		return
-	}
-	s := &l.slots[idx]
-	if s.fd != rawFD || uint32(s.gen)&(1<<(32-r.idxBits)-1) != v>>r.idxBits || s.sport != ours ||
-		s.addr.Port() != theirs || s.addr.Addr().Unmap() != peer.Unmap() {
-		return // stale, forged, or another engine's
-	}
-	now := l.e.now()
-	res := Result{Addr: s.addr, Duration: time.Duration(now - s.start)}
-	switch {
-	case quoted:
-		res.Err = classify("connect", icmpErrno)
-	case tcp[13]&0x04 != 0:
-		res.Err = ErrRefused
-	default:
-		l.epollUp.Add(1)
-		if rx := rxTime(&r.msgs[i].Hdr); rx != 0 && rx > s.sentWall {
-			res.RTT = time.Duration(rx - s.sentWall)
-		} else {
-			res.RTT = res.Duration
-		}
-	}
-	l.finish(s.done, s.sched, res)
-	l.release(idx)
-}
-
-// rxTime is the kernel's receive time of a packet (SCM_TIMESTAMPNS), in
-// Unix ns, or 0.
-func rxTime(h *unix.Msghdr) int64 {
-	if h.Controllen < unix.SizeofCmsghdr+16 {
-		return 0
-	}
-	c := (*unix.Cmsghdr)(unsafe.Pointer(h.Control))
-	if c.Level != unix.SOL_SOCKET || c.Type != unix.SCM_TIMESTAMPNS {
-		return 0
-	}
-	ts := (*unix.Timespec)(unsafe.Pointer(uintptr(unsafe.Pointer(h.Control)) + unix.SizeofCmsghdr))
-	return ts.Nano()
-}
-
-// icmp4Errno is the errno a connect() in SYN-SENT gets from an ICMP error
-// (the kernel's icmp_err_convert), or 0 for one it ignores.
-func icmp4Errno(typ, code uint8) syscall.Errno {
-	switch typ {
-	case 3: // destination unreachable
-		switch code {
-		case 0, 6, 9, 11:
-			return unix.ENETUNREACH
-		case 2:
-			return unix.ENOPROTOOPT
-		case 3:
-			return unix.ECONNREFUSED
-		case 4:
-			return 0 // fragmentation needed: path MTU, not an answer
-		case 5:
-			return unix.EOPNOTSUPP
-		case 7:
-			return unix.EHOSTDOWN
-		case 8:
-			return unix.ENONET
-		}
-		if code <= 15 {
-			return unix.EHOSTUNREACH
-		}
-		return 0
-	case 11: // time exceeded
-		return unix.EHOSTUNREACH
-	case 12: // parameter problem
-		return unix.EPROTO
-	}
-	return 0
-}
-
-// icmp6Errno is the errno of an ICMPv6 error (icmpv6_err_convert), or 0.
-func icmp6Errno(typ, code uint8) syscall.Errno {
-	switch typ {
-	case 1: // destination unreachable
-		switch code {
-		case 0:
-			return unix.ENETUNREACH
-		case 1, 5, 6:
-			return unix.EACCES
-		case 2, 3:
-			return unix.EHOSTUNREACH
-		case 4:
-			return unix.ECONNREFUSED
-		}
-		return 0
-	case 3: // time exceeded
-		return unix.EHOSTUNREACH
-	case 4: // parameter problem
-		return unix.EPROTO
-	}
-	return 0
 }

@@ -89,6 +89,7 @@ type loop struct {
 	slackFrom  int64
 	epollOnly  bool
 	raw        *rawLoop   // raw mode; nil in connect mode
+	parked     *parker    // raw mode: sleeps in the Go scheduler, not in epoll_wait
 	srcErrno   unix.Errno // why the last source address lookup failed
 
 	// Read by Stats from any goroutine.
@@ -144,7 +145,7 @@ func (l *loop) close() {
 		l.raw.close()
 	}
 	unix.Close(l.evfd)
-	unix.Close(l.epfd)
+	l.closeEpoll()
 }
 
 var one = [8]byte{1}
@@ -191,7 +192,13 @@ func (l *loop) run() {
 			l.mu.Unlock()
 		}
 
-		n, errno := epollWait(l.epfd, l.events, wait)
+		var n int
+		var errno unix.Errno
+		if l.parked != nil && wait != 0 {
+			n, errno = l.park(wait)
+		} else {
+			n, errno = epollWait(l.epfd, l.events, wait)
+		}
 		l.woke = l.e.now()
 		if wait != 0 {
 			l.mu.Lock()
@@ -564,7 +571,7 @@ func (l *loop) shutdown() {
 	l.stopping = true  // no look at epoll from deliver
 	unix.Close(l.evfd) // under mu: see wakeLocked
 	l.mu.Unlock()
-	unix.Close(l.epfd)
+	l.closeEpoll()
 	if l.raw != nil {
 		l.raw.close()
 	}

@@ -21,7 +21,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "shake",
-		Usage: "[--timeout <duration>] [--count <n>] [--interval <duration>] [--json] <host:port>...",
+		Usage: "[--timeout <duration>] [--count <n>] [--interval <duration>] [--mode connect|raw|auto] [--json] <host:port>...",
 		Short: "Checks addresses with half-open TCP probes (SYN, SYN-ACK, RST)",
 		Long: `
 Sends half-open TCP probes, as the shaker upstream source does: a SYN, and an
@@ -40,6 +40,9 @@ a line: {"address", "target", "result", "rtt_us", "error"}.
 --timeout      how long a probe waits for an answer (default 1s)
 --count        probes of each address (default 1)
 --interval     time between rounds when --count > 1 (default 1s)
+--mode         connect (default), raw or auto: how probes are sent; raw sends
+               each SYN on a raw socket and needs CAP_NET_RAW (see the probe_mode
+               option of the shaker app)
 --json         print JSON lines
 --resolve-timeout  how long a hostname lookup may take (default 5s)
 
@@ -77,6 +80,7 @@ func (e usageError) Error() string { return e.msg }
 type shakeOptions struct {
 	timeout, interval, resolveTimeout time.Duration
 	count                             int
+	mode                              shaker.Mode
 	asJSON, help                      bool
 	targets                           []shakeTarget
 }
@@ -107,10 +111,10 @@ func runShake(ctx context.Context, args []string, stdout io.Writer) (int, error)
 		return 2, err
 	}
 	if o.help {
-		fmt.Fprintln(stdout, "usage: caddy shake [--timeout 1s] [--count N] [--interval 1s] [--json] host:port...")
+		fmt.Fprintln(stdout, "usage: caddy shake [--timeout 1s] [--count N] [--interval 1s] [--mode connect|raw|auto] [--json] host:port...")
 		return 0, nil
 	}
-	e, err := shaker.New(shaker.Options{DefaultTimeout: o.timeout})
+	e, err := shaker.New(shaker.Options{DefaultTimeout: o.timeout, Mode: o.mode})
 	if err != nil {
 		return 1, err
 	}
@@ -148,6 +152,7 @@ func parseShake(args []string) (shakeOptions, error) {
 	fs.IntVar(&o.count, "count", 1, "")
 	fs.DurationVar(&o.interval, "interval", time.Second, "")
 	fs.BoolVar(&o.asJSON, "json", false, "")
+	mode := fs.String("mode", "connect", "")
 	fs.DurationVar(&o.resolveTimeout, "resolve-timeout", 5*time.Second, "")
 	fs.BoolVarP(&o.help, "help", "h", false, "")
 	if err := fs.Parse(args); err != nil {
@@ -155,6 +160,10 @@ func parseShake(args []string) (shakeOptions, error) {
 	}
 	if o.help {
 		return o, nil
+	}
+	var merr error
+	if o.mode, merr = shaker.ParseMode(*mode); merr != nil || *mode == "" {
+		return o, usageError{fmt.Sprintf("shake: --mode %q: must be connect, raw or auto", *mode)}
 	}
 	switch {
 	case o.timeout <= 0:

@@ -13,6 +13,7 @@ import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
+	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
 func TestShakeCommandRegistered(t *testing.T) {
@@ -81,6 +82,41 @@ func TestShakeCommand(t *testing.T) {
 
 	if n := (testkit.Listeners{l4, l6}).ProbeAccepts(t); n != 0 {
 		t.Fatalf("listeners accepted %d connections from caddy shake", n)
+	}
+}
+
+// TestShakeCommandRaw: --mode raw gives the same results, and the
+// listeners accept nothing.
+func TestShakeCommandRaw(t *testing.T) {
+	if e, err := shaker.New(shaker.Options{Mode: shaker.ModeRaw, Loops: 1}); err != nil {
+		t.Skipf("raw mode unavailable here (needs CAP_NET_RAW; CI runs as root): %v", err)
+	} else {
+		e.Close()
+	}
+	l4 := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	l6 := testkit.NewListener(t, "tcp6", "[::1]:0")
+	down := closedPort(t)
+	var out bytes.Buffer
+	code, err := runShake(context.Background(), []string{"--json", "--mode", "raw", l4.Addr.String(), l6.Addr.String(), down}, &out)
+	if code != 1 || err == nil {
+		t.Fatalf("one down: exit %d, %v, want 1\n%s", code, err, out.String())
+	}
+	want := map[string]string{l4.Addr.String(): "up", l6.Addr.String(): "up", down: "refused"}
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var r shakeResult
+		if err := json.Unmarshal([]byte(l), &r); err != nil {
+			t.Fatalf("line %q: %v", l, err)
+		}
+		if want[r.Address] != r.Result {
+			t.Errorf("%s: %s, want %s (%+v)", r.Address, r.Result, want[r.Address], r)
+		}
+		delete(want, r.Address)
+	}
+	if len(want) != 0 {
+		t.Errorf("not printed: %v\n%s", want, out.String())
+	}
+	if n := (testkit.Listeners{l4, l6}).ProbeAccepts(t); n != 0 {
+		t.Fatalf("listeners accepted %d connections from caddy shake --mode raw", n)
 	}
 }
 

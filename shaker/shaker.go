@@ -21,6 +21,29 @@
 // runs on a goroutine of its own. Callers give IP addresses (netip.AddrPort);
 // resolving names is their business, with their own timeout.
 //
+// # Raw mode
+//
+// With Options.Mode ModeRaw (Linux, CAP_NET_RAW) a loop writes each SYN
+// itself on a raw socket, from a source port of Options.SourcePorts that
+// the engine holds with a socket bound to it and never listening. The
+// kernel then finds no socket for the SYN-ACK and answers it with an RST
+// itself, in softirq: nothing is left to close, and no probe can become a
+// connection however late the loop runs (a stopped process, a throttled
+// container, a GC pause). The answers are read on one raw socket per
+// protocol and family (TCP, ICMP, ICMPv6), each filtered in the kernel by
+// a BPF program that passes only SYN-ACKs and RSTs to the reserved ports
+// and ICMP errors quoting a SYN from them; the first loop reads them and
+// hands each answer to its probe's loop. A probe's sequence number encodes
+// its slot under a key of the engine's, so that a stale or forged answer
+// never counts. Results, schedules and Stats are those of connect mode;
+// RTT comes from the kernel's receive timestamp (SO_TIMESTAMPNS), the SYN
+// is sent again at 1 s, 3 s... as connect() would, ICMP errors map to the
+// errnos connect() gets. ModeAuto uses raw mode where it can, and connect
+// mode elsewhere ([Engine.Mode], [Engine.RawError]).
+//
+//	e, err := shaker.New(shaker.Options{Mode: shaker.ModeRaw}) // SourcePorts: DefaultPortRange
+//	if errors.Is(err, shaker.ErrRawUnavailable) { ... } // no CAP_NET_RAW: the error says what to grant
+//
 // Probes are truly half-open only on Linux. Elsewhere the engine falls back
 // to a full connect closed with a zero linger (HalfOpen reports which), and
 // some Linux-like kernels, such as gVisor's, ignore the delayed ACK:

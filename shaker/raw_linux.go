@@ -316,8 +316,10 @@ func (l *loop) openRaw(shared *rawShared, i, n int) error {
 	if r.udp4, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0); err != nil {
 		return &rawError{"socket(AF_INET, SOCK_DGRAM)", err, ""}
 	}
-	if err := l.newParker(); err != nil {
-		return err
+	if l.parked == nil {
+		if err := l.newParker(); err != nil {
+			return err
+		}
 	}
 	if i != 0 {
 		return nil

@@ -83,15 +83,22 @@ func NewSlowPath(t testing.TB, rate, latency string) *SlowPath {
 }
 
 // SlowAddrs returns n distinct addresses of B's prefix (4 or 6) on the
-// ports given, the ports varying fastest.
+// ports given, the ports varying fastest. It panics if they do not fit in
+// the prefix (IPv4: 254 addresses on each port): A has no route to the
+// rest, and their probes would fail at once (unreachable), not load the
+// path.
 func SlowAddrs(family, n int, ports []uint16) []netip.AddrPort {
-	base := netip.MustParsePrefix(SlowPrefix4).Addr()
+	prefix := netip.MustParsePrefix(SlowPrefix4)
 	if family == 6 {
-		base = netip.MustParsePrefix(SlowPrefix6).Addr()
+		prefix = netip.MustParsePrefix(SlowPrefix6)
 	}
+	base := prefix.Addr()
 	out := make([]netip.AddrPort, 0, n)
 	ip := base.Next() // not the network's own address
 	for len(out) < n {
+		if !prefix.Contains(ip) {
+			panic(fmt.Sprintf("testkit: %d addresses on %d ports do not fit in %v", n, len(ports), prefix))
+		}
 		for _, port := range ports {
 			if len(out) == n {
 				break

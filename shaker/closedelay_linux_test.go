@@ -84,14 +84,31 @@ func (r burstResult) String() string {
 }
 
 func runBurst(t *testing.T, mode string, family int) {
+	r, _ := burstChild(t, mode, family, ModeConnect)
+	testkit.BurstAccepted(t, r.accepted, fmt.Sprintf("bare engine, %s, IPv%d", mode, family))
+	switch {
+	case r.up == 0 || r.epollUp < r.up/2:
+		t.Errorf("%d up, %d through epoll: the scenario did not take the epoll path", r.up, r.epollUp)
+	case r.maxReady < burstMinReady:
+		t.Errorf("at most %d answers a look at epoll, want %d: no bursts", r.maxReady, burstMinReady)
+	}
+}
+
+// burstChild runs the burst scenario's child (TestCloseDelayBurstsHelper)
+// in mode (idle, busy, slow) for family, its engine in probe mode pm, on a
+// new SlowPath, and returns what it measured and how many of the
+// burstAddrs addresses it saw up at least once.
+func burstChild(t *testing.T, mode string, family int, pm Mode) (burstResult, int) {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("namespaces and 20,000 probes a second")
 	}
 	p := testkit.NewSlowPath(t, burstRate, burstLatency)
 	p.ShapeA(t, burstRate, burstLatency)
-	out := testkit.RunTest(t, p.A, "TestCloseDelayBurstsHelper", burstEnv+"="+mode,
+	out := testkit.RunTest(t, p.A, "TestCloseDelayBurstsHelper", burstEnv+"="+mode, "SHAKER_BURST_PROBE_MODE="+pm.String(),
 		"SHAKER_BURST_FAMILY="+strconv.Itoa(family), "SHAKER_BURST_NS_A="+p.A, "SHAKER_BURST_NS_B="+p.B)
-	f := testkit.ResultsByName(out)["burst"]
+	res := testkit.ResultsByName(out)
+	f := res["burst"]
 	if len(f) != 12 {
 		t.Fatalf("no RESULT burst line:\n%s", out)
 	}
@@ -102,14 +119,12 @@ func runBurst(t *testing.T, mode string, family int) {
 	r.maxReady, r.maxQueued = int(u(4)), int(u(5))
 	r.worst, r.p50, r.p99, r.p999 = d(6), d(7), d(8), d(9)
 	r.rate, _ = strconv.ParseFloat(f[10], 64)
-	t.Logf("bare engine, %s, IPv%d: %v", mode, family, r)
-	testkit.BurstAccepted(t, r.accepted, fmt.Sprintf("bare engine, %s, IPv%d", mode, family))
-	switch {
-	case r.up == 0 || r.epollUp < r.up/2:
-		t.Errorf("%d up, %d through epoll: the scenario did not take the epoll path", r.up, r.epollUp)
-	case r.maxReady < burstMinReady:
-		t.Errorf("at most %d answers a look at epoll, want %d: no bursts", r.maxReady, burstMinReady)
+	var seen int
+	if s := res["seen"]; len(s) == 1 {
+		seen, _ = strconv.Atoi(s[0])
 	}
+	t.Logf("bare engine, %s, IPv%d, %v mode: %v; %d of %d addresses seen up", mode, family, pm, r, seen, burstAddrs)
+	return r, seen
 }
 
 // TestCloseDelayBurstsHelper is the child of the burst tests, in
@@ -121,13 +136,25 @@ func TestCloseDelayBurstsHelper(t *testing.T) {
 	}
 	family, _ := strconv.Atoi(os.Getenv("SHAKER_BURST_FAMILY"))
 	p := &testkit.SlowPath{A: os.Getenv("SHAKER_BURST_NS_A"), B: os.Getenv("SHAKER_BURST_NS_B"), DevA: "shk-a", DevB: "shk-b"}
+	pm, err := ParseMode(os.Getenv("SHAKER_BURST_PROBE_MODE"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	ls, addrs := burstListeners(t, p.B, family)
+	index := make(map[netip.AddrPort]int, len(addrs))
+	for i, a := range addrs {
+		index[a] = i
+	}
+	seen := make([]atomic.Bool, len(addrs)) // up at least once
 	if mode == "busy" {
 		defer testkit.Hogs(t, runtime.NumCPU(), burstWarmup+burstMeasure+10*time.Second)()
 	}
-	e, err := New(Options{})
+	e, err := New(Options{Mode: pm})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if e.Mode() != pm {
+		t.Fatalf("engine in mode %v, want %v", e.Mode(), pm)
 	}
 	var spin time.Duration
 	if mode == "slow" {
@@ -138,6 +165,9 @@ func TestCloseDelayBurstsHelper(t *testing.T) {
 		switch r.Outcome {
 		case Up:
 			up.Add(1)
+			if i, ok := index[r.Addr]; ok {
+				seen[i].Store(true)
+			}
 		case Timeout:
 			timeouts.Add(1)
 		}
@@ -160,6 +190,13 @@ func TestCloseDelayBurstsHelper(t *testing.T) {
 	r.up, r.timeouts = up.Load(), timeouts.Load()
 	fmt.Printf("RESULT burst %d %d %d %d %d %d %v %v %v %v %.0f %s\n", r.up, r.epollUp, r.timeouts, r.accepted,
 		r.maxReady, r.maxQueued, r.worst, r.p50, r.p99, r.p999, r.rate, mode)
+	n := 0
+	for i := range seen {
+		if seen[i].Load() {
+			n++
+		}
+	}
+	fmt.Printf("RESULT seen %d\n", n)
 }
 
 // burstListeners starts burstPorts counting listeners on the wildcard

@@ -1,0 +1,45 @@
+//go:build linux && !shaker_fallback
+
+package shaker
+
+import (
+	"fmt"
+	"os"
+	"testing"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
+)
+
+// TestRawBursts: the burst scenario of TestCloseDelayBursts (2,000
+// addresses every 100 ms, a 1.5 s timeout, a 15 Mbit/s tbf on both ends
+// of the veth pair that the probes fill) with the engine in raw mode, IPv4
+// and IPv6, with the machine otherwise idle and with a busy loop on every
+// core. Raw mode closes nothing, so however late the loop reads its
+// answers nothing can be accepted: 0 accepted is asserted in every run
+// (connect mode's runs only warn, see testkit.BurstAccepted), and every
+// address answered at least once. Unlike the connect-mode scenarios these
+// run without SHAKER_BURSTS: their assertion does not depend on how busy
+// the machine is; SHAKER_BURSTS=idle leaves out the busy runs.
+func TestRawBursts(t *testing.T) {
+	modes := []string{"idle", "busy"}
+	if os.Getenv(testkit.BurstsEnv) == "idle" {
+		modes = modes[:1]
+	}
+	for _, mode := range modes {
+		for _, family := range []int{4, 6} {
+			t.Run(fmt.Sprintf("%s/IPv%d", mode, family), func(t *testing.T) {
+				r, seen := burstChild(t, mode, family, ModeRaw)
+				what := fmt.Sprintf("raw mode, %s, IPv%d", mode, family)
+				if r.accepted != 0 {
+					t.Errorf("%s: listeners accepted %d connections", what, r.accepted)
+				}
+				if r.up == 0 || r.epollUp < r.up {
+					t.Errorf("%s: %d up, %d SYN-ACKs read from the raw sockets: the answers did not come through them", what, r.up, r.epollUp)
+				}
+				if seen != burstAddrs {
+					t.Errorf("%s: %d of %d addresses seen up", what, seen, burstAddrs)
+				}
+			})
+		}
+	}
+}

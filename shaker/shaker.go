@@ -218,7 +218,9 @@ type Result struct {
 	Err error
 
 	// RTT is the kernel's measure (tcpi_rtt) of the SYN to SYN-ACK round
-	// trip, when Err is nil.
+	// trip, when Err is nil. In raw mode it is the SYN-ACK's receive
+	// timestamp less the time the last SYN was sent: after a
+	// retransmission, an answer to the first SYN reads short.
 	RTT time.Duration
 
 	// Duration is the time from the SYN (connect) to the result. It is
@@ -370,7 +372,9 @@ type Stats struct {
 	// connect() (loopback) and their sockets were closed there.
 	EpollUp uint64
 	// MaxReady is the most answers one look at epoll has returned: how
-	// large a burst of SYN-ACKs a loop has had to close at once.
+	// large a burst of SYN-ACKs a loop has had to close at once. In raw
+	// mode it counts ready raw sockets (one to four), not answers:
+	// nothing is closed there.
 	MaxReady int
 }
 

@@ -69,8 +69,24 @@ type EngineStatus struct {
 	SelfCheck string `json:"self_check"`
 	// SelfCheckError says why the self-check failed.
 	SelfCheckError string `json:"self_check_error,omitempty"`
+	// ProbeMode is the mode the engine's probes use, "connect" or "raw"
+	// (never "auto": that one chooses at start); absent without an
+	// engine.
+	ProbeMode string `json:"probe_mode,omitempty"`
+	// ProbeModeAsked is the app's probe_mode when the engine started:
+	// "connect", "raw" or "auto". A reload that changes probe_mode
+	// changes it only when the engine restarts.
+	ProbeModeAsked string `json:"probe_mode_asked,omitempty"`
+	// SourcePorts are the source ports raw mode sends from, "first-last";
+	// absent in connect mode.
+	SourcePorts string `json:"source_ports,omitempty"`
+	// RawError says why the engine probes in connect mode although
+	// probe_mode auto asked for raw where it can (CAP_NET_RAW missing, a
+	// source port taken, ...); absent otherwise.
+	RawError string `json:"raw_error,omitempty"`
 	// Loops, Sockets and MaxSockets: the engine's loops, probe sockets
-	// open, and their bound.
+	// open, and their bound. In raw mode no probe holds a socket (Sockets
+	// is 0), and MaxSockets bounds the probes in flight.
 	Loops      int `json:"loops"`
 	Sockets    int `json:"sockets"`
 	MaxSockets int `json:"max_sockets"`
@@ -84,7 +100,8 @@ type EngineStatus struct {
 	// LateProbes: periodic probes that started later than a quarter of
 	// their interval, since the engine started.
 	LateProbes uint64 `json:"late_probes"`
-	// MaxCloseDelayMs: the worst SYN-ACK-to-close delay seen, in ms.
+	// MaxCloseDelayMs: the worst SYN-ACK-to-close delay seen, in ms
+	// (always 0 in raw mode: nothing is left to close).
 	MaxCloseDelayMs float64 `json:"max_close_delay_ms"`
 	// CloseDelay: the distribution of those delays, one per answered
 	// probe since the engine started.
@@ -151,6 +168,16 @@ func engineStatus() EngineStatus {
 		LateProbes:      st.Late,
 		MaxCloseDelayMs: float64(st.MaxCloseDelay.Microseconds()) / 1000,
 		CloseDelay:      closeDelayStatus(st),
+		ProbeMode:       e.Mode().String(),
+	}
+	if set := engines.settings.Load(); set != nil {
+		es.ProbeModeAsked = set.mode.String()
+	}
+	if e.Mode() == shaker.ModeRaw {
+		es.SourcePorts = e.SourcePorts().String()
+	}
+	if err := e.RawError(); err != nil {
+		es.RawError = err.Error()
 	}
 	var advice []string
 	if check == checkFailed {
@@ -159,7 +186,10 @@ func engineStatus() EngineStatus {
 			"then restart Caddy to check again")
 	}
 	if st.Overdue > 0 || st.Lag > time.Second {
-		if st.Sockets >= st.MaxSockets {
+		switch {
+		case st.Mode == shaker.ModeRaw && st.InFlight >= st.MaxSockets:
+			advice = append(advice, "probes in flight are at max_sockets, raw mode's bound on them (many addresses waiting for their timeout): raise max_sockets, or shorten the timeout")
+		case st.Mode != shaker.ModeRaw && st.Sockets >= st.MaxSockets:
 			advice = append(advice, "probe sockets are all taken (many addresses waiting for their timeout): raise max_sockets (and Caddy's open-file limit), or shorten the timeout")
 		}
 		advice = append(advice, "probes start late: give Caddy more CPU, set loops to the number of cores, or probe less often (a longer interval)")

@@ -25,6 +25,8 @@ func init() {
 //	        loops               <n>
 //	        max_sockets         <n>
 //	        per_address_metrics <n>|all|off
+//	        probe_mode          connect|raw|auto
+//	        source_ports        <first>-<last>
 //	    }
 //	}
 //
@@ -64,6 +66,22 @@ func (app *App) unmarshalGlobal(d *caddyfile.Dispenser) error {
 			return d.Err(err.Error())
 		}
 		app.PerAddressMetrics = c
+		return nil
+	case "probe_mode", "source_ports":
+		val, err := ArgString(d)
+		if err != nil {
+			return err
+		}
+		if name == "probe_mode" {
+			_, err = parseProbeMode(val)
+			app.ProbeMode = val
+		} else {
+			_, err = parseSourcePorts(val)
+			app.SourcePorts = val
+		}
+		if err != nil {
+			return d.Err(err.Error())
+		}
 		return nil
 	case "loops":
 		dst, limit = &app.Loops, MaxLoops

@@ -188,6 +188,7 @@ type harness struct {
 	extraKnob int            // changes the config so that Load reloads
 	extra     map[string]any // more fields of the shaker source
 	handler   map[string]any // more fields of the reverse_proxy handler
+	app       map[string]any // the shaker app's config (nil: none, the defaults)
 	// policy, when set, replaces the shaker source with the handler's own
 	// upstreams and the shaker selection policy with these more fields
 	// ("retries" goes in load_balancing).
@@ -260,6 +261,9 @@ func (h *harness) config(interval time.Duration) []byte {
 	for k, v := range h.handler {
 		rp[k] = v
 	}
+	if h.app != nil {
+		cfg["apps"].(map[string]any)["shaker"] = h.app
+	}
 	b, err := json.Marshal(cfg)
 	if err != nil {
 		h.t.Fatal(err)
@@ -269,8 +273,16 @@ func (h *harness) config(interval time.Duration) []byte {
 
 func newHarness(t testing.TB, nBackends int) *harness {
 	t.Helper()
+	return newHarnessApp(t, nBackends, nil)
+}
+
+// newHarnessApp is newHarness with app as the shaker app's config from
+// the first load on (the engine starts with it).
+func newHarnessApp(t testing.TB, nBackends int, app map[string]any) *harness {
+	t.Helper()
 	h := &harness{
 		t:      t,
+		app:    app,
 		admin:  fmt.Sprintf("localhost:%d", testkit.FreePort(t)),
 		proxy:  fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
 		client: &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}},

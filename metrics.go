@@ -271,6 +271,9 @@ var (
 		"Probe loops (epoll instances) the engine runs.", nil, nil)
 	descScheduled = prometheus.NewDesc(metricName("probes_scheduled"),
 		"Periodic probes registered with the engine (one per address and settings).", nil, nil)
+	descProbeMode = prometheus.NewDesc(metricName("probe_mode"),
+		"The probe engine's mode (probe_mode): 1 for the one in use, connect or raw, 0 for the other; "+
+			"both 0 without an engine.", []string{"mode"}, nil)
 	descHalfOpen = prometheus.NewDesc(metricName("half_open"),
 		"1 when probes are half-open (backends never accept() them), 0 when they reach the backends' accept(): "+
 			"the engine's startup self-check failed, or this build falls back to full connects. "+
@@ -280,7 +283,7 @@ var (
 // Describe sends the descriptors of the collected metrics.
 func (*engineCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descUpstreams, descAddresses, descHealthy, descInFlight, descCloseDelay, descCloseDelays, descStartDelay,
-		descLate, descOverdue, descLag, descSockets, descMaxSockets, descLoops, descScheduled, descHalfOpen} {
+		descLate, descOverdue, descLag, descSockets, descMaxSockets, descLoops, descScheduled, descHalfOpen, descProbeMode} {
 		ch <- d
 	}
 }
@@ -296,8 +299,10 @@ func (*engineCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descAddresses, prometheus.GaugeValue, float64(addresses))
 	collectPerAddress(ch, addresses)
 	var st shaker.Stats
+	running := false
 	if e := engines.cur.Load(); e != nil {
 		st = e.Stats()
+		running = true
 	} else {
 		st.StartDelay.Counts = make([]uint64, len(shaker.StartDelayBuckets)+1)
 		st.CloseDelay.Counts = make([]uint64, len(shaker.CloseDelayBuckets)+1)
@@ -317,6 +322,13 @@ func (*engineCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descHalfOpen, 1)
 	} else {
 		gauge(descHalfOpen, 0)
+	}
+	for _, m := range []shaker.Mode{shaker.ModeConnect, shaker.ModeRaw} {
+		v := 0.0
+		if running && st.Mode == m {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descProbeMode, prometheus.GaugeValue, v, m.String())
 	}
 	ch <- prometheus.MustNewConstMetric(descLate, prometheus.CounterValue, float64(st.Late))
 	buckets := make(map[float64]uint64, len(shaker.StartDelayBuckets))

@@ -20,6 +20,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,6 +29,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
@@ -64,7 +67,35 @@ type App struct {
 	// overdue); it does not fail. Read when the engine starts, like
 	// loops. Default: three quarters of the process's open-file limit
 	// (RLIMIT_NOFILE), leaving the rest to Caddy's own connections.
+	// In raw mode (probe_mode) a probe holds no socket, and max_sockets
+	// bounds the probes in flight; default there: 65,536.
 	MaxSockets int `json:"max_sockets,omitempty"`
+
+	// How the engine sends its probes: "connect" (the default), "raw"
+	// or "auto". connect: a socket per probe, connect() and then close()
+	// as soon as the SYN-ACK has come; the engine must close it within
+	// the kernel's 200 ms delayed-ACK window, or the backend accepts a
+	// connection. raw: each SYN goes out on a raw socket from a source
+	// port (source_ports) that no socket listens on, so that the kernel
+	// itself answers every SYN-ACK with an RST, at once: no probe can
+	// become a connection, however late the engine runs. It needs
+	// CAP_NET_RAW (and Linux); without it the config fails to load, with
+	// an error that says what to grant. auto: raw where raw sockets can be
+	// opened, connect elsewhere; the log and GET /shaker/engine say which
+	// was chosen, and why not raw. Read when the engine starts, like
+	// loops.
+	ProbeMode string `json:"probe_mode,omitempty"`
+
+	// The source ports raw mode sends from, "first-last" (or one port),
+	// at most 16384 of them. The engine binds a socket to each, never
+	// listening on it, so that no other socket takes them; each holds a
+	// file descriptor while the engine runs, and each loop needs one at
+	// least. Pick them outside the kernel's ephemeral range
+	// (net.ipv4.ip_local_port_range) and unused by anything else.
+	// Unused in connect mode. Read when the engine starts, like loops.
+	// Default: 512 ports just above the ephemeral range (61000-61511
+	// with Linux's usual 32768-60999).
+	SourcePorts string `json:"source_ports,omitempty"`
 
 	// Retired: accepted, ignored, and warned about. It capped the probes
 	// in flight, which let probes waiting for their timeout on dead
@@ -126,6 +157,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("getting events app: %v", err)
 	}
 	a.events = eventsApp.(*caddyevents.App)
+	if want, _ := a.engineSettings(); want.mode == shaker.ModeConnect && want.ports != (shaker.PortRange{}) {
+		a.logger.Warn("source_ports is unused in probe_mode connect: only raw mode (probe_mode raw or auto) sends from them",
+			zap.String("source_ports", a.SourcePorts), zap.Stringer("probe_mode", want.mode))
+	}
 	if a.MaxInFlight != 0 {
 		a.logger.Warn("max_in_flight is retired and ignored: probes waiting for their timeout no longer hold others back; "+
 			"the engine bounds the SYNs it starts per turn and the sockets it holds (max_sockets)",
@@ -156,6 +191,9 @@ func (a *App) Validate() error {
 	}
 	if a.MaxSockets < 0 {
 		return fmt.Errorf("max_sockets %d: must not be negative (0 for the default: three quarters of the open-file limit)", a.MaxSockets)
+	}
+	if _, err := a.engineSettings(); err != nil {
+		return err
 	}
 	if err := a.PerAddressMetrics.validate(); err != nil {
 		return err
@@ -220,18 +258,103 @@ func (h startedHandler) Handle(context.Context, caddy.Event) error {
 	return nil
 }
 
+// engineSettings are what the engine is started with, from the app's
+// configuration: the zero value of each is its default.
+type engineSettings struct {
+	loops, maxSockets int
+	mode              shaker.Mode
+	ports             shaker.PortRange // the zero range: shaker.DefaultPortRange
+}
+
+// engineSettings reads the app's engine settings; its error names the bad
+// value.
+func (a *App) engineSettings() (engineSettings, error) {
+	mode, err := parseProbeMode(a.ProbeMode)
+	if err != nil {
+		return engineSettings{}, err
+	}
+	ports, err := parseSourcePorts(a.SourcePorts)
+	if err != nil {
+		return engineSettings{}, err
+	}
+	loops := a.Loops
+	if loops == 0 {
+		loops = runtime.GOMAXPROCS(0)
+	}
+	if ports.Size() > 0 && ports.Size() < loops && mode != shaker.ModeConnect {
+		return engineSettings{}, fmt.Errorf("source_ports %q: %d ports for %d loops: each loop needs one at least (give more ports, or fewer loops)",
+			a.SourcePorts, ports.Size(), loops)
+	}
+	return engineSettings{loops: a.Loops, maxSockets: a.MaxSockets, mode: mode, ports: ports}, nil
+}
+
+// parseProbeMode reads probe_mode; "" is connect.
+func parseProbeMode(s string) (shaker.Mode, error) {
+	m, err := shaker.ParseMode(s)
+	if err != nil {
+		return 0, fmt.Errorf("probe_mode %q: must be connect (the default), raw or auto", s)
+	}
+	return m, nil
+}
+
+// parseSourcePorts reads source_ports; "" is the zero range (the default).
+func parseSourcePorts(s string) (shaker.PortRange, error) {
+	if s == "" {
+		return shaker.PortRange{}, nil
+	}
+	r, err := shaker.ParsePortRange(s)
+	if err != nil {
+		return r, fmt.Errorf("source_ports %q: %s", s, strings.TrimPrefix(err.Error(), "shaker: "))
+	}
+	return r, nil
+}
+
+// changed names the settings that differ between s, the running engine's,
+// and c, a config's: the source ports only where either asks for raw mode
+// (connect mode does not use them).
+func (s engineSettings) changed(c engineSettings) []string {
+	var out []string
+	if s.loops != c.loops {
+		out = append(out, "loops")
+	}
+	if s.maxSockets != c.maxSockets {
+		out = append(out, "max_sockets")
+	}
+	if s.mode != c.mode {
+		out = append(out, "probe_mode")
+	}
+	if s.ports != c.ports && (s.mode != shaker.ModeConnect || c.mode != shaker.ModeConnect) {
+		out = append(out, "source_ports")
+	}
+	return out
+}
+
+// MarshalLogObject writes the settings as the config names them, 0 and
+// "default" for the defaults.
+func (s engineSettings) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddInt("loops", s.loops)
+	enc.AddInt("max_sockets", s.maxSockets)
+	enc.AddString("probe_mode", s.mode.String())
+	ports := "default"
+	if s.ports != (shaker.PortRange{}) {
+		ports = s.ports.String()
+	}
+	enc.AddString("source_ports", ports)
+	return nil
+}
+
 // engines is the process's one engine and the apps that hold it.
 var engines engineState
 
 // engineState is the process-wide engine and the apps that hold it.
 type engineState struct {
-	mu       sync.Mutex
-	engine   *shaker.Engine
-	settings [2]int // loops and max_sockets the engine runs with
-	apps     []*App // live apps, oldest first; the last one announces
+	mu     sync.Mutex
+	engine *shaker.Engine
+	apps   []*App // live apps, oldest first; the last one announces
 
-	cur    atomic.Pointer[shaker.Engine]
-	herald atomic.Pointer[App]
+	cur      atomic.Pointer[shaker.Engine]
+	settings atomic.Pointer[engineSettings] // what cur was started with
+	herald   atomic.Pointer[App]
 
 	stopWatch func() // stops watchEngine and waits for it
 
@@ -241,16 +364,19 @@ type engineState struct {
 
 // acquire takes a reference to the engine for a, starting it if needed.
 func (s *engineState) acquire(a *App) error {
+	want, err := a.engineSettings()
+	if err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	want := [2]int{a.Loops, a.MaxSockets}
 	if s.engine == nil {
-		e, err := shaker.New(shaker.Options{Loops: a.Loops, MaxSockets: a.MaxSockets})
+		e, err := shaker.New(shaker.Options{Loops: want.loops, MaxSockets: want.maxSockets, Mode: want.mode, SourcePorts: want.ports})
 		if err != nil {
-			return fmt.Errorf("starting probe engine: %v", err)
+			return fmt.Errorf("starting probe engine (probe_mode %v): %w", want.mode, err)
 		}
 		s.engine = e
-		s.settings = want
+		s.settings.Store(&want)
 		s.cur.Store(e)
 		stop, done := make(chan struct{}), make(chan struct{})
 		go func() {
@@ -263,24 +389,58 @@ func (s *engineState) acquire(a *App) error {
 			}, stop, watchEvery, closeDelayWarn)
 		}()
 		s.stopWatch = func() { close(stop); <-done }
-		st := e.Stats()
-		a.logger.Info("probe engine started",
-			zap.Bool("half_open", shaker.HalfOpen()),
-			zap.Int("loops", st.Loops),
-			zap.Int("max_sockets", st.MaxSockets))
+		logStarted(a.logger, e, want.mode)
 		s.apps = append(s.apps, a)
 		s.herald.Store(a)
 		s.startCheck(e)
 		reg.SetEngine(e)
 		return nil
 	}
-	if want != s.settings {
-		a.logger.Warn("loops or max_sockets changed: the running engine keeps its settings until it restarts",
-			zap.Ints("running", s.settings[:]), zap.Ints("configured", want[:]))
+	if running := *s.settings.Load(); len(running.changed(want)) > 0 {
+		a.logger.Warn(strings.Join(running.changed(want), ", ")+" changed: the running engine keeps its settings until it restarts "+
+			"(a restart of Caddy, or loading a config without the shaker app first)",
+			zap.Object("running", running), zap.Object("configured", want),
+			zap.Stringer("probe_mode_in_use", s.engine.Mode()))
 	}
 	s.apps = append(s.apps, a)
 	s.herald.Store(a)
 	return nil
+}
+
+// logStarted logs the start of engine e, asked for the probe mode asked:
+// its settings, and with auto which mode it chose and why not raw.
+func logStarted(l *zap.Logger, e *shaker.Engine, asked shaker.Mode) {
+	st := e.Stats()
+	fields := []zap.Field{
+		zap.Bool("half_open", shaker.HalfOpen()),
+		zap.Int("loops", st.Loops),
+		zap.Int("max_sockets", st.MaxSockets),
+		zap.Stringer("probe_mode", e.Mode()),
+	}
+	if asked != e.Mode() {
+		fields = append(fields, zap.Stringer("probe_mode_asked", asked))
+	}
+	if e.Mode() == shaker.ModeRaw {
+		fields = append(fields, zap.Stringer("source_ports", e.SourcePorts()))
+	}
+	l.Info("probe engine started", fields...)
+	if asked != shaker.ModeAuto {
+		return
+	}
+	rawErr := e.RawError()
+	switch {
+	case rawErr == nil:
+		l.Info("probe_mode auto chose raw: raw sockets can be opened here, so SYN-ACKs are reset by the kernel and no probe can become a connection",
+			zap.Stringer("probe_mode", e.Mode()), zap.Stringer("source_ports", e.SourcePorts()))
+	case errors.Is(rawErr, shaker.ErrRawUnavailable):
+		l.Info("probe_mode auto chose connect: raw sockets are refused here",
+			zap.Stringer("probe_mode", e.Mode()), zap.String("reason", rawErr.Error()))
+	default:
+		// raw sockets opened, and something else failed: a source port
+		// held by another socket, say; the operator can fix that
+		l.Warn("probe_mode auto chose connect: raw mode could not start",
+			zap.Stringer("probe_mode", e.Mode()), zap.String("reason", rawErr.Error()))
+	}
 }
 
 // release drops a's reference; the last one closes the engine.
@@ -301,6 +461,7 @@ func (s *engineState) release(a *App) error {
 	e := s.engine
 	s.engine = nil
 	s.cur.Store(nil)
+	s.settings.Store(nil)
 	stopWatch := s.stopWatch
 	s.stopWatch = nil
 	stopCheck := s.stopCheck
@@ -316,6 +477,7 @@ func (s *engineState) release(a *App) error {
 	reg.SetEngine(nil)
 	st := e.Stats()
 	a.logger.Info("probe engine stopped",
+		zap.Stringer("probe_mode", e.Mode()),
 		zap.Uint64("probes", st.Total()),
 		zap.Duration("max_close_delay", st.MaxCloseDelay))
 	return err

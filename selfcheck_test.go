@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -20,10 +21,20 @@ import (
 	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
-// halfOpenGauge scrapes caddy_shaker_half_open from a registry of its own
-// (a pedantic one: Gather also fails on a metric that Describe did not
-// announce).
+// halfOpenGauge scrapes caddy_shaker_half_open (gauges).
 func halfOpenGauge(t *testing.T) float64 {
+	t.Helper()
+	g := gauges(t, "caddy_shaker_half_open")
+	if len(g) != 1 {
+		t.Fatalf("caddy_shaker_half_open: %d series, want 1", len(g))
+	}
+	return g[""]
+}
+
+// gauges scrapes the gauge name from a registry of its own (a pedantic
+// one: Gather also fails on a metric that Describe did not announce): its
+// value by label values, joined with commas ("" without labels).
+func gauges(t *testing.T, name string) map[string]float64 {
 	t.Helper()
 	r := prometheus.NewPedanticRegistry()
 	if err := registerMetrics(r); err != nil {
@@ -34,15 +45,21 @@ func halfOpenGauge(t *testing.T) float64 {
 		t.Fatalf("gathering metrics: %v", err)
 	}
 	for _, mf := range mfs {
-		if mf.GetName() == "caddy_shaker_half_open" {
-			if ms := mf.GetMetric(); len(ms) == 1 {
-				return ms[0].GetGauge().GetValue()
-			}
-			t.Fatalf("caddy_shaker_half_open: %d series, want 1", len(mf.GetMetric()))
+		if mf.GetName() != name {
+			continue
 		}
+		out := map[string]float64{}
+		for _, m := range mf.GetMetric() {
+			var labels []string
+			for _, l := range m.GetLabel() {
+				labels = append(labels, l.GetValue())
+			}
+			out[strings.Join(labels, ",")] = m.GetGauge().GetValue()
+		}
+		return out
 	}
-	t.Fatal("no caddy_shaker_half_open")
-	return 0
+	t.Fatalf("no %s", name)
+	return nil
 }
 
 // buildGauge is caddy_shaker_half_open when only the build speaks: 1 where
@@ -65,19 +82,31 @@ func startTestEngine(t *testing.T, check func(*shaker.Engine, context.Context) e
 	}
 	orig := selfCheck
 	selfCheck = check
+	t.Cleanup(func() { selfCheck = orig })
+	a := new(App)
+	return a, acquireTestApp(t, a)
+}
+
+// acquireTestApp gives a (an app of the test's own: its configuration
+// fields only) a logger into an observer and acquires the engine for it,
+// starting it if none runs. It returns the logs; a is released at cleanup
+// if the test has not released it.
+func acquireTestApp(t *testing.T, a *App) *observer.ObservedLogs {
+	t.Helper()
 	core, logs := observer.New(zap.DebugLevel)
-	a := &App{logger: zap.New(core)}
+	a.logger = zap.New(core)
 	if err := engines.acquire(a); err != nil {
-		selfCheck = orig
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if engines.cur.Load() != nil {
+		engines.mu.Lock()
+		held := slices.Contains(engines.apps, a)
+		engines.mu.Unlock()
+		if held {
 			engines.release(a)
 		}
-		selfCheck = orig
 	})
-	return a, logs
+	return logs
 }
 
 // waitCheckDone waits until the self-check is no longer pending.

@@ -5,11 +5,13 @@ package caddyshaker
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
@@ -232,4 +234,78 @@ func TestRawModeInCaddy(t *testing.T) {
 			h.noLeakedProbes()
 		})
 	}
+}
+
+// TestRawModeNeedsCapNetRaw: without CAP_NET_RAW (the test binary runs
+// again as user nobody, with no capabilities), a config with probe_mode
+// raw fails to load with the engine's error, which says what to grant,
+// and starts no engine; one with probe_mode auto loads, probes in connect
+// mode, logs why (Info), and GET /shaker/engine's raw_error says it too.
+func TestRawModeNeedsCapNetRaw(t *testing.T) {
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	out := runAsNobody(t, "rawmode", "SHAKER_SECURITY_ADDR="+l.Addr.String())
+	res := testkit.ResultsByName(out)
+	checkPrivileges(t, res)
+	rawErr := strings.Join(res["rawload"], " ")
+	for _, want := range []string{"starting probe engine (probe_mode raw)", "raw mode needs CAP_NET_RAW",
+		"Docker grants it by default", "AmbientCapabilities=CAP_NET_RAW", "; engine false"} {
+		if !strings.Contains(rawErr, want) {
+			t.Errorf("probe_mode raw without CAP_NET_RAW: %q does not say %q", rawErr, want)
+		}
+	}
+	if r := res["auto"]; len(r) != 4 || r[0] != "connect" || r[1] != "auto" || r[2] != "true" || r[3] != "true" {
+		t.Errorf("probe_mode auto without CAP_NET_RAW (mode, asked, raw_error says CAP_NET_RAW, healthy): %v; want connect auto true true", r)
+	}
+	// Caddy's own log, at INFO: the choice and its reason
+	var chose bool
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, `"msg":"probe_mode auto chose connect: raw sockets are refused here"`) {
+			chose = strings.Contains(line, `"level":"info"`) && strings.Contains(line, `"reason":"shaker: socket(AF_INET, SOCK_RAW, IPPROTO_TCP): operation not permitted; raw mode needs CAP_NET_RAW`)
+		}
+	}
+	if !chose {
+		t.Error("no info line 'probe_mode auto chose connect: raw sockets are refused here' with the reason in the child's log")
+	}
+	if n := l.ProbeAccepts(t); n != 0 {
+		t.Errorf("the listener accepted %d connections", n)
+	}
+}
+
+// helperRawModeNoCap is TestRawModeNeedsCapNetRaw's child: it loads a
+// config with probe_mode raw (RESULT rawload: the error, and whether an
+// engine runs after), then
+// one with auto (RESULT auto: the mode in use, the mode asked, whether
+// raw_error names CAP_NET_RAW, whether the upstream came up).
+func helperRawModeNoCap(t *testing.T) {
+	printPrivileges(t)
+	addr := os.Getenv("SHAKER_SECURITY_ADDR")
+	config := func(mode string) []byte {
+		return []byte(fmt.Sprintf(`{"admin":{"disabled":true,"config":{"persist":false}},
+		"logging":{"logs":{"default":{"level":"INFO","writer":{"output":"stdout"},"encoder":{"format":"json"}}}},
+		"apps":{"shaker":{"probe_mode":%q},"http":{"servers":{"p":{"listen":["127.0.0.1:0"],"automatic_https":{"disable":true},
+		"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":{
+			"source":"shaker","upstreams":[%q],"interval":"10ms","timeout":"1s"}}]}]}}}}}`, mode, addr))
+	}
+	err := caddy.Load(config("raw"), true)
+	if err == nil {
+		caddy.Stop()
+		t.Fatal("probe_mode raw loaded without CAP_NET_RAW")
+	}
+	fmt.Printf("RESULT rawload %s; engine %v\n", err, engines.cur.Load() != nil)
+
+	if err := caddy.Load(config("auto"), true); err != nil {
+		t.Fatalf("probe_mode auto without CAP_NET_RAW: %v", err)
+	}
+	defer caddy.Stop()
+	var s Status
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if l := reg.Statuses(); len(l) == 1 {
+			if s = l[0]; s.Probes >= 3 {
+				break
+			}
+		}
+	}
+	es := engineStatus()
+	fmt.Printf("RESULT auto %s %s %v %v\n", es.ProbeMode, es.ProbeModeAsked,
+		strings.Contains(es.RawError, "CAP_NET_RAW"), s.Healthy && s.Probes >= 3 && s.LastError == "")
 }

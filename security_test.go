@@ -260,6 +260,47 @@ func TestUnprivilegedProbes(t *testing.T) {
 	sa, _ := syscall.Getsockname(fd)
 	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
 
+	out := runAsNobody(t, "probes", "SHAKER_SECURITY_ADDR="+addr)
+	res := testkit.ResultsByName(out)
+	checkPrivileges(t, res)
+	if r := res["engine"]; len(r) != 3 || r[0] != "20" || r[1] != "20" {
+		t.Fatalf("child engine probes (sent, up, max close delay): %v, want 20 of 20 up", r)
+	}
+	if r := res["caddy"]; len(r) != 2 || r[1] != "true" {
+		t.Fatalf("child Caddy (probes, healthy): %v, want healthy", r)
+	}
+	// Every probe's socket is closed (the child has exited): a probe
+	// that had become a connection would be waiting in the accept queue,
+	// past the kernel's delayed-ACK window.
+	testkit.WaitWindow(netip.MustParseAddrPort(addr))
+	accepted := 0
+	for {
+		nfd, _, err := syscall.Accept(fd)
+		if err != nil {
+			if !errors.Is(err, syscall.EAGAIN) {
+				t.Fatal(err)
+			}
+			break
+		}
+		syscall.Close(nfd)
+		accepted++
+	}
+	if accepted != 0 {
+		t.Fatalf("the listener had %d connections to accept", accepted)
+	}
+}
+
+// runAsNobody runs the test binary again as user nobody (uid 65534), with
+// no capabilities, as TestHelperUnprivileged with secHelperEnv set to mode
+// and env added, bounded to 60 s; it returns the child's output, and fails
+// the test if the child fails. It needs root; where the child cannot be
+// started (a root that may not switch users, a noexec temporary
+// directory), it skips the test.
+func runAsNobody(t *testing.T, mode string, env ...string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to start a child process as user nobody (uid 65534); CI runs as root")
+	}
 	// The go test binary sits in a directory only root may enter: copy it
 	// where nobody may run it.
 	dir, err := os.MkdirTemp("", "shaker-unpriv-")
@@ -290,23 +331,28 @@ func TestUnprivilegedProbes(t *testing.T) {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, testkit.TestArgs("TestHelperUnprivileged")...)
 	cmd.Dir = home
-	cmd.Env = []string{
-		secHelperEnv + "=1", "SHAKER_SECURITY_ADDR=" + addr,
+	cmd.Env = append([]string{
+		secHelperEnv + "=" + mode,
 		"HOME=" + home, "XDG_CONFIG_HOME=" + home, "XDG_DATA_HOME=" + home, "PATH=/usr/bin:/bin",
-	}
+	}, env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
-		// a root that may not switch users (a user namespace, say), or
-		// a temporary directory mounted noexec
 		t.Skipf("cannot start a child as user nobody: %v", err)
 	}
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("child as nobody: %v\n%s", err, out.String())
 	}
 	t.Logf("child:\n%s", out.String())
-	res := testkit.ResultsByName(out.String())
+	return out.String()
+}
+
+// checkPrivileges fails the test unless the child's results
+// (printPrivileges) say it ran as nobody, with no capabilities, refused a
+// raw socket.
+func checkPrivileges(t *testing.T, res map[string][]string) {
+	t.Helper()
 	if r := res["ids"]; len(r) != 2 || r[0] != "65534" || r[1] != "65534" {
 		t.Fatalf("child uid, euid %v: want 65534 65534", r)
 	}
@@ -315,31 +361,6 @@ func TestUnprivilegedProbes(t *testing.T) {
 	}
 	if r := res["rawsocket"]; len(r) != 1 || r[0] != "EPERM" {
 		t.Fatalf("child raw socket: %v, want EPERM (no CAP_NET_RAW)", r)
-	}
-	if r := res["engine"]; len(r) != 3 || r[0] != "20" || r[1] != "20" {
-		t.Fatalf("child engine probes (sent, up, max close delay): %v, want 20 of 20 up", r)
-	}
-	if r := res["caddy"]; len(r) != 2 || r[1] != "true" {
-		t.Fatalf("child Caddy (probes, healthy): %v, want healthy", r)
-	}
-	// Every probe's socket is closed (the child has exited): a probe
-	// that had become a connection would be waiting in the accept queue,
-	// past the kernel's delayed-ACK window.
-	testkit.WaitWindow(netip.MustParseAddrPort(addr))
-	accepted := 0
-	for {
-		nfd, _, err := syscall.Accept(fd)
-		if err != nil {
-			if !errors.Is(err, syscall.EAGAIN) {
-				t.Fatal(err)
-			}
-			break
-		}
-		syscall.Close(nfd)
-		accepted++
-	}
-	if accepted != 0 {
-		t.Fatalf("the listener had %d connections to accept", accepted)
 	}
 }
 
@@ -360,12 +381,26 @@ func copyFile(src, dst string) error {
 	return out.Close()
 }
 
-// TestHelperUnprivileged is the child of TestUnprivilegedProbes; it
-// prints RESULT lines.
+// TestHelperUnprivileged is the child of the tests that run as nobody
+// (runAsNobody); it prints RESULT lines. secHelperEnv says which: probes
+// (TestUnprivilegedProbes) or rawmode (TestRawModeNeedsCapNetRaw).
 func TestHelperUnprivileged(t *testing.T) {
-	if os.Getenv(secHelperEnv) == "" {
-		t.Skip("only runs as the child of TestUnprivilegedProbes")
+	switch os.Getenv(secHelperEnv) {
+	case "":
+		t.Skip("only runs as the child of TestUnprivilegedProbes and TestRawModeNeedsCapNetRaw")
+	case "probes":
+		helperUnprivilegedProbes(t)
+	case "rawmode":
+		helperRawModeNoCap(t)
+	default:
+		t.Fatalf("unknown helper %q", os.Getenv(secHelperEnv))
 	}
+}
+
+// printPrivileges prints the child's uid and euid (RESULT ids), its
+// effective and permitted capabilities (RESULT caps), and whether it may
+// open a raw socket (RESULT rawsocket).
+func printPrivileges(t *testing.T) {
 	fmt.Printf("RESULT ids %d %d\n", os.Getuid(), os.Geteuid())
 	status, err := os.ReadFile("/proc/self/status")
 	if err != nil {
@@ -386,7 +421,11 @@ func TestHelperUnprivileged(t *testing.T) {
 	} else {
 		fmt.Printf("RESULT rawsocket %v\n", err)
 	}
+}
 
+// helperUnprivilegedProbes is TestUnprivilegedProbes's child.
+func helperUnprivilegedProbes(t *testing.T) {
+	printPrivileges(t)
 	addr := netip.MustParseAddrPort(os.Getenv("SHAKER_SECURITY_ADDR"))
 	e, err := shaker.New(shaker.Options{})
 	if err != nil {

@@ -357,8 +357,10 @@ func (l *loop) match(a *rawAnswer) {
 		return
 	}
 	s := &l.slots[idx]
+	// The answer's address has no zone: the probe's (its interface, as
+	// in fe80::1%eth0) is left out of the comparison.
 	if s.fd != rawFD || uint32(s.gen)&(1<<(32-r.idxBits)-1) != v>>r.idxBits || s.sport != a.ours ||
-		s.addr.Port() != a.theirs || s.addr.Addr().Unmap() != a.peer.Unmap() {
+		s.addr.Port() != a.theirs || s.addr.Addr().WithZone("").Unmap() != a.peer.Unmap() {
 		return // stale, forged, or another engine's
 	}
 	now := l.e.now()

@@ -189,6 +189,12 @@ func (l *loop) expireRaw(idx int32, now int64) {
 		return
 	}
 	res := Result{Addr: s.addr, Err: ErrTimeout, Duration: time.Duration(now - s.start)}
+	if s.sched != nil {
+		// Look the source address up again next time: if the route
+		// changed, the SYN's checksum was wrong for the source the
+		// kernel chose, and the backend dropped it.
+		s.sched.srcAt = 0
+	}
 	l.finish(s.done, s.sched, res)
 	l.release(idx)
 }
@@ -257,8 +263,10 @@ func (l *loop) readRaw(which int32) {
 		}
 		o := l.e.loops[t]
 		o.mu.Lock()
-		o.inbox = append(o.inbox, as...)
-		o.wakeLocked()
+		if !o.closed {
+			o.inbox = append(o.inbox, as...)
+			o.wakeLocked()
+		}
 		o.mu.Unlock()
 		clear(as)
 		rc.outbox[t] = as[:0]

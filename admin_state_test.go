@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // sourceOn returns a source over n addresses 10.0.0.x:8080 of registry r
@@ -189,9 +190,7 @@ func TestAdminDrainMaintReady(t *testing.T) {
 		t.Errorf("GET %s: %d %s", b1.addr, code, body)
 	}
 
-	events.Lock()
-	seen := len(events.list) // events of earlier tests
-	events.Unlock()
+	seen := len(caddytest.Events()) // events of earlier tests
 
 	// drain b1: no new requests, probes go on
 	h.setAdmin(b1, "drain")
@@ -241,14 +240,12 @@ func TestAdminDrainMaintReady(t *testing.T) {
 		got := h.servedBy(30)
 		return got["b1"] > 0 && got["b2"] > 0 && got["b3"] > 0
 	})
-	events.Lock()
 	changes := 0
-	for _, e := range events.list[seen:] {
-		if e.name == "admin_state_changed" && (e.host == b1.addr || e.host == b2.addr) {
+	for _, e := range caddytest.Events()[seen:] {
+		if e.Name == "admin_state_changed" && (e.Host == b1.addr || e.Host == b2.addr) {
 			changes++
 		}
 	}
-	events.Unlock()
 	if changes != 4 {
 		t.Errorf("%d admin_state_changed events for b1 and b2, want 4 (drain, maint, ready, ready)", changes)
 	}

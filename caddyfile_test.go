@@ -10,6 +10,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // adaptDynamic adapts a reverse_proxy block and returns its
@@ -416,7 +418,7 @@ func TestExamplesAdapt(t *testing.T) {
 		if len(warn) > 0 {
 			t.Errorf("%s: warnings: %v", ex.caddyfile, warn)
 		}
-		for name, raw := range map[string][]byte{ex.caddyfile: out, ex.json: mustRead(t, ex.json)} {
+		for name, raw := range map[string][]byte{ex.caddyfile: out, ex.json: caddytest.MustRead(t, ex.json)} {
 			var c caddy.Config
 			if err := json.Unmarshal(raw, &c); err != nil {
 				t.Fatalf("%s: %v", name, err)
@@ -426,13 +428,4 @@ func TestExamplesAdapt(t *testing.T) {
 			}
 		}
 	}
-}
-
-func mustRead(t *testing.T, name string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
@@ -26,9 +27,7 @@ func TestIntegration(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	events.Lock()
-	events.list = nil
-	events.Unlock()
+	caddytest.ResetEvents()
 
 	h := newHarness(t, 3)
 	b1, b2, b3 := h.backends[0], h.backends[1], h.backends[2]

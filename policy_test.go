@@ -11,10 +11,8 @@ import (
 	"net/http/httptest"
 	"reflect"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -23,6 +21,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // fakeStates are member states a test sets.
@@ -42,11 +41,7 @@ func (f *fakeStates) Version() uint64 { return f.version }
 // policy with u filtered out must match.
 func markUnavailable(t *testing.T, u *reverseproxy.Upstream) {
 	t.Helper()
-	f := reflect.ValueOf(u).Elem().FieldByName("unhealthy")
-	if !f.IsValid() || f.Type() != reflect.TypeFor[atomic.Int32]() {
-		t.Fatalf("reverseproxy.Upstream has no unhealthy atomic.Int32 in this Caddy version")
-	}
-	(*atomic.Int32)(unsafe.Pointer(f.UnsafeAddr())).Store(1)
+	caddytest.StoreInt32(t, reflect.ValueOf(u).Elem(), "unhealthy", 1, "reverseproxy.Upstream")
 	if u.Available() {
 		t.Fatal("upstream still available")
 	}
@@ -64,16 +59,7 @@ func newPool(n int) reverseproxy.UpstreamPool {
 // its JSON.
 func newInner(t *testing.T, js string) reverseproxy.Selector {
 	t.Helper()
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
-	t.Cleanup(cancel)
-	holder := struct {
-		Raw json.RawMessage `caddy:"namespace=http.reverse_proxy.selection_policies inline_key=policy"`
-	}{Raw: json.RawMessage(js)}
-	mod, err := ctx.LoadModule(&holder, "Raw")
-	if err != nil {
-		t.Fatalf("%s: %v", js, err)
-	}
-	return mod.(reverseproxy.Selector)
+	return caddytest.LoadInline[reverseproxy.Selector](t, "http.reverse_proxy.selection_policies", "policy", js)
 }
 
 // TestPolicyEachBuiltin: with one upstream down, the shaker policy wrapping

@@ -399,6 +399,36 @@ func (h *harness) servedBy(n int) map[string]int {
 	return m
 }
 
+// failedRequestProbes checks that a failed request gets its upstream
+// probed at once, with h loaded with two backends, at interval and
+// fast_interval fast, and retries: it stops b1 and sends requests, each
+// answer checked by answer, until one went to b1, failed and was retried
+// (at most maxRequests); then b1 must be down within 5 s, and requests go
+// to b2 only. It logs how long the probe and the transition took.
+func (h *harness) failedRequestProbes(interval, fast time.Duration, maxRequests int, answer func(code int, body string) error) {
+	h.t.Helper()
+	b1 := h.backends[0]
+	// new addresses are first probed at once
+	waitFor(h.t, 5*time.Second, "b1's first probe", func() bool { return h.statuses()[b1.addr].Probes > 0 })
+	b1.stop()
+	before := h.statuses()[b1.addr].Probes
+	start := time.Now()
+	for i := 0; h.statuses()[b1.addr].Probes == before; i++ {
+		if i > maxRequests {
+			h.t.Fatalf("%d requests and b1 not probed again", maxRequests)
+		}
+		if err := answer(h.get()); err != nil {
+			h.t.Fatal(err)
+		}
+	}
+	probed := time.Since(start)
+	took := waitFor(h.t, 5*time.Second, "b1 down", func() bool { return !h.statuses()[b1.addr].Healthy })
+	h.t.Logf("b1 probed %v after requests started failing on it, down %v later (interval %v, fast_interval %v)", probed, took, interval, fast)
+	if got := h.servedBy(10); got["b2"] != 10 {
+		h.t.Errorf("b1 down: requests went to %v", got)
+	}
+}
+
 // awaitSelfCheck polls GET /shaker/engine until the engine's self-check
 // is no longer pending (it takes about 250 ms), and returns the status.
 func (h *harness) awaitSelfCheck() EngineStatus {

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -43,6 +42,7 @@ import (
 
 const (
 	stopHelperEnv = "CADDYSHAKER_STOP_HELPER"
+	stopPathEnv   = "CADDYSHAKER_STOP" // the SlowPath's (SlowPath.Env)
 
 	// The path and the load: 2,000 addresses every 400 ms (5,000 probes/s)
 	// against a tbf that passes about 3,400 IPv4 SYN-ACKs a second
@@ -65,7 +65,7 @@ const (
 var stopFamilies = []int{4, 6}
 
 // TestStopInFlightHelper is the body of the stop tests' child processes,
-// which run in namespace A of a SlowPath (B is $CADDYSHAKER_STOP_NS_B):
+// which run in namespace A of a SlowPath (testkit.ChildSlowPath):
 // Caddy in this process stopped or reloaded ("stop", "reload", "engine"),
 // or Caddy's own main ("caddy").
 func TestStopInFlightHelper(t *testing.T) {
@@ -77,8 +77,7 @@ func TestStopInFlightHelper(t *testing.T) {
 		os.Args = []string{"caddy", "run", "--config", os.Getenv("CADDYSHAKER_STOP_CONFIG")}
 		caddycmd.Main() // exits the process
 	case "stop", "reload", "engine":
-		family, _ := strconv.Atoi(os.Getenv("CADDYSHAKER_STOP_FAMILY"))
-		p := &testkit.SlowPath{B: os.Getenv("CADDYSHAKER_STOP_NS_B"), DevB: "shk-b"}
+		p, family := testkit.ChildSlowPath(stopPathEnv)
 		stopInFlightMain(t, p, family, mode)
 	default:
 		t.Fatalf("unknown helper %q", mode)
@@ -317,8 +316,7 @@ func runStopHelper(t *testing.T, mode string) {
 		t.Run(fmt.Sprintf("IPv%d", family), func(t *testing.T) {
 			p := testkit.NewSlowPath(t, stopRate, stopLatency)
 			start := time.Now()
-			out := testkit.RunTest(t, p.A, "TestStopInFlightHelper", stopHelperEnv+"="+mode,
-				"CADDYSHAKER_STOP_FAMILY="+strconv.Itoa(family), "CADDYSHAKER_STOP_NS_B="+p.B)
+			out := testkit.RunTest(t, p.A, "TestStopInFlightHelper", append(p.Env(stopPathEnv, family), stopHelperEnv+"="+mode)...)
 			for _, line := range strings.Split(out, "\n") {
 				if strings.Contains(line, "SYN-ACKs queued at the stop") || strings.Contains(line, "worst SYN-ACK-to-close") || strings.HasPrefix(line, "RESULT") {
 					t.Log(strings.TrimSpace(line))

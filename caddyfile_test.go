@@ -18,7 +18,19 @@ import (
 // dynamic_upstreams object.
 func adaptDynamic(t *testing.T, block string) (map[string]any, error) {
 	t.Helper()
-	src := ":8080 {\n\treverse_proxy {\n" + block + "\n\t}\n}\n"
+	d, err := adaptProxy(t, "", block, "dynamic_upstreams")
+	if err == nil && d == nil {
+		t.Fatalf("no dynamic_upstreams in the config of %q", block)
+	}
+	return d, err
+}
+
+// adaptProxy adapts a site with one reverse_proxy (upstreams on its line,
+// each followed by a space) whose block is block, and returns the first
+// object under key in the JSON (findKey): nil if there is none.
+func adaptProxy(t *testing.T, upstreams, block, key string) (map[string]any, error) {
+	t.Helper()
+	src := ":8080 {\n\treverse_proxy " + upstreams + "{\n" + block + "\n\t}\n}\n"
 	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
 	if err != nil {
 		return nil, err
@@ -27,11 +39,7 @@ func adaptDynamic(t *testing.T, block string) (map[string]any, error) {
 	if err := json.Unmarshal(out, &cfg); err != nil {
 		t.Fatal(err)
 	}
-	if d := findKey(cfg, "dynamic_upstreams"); d != nil {
-		return d, nil
-	}
-	t.Fatalf("no dynamic_upstreams in %s", out)
-	return nil, nil
+	return findKey(cfg, key), nil
 }
 
 // findKey returns the first object found under key, depth first.

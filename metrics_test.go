@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -66,9 +67,10 @@ func heraldApp(tb testing.TB, cap SeriesCap) (*App, *observer.ObservedLogs) {
 	return a, logs
 }
 
-// scrape gathers the shaker metrics from a pedantic registry of their own
-// and returns the series by family name.
-func scrape(tb testing.TB) map[string][]string {
+// gather gathers the shaker metrics from a registry of their own (a
+// pedantic one: Gather also fails on a metric that Describe did not
+// announce).
+func gather(tb testing.TB) []*dto.MetricFamily {
 	tb.Helper()
 	r := prometheus.NewPedanticRegistry()
 	if err := registerMetrics(r); err != nil {
@@ -78,8 +80,15 @@ func scrape(tb testing.TB) map[string][]string {
 	if err != nil {
 		tb.Fatalf("gathering metrics: %v", err)
 	}
+	return mfs
+}
+
+// scrape gathers the shaker metrics (gather) and returns the series by
+// family name.
+func scrape(tb testing.TB) map[string][]string {
+	tb.Helper()
 	out := make(map[string][]string)
-	for _, mf := range mfs {
+	for _, mf := range gather(tb) {
 		for _, m := range mf.GetMetric() {
 			var labels []string
 			for _, l := range m.GetLabel() {

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
@@ -190,16 +189,7 @@ func TestPolicyPoolRebuiltOnTransitions(t *testing.T) {
 
 func TestPolicyCaddyfile(t *testing.T) {
 	lb := func(block string) (map[string]any, error) {
-		src := ":8080 {\n\treverse_proxy 127.0.0.1:9001 127.0.0.1:9002 {\n" + block + "\n\t}\n}\n"
-		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
-		if err != nil {
-			return nil, err
-		}
-		var cfg any
-		if err := json.Unmarshal(out, &cfg); err != nil {
-			t.Fatal(err)
-		}
-		return findKey(cfg, "selection_policy"), nil
+		return adaptProxy(t, "127.0.0.1:9001 127.0.0.1:9002 ", block, "selection_policy")
 	}
 	for _, tc := range []struct{ block, want string }{
 		{`lb_policy shaker`, `{"policy":"shaker"}`},

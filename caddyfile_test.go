@@ -42,6 +42,19 @@ func adaptProxy(t *testing.T, upstreams, block, key string) (map[string]any, err
 	return findKey(cfg, key), nil
 }
 
+// validateProxy validates (caddy.Validate: provisioned, then cleaned up)
+// a config whose one route is a reverse_proxy handler with the fields
+// given, JSON without the braces (`"dynamic_upstreams":{...}`).
+func validateProxy(t testing.TB, fields string) error {
+	t.Helper()
+	cfg := `{"admin":{"disabled":true},"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy",` + fields + `}]}]}}}}}`
+	var c caddy.Config
+	if err := json.Unmarshal([]byte(cfg), &c); err != nil {
+		t.Fatalf("%s: %v", cfg, err)
+	}
+	return caddy.Validate(&c)
+}
+
 // findKey returns the first object found under key, depth first.
 func findKey(v any, key string) map[string]any {
 	switch v := v.(type) {
@@ -351,12 +364,7 @@ func TestJSONLoadErrors(t *testing.T) {
 		{`{"source":"shaker","upstreams":["127.0.0.1"]}`, `upstream "127.0.0.1": missing port`},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"rise":2}`, `unknown field "rise"`},
 	} {
-		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		err := caddy.Validate(&c)
+		err := validateProxy(t, `"dynamic_upstreams":`+tc.dyn)
 		if err == nil {
 			t.Errorf("%s: no error", tc.dyn)
 			continue

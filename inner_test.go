@@ -301,12 +301,7 @@ func TestDiscoverJSONErrors(t *testing.T) {
 		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"forget_after":"-1s"}`, "forget_after -1s"},
 		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"max_discovered":-5}`, "max_discovered -5: must not be negative"},
 	} {
-		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		err := caddy.Validate(&c)
+		err := validateProxy(t, `"dynamic_upstreams":`+tc.dyn)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s:\nerror %v\nwant  %q", tc.dyn, err, tc.want)
 		}
@@ -508,12 +503,7 @@ func TestInnerOldNames(t *testing.T) {
 		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"discover":{"source":"a","name":"localhost","port":"2"}}`,
 			`inner {"name":"localhost","port":"1","source":"a"} and discover {"name":"localhost","port":"2","source":"a"}: discover is inner's deprecated name`},
 	} {
-		cfg := `{"admin":{"disabled":true},"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		err := caddy.Validate(&c)
+		err := validateProxy(t, `"dynamic_upstreams":`+tc.dyn)
 		switch {
 		case tc.want == "" && err != nil:
 			t.Errorf("%s: %v", tc.dyn, err)

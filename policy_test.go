@@ -257,12 +257,7 @@ func TestPolicyLoadErrors(t *testing.T) {
 		{`{"policy":"cookie","fallback":{"policy":"shaker"}}`, "goes directly in a reverse_proxy handler's load_balancing"},
 		{`{"policy":"shaker","rise":1}`, `unknown field "rise"`},
 	} {
-		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","upstreams":[{"dial":"127.0.0.1:1"}],"load_balancing":{"selection_policy":` + tc.lb + `}}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		err := caddy.Validate(&c)
+		err := validateProxy(t, `"upstreams":[{"dial":"127.0.0.1:1"}],"load_balancing":{"selection_policy":`+tc.lb+`}`)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s:\nerror %v\nwant  %q", tc.lb, err, tc.want)
 		}

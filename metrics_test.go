@@ -55,6 +55,15 @@ func acquireMany(tb testing.TB, n, first int, name string) []*health.Checker {
 	return cs
 }
 
+// setAdminState sets the admin state of the checker of addr in the
+// process's registry; an error fails the test.
+func setAdminState(tb testing.TB, addr netip.AddrPort, st health.AdminState) {
+	tb.Helper()
+	if _, err := reg.SetAdminState(addr, st); err != nil {
+		tb.Fatal(err)
+	}
+}
+
 // heraldApp makes an app of the test's own, with per_address_metrics cap,
 // the newest config for the metrics, until the test ends; its warnings go
 // to the logs returned.
@@ -111,12 +120,8 @@ func TestMetricsSeriesBounded(t *testing.T) {
 	cs := acquireMany(t, n, 0, "many")
 	cs[0].Observe(upResult)
 	cs[1].Observe(refusedResult)
-	if _, err := reg.SetAdminState(cs[2].Addr(), health.Drain); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := reg.SetAdminState(cs[3].Addr(), health.Maint); err != nil {
-		t.Fatal(err)
-	}
+	setAdminState(t, cs[2].Addr(), health.Drain)
+	setAdminState(t, cs[3].Addr(), health.Maint)
 
 	for _, tc := range []struct {
 		cap    SeriesCap

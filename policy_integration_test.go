@@ -130,9 +130,7 @@ func TestPolicyPassThrough(t *testing.T) {
 	}
 	// with b2 down, the unprobed one still serves
 	a, _ := netip.ParseAddrPort(b2.addr)
-	if _, err := reg.SetAdminState(a, health.Drain); err != nil {
-		t.Fatal(err)
-	}
+	setAdminState(t, a, health.Drain)
 	if code, body := h.get(); code != 200 || body != "b1" {
 		t.Fatalf("request: %d %q", code, body)
 	}

@@ -233,18 +233,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 	tag := fmt.Sprintf("IPv%d %s", family, mode)
 	switch mode {
 	case "stop":
-		m := waitFull(t, p, ls, engineInFlight)
-		old := engines.cur.Load()
-		t0 := time.Now()
-		if err := caddy.Stop(); err != nil {
-			t.Fatal(err)
-		}
-		took := time.Since(t0)
-		if engines.cur.Load() != nil {
-			t.Fatal("engine running after caddy.Stop")
-		}
-		checkClosed(t, old, tag)
-		acc, rsts := checkAfterStop(t, p, ls, m, tag)
+		m, took, acc, rsts := stopWhenFull(t, p, ls, engines.cur.Load(), tag)
 		fmt.Printf("RESULT stop %d %d %d %d %d %v\n", m.inFlight, m.sockets, m.queued, rsts, acc, took)
 
 	case "reload":
@@ -270,12 +259,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 		if during != 0 {
 			t.Errorf("%s: listeners accepted %d connections after 5 forced reloads", tag, during)
 		}
-		m := waitFull(t, p, ls, engineInFlight)
-		if err := caddy.Stop(); err != nil {
-			t.Fatal(err)
-		}
-		checkClosed(t, e0, tag+" (then stop)")
-		acc, rsts := checkAfterStop(t, p, ls, m, tag+" (then stop)")
+		m, _, acc, rsts := stopWhenFull(t, p, ls, e0, tag+" (then stop)")
 		fmt.Printf("RESULT reload %d %d %d %d %d %d\n", worst.inFlight, worst.queued, during, m.inFlight, rsts, acc)
 
 	case "engine":
@@ -296,14 +280,30 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 		if e2 == nil || e2 == old || e2.Stats().Loops != 1 {
 			t.Fatalf("after a reload with loops 1: engine %p (old %p), want a new one with 1 loop", e2, old)
 		}
-		m2 := waitFull(t, p, ls, engineInFlight)
-		if err := caddy.Stop(); err != nil {
-			t.Fatal(err)
-		}
-		checkClosed(t, e2, tag+" (new engine, then stop)")
-		acc2, rsts2 := checkAfterStop(t, p, ls, m2, tag+" (new engine, then stop)")
+		m2, _, acc2, rsts2 := stopWhenFull(t, p, ls, e2, tag+" (new engine, then stop)")
 		fmt.Printf("RESULT engine %d %d %d %d %d %d %d %d\n", m.inFlight, m.queued, rsts1, acc1, m2.inFlight, m2.queued, rsts2, acc2)
 	}
+}
+
+// stopWhenFull waits until the engine e has its fill of answered probes
+// in flight (waitFull), stops Caddy (took: how long caddy.Stop took),
+// checks that no engine runs and that e closed every socket
+// (checkClosed), and counts past the kernel's window what the listeners
+// accepted and reset (checkAfterStop).
+func stopWhenFull(t *testing.T, p *testkit.SlowPath, ls testkit.Listeners, e *shaker.Engine, what string) (m stopMoment, took time.Duration, accepted, resets int64) {
+	t.Helper()
+	m = waitFull(t, p, ls, engineInFlight)
+	t0 := time.Now()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	took = time.Since(t0)
+	if engines.cur.Load() != nil {
+		t.Fatalf("%s: engine running after caddy.Stop", what)
+	}
+	checkClosed(t, e, what)
+	accepted, resets = checkAfterStop(t, p, ls, m, what)
+	return m, took, accepted, resets
 }
 
 // runStopHelper runs TestStopInFlightHelper in mode on a new SlowPath, for

@@ -40,12 +40,8 @@ func TestAdminUpstreamsPaging(t *testing.T) {
 	a[0].Observe(upResult)
 	a[1].Observe(refusedResult)
 	a[2].Observe(refusedResult)
-	if _, err := reg.SetAdminState(a[3].Addr(), health.Drain); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := reg.SetAdminState(a[4].Addr(), health.Maint); err != nil {
-		t.Fatal(err)
-	}
+	setAdminState(t, a[3].Addr(), health.Drain)
+	setAdminState(t, a[4].Addr(), health.Maint)
 
 	w, list, err := getUpstreams(t, "")
 	if err != nil {

@@ -3,6 +3,7 @@
 package caddyshaker
 
 import (
+	"fmt"
 	"math"
 	"net/http"
 	"net/netip"
@@ -14,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // sourceOn returns a source over n addresses 10.0.0.x:8080 of registry r
@@ -189,9 +191,7 @@ func TestAdminDrainMaintReady(t *testing.T) {
 		t.Errorf("GET %s: %d %s", b1.addr, code, body)
 	}
 
-	events.Lock()
-	seen := len(events.list) // events of earlier tests
-	events.Unlock()
+	seen := len(caddytest.Events()) // events of earlier tests
 
 	// drain b1: no new requests, probes go on
 	h.setAdmin(b1, "drain")
@@ -241,14 +241,12 @@ func TestAdminDrainMaintReady(t *testing.T) {
 		got := h.servedBy(30)
 		return got["b1"] > 0 && got["b2"] > 0 && got["b3"] > 0
 	})
-	events.Lock()
 	changes := 0
-	for _, e := range events.list[seen:] {
-		if e.name == "admin_state_changed" && (e.host == b1.addr || e.host == b2.addr) {
+	for _, e := range caddytest.Events()[seen:] {
+		if e.Name == "admin_state_changed" && (e.Host == b1.addr || e.Host == b2.addr) {
 			changes++
 		}
 	}
-	events.Unlock()
 	if changes != 4 {
 		t.Errorf("%d admin_state_changed events for b1 and b2, want 4 (drain, maint, ready, ready)", changes)
 	}
@@ -326,27 +324,13 @@ func TestFailedRequestProbes(t *testing.T) {
 	h.handler = map[string]any{"load_balancing": map[string]any{"retries": 2}}
 	h.load(interval)
 	b1 := h.backends[0]
-	// new addresses are first probed at once
-	waitFor(t, 5*time.Second, "b1's first probe", func() bool { return h.statuses()[b1.addr].Probes > 0 })
-	b1.stop()
-	before := h.statuses()[b1.addr].Probes
-	start := time.Now()
-	// requests until one went to b1, failed and was retried (random
-	// selection may pick b1 again on every retry: a 502 is possible)
-	for i := 0; h.statuses()[b1.addr].Probes == before; i++ {
-		if i > 1000 {
-			t.Fatal("1000 requests and b1 not probed again")
+	// random selection may pick b1 again on every retry: a 502 is possible
+	h.failedRequestProbes(interval, fast, 1000, func(code int, body string) error {
+		if code != 502 && (code != 200 || body != "b2") {
+			return fmt.Errorf("request: %d %q, want b2's 200 or a 502", code, body)
 		}
-		if code, body := h.get(); code != 502 && (code != 200 || body != "b2") {
-			t.Fatalf("request: %d %q, want b2's 200 or a 502", code, body)
-		}
-	}
-	probed := time.Since(start)
-	took := waitFor(t, 5*time.Second, "b1 down", func() bool { return !h.statuses()[b1.addr].Healthy })
-	t.Logf("b1 probed %v after requests started failing on it, down %v later (interval %v, fast_interval %v)", probed, took, interval, fast)
-	if got := h.servedBy(10); got["b2"] != 10 {
-		t.Errorf("b1 down: requests went to %v", got)
-	}
+		return nil
+	})
 	if s := h.statuses()[b1.addr]; s.LastError != "refused" {
 		t.Errorf("b1: last error %q, want refused", s.LastError)
 	}

@@ -10,13 +10,27 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // adaptDynamic adapts a reverse_proxy block and returns its
 // dynamic_upstreams object.
 func adaptDynamic(t *testing.T, block string) (map[string]any, error) {
 	t.Helper()
-	src := ":8080 {\n\treverse_proxy {\n" + block + "\n\t}\n}\n"
+	d, err := adaptProxy(t, "", block, "dynamic_upstreams")
+	if err == nil && d == nil {
+		t.Fatalf("no dynamic_upstreams in the config of %q", block)
+	}
+	return d, err
+}
+
+// adaptProxy adapts a site with one reverse_proxy (upstreams on its line,
+// each followed by a space) whose block is block, and returns the first
+// object under key in the JSON (findKey): nil if there is none.
+func adaptProxy(t *testing.T, upstreams, block, key string) (map[string]any, error) {
+	t.Helper()
+	src := ":8080 {\n\treverse_proxy " + upstreams + "{\n" + block + "\n\t}\n}\n"
 	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
 	if err != nil {
 		return nil, err
@@ -25,11 +39,20 @@ func adaptDynamic(t *testing.T, block string) (map[string]any, error) {
 	if err := json.Unmarshal(out, &cfg); err != nil {
 		t.Fatal(err)
 	}
-	if d := findKey(cfg, "dynamic_upstreams"); d != nil {
-		return d, nil
+	return findKey(cfg, key), nil
+}
+
+// validateProxy validates (caddy.Validate: provisioned, then cleaned up)
+// a config whose one route is a reverse_proxy handler with the fields
+// given, JSON without the braces (`"dynamic_upstreams":{...}`).
+func validateProxy(t testing.TB, fields string) error {
+	t.Helper()
+	cfg := `{"admin":{"disabled":true},"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy",` + fields + `}]}]}}}}}`
+	var c caddy.Config
+	if err := json.Unmarshal([]byte(cfg), &c); err != nil {
+		t.Fatalf("%s: %v", cfg, err)
 	}
-	t.Fatalf("no dynamic_upstreams in %s", out)
-	return nil, nil
+	return caddy.Validate(&c)
 }
 
 // findKey returns the first object found under key, depth first.
@@ -341,12 +364,7 @@ func TestJSONLoadErrors(t *testing.T) {
 		{`{"source":"shaker","upstreams":["127.0.0.1"]}`, `upstream "127.0.0.1": missing port`},
 		{`{"source":"shaker","upstreams":["127.0.0.1:1"],"rise":2}`, `unknown field "rise"`},
 	} {
-		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		err := caddy.Validate(&c)
+		err := validateProxy(t, `"dynamic_upstreams":`+tc.dyn)
 		if err == nil {
 			t.Errorf("%s: no error", tc.dyn)
 			continue
@@ -416,7 +434,7 @@ func TestExamplesAdapt(t *testing.T) {
 		if len(warn) > 0 {
 			t.Errorf("%s: warnings: %v", ex.caddyfile, warn)
 		}
-		for name, raw := range map[string][]byte{ex.caddyfile: out, ex.json: mustRead(t, ex.json)} {
+		for name, raw := range map[string][]byte{ex.caddyfile: out, ex.json: caddytest.MustRead(t, ex.json)} {
 			var c caddy.Config
 			if err := json.Unmarshal(raw, &c); err != nil {
 				t.Fatalf("%s: %v", name, err)
@@ -426,13 +444,4 @@ func TestExamplesAdapt(t *testing.T) {
 			}
 		}
 	}
-}
-
-func mustRead(t *testing.T, name string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }

@@ -33,6 +33,7 @@ import (
 // delays, which on a shared machine are not Caddy's alone to keep.
 const (
 	cdHelperEnv = "CADDYSHAKER_CLOSEDELAY_HELPER" // idle or busy
+	cdPathEnv   = "CADDYSHAKER_CD"                // the SlowPath's (SlowPath.Env)
 	cdRate      = "15mbit"
 	cdLatency   = "200ms"
 	cdAddrs     = 2000
@@ -54,9 +55,8 @@ func TestCloseDelayBurstsInCaddy(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/IPv%d", mode, family), func(t *testing.T) {
 				p := testkit.NewSlowPath(t, cdRate, cdLatency)
 				p.ShapeA(t, cdRate, cdLatency)
-				out := testkit.RunTest(t, p.A, "TestCloseDelayInCaddyHelper", cdHelperEnv+"="+mode,
-					"CADDYSHAKER_CD_FAMILY="+strconv.Itoa(family), "CADDYSHAKER_CD_NS_A="+p.A, "CADDYSHAKER_CD_NS_B="+p.B,
-					"HOME="+t.TempDir())
+				env := append(p.Env(cdPathEnv, family), cdHelperEnv+"="+mode, "HOME="+t.TempDir())
+				out := testkit.RunTest(t, p.A, "TestCloseDelayInCaddyHelper", env...)
 				f := testkit.ResultsByName(out)["closedelay"]
 				if len(f) != 12 {
 					t.Fatalf("no RESULT closedelay line:\n%s", out)
@@ -120,8 +120,7 @@ func TestCloseDelayInCaddyHelper(t *testing.T) {
 	if mode == "" {
 		t.Skip("only runs as a child of TestCloseDelayBurstsInCaddy")
 	}
-	family, _ := strconv.Atoi(os.Getenv("CADDYSHAKER_CD_FAMILY"))
-	p := &testkit.SlowPath{A: os.Getenv("CADDYSHAKER_CD_NS_A"), B: os.Getenv("CADDYSHAKER_CD_NS_B"), DevA: "shk-a", DevB: "shk-b"}
+	p, family := testkit.ChildSlowPath(cdPathEnv)
 	ls, addrs := testkit.SlowListeners(t, p.B, family, cdPorts, cdAddrs)
 	var ups []string
 	for _, a := range addrs {

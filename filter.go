@@ -2,10 +2,13 @@ package caddyshaker
 
 import (
 	"math/rand/v2"
+	"slices"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 // Member is what the in-service rule needs to know of one upstream.
@@ -56,6 +59,14 @@ func (pc *ProbeConfig) Count(n int, at func(int) Member) Tally {
 		}
 	}
 	t.Panic = pc.PanicThreshold > 0 && float64(t.In) < pc.PanicThreshold*float64(t.Ready)
+	return t
+}
+
+// CountAndNote is Count, with a change of failing open logged by f
+// (FailOpen.Note): what every integration does before it chooses.
+func (pc *ProbeConfig) CountAndNote(n int, at func(int) Member, f *FailOpen, logger *zap.Logger) Tally {
+	t := pc.Count(n, at)
+	f.Note(logger, t, pc.PanicThreshold)
 	return t
 }
 
@@ -117,6 +128,66 @@ func (pc *ProbeConfig) RampEnd(m Member, t Tally, now int64) int64 {
 		return 0
 	}
 	return m.Returned + slow
+}
+
+// KeepRamping is Choose for a list built once and drawn from per choice,
+// as a load-balancing policy's list in service is: it calls keep(i, ramps)
+// for each member that gets traffic, those ramping up under slow start
+// included (ramps true: DrawOut draws them in or out of each choice), and
+// returns when the first ramp ends (health.Now's clock; 0: none), when
+// the list is to be built again.
+func (pc *ProbeConfig) KeepRamping(n int, at func(int) Member, t Tally, keep func(i int, ramps bool)) int64 {
+	now := health.Now()
+	var first int64
+	pc.Choose(n, at, t, nil, func(i int) {
+		end := pc.RampEnd(at(i), t, now)
+		keep(i, end != 0)
+		if end != 0 && (first == 0 || end < first) {
+			first = end
+		}
+	})
+	return first
+}
+
+// Ramp is a member of a policy's list in service that ramps up under slow
+// start (KeepRamping): U is the member, an upstream.
+type Ramp[U any] struct {
+	U        U
+	Returned int64 // when it came back into service (Member.Returned)
+}
+
+// DrawOut is what one choice leaves out of a list of n members in service
+// of which ramping ramp up over slow: each is in it with a probability
+// that grows from 0 to 1 over slow. It is nil when none is left out, and
+// when the draws leave out every one of the n (better every upstream in
+// service than none). With no ramping member it does no work.
+func DrawOut[U any](slow time.Duration, ramping []Ramp[U], n int) []U {
+	if len(ramping) == 0 {
+		return nil
+	}
+	now := health.Now()
+	var out []U
+	for _, r := range ramping {
+		if !slowStartDraw(r.Returned, now, slow) {
+			out = append(out, r.U)
+		}
+	}
+	if len(out) == n {
+		return nil
+	}
+	return out
+}
+
+// Without is a new list of the members of pool, in order, but those in
+// out (DrawOut's).
+func Without[S ~[]U, U comparable](pool S, out []U) S {
+	kept := make(S, 0, len(pool)-len(out))
+	for _, u := range pool {
+		if !slices.Contains(out, u) {
+			kept = append(kept, u)
+		}
+	}
+	return kept
 }
 
 // FailOpen remembers whether a list fails open (Tally.Panic), and logs each

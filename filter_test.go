@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 // TestInServiceRule: the one rule every integration uses, from a table.
@@ -62,5 +64,52 @@ func TestInServiceRule(t *testing.T) {
 		if tc.slow == 0 && draws != 0 {
 			t.Errorf("%s: %d draws without slow start", tc.name, draws)
 		}
+	}
+}
+
+// TestDrawOutAndKeepRamping: a policy's list keeps its ramping members
+// (KeepRamping, with the end of the first ramp), and each choice draws
+// them in or out (DrawOut); when the draws would leave out every member,
+// none is left out. Members that returned far in the past are always in,
+// those that return in the future never.
+func TestDrawOutAndKeepRamping(t *testing.T) {
+	const slow = time.Hour
+	now := health.Now()
+	pc := ProbeConfig{SlowStart: caddy.Duration(slow)}
+	ms := []Member{
+		{In: true, Ready: true},
+		{In: true, Ready: true, Returned: now + int64(slow)}, // never drawn in
+		{Ready: true},
+		{In: true, Ready: true, Returned: now - int64(slow)/2},
+	}
+	at := func(i int) Member { return ms[i] }
+	var kept []int
+	var ramping []Ramp[int]
+	end := pc.KeepRamping(len(ms), at, pc.Count(len(ms), at), func(i int, ramps bool) {
+		kept = append(kept, i)
+		if ramps {
+			ramping = append(ramping, Ramp[int]{U: i, Returned: ms[i].Returned})
+		}
+	})
+	if !slices.Equal(kept, []int{0, 1, 3}) || len(ramping) != 2 {
+		t.Fatalf("kept %v, ramping %v: want 0, 1, 3 kept, 1 and 3 ramping", kept, ramping)
+	}
+	if want := ms[3].Returned + int64(slow); end != want {
+		t.Errorf("first ramp ends at %d, want %d (member 3's)", end, want)
+	}
+	for range 100 {
+		out := DrawOut(slow, ramping[:1], 3)
+		if !slices.Equal(out, []int{1}) {
+			t.Fatalf("drew out %v, want [1]", out)
+		}
+		if got := Without([]int{0, 1, 3}, out); !slices.Equal(got, []int{0, 3}) {
+			t.Fatalf("without %v: %v", out, got)
+		}
+	}
+	if out := DrawOut(slow, ramping[:1], 1); out != nil {
+		t.Errorf("the only member drawn out: %v, want none left out", out)
+	}
+	if out := DrawOut[int](slow, nil, 3); out != nil {
+		t.Errorf("no ramping member: drew out %v", out)
 	}
 }

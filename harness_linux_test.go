@@ -3,12 +3,13 @@
 // The root's test harness: Caddy running in this process in front of
 // backends that count what they accept, the waits the tests share, and
 // the one way the tests read statuses (byAddress, over adminStatuses or
-// the registry). The files of tests that use it build on Linux only.
+// the registry). What it shares with the l4 module's harness (loading a
+// config, the admin API, the events recorder, waits) is in
+// internal/caddytest. The files of tests that use it build on Linux only.
 
 package caddyshaker
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -21,9 +22,9 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
@@ -67,19 +68,7 @@ func startBackend(t testing.TB, name, addr string) *backend {
 
 func (b *backend) start() {
 	b.t.Helper()
-	var ln net.Listener
-	var err error
-	// the port may linger briefly after a stop: retry, bounded
-	for i := 0; i < 100; i++ {
-		ln, err = net.Listen("tcp", b.addr)
-		if err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err != nil {
-		b.t.Fatalf("backend %s: %v", b.name, err)
-	}
+	ln := caddytest.Relisten(b.t, "tcp", b.addr, "backend "+b.name)
 	b.addr = ln.Addr().String()
 	active := sync.Map{}
 	srv := &http.Server{
@@ -119,62 +108,15 @@ func (b *backend) stop() {
 	}
 }
 
-// recorder is an events handler module that tests subscribe to
-// "healthy" and "unhealthy".
-type recorder struct{}
+// waitFor is caddytest.WaitFor: it polls cond every 2 ms until it holds
+// or within has passed.
+var waitFor = caddytest.WaitFor
 
-func (recorder) CaddyModule() caddy.ModuleInfo {
-	return caddy.ModuleInfo{
-		ID:  "events.handlers.shaker_test_recorder",
-		New: func() caddy.Module { return new(recorder) },
-	}
-}
-
-type seenEvent struct{ name, host string }
-
-var events = struct {
-	sync.Mutex
-	list []seenEvent
-}{}
-
-func (recorder) Handle(_ context.Context, e caddy.Event) error {
-	host, _ := e.Data["host"].(string)
-	events.Lock()
-	events.list = append(events.list, seenEvent{e.Name(), host})
-	events.Unlock()
-	return nil
-}
-
-func init() { caddy.RegisterModule(recorder{}) }
-
-// waitEvent waits until an event name with host has been recorded.
+// waitEvent waits until an event name with host has been recorded (by
+// caddytest's recorder, which the harness's config subscribes).
 func waitEvent(t testing.TB, name, host string, within time.Duration) {
 	t.Helper()
-	waitFor(t, within, fmt.Sprintf("event %s for %s", name, host), func() bool {
-		events.Lock()
-		defer events.Unlock()
-		for _, e := range events.list {
-			if e.name == name && e.host == host {
-				return true
-			}
-		}
-		return false
-	})
-}
-
-// waitFor polls cond every 2 ms until it holds or within has passed.
-func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for {
-		if cond() {
-			return time.Since(start)
-		}
-		if time.Since(start) > within {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	caddytest.WaitEvent(t, name, host, 0, within)
 }
 
 // harness is Caddy running in this process: a proxy with `dynamic
@@ -206,10 +148,7 @@ func (h *harness) config(interval time.Duration) []byte {
 			"level": "ERROR",
 		}}},
 		"apps": map[string]any{
-			"events": map[string]any{"subscriptions": []any{map[string]any{
-				"events":   []string{"healthy", "unhealthy", "admin_state_changed"},
-				"handlers": []any{map[string]any{"handler": "shaker_test_recorder"}},
-			}}},
+			"events": caddytest.Subscribe("healthy", "unhealthy", "admin_state_changed"),
 			"http": map[string]any{"servers": map[string]any{"proxy": map[string]any{
 				"listen":          []string{h.proxy},
 				"automatic_https": map[string]any{"disable": true},
@@ -302,9 +241,7 @@ func newHarnessApp(t testing.TB, nBackends int, app map[string]any) *harness {
 
 func (h *harness) load(interval time.Duration) {
 	h.t.Helper()
-	if err := caddy.Load(h.config(interval), true); err != nil {
-		h.t.Fatalf("caddy.Load: %v", err)
-	}
+	caddytest.Load(h.t, h.config(interval))
 }
 
 // statuses reads GET /shaker/upstreams on h's admin endpoint, by address,
@@ -317,8 +254,7 @@ func (h *harness) statuses() map[string]Status {
 // adminStatuses reads GET /shaker/upstreams, by address. With admin "" it
 // calls the admin handler directly: no connection, so it reads with no
 // file descriptor left. Otherwise it asks admin over HTTP, retried
-// boundedly: right after a reload, Caddy stops the old admin server in the
-// background, and a request may meet it closing.
+// boundedly across a reload (caddytest.Statuses).
 func adminStatuses(t testing.TB, admin string) map[string]Status {
 	t.Helper()
 	if admin == "" {
@@ -328,38 +264,13 @@ func adminStatuses(t testing.TB, admin string) map[string]Status {
 		}
 		return byAddress(list)
 	}
-	var resp *http.Response
-	var err error
-	for range 50 {
-		if resp, err = http.Get("http://" + admin + "/shaker/upstreams"); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Fatalf("admin: %s", resp.Status)
-	}
-	var list []Status
-	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
-		t.Fatal(err)
-	}
-	return byAddress(list)
+	return caddytest.Statuses(t, admin)
 }
 
 // byAddress indexes statuses by address: the one way the tests turn the
 // admin API's list or the registry's (byAddress(reg.Statuses())) into a
 // map.
-func byAddress(list []Status) map[string]Status {
-	m := make(map[string]Status, len(list))
-	for _, s := range list {
-		m[s.Address] = s
-	}
-	return m
-}
+var byAddress = caddytest.ByAddress
 
 // checkMetrics checks that the admin /metrics page has each line prefix.
 func (h *harness) checkMetrics(prefixes ...string) {
@@ -449,26 +360,10 @@ func (h *harness) waitProbes(before map[string]Status, n uint64, within time.Dur
 }
 
 // adminDo sends method to Caddy's admin endpoint at path and returns the
-// status code and body.
+// status code and body, retried across a reload (caddytest.AdminDo).
 func (h *harness) adminDo(method, path string) (int, string) {
 	h.t.Helper()
-	req, err := http.NewRequest(method, "http://"+h.admin+path, nil)
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	var resp *http.Response
-	for range 50 { // the admin server may be restarting after a reload
-		if resp, err = http.DefaultClient.Do(req); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(body)
+	return caddytest.AdminDo(h.t, h.admin, method, path)
 }
 
 // setAdmin posts an action for b's address and checks the answer: 200
@@ -502,6 +397,36 @@ func (h *harness) servedBy(n int) map[string]int {
 		m[body]++
 	}
 	return m
+}
+
+// failedRequestProbes checks that a failed request gets its upstream
+// probed at once, with h loaded with two backends, at interval and
+// fast_interval fast, and retries: it stops b1 and sends requests, each
+// answer checked by answer, until one went to b1, failed and was retried
+// (at most maxRequests); then b1 must be down within 5 s, and requests go
+// to b2 only. It logs how long the probe and the transition took.
+func (h *harness) failedRequestProbes(interval, fast time.Duration, maxRequests int, answer func(code int, body string) error) {
+	h.t.Helper()
+	b1 := h.backends[0]
+	// new addresses are first probed at once
+	waitFor(h.t, 5*time.Second, "b1's first probe", func() bool { return h.statuses()[b1.addr].Probes > 0 })
+	b1.stop()
+	before := h.statuses()[b1.addr].Probes
+	start := time.Now()
+	for i := 0; h.statuses()[b1.addr].Probes == before; i++ {
+		if i > maxRequests {
+			h.t.Fatalf("%d requests and b1 not probed again", maxRequests)
+		}
+		if err := answer(h.get()); err != nil {
+			h.t.Fatal(err)
+		}
+	}
+	probed := time.Since(start)
+	took := waitFor(h.t, 5*time.Second, "b1 down", func() bool { return !h.statuses()[b1.addr].Healthy })
+	h.t.Logf("b1 probed %v after requests started failing on it, down %v later (interval %v, fast_interval %v)", probed, took, interval, fast)
+	if got := h.servedBy(10); got["b2"] != 10 {
+		h.t.Errorf("b1 down: requests went to %v", got)
+	}
 }
 
 // awaitSelfCheck polls GET /shaker/engine until the engine's self-check

@@ -101,8 +101,7 @@ func (su *Upstreams) discoverUpstreams(r *http.Request) ([]*reverseproxy.Upstrea
 		}
 		return d.serve()
 	}
-	t := su.Count(len(ups), at)
-	su.failOpen.Note(su.logger, t, su.PanicThreshold)
+	t := su.CountAndNote(len(ups), at, &su.failOpen, su.logger)
 	if t.In == len(ups) && !t.Ramp {
 		return ups, nil
 	}

@@ -149,14 +149,7 @@ func TestDiscover(t *testing.T) {
 	b2.stop()
 	down := waitFor(t, 5*time.Second, "b2 down", func() bool { return !h.statuses()[b2.addr].Healthy })
 	t.Logf("stopped backend marked down after %v", down)
-	seen := map[string]int{}
-	for range 40 {
-		code, body := h.get()
-		if code != 200 {
-			t.Fatalf("request after b2 was marked down: %d %q", code, body)
-		}
-		seen[body]++
-	}
+	seen := h.servedBy(40) // any answer but a 200 fails the test
 	if seen[b2.name] != 0 || seen[b1.name] == 0 || seen[b3.name] == 0 {
 		t.Fatalf("requests reached %v, want b1 and b3 only", seen)
 	}
@@ -301,12 +294,7 @@ func TestDiscoverJSONErrors(t *testing.T) {
 		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"forget_after":"-1s"}`, "forget_after -1s"},
 		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"max_discovered":-5}`, "max_discovered -5: must not be negative"},
 	} {
-		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		err := caddy.Validate(&c)
+		err := validateProxy(t, `"dynamic_upstreams":`+tc.dyn)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s:\nerror %v\nwant  %q", tc.dyn, err, tc.want)
 		}
@@ -508,12 +496,7 @@ func TestInnerOldNames(t *testing.T) {
 		{`{"source":"shaker","inner":{"source":"a","name":"localhost","port":"1"},"discover":{"source":"a","name":"localhost","port":"2"}}`,
 			`inner {"name":"localhost","port":"1","source":"a"} and discover {"name":"localhost","port":"2","source":"a"}: discover is inner's deprecated name`},
 	} {
-		cfg := `{"admin":{"disabled":true},"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + tc.dyn + `}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		err := caddy.Validate(&c)
+		err := validateProxy(t, `"dynamic_upstreams":`+tc.dyn)
 		switch {
 		case tc.want == "" && err != nil:
 			t.Errorf("%s: %v", tc.dyn, err)

@@ -19,6 +19,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
 
@@ -26,9 +27,7 @@ func TestIntegration(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	events.Lock()
-	events.list = nil
-	events.Unlock()
+	caddytest.ResetEvents()
 
 	h := newHarness(t, 3)
 	b1, b2, b3 := h.backends[0], h.backends[1], h.backends[2]
@@ -57,14 +56,7 @@ func TestIntegration(t *testing.T) {
 	h.checkMetrics("caddy_shaker_half_open 1")
 
 	// (2) requests succeed and reach every backend
-	seen := map[string]int{}
-	for range 60 {
-		code, body := h.get()
-		if code != 200 {
-			t.Fatalf("(2) request: %d %s", code, body)
-		}
-		seen[body]++
-	}
+	seen := h.servedBy(60) // any answer but a 200 fails the test
 	if len(seen) != 3 {
 		t.Errorf("(2) requests reached %v, want all 3 backends", seen)
 	}

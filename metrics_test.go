@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -54,6 +55,15 @@ func acquireMany(tb testing.TB, n, first int, name string) []*health.Checker {
 	return cs
 }
 
+// setAdminState sets the admin state of the checker of addr in the
+// process's registry; an error fails the test.
+func setAdminState(tb testing.TB, addr netip.AddrPort, st health.AdminState) {
+	tb.Helper()
+	if _, err := reg.SetAdminState(addr, st); err != nil {
+		tb.Fatal(err)
+	}
+}
+
 // heraldApp makes an app of the test's own, with per_address_metrics cap,
 // the newest config for the metrics, until the test ends; its warnings go
 // to the logs returned.
@@ -66,9 +76,10 @@ func heraldApp(tb testing.TB, cap SeriesCap) (*App, *observer.ObservedLogs) {
 	return a, logs
 }
 
-// scrape gathers the shaker metrics from a pedantic registry of their own
-// and returns the series by family name.
-func scrape(tb testing.TB) map[string][]string {
+// gather gathers the shaker metrics from a registry of their own (a
+// pedantic one: Gather also fails on a metric that Describe did not
+// announce).
+func gather(tb testing.TB) []*dto.MetricFamily {
 	tb.Helper()
 	r := prometheus.NewPedanticRegistry()
 	if err := registerMetrics(r); err != nil {
@@ -78,8 +89,15 @@ func scrape(tb testing.TB) map[string][]string {
 	if err != nil {
 		tb.Fatalf("gathering metrics: %v", err)
 	}
+	return mfs
+}
+
+// scrape gathers the shaker metrics (gather) and returns the series by
+// family name.
+func scrape(tb testing.TB) map[string][]string {
+	tb.Helper()
 	out := make(map[string][]string)
-	for _, mf := range mfs {
+	for _, mf := range gather(tb) {
 		for _, m := range mf.GetMetric() {
 			var labels []string
 			for _, l := range m.GetLabel() {
@@ -102,12 +120,8 @@ func TestMetricsSeriesBounded(t *testing.T) {
 	cs := acquireMany(t, n, 0, "many")
 	cs[0].Observe(upResult)
 	cs[1].Observe(refusedResult)
-	if _, err := reg.SetAdminState(cs[2].Addr(), health.Drain); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := reg.SetAdminState(cs[3].Addr(), health.Maint); err != nil {
-		t.Fatal(err)
-	}
+	setAdminState(t, cs[2].Addr(), health.Drain)
+	setAdminState(t, cs[3].Addr(), health.Maint)
 
 	for _, tc := range []struct {
 		cap    SeriesCap

@@ -12,8 +12,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
-
-	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 func init() {
@@ -51,30 +49,18 @@ type Policy struct {
 	pos    []int                     // the positions of static the inner policy may choose
 	probe  []bool                    // for each of pos: probed
 	probed *Probed                   // nil when nothing can be probed
-	states memberStates              // probed, or a test's
+	states MemberStates              // probed, or a test's
 	logger *zap.Logger
 
 	failOpen FailOpen
 	pools    Rebuilt[poolState]
 }
 
-// memberStates is what a policy reads of its probed upstreams.
-type memberStates interface {
-	Member(dial string) Member
-	Version() uint64
-}
-
 // poolState is the list in service, as of a Version of the probes.
 type poolState struct {
-	pool    reverseproxy.UpstreamPool // in service (failing open: ready), ramping ones included
-	base    reverseproxy.UpstreamPool // pool less the ramping ones
-	ramping []ramp                    // in service, ramping up under slow_start
-	rampEnd int64                     // health.Now when a ramp ends: rebuild then; 0: none
-}
-
-type ramp struct {
-	u        *reverseproxy.Upstream
-	returned int64
+	pool    reverseproxy.UpstreamPool      // in service (failing open: ready), ramping ones included
+	base    reverseproxy.UpstreamPool      // pool less the ramping ones
+	ramping []Ramp[*reverseproxy.Upstream] // in service, ramping up under slow_start
 }
 
 // CaddyModule returns the Caddy module information.
@@ -136,21 +122,45 @@ func (p *Policy) Provision(ctx caddy.Context) error {
 
 // loadInner loads the inner policy (random by default), refusing this one.
 func (p *Policy) loadInner(ctx caddy.Context) error {
-	p.orig = reverseproxy.RandomSelection{}
-	if p.InnerRaw != nil {
-		var name struct {
-			Policy string `json:"policy"`
-		}
-		if json.Unmarshal(p.InnerRaw, &name) == nil && name.Policy == "shaker" {
-			return fmt.Errorf("inner: a shaker policy cannot wrap another shaker policy")
-		}
-		mod, err := ctx.LoadModule(p, "InnerRaw")
-		if err != nil {
-			return fmt.Errorf("loading inner selection policy: %v", err)
-		}
-		p.orig = mod.(reverseproxy.Selector)
+	var err error
+	p.orig, err = LoadInner[reverseproxy.Selector](ctx, p, "InnerRaw", p.InnerRaw, reverseproxy.RandomSelection{}, nil)
+	if err != nil {
+		return err
 	}
 	return p.fitInner()
+}
+
+// LoadInner loads the inner selection policy of a shaker policy m being
+// provisioned in ctx, from its field (whose value is raw; dflt when raw
+// is nil): a module that is an S, the proxy's selector interface. It
+// refuses the shaker policy itself, and any name that refuse (if not
+// nil) refuses, with its reason.
+func LoadInner[S any](ctx caddy.Context, m any, field string, raw json.RawMessage, dflt S, refuse func(name string) error) (S, error) {
+	if raw == nil {
+		return dflt, nil
+	}
+	var name struct {
+		Policy string `json:"policy"`
+	}
+	if json.Unmarshal(raw, &name) == nil {
+		if name.Policy == "shaker" {
+			return dflt, fmt.Errorf("inner: a shaker policy cannot wrap another shaker policy")
+		}
+		if refuse != nil {
+			if err := refuse(name.Policy); err != nil {
+				return dflt, fmt.Errorf("inner: %v", err)
+			}
+		}
+	}
+	mod, err := ctx.LoadModule(m, field)
+	if err != nil {
+		return dflt, fmt.Errorf("loading inner selection policy: %v", err)
+	}
+	sel, ok := mod.(S)
+	if !ok {
+		return dflt, fmt.Errorf("inner: module %T is not a %T selection policy", mod, &sel)
+	}
+	return sel, nil
 }
 
 // fitInner sets the policy given our pools: the inner one, except that
@@ -222,24 +232,11 @@ func (p *Policy) Select(pool reverseproxy.UpstreamPool, r *http.Request, w http.
 
 // current is the list in service, rebuilt when the probes' Version has
 // moved or a ramp has ended.
-func (p *Policy) current() *poolState {
-	return p.pools.Get(p.version, func() (*poolState, int64) {
-		st := p.rebuild()
-		return st, st.rampEnd
-	})
-}
+func (p *Policy) current() *poolState { return p.pools.For(p.states, p.rebuild) }
 
-func (p *Policy) version() uint64 {
-	if p.states == nil {
-		return 0
-	}
-	return p.states.Version()
-}
-
-// rebuild makes the list in service, by the one in-service rule.
-func (p *Policy) rebuild() *poolState {
-	st := &poolState{}
-	now := health.Now()
+// rebuild makes the list in service, by the one in-service rule, and
+// returns it with the end of its first ramp (0: none).
+func (p *Policy) rebuild() (*poolState, int64) {
 	ms := make([]Member, len(p.pos))
 	for k, i := range p.pos {
 		if p.probe[k] {
@@ -249,61 +246,36 @@ func (p *Policy) rebuild() *poolState {
 		}
 	}
 	at := func(k int) Member { return ms[k] }
-	t := p.Count(len(ms), at)
-	p.failOpen.Note(p.logger, t, p.PanicThreshold)
-	st.pool = make(reverseproxy.UpstreamPool, 0, t.Serving())
+	t := p.CountAndNote(len(ms), at, &p.failOpen, p.logger)
+	st := &poolState{pool: make(reverseproxy.UpstreamPool, 0, t.Serving())}
 	var base reverseproxy.UpstreamPool
-	p.Choose(len(ms), at, t, nil, func(k int) {
+	end := p.KeepRamping(len(ms), at, t, func(k int, ramps bool) {
 		u := p.static[p.pos[k]]
 		st.pool = append(st.pool, u)
-		end := p.RampEnd(ms[k], t, now)
-		if end == 0 {
+		if ramps {
+			st.ramping = append(st.ramping, Ramp[*reverseproxy.Upstream]{u, ms[k].Returned})
+		} else {
 			base = append(base, u)
-			return
-		}
-		st.ramping = append(st.ramping, ramp{u, ms[k].Returned})
-		if st.rampEnd == 0 || end < st.rampEnd {
-			st.rampEnd = end
 		}
 	})
 	if len(st.ramping) > 0 {
 		st.base = base
 	}
-	return st
+	return st, end
 }
 
 // pick is the pool for one choice: a ramping upstream is in it with a
 // probability that grows over slow_start; when the draws leave out every
-// upstream in service, all of them are in it.
+// upstream in service, all of them are in it (DrawOut).
 func (st *poolState) pick(slow time.Duration) reverseproxy.UpstreamPool {
-	if len(st.ramping) == 0 {
+	out := DrawOut(slow, st.ramping, len(st.pool))
+	switch len(out) {
+	case 0:
 		return st.pool
+	case len(st.ramping):
+		return st.base // every ramping one out, and some that do not ramp in
 	}
-	now := health.Now()
-	var out []*reverseproxy.Upstream // drawn out, when some are and some are not
-	in := 0
-	for _, r := range st.ramping {
-		if slowStartDraw(r.returned, now, slow) {
-			in++
-		} else {
-			out = append(out, r.u)
-		}
-	}
-	switch {
-	case in == len(st.ramping):
-		return st.pool
-	case in == 0 && len(st.base) > 0:
-		return st.base
-	case in == 0:
-		return st.pool
-	}
-	pool := make(reverseproxy.UpstreamPool, 0, len(st.pool)-len(out))
-	for _, u := range st.pool {
-		if !slices.Contains(out, u) {
-			pool = append(pool, u)
-		}
-	}
-	return pool
+	return Without(st.pool, out)
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:

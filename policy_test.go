@@ -11,18 +11,16 @@ import (
 	"net/http/httptest"
 	"reflect"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
 
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // fakeStates are member states a test sets.
@@ -42,11 +40,7 @@ func (f *fakeStates) Version() uint64 { return f.version }
 // policy with u filtered out must match.
 func markUnavailable(t *testing.T, u *reverseproxy.Upstream) {
 	t.Helper()
-	f := reflect.ValueOf(u).Elem().FieldByName("unhealthy")
-	if !f.IsValid() || f.Type() != reflect.TypeFor[atomic.Int32]() {
-		t.Fatalf("reverseproxy.Upstream has no unhealthy atomic.Int32 in this Caddy version")
-	}
-	(*atomic.Int32)(unsafe.Pointer(f.UnsafeAddr())).Store(1)
+	caddytest.StoreInt32(t, reflect.ValueOf(u).Elem(), "unhealthy", 1, "reverseproxy.Upstream")
 	if u.Available() {
 		t.Fatal("upstream still available")
 	}
@@ -64,16 +58,7 @@ func newPool(n int) reverseproxy.UpstreamPool {
 // its JSON.
 func newInner(t *testing.T, js string) reverseproxy.Selector {
 	t.Helper()
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
-	t.Cleanup(cancel)
-	holder := struct {
-		Raw json.RawMessage `caddy:"namespace=http.reverse_proxy.selection_policies inline_key=policy"`
-	}{Raw: json.RawMessage(js)}
-	mod, err := ctx.LoadModule(&holder, "Raw")
-	if err != nil {
-		t.Fatalf("%s: %v", js, err)
-	}
-	return mod.(reverseproxy.Selector)
+	return caddytest.LoadInline[reverseproxy.Selector](t, "http.reverse_proxy.selection_policies", "policy", js)
 }
 
 // TestPolicyEachBuiltin: with one upstream down, the shaker policy wrapping
@@ -204,16 +189,7 @@ func TestPolicyPoolRebuiltOnTransitions(t *testing.T) {
 
 func TestPolicyCaddyfile(t *testing.T) {
 	lb := func(block string) (map[string]any, error) {
-		src := ":8080 {\n\treverse_proxy 127.0.0.1:9001 127.0.0.1:9002 {\n" + block + "\n\t}\n}\n"
-		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
-		if err != nil {
-			return nil, err
-		}
-		var cfg any
-		if err := json.Unmarshal(out, &cfg); err != nil {
-			t.Fatal(err)
-		}
-		return findKey(cfg, "selection_policy"), nil
+		return adaptProxy(t, "127.0.0.1:9001 127.0.0.1:9002 ", block, "selection_policy")
 	}
 	for _, tc := range []struct{ block, want string }{
 		{`lb_policy shaker`, `{"policy":"shaker"}`},
@@ -281,12 +257,7 @@ func TestPolicyLoadErrors(t *testing.T) {
 		{`{"policy":"cookie","fallback":{"policy":"shaker"}}`, "goes directly in a reverse_proxy handler's load_balancing"},
 		{`{"policy":"shaker","rise":1}`, `unknown field "rise"`},
 	} {
-		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","upstreams":[{"dial":"127.0.0.1:1"}],"load_balancing":{"selection_policy":` + tc.lb + `}}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		err := caddy.Validate(&c)
+		err := validateProxy(t, `"upstreams":[{"dial":"127.0.0.1:1"}],"load_balancing":{"selection_policy":`+tc.lb+`}`)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s:\nerror %v\nwant  %q", tc.lb, err, tc.want)
 		}

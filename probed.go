@@ -26,6 +26,15 @@ type Probed struct {
 	by  map[string][]*health.Checker // host:port -> checkers
 }
 
+// MemberStates is what a load-balancing policy reads of its probed
+// upstreams: a Probed, or a test's states.
+type MemberStates interface {
+	// Member is the upstream dial as the in-service rule sees it.
+	Member(dial string) Member
+	// Version changes whenever Member may answer otherwise.
+	Version() uint64
+}
+
 // CanProbe reports whether a dial address can be probed: TCP host:port
 // (tcp/, tcp4/ and tcp6/ prefixes too), with no placeholder left in it.
 // Unix sockets, UDP and placeholders cannot.

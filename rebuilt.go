@@ -45,6 +45,17 @@ func (r *Rebuilt[T]) Get(version func() uint64, build func() (*T, int64)) *T {
 	return v
 }
 
+// For is Get with the version of states (0 while states is nil: nothing
+// probed).
+func (r *Rebuilt[T]) For(states MemberStates, build func() (*T, int64)) *T {
+	return r.Get(func() uint64 {
+		if states == nil {
+			return 0
+		}
+		return states.Version()
+	}, build)
+}
+
 // Peek returns the value last built, or nil: for tests.
 func (r *Rebuilt[T]) Peek() *T {
 	if c := r.cur.Load(); c != nil {

@@ -479,14 +479,7 @@ func helperUnprivilegedProbes(t *testing.T) {
 // too): it would let any client choose what the proxy probes. Global
 // placeholders, the same for every request, load.
 func TestRequestPlaceholderRefused(t *testing.T) {
-	load := func(dyn string) error {
-		cfg := `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"reverse_proxy","dynamic_upstreams":` + dyn + `}]}]}}}}}`
-		var c caddy.Config
-		if err := json.Unmarshal([]byte(cfg), &c); err != nil {
-			t.Fatal(err)
-		}
-		return caddy.Validate(&c)
-	}
+	load := func(dyn string) error { return validateProxy(t, `"dynamic_upstreams":`+dyn) }
 	for _, tc := range []struct{ dyn, ph, field string }{
 		{`{"source":"shaker","inner":{"source":"a","name":"{http.request.header.X-Target}","port":"9"},"forget_after":"100ms"}`,
 			"{http.request.header.X-Target}", "name"},

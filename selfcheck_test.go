@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -31,20 +30,11 @@ func halfOpenGauge(t *testing.T) float64 {
 	return g[""]
 }
 
-// gauges scrapes the gauge name from a registry of its own (a pedantic
-// one: Gather also fails on a metric that Describe did not announce): its
-// value by label values, joined with commas ("" without labels).
+// gauges scrapes the gauge name (gather): its value by label values,
+// joined with commas ("" without labels).
 func gauges(t *testing.T, name string) map[string]float64 {
 	t.Helper()
-	r := prometheus.NewPedanticRegistry()
-	if err := registerMetrics(r); err != nil {
-		t.Fatal(err)
-	}
-	mfs, err := r.Gather()
-	if err != nil {
-		t.Fatalf("gathering metrics: %v", err)
-	}
-	for _, mf := range mfs {
+	for _, mf := range gather(t) {
 		if mf.GetName() != name {
 			continue
 		}

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -43,6 +42,7 @@ import (
 
 const (
 	stopHelperEnv = "CADDYSHAKER_STOP_HELPER"
+	stopPathEnv   = "CADDYSHAKER_STOP" // the SlowPath's (SlowPath.Env)
 
 	// The path and the load: 2,000 addresses every 400 ms (5,000 probes/s)
 	// against a tbf that passes about 3,400 IPv4 SYN-ACKs a second
@@ -65,7 +65,7 @@ const (
 var stopFamilies = []int{4, 6}
 
 // TestStopInFlightHelper is the body of the stop tests' child processes,
-// which run in namespace A of a SlowPath (B is $CADDYSHAKER_STOP_NS_B):
+// which run in namespace A of a SlowPath (testkit.ChildSlowPath):
 // Caddy in this process stopped or reloaded ("stop", "reload", "engine"),
 // or Caddy's own main ("caddy").
 func TestStopInFlightHelper(t *testing.T) {
@@ -77,8 +77,7 @@ func TestStopInFlightHelper(t *testing.T) {
 		os.Args = []string{"caddy", "run", "--config", os.Getenv("CADDYSHAKER_STOP_CONFIG")}
 		caddycmd.Main() // exits the process
 	case "stop", "reload", "engine":
-		family, _ := strconv.Atoi(os.Getenv("CADDYSHAKER_STOP_FAMILY"))
-		p := &testkit.SlowPath{B: os.Getenv("CADDYSHAKER_STOP_NS_B"), DevB: "shk-b"}
+		p, family := testkit.ChildSlowPath(stopPathEnv)
 		stopInFlightMain(t, p, family, mode)
 	default:
 		t.Fatalf("unknown helper %q", mode)
@@ -234,18 +233,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 	tag := fmt.Sprintf("IPv%d %s", family, mode)
 	switch mode {
 	case "stop":
-		m := waitFull(t, p, ls, engineInFlight)
-		old := engines.cur.Load()
-		t0 := time.Now()
-		if err := caddy.Stop(); err != nil {
-			t.Fatal(err)
-		}
-		took := time.Since(t0)
-		if engines.cur.Load() != nil {
-			t.Fatal("engine running after caddy.Stop")
-		}
-		checkClosed(t, old, tag)
-		acc, rsts := checkAfterStop(t, p, ls, m, tag)
+		m, took, acc, rsts := stopWhenFull(t, p, ls, engines.cur.Load(), tag)
 		fmt.Printf("RESULT stop %d %d %d %d %d %v\n", m.inFlight, m.sockets, m.queued, rsts, acc, took)
 
 	case "reload":
@@ -271,12 +259,7 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 		if during != 0 {
 			t.Errorf("%s: listeners accepted %d connections after 5 forced reloads", tag, during)
 		}
-		m := waitFull(t, p, ls, engineInFlight)
-		if err := caddy.Stop(); err != nil {
-			t.Fatal(err)
-		}
-		checkClosed(t, e0, tag+" (then stop)")
-		acc, rsts := checkAfterStop(t, p, ls, m, tag+" (then stop)")
+		m, _, acc, rsts := stopWhenFull(t, p, ls, e0, tag+" (then stop)")
 		fmt.Printf("RESULT reload %d %d %d %d %d %d\n", worst.inFlight, worst.queued, during, m.inFlight, rsts, acc)
 
 	case "engine":
@@ -297,14 +280,30 @@ func stopInFlightMain(t *testing.T, p *testkit.SlowPath, family int, mode string
 		if e2 == nil || e2 == old || e2.Stats().Loops != 1 {
 			t.Fatalf("after a reload with loops 1: engine %p (old %p), want a new one with 1 loop", e2, old)
 		}
-		m2 := waitFull(t, p, ls, engineInFlight)
-		if err := caddy.Stop(); err != nil {
-			t.Fatal(err)
-		}
-		checkClosed(t, e2, tag+" (new engine, then stop)")
-		acc2, rsts2 := checkAfterStop(t, p, ls, m2, tag+" (new engine, then stop)")
+		m2, _, acc2, rsts2 := stopWhenFull(t, p, ls, e2, tag+" (new engine, then stop)")
 		fmt.Printf("RESULT engine %d %d %d %d %d %d %d %d\n", m.inFlight, m.queued, rsts1, acc1, m2.inFlight, m2.queued, rsts2, acc2)
 	}
+}
+
+// stopWhenFull waits until the engine e has its fill of answered probes
+// in flight (waitFull), stops Caddy (took: how long caddy.Stop took),
+// checks that no engine runs and that e closed every socket
+// (checkClosed), and counts past the kernel's window what the listeners
+// accepted and reset (checkAfterStop).
+func stopWhenFull(t *testing.T, p *testkit.SlowPath, ls testkit.Listeners, e *shaker.Engine, what string) (m stopMoment, took time.Duration, accepted, resets int64) {
+	t.Helper()
+	m = waitFull(t, p, ls, engineInFlight)
+	t0 := time.Now()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	took = time.Since(t0)
+	if engines.cur.Load() != nil {
+		t.Fatalf("%s: engine running after caddy.Stop", what)
+	}
+	checkClosed(t, e, what)
+	accepted, resets = checkAfterStop(t, p, ls, m, what)
+	return m, took, accepted, resets
 }
 
 // runStopHelper runs TestStopInFlightHelper in mode on a new SlowPath, for
@@ -317,8 +316,7 @@ func runStopHelper(t *testing.T, mode string) {
 		t.Run(fmt.Sprintf("IPv%d", family), func(t *testing.T) {
 			p := testkit.NewSlowPath(t, stopRate, stopLatency)
 			start := time.Now()
-			out := testkit.RunTest(t, p.A, "TestStopInFlightHelper", stopHelperEnv+"="+mode,
-				"CADDYSHAKER_STOP_FAMILY="+strconv.Itoa(family), "CADDYSHAKER_STOP_NS_B="+p.B)
+			out := testkit.RunTest(t, p.A, "TestStopInFlightHelper", append(p.Env(stopPathEnv, family), stopHelperEnv+"="+mode)...)
 			for _, line := range strings.Split(out, "\n") {
 				if strings.Contains(line, "SYN-ACKs queued at the stop") || strings.Contains(line, "worst SYN-ACK-to-close") || strings.HasPrefix(line, "RESULT") {
 					t.Log(strings.TrimSpace(line))

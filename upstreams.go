@@ -258,8 +258,7 @@ func (su *Upstreams) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, er
 		c := es[i].c
 		return Member{In: c.InService(), Ready: c.AdminState() == health.Ready, Returned: c.ReturnedAt()}
 	}
-	t := su.Count(len(es), at)
-	su.failOpen.Note(su.logger, t, su.PanicThreshold)
+	t := su.CountAndNote(len(es), at, &su.failOpen, su.logger)
 	n := t.Serving()
 	if n == 0 {
 		return nil, nil

@@ -347,21 +347,8 @@ func (k *haproxyChecker) start(addrs []netip.AddrPort) error {
 		return err
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, `global
-	nbthread 1
-	maxconn 4096
-	stats socket %s/stats.sock mode 600 level admin
-
-defaults
-	mode tcp
-	timeout connect 1s
-	timeout client 10s
-	timeout server 10s
-	timeout check 1s
-
-listen bench
-	bind 127.0.0.1:%d
-`, dir, port)
+	b.WriteString(testkit.HAProxyConfig(dir, 4096, time.Second))
+	fmt.Fprintf(&b, "\nlisten bench\n\tbind 127.0.0.1:%d\n", port)
 	inter := fmt.Sprintf("%dms", max(k.inter.Milliseconds(), 1))
 	for i, a := range addrs {
 		fmt.Fprintf(&b, "\tserver s%d %s check inter %s\n", i, a, inter)

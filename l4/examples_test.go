@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"encoding/json"
 	"net"
-	"os"
 	"reflect"
 	"testing"
 	"time"
@@ -12,6 +11,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // TestExamplesAdapt: examples/Caddyfile adapts without warnings to the
@@ -22,7 +23,7 @@ import (
 // ports are taken on this machine; the admin endpoint is moved to a free
 // port).
 func TestExamplesAdapt(t *testing.T) {
-	src := mustRead(t, "examples/Caddyfile")
+	src := caddytest.MustRead(t, "examples/Caddyfile")
 	out, warn, err := caddyconfig.GetAdapter("caddyfile").Adapt(src, map[string]any{"filename": "examples/Caddyfile"})
 	if err != nil {
 		t.Fatal(err)
@@ -30,7 +31,7 @@ func TestExamplesAdapt(t *testing.T) {
 	if len(warn) > 0 {
 		t.Errorf("warnings: %v", warn)
 	}
-	twin := mustRead(t, "examples/caddy.json")
+	twin := caddytest.MustRead(t, "examples/caddy.json")
 	if a, b := normalized(t, out), normalized(t, twin); !reflect.DeepEqual(a, b) {
 		t.Errorf("the Caddyfile adapts to\n%s\nnot to caddy.json's config", out)
 	}
@@ -129,13 +130,4 @@ func normalized(t *testing.T, raw []byte) any {
 		return v
 	}
 	return walk(v)
-}
-
-func mustRead(t *testing.T, name string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }

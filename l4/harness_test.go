@@ -3,12 +3,10 @@ package shakerl4
 import (
 	"bufio"
 	"cmp"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,11 +16,11 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	_ "github.com/caddyserver/caddy/v2/modules/standard"
 	_ "github.com/mholt/caddy-l4"
 
 	_ "github.com/caddy-shaker/caddy-shaker"
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // Probe settings of the integration tests.
@@ -77,18 +75,7 @@ func startBackendSilent(t testing.TB, name string, silent bool) *backend {
 
 func (b *backend) start() {
 	b.t.Helper()
-	var ln net.Listener
-	var err error
-	// the port may linger briefly after a stop: retry, bounded
-	for range 100 {
-		if ln, err = net.Listen("tcp4", b.addr); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err != nil {
-		b.t.Fatalf("backend %s: %v", b.name, err)
-	}
+	ln := caddytest.Relisten(b.t, "tcp4", b.addr, "backend "+b.name)
 	b.mu.Lock()
 	b.addr, b.ln, b.conns = ln.Addr().String(), ln, map[net.Conn]bool{}
 	b.mu.Unlock()
@@ -208,20 +195,9 @@ func emptyAccepts(t testing.TB, bs ...*backend) map[string]int64 {
 	return out
 }
 
-// waitFor polls cond every 2 ms until it holds or within has passed.
-func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for {
-		if cond() {
-			return time.Since(start)
-		}
-		if time.Since(start) > within {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
+// waitFor is caddytest.WaitFor: it polls cond every 2 ms until it holds
+// or within has passed.
+var waitFor = caddytest.WaitFor
 
 func freePort(t testing.TB) int {
 	t.Helper()
@@ -260,54 +236,12 @@ func through(addr string) (string, error) {
 	return strings.Join(names, "+"), nil
 }
 
-// recorder is an events handler module that tests subscribe to
-// "healthy" and "unhealthy".
-type recorder struct{}
-
-func (recorder) CaddyModule() caddy.ModuleInfo {
-	return caddy.ModuleInfo{
-		ID:  "events.handlers.shaker_l4_test_recorder",
-		New: func() caddy.Module { return new(recorder) },
-	}
-}
-
-type seenEvent struct{ name, host string }
-
-var events = struct {
-	sync.Mutex
-	list []seenEvent
-}{}
-
-func (recorder) Handle(_ context.Context, e caddy.Event) error {
-	host, _ := e.Data["host"].(string)
-	events.Lock()
-	events.list = append(events.list, seenEvent{e.Name(), host})
-	events.Unlock()
-	return nil
-}
-
-func init() { caddy.RegisterModule(recorder{}) }
-
-// eventCount is how many events name for host have been recorded.
-func eventCount(name, host string) int {
-	events.Lock()
-	defer events.Unlock()
-	n := 0
-	for _, e := range events.list {
-		if e.name == name && e.host == host {
-			n++
-		}
-	}
-	return n
-}
+// eventCount is how many events name for host have been recorded (by
+// caddytest's recorder, which the harness's config subscribes).
+var eventCount = caddytest.EventCount
 
 // waitEvent waits until there are more than before events name for host.
-func waitEvent(t testing.TB, name, host string, before int, within time.Duration) time.Duration {
-	t.Helper()
-	return waitFor(t, within, fmt.Sprintf("event %s for %s", name, host), func() bool {
-		return eventCount(name, host) > before
-	})
-}
+var waitEvent = caddytest.WaitEvent
 
 // harness is Caddy running in this process: a layer4 server with a proxy
 // handler in front of backends, admin on a free localhost port, logs at
@@ -343,10 +277,7 @@ func (h *harness) config(proxy map[string]any) []byte {
 			"encoder": map[string]any{"format": "json"},
 		}}},
 		"apps": map[string]any{
-			"events": map[string]any{"subscriptions": []any{map[string]any{
-				"events":   []string{"healthy", "unhealthy"},
-				"handlers": []any{map[string]any{"handler": "shaker_l4_test_recorder"}},
-			}}},
+			"events": caddytest.Subscribe("healthy", "unhealthy"),
 			"layer4": map[string]any{"servers": map[string]any{"proxy": map[string]any{
 				"listen": []string{h.proxy},
 				"routes": []any{map[string]any{"handle": []any{proxy}}},
@@ -364,9 +295,7 @@ func (h *harness) config(proxy map[string]any) []byte {
 // running (caddy.Load forced).
 func (h *harness) load(proxy map[string]any) {
 	h.t.Helper()
-	if err := caddy.Load(h.config(proxy), true); err != nil {
-		h.t.Fatalf("caddy.Load: %v", err)
-	}
+	caddytest.Load(h.t, h.config(proxy))
 }
 
 // shakerProxy is a proxy handler's JSON with the shaker policy (inner and
@@ -397,31 +326,11 @@ func upstreamsJSON(upstreams ...[]string) []any {
 	return ups
 }
 
-// statuses are the admin API's statuses of the probed addresses.
+// statuses are the admin API's statuses of the probed addresses
+// (caddytest.Statuses, retried across a reload).
 func (h *harness) statuses() map[string]health.Status {
 	h.t.Helper()
-	var resp *http.Response
-	var err error
-	// right after a reload the old admin server may be closing: retry
-	for range 50 {
-		if resp, err = http.Get("http://" + h.admin + "/shaker/upstreams"); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var list []health.Status
-	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
-		h.t.Fatal(err)
-	}
-	m := make(map[string]health.Status, len(list))
-	for _, s := range list {
-		m[s.Address] = s
-	}
-	return m
+	return caddytest.Statuses(h.t, h.admin)
 }
 
 // waitProbes waits until every address has at least n probe results.

@@ -30,7 +30,6 @@ import (
 	"go.uber.org/zap"
 
 	caddyshaker "github.com/caddy-shaker/caddy-shaker"
-	"github.com/caddy-shaker/caddy-shaker/health"
 )
 
 func init() {
@@ -70,7 +69,7 @@ type Policy struct {
 	slots  []*slot                   // one per upstream of static
 	index  map[*l4proxy.Upstream]int // position of each in static
 	probed *caddyshaker.Probed       // nil when nothing can be probed
-	states memberStates              // probed, or a test's
+	states caddyshaker.MemberStates  // probed, or a test's
 	key    string                    // the connection's replacer key for this policy's last choice
 	logger *zap.Logger
 
@@ -108,23 +107,11 @@ const (
 	byWeightedRoundRobin
 )
 
-// memberStates is what a policy reads of its probed upstreams.
-type memberStates interface {
-	Member(dial string) caddyshaker.Member
-	Version() uint64
-}
-
 // poolState is the list in service, as of a Version of the probes.
 type poolState struct {
-	pool    l4proxy.UpstreamPool // in service (failing open: ready), ramping ones included, in the handler's order
-	in      []bool               // by position among the handler's upstreams: in pool
-	ramping []ramp               // in service, ramping up under slow_start
-	rampEnd int64                // health.Now when a ramp ends: rebuild then; 0: none
-}
-
-type ramp struct {
-	i        int // position among the handler's upstreams
-	returned int64
+	pool    l4proxy.UpstreamPool                  // in service (failing open: ready), ramping ones included, in the handler's order
+	in      []bool                                // by position among the handler's upstreams: in pool
+	ramping []caddyshaker.Ramp[*l4proxy.Upstream] // in service, ramping up under slow_start
 }
 
 // CaddyModule returns the Caddy module information.
@@ -215,24 +202,9 @@ func probeDial(dial string) (string, bool) {
 // loadInner loads the inner policy (random by default), refusing this one
 // and random_choose.
 func (p *Policy) loadInner(ctx caddy.Context) error {
-	p.orig = new(l4proxy.RandomSelection)
-	if p.InnerRaw != nil {
-		var name struct {
-			Policy string `json:"policy"`
-		}
-		if json.Unmarshal(p.InnerRaw, &name) == nil {
-			if err := refuseInner(name.Policy); err != nil {
-				return fmt.Errorf("inner: %v", err)
-			}
-		}
-		mod, err := ctx.LoadModule(p, "InnerRaw")
-		if err != nil {
-			return fmt.Errorf("loading inner selection policy: %v", err)
-		}
-		p.orig = mod.(l4proxy.Selector)
-	}
-	p.kind = kindOf(p.orig)
-	return nil
+	orig, err := caddyshaker.LoadInner[l4proxy.Selector](ctx, p, "InnerRaw", p.InnerRaw, new(l4proxy.RandomSelection), refuseInner)
+	p.orig, p.kind = orig, kindOf(orig)
+	return err
 }
 
 // kindOf is how inner is given the upstreams in service.
@@ -246,11 +218,10 @@ func kindOf(inner l4proxy.Selector) innerKind {
 	return byPool
 }
 
-// refuseInner says why a policy cannot be the inner one.
+// refuseInner says why a policy cannot be the inner one (besides shaker,
+// which caddyshaker.LoadInner and UnmarshalInner refuse themselves).
 func refuseInner(name string) error {
 	switch name {
-	case "shaker":
-		return fmt.Errorf("a shaker policy cannot wrap another shaker policy")
 	case "random_choose":
 		return fmt.Errorf("random_choose is refused: in caddy-l4 v0.1.2 it can panic (a nil upstream dereferenced in leastConns when fewer than `choose` upstreams were sampled and the first is busy) and never picks a busy upstream over none; use least_conn, which picks the least busy of all those in service")
 	}
@@ -311,7 +282,7 @@ func (p *Policy) slotOf(u *l4proxy.Upstream) *slot {
 
 // choose makes one choice among the upstreams in service.
 func (p *Policy) choose(st *poolState, conn *layer4.Connection) *l4proxy.Upstream {
-	pool, in := st.pick(time.Duration(p.SlowStart), p.kind != byPool, p.static)
+	pool, in := st.pick(time.Duration(p.SlowStart), p.kind != byPool, p.index)
 	switch p.kind {
 	case byRoundRobin:
 		return p.roundRobin(in)
@@ -380,19 +351,7 @@ func (p *Policy) weightedRoundRobin(in []bool) *l4proxy.Upstream {
 // current is the list in service, rebuilt when the probes' Version has
 // moved or a ramp has ended. While one connection rebuilds it, others use
 // the list before.
-func (p *Policy) current() *poolState {
-	return p.pools.Get(p.version, func() (*poolState, int64) {
-		st := p.rebuild()
-		return st, st.rampEnd
-	})
-}
-
-func (p *Policy) version() uint64 {
-	if p.states == nil {
-		return 0
-	}
-	return p.states.Version()
-}
+func (p *Policy) current() *poolState { return p.pools.For(p.states, p.rebuild) }
 
 // member is the handler's upstream i as the in-service rule sees it: in
 // service while every one of its probed dial addresses is (caddy-l4 dials
@@ -412,74 +371,50 @@ func (p *Policy) member(i int) caddyshaker.Member {
 	return m
 }
 
-// rebuild makes the list in service, by the one in-service rule.
-func (p *Policy) rebuild() *poolState {
-	st := &poolState{}
-	now := health.Now()
+// rebuild makes the list in service, by the one in-service rule, and
+// returns it with the end of its first ramp (0: none).
+func (p *Policy) rebuild() (*poolState, int64) {
 	n := len(p.static)
 	ms := make([]caddyshaker.Member, n)
-	if p.states != nil {
-		for i := range ms {
+	for i := range ms {
+		if p.states != nil {
 			ms[i] = p.member(i)
-		}
-	} else {
-		for i := range ms {
+		} else {
 			ms[i] = caddyshaker.Member{In: true, Ready: true}
 		}
 	}
 	at := func(i int) caddyshaker.Member { return ms[i] }
-	t := p.Count(n, at)
-	p.failOpen.Note(p.logger, t, p.PanicThreshold)
-	st.pool = make(l4proxy.UpstreamPool, 0, t.Serving())
-	st.in = make([]bool, n)
-	p.Choose(n, at, t, nil, func(i int) {
+	t := p.CountAndNote(n, at, &p.failOpen, p.logger)
+	st := &poolState{pool: make(l4proxy.UpstreamPool, 0, t.Serving()), in: make([]bool, n)}
+	end := p.KeepRamping(n, at, t, func(i int, ramps bool) {
 		st.pool = append(st.pool, p.static[i])
 		st.in[i] = true
-		if end := p.RampEnd(ms[i], t, now); end != 0 {
-			st.ramping = append(st.ramping, ramp{i, ms[i].Returned})
-			if st.rampEnd == 0 || end < st.rampEnd {
-				st.rampEnd = end
-			}
+		if ramps {
+			st.ramping = append(st.ramping, caddyshaker.Ramp[*l4proxy.Upstream]{U: p.static[i], Returned: ms[i].Returned})
 		}
 	})
-	return st
+	return st, end
 }
 
 // pick is the pool for one choice, and (when byPosition) which of the
-// handler's upstreams are in it: a ramping upstream is in it with a
-// probability that grows over slow_start; when the draws leave out every
-// upstream in service, all of them are in it. Outside a ramp it is the
-// list as built, with no work.
-func (st *poolState) pick(slow time.Duration, byPosition bool, static l4proxy.UpstreamPool) (l4proxy.UpstreamPool, []bool) {
-	if len(st.ramping) == 0 {
-		return st.pool, st.in
-	}
-	draw := (&caddyshaker.ProbeConfig{SlowStart: caddy.Duration(slow)}).SlowStartDraw(health.Now())
-	var out []*l4proxy.Upstream // drawn out
-	var outAt []int
-	for _, r := range st.ramping {
-		if !draw(r.returned) {
-			out = append(out, static[r.i])
-			outAt = append(outAt, r.i)
-		}
-	}
-	if len(out) == 0 || len(out) == len(st.pool) {
+// handler's upstreams are in it, by position (index): a ramping upstream
+// is in it with a probability that grows over slow_start; when the draws
+// leave out every upstream in service, all of them are in it
+// (caddyshaker.DrawOut). Outside a ramp it is the list as built, with no
+// work.
+func (st *poolState) pick(slow time.Duration, byPosition bool, index map[*l4proxy.Upstream]int) (l4proxy.UpstreamPool, []bool) {
+	out := caddyshaker.DrawOut(slow, st.ramping, len(st.pool))
+	if out == nil {
 		return st.pool, st.in
 	}
 	if byPosition {
 		in := slices.Clone(st.in)
-		for _, i := range outAt {
-			in[i] = false
+		for _, u := range out {
+			in[index[u]] = false
 		}
 		return nil, in
 	}
-	pool := make(l4proxy.UpstreamPool, 0, len(st.pool)-len(out))
-	for _, u := range st.pool {
-		if !slices.Contains(out, u) {
-			pool = append(pool, u)
-		}
-	}
-	return pool, nil
+	return caddyshaker.Without(st.pool, out), nil
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens, inside a

@@ -7,10 +7,8 @@ import (
 	"net"
 	"reflect"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -20,6 +18,7 @@ import (
 
 	caddyshaker "github.com/caddy-shaker/caddy-shaker"
 	"github.com/caddy-shaker/caddy-shaker/health"
+	"github.com/caddy-shaker/caddy-shaker/internal/caddytest"
 )
 
 // fakeStates are member states a test sets.
@@ -64,11 +63,7 @@ func setUnavailable(t *testing.T, u *l4proxy.Upstream, down bool) {
 		v = 1
 	}
 	for i := range peers.Len() {
-		f := peers.Index(i).Elem().FieldByName("unhealthy")
-		if !f.IsValid() || f.Type() != reflect.TypeFor[atomic.Int32]() {
-			t.Fatal("l4proxy peer has no unhealthy atomic.Int32 in this caddy-l4 version")
-		}
-		(*atomic.Int32)(unsafe.Pointer(f.UnsafeAddr())).Store(v)
+		caddytest.StoreInt32(t, peers.Index(i).Elem(), "unhealthy", v, "l4proxy peer")
 	}
 	if got := first.Select(l4proxy.UpstreamPool{u}, nil) == nil; got != down {
 		t.Fatalf("upstream %s unavailable %v, want %v", u, got, down)
@@ -79,16 +74,7 @@ func setUnavailable(t *testing.T, u *l4proxy.Upstream, down bool) {
 // its JSON.
 func newInner(t *testing.T, js string) l4proxy.Selector {
 	t.Helper()
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
-	t.Cleanup(cancel)
-	holder := struct {
-		Raw json.RawMessage `caddy:"namespace=layer4.proxy.selection_policies inline_key=policy"`
-	}{Raw: json.RawMessage(js)}
-	mod, err := ctx.LoadModule(&holder, "Raw")
-	if err != nil {
-		t.Fatalf("%s: %v", js, err)
-	}
-	return mod.(l4proxy.Selector)
+	return caddytest.LoadInline[l4proxy.Selector](t, "layer4.proxy.selection_policies", "policy", js)
 }
 
 // stubConn is a client connection from a given address.

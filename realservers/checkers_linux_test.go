@@ -332,17 +332,7 @@ func (c *haproxyChecker) start(t *testing.T, servers []server) {
 	t.Helper()
 	c.dir = t.TempDir()
 	var b strings.Builder
-	fmt.Fprintf(&b, `global
-	nbthread 1
-	stats socket %s/stats.sock mode 600 level admin
-
-defaults
-	mode tcp
-	timeout connect 1s
-	timeout client 10s
-	timeout server 10s
-	timeout check %dms
-`, c.dir, probeTimeout.Milliseconds())
+	b.WriteString(testkit.HAProxyConfig(c.dir, 0, probeTimeout))
 	c.proxies = map[string]string{}
 	for _, s := range servers {
 		addr := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))

@@ -2,7 +2,13 @@
 
 package realservers
 
-import "testing"
+import (
+	"context"
+	"net"
+	"os/exec"
+	"testing"
+	"time"
+)
 
 // Real clients through the layer-4 proxies: while a checker that is also a
 // TCP proxy in front of each server (caddy-l4's proxy, with the plugin's
@@ -77,4 +83,21 @@ func queryThrough(t *testing.T, c checker, servers []server, n map[string]int64)
 		n[s.name()]++
 	}
 	return proxied
+}
+
+// clientCmd is the command of the client program tool (findBin) to run
+// against addr (host:port), with the arguments args makes of its host and
+// port, bounded to 10 s: call cancel once it has run.
+func clientCmd(t *testing.T, tool, addr string, args func(host, port string) []string) (cmd *exec.Cmd, cancel context.CancelFunc) {
+	t.Helper()
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, err := findBin(tool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	return exec.CommandContext(ctx, bin, args(host, port)...), cancel
 }

@@ -284,22 +284,12 @@ func startHAProxyFailover(t *testing.T, addr, primary, standby string) *proc {
 	}
 	h := &haproxyChecker{bin: bin, dir: t.TempDir()}
 	cfg := filepath.Join(h.dir, "haproxy.cfg")
-	if err := os.WriteFile(cfg, fmt.Appendf(nil, `global
-	nbthread 1
-	stats socket %s/stats.sock mode 600 level admin
-
-defaults
-	mode tcp
-	timeout connect 1s
-	timeout client 10s
-	timeout server 10s
-	timeout check %dms
-
+	if err := os.WriteFile(cfg, fmt.Appendf([]byte(testkit.HAProxyConfig(h.dir, 0, probeTimeout)), `
 listen pg
 	bind %s
 	server primary %s check inter %dms
 	server standby %s check inter %dms backup
-`, h.dir, probeTimeout.Milliseconds(), addr, primary, probeInterval.Milliseconds(), standby, probeInterval.Milliseconds()), 0o644); err != nil {
+`, addr, primary, probeInterval.Milliseconds(), standby, probeInterval.Milliseconds()), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	h.p = startProc(t, "haproxy-failover", filepath.Join(h.dir, "haproxy.log"), h.dir, nil, syscall.SIGKILL,

@@ -4,7 +4,6 @@ package realservers
 
 import (
 	"bufio"
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -266,18 +265,10 @@ func (s *postgres) queryLabel() string { return "`psql -c 'SELECT 1'`" }
 // unaligned output.
 func psql(t *testing.T, addr, sql string) (string, error) {
 	t.Helper()
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin, err := findBin("psql")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	cmd, cancel := clientCmd(t, "psql", addr, func(host, port string) []string {
+		return []string{"-X", "-w", "-q", "-A", "-t", "-h", host, "-p", port, "-U", "postgres", "-d", "postgres", "-c", sql}
+	})
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "-X", "-w", "-q", "-A", "-t", "-h", host, "-p", port,
-		"-U", "postgres", "-d", "postgres", "-c", sql)
 	cmd.Env = append(os.Environ(), "LANG=C", "LC_ALL=C", "PGSSLMODE=disable", "PGGSSENCMODE=disable",
 		"PGCONNECT_TIMEOUT=5", "PGAPPNAME=realservers")
 	out, err := cmd.CombinedOutput()
@@ -744,17 +735,11 @@ func (s *redis) touch(t *testing.T) { plainConnect(t, s.addr) }
 // server: one connection of the test's own, which read leaves out.
 func (s *redis) query(t *testing.T, addr string) error {
 	t.Helper()
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin, err := findBin("redis-cli")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	cmd, cancel := clientCmd(t, "redis-cli", addr, func(host, port string) []string {
+		return []string{"-h", host, "-p", port, "PING"}
+	})
 	defer cancel()
-	out, err := exec.CommandContext(ctx, bin, "-h", host, "-p", port, "PING").CombinedOutput()
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("redis-cli %s PING: %v: %s", addr, err, strings.TrimSpace(string(out)))
 	}

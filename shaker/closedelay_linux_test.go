@@ -31,6 +31,7 @@ import (
 // assertion fails for reasons of its own.
 const (
 	burstEnv      = "SHAKER_BURST_HELPER" // the child's mode: idle, busy, slow
+	burstPathEnv  = "SHAKER_BURST"        // the SlowPath's (SlowPath.Env)
 	burstRate     = "15mbit"
 	burstLatency  = "200ms"
 	burstAddrs    = 2000
@@ -105,8 +106,8 @@ func burstChild(t *testing.T, mode string, family int, pm Mode) (burstResult, in
 	}
 	p := testkit.NewSlowPath(t, burstRate, burstLatency)
 	p.ShapeA(t, burstRate, burstLatency)
-	out := testkit.RunTest(t, p.A, "TestCloseDelayBurstsHelper", burstEnv+"="+mode, "SHAKER_BURST_PROBE_MODE="+pm.String(),
-		"SHAKER_BURST_FAMILY="+strconv.Itoa(family), "SHAKER_BURST_NS_A="+p.A, "SHAKER_BURST_NS_B="+p.B)
+	env := append(p.Env(burstPathEnv, family), burstEnv+"="+mode, "SHAKER_BURST_PROBE_MODE="+pm.String())
+	out := testkit.RunTest(t, p.A, "TestCloseDelayBurstsHelper", env...)
 	res := testkit.ResultsByName(out)
 	f := res["burst"]
 	if len(f) != 12 {
@@ -128,14 +129,13 @@ func burstChild(t *testing.T, mode string, family int, pm Mode) (burstResult, in
 }
 
 // TestCloseDelayBurstsHelper is the child of the burst tests, in
-// namespace A of a SlowPath ($SHAKER_BURST_NS_B is B).
+// namespace A of a SlowPath (testkit.ChildSlowPath).
 func TestCloseDelayBurstsHelper(t *testing.T) {
 	mode := os.Getenv(burstEnv)
 	if mode == "" {
 		t.Skip("only runs as a child of the burst tests")
 	}
-	family, _ := strconv.Atoi(os.Getenv("SHAKER_BURST_FAMILY"))
-	p := &testkit.SlowPath{A: os.Getenv("SHAKER_BURST_NS_A"), B: os.Getenv("SHAKER_BURST_NS_B"), DevA: "shk-a", DevB: "shk-b"}
+	p, family := testkit.ChildSlowPath(burstPathEnv)
 	pm, err := ParseMode(os.Getenv("SHAKER_BURST_PROBE_MODE"))
 	if err != nil {
 		t.Fatal(err)

@@ -10,15 +10,12 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
@@ -201,29 +198,11 @@ func TestLossyHelper(t *testing.T) {
 }
 
 // listenIn opens n counting listeners on lossyAddrB inside network
-// namespace ns: their sockets are made on a thread moved into ns.
+// namespace ns (testkit.ListenIn).
 func listenIn(t *testing.T, ns string, n int) []*testkit.Listener {
-	f, err := os.Open("/var/run/netns/" + ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	own, err := os.Open("/proc/thread-self/ns/net")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer own.Close()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-		t.Fatal(err)
-	}
 	var ls []*testkit.Listener
-	for i := 0; i < n; i++ {
-		ls = append(ls, testkit.NewListener(t, "tcp4", net.JoinHostPort(lossyAddrB, "0")))
-	}
-	if err := unix.Setns(int(own.Fd()), unix.CLONE_NEWNET); err != nil {
-		t.Fatal(err) // the thread stays locked and dies with the goroutine
+	for range n {
+		ls = append(ls, testkit.ListenIn(t, ns, "tcp4", net.JoinHostPort(lossyAddrB, "0")))
 	}
 	for _, l := range ls {
 		if !l.Addr.Addr().Is4() || l.Addr.Addr() != netip.MustParseAddr(lossyAddrB) {

@@ -3,7 +3,8 @@
 // counts taken past the kernel's delayed-ACK window (window.go), runs of the
 // test binary as a child process (self.go), file descriptor, CPU and process
 // counters (proc.go), the kernel's TCP counters (kernel.go), free ports
-// (ports.go) and network namespaces (netns.go).
+// (ports.go), network namespaces (netns.go) and the head of an HAProxy
+// config for comparisons (haproxy.go).
 //
 // Functions that take a testing.TB are for tests: they skip the test, saying
 // what is missing, where the machine cannot do what they need, and fail it

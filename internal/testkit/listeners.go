@@ -190,14 +190,7 @@ func (ls Listeners) SettledAccepts() (int64, error) {
 // whose end is counted with SettledAccepts. A count once probing has
 // stopped must wait (SettledAccepts, ProbeAccepts).
 func (ls Listeners) Snapshot() (int64, error) {
-	var n int64
-	for _, l := range ls {
-		if err := l.Flush(); err != nil {
-			return n, err
-		}
-		n += l.accepted()
-	}
-	return n, nil
+	return flushCount(ls.counters()...)
 }
 
 func (ls Listeners) counters() []Counter {

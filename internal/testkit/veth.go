@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -44,13 +45,30 @@ const (
 	SlowPrefix6 = "fd53:6b72:1::/64"
 )
 
+// The veth ends of every SlowPath: each is in a namespace of its own.
+const slowDevA, slowDevB = "shk-a", "shk-b"
+
+// Env is what a test passes a child test that it runs in namespace A of p
+// (RunTest, TestCommand) for the child to know p and the address family
+// to probe (ChildSlowPath): prefix_NS_A, prefix_NS_B and prefix_FAMILY.
+func (p *SlowPath) Env(prefix string, family int) []string {
+	return []string{prefix + "_NS_A=" + p.A, prefix + "_NS_B=" + p.B, prefix + "_FAMILY=" + strconv.Itoa(family)}
+}
+
+// ChildSlowPath is, in a child test, the SlowPath and the address family
+// that its parent passed it under prefix (SlowPath.Env).
+func ChildSlowPath(prefix string) (*SlowPath, int) {
+	family, _ := strconv.Atoi(os.Getenv(prefix + "_FAMILY"))
+	return &SlowPath{A: os.Getenv(prefix + "_NS_A"), B: os.Getenv(prefix + "_NS_B"), DevA: slowDevA, DevB: slowDevB}, family
+}
+
 // NewSlowPath creates a SlowPath whose tbf in B has the rate and latency
 // given (tc's syntax: "2mbit", "700ms"). Its namespaces are deleted at the
 // end of the test. It skips the test, saying what is missing, where this
 // machine cannot.
 func NewSlowPath(t testing.TB, rate, latency string) *SlowPath {
 	t.Helper()
-	p := &SlowPath{A: Netns(t, false, ""), B: Netns(t, false, ""), DevA: "shk-a", DevB: "shk-b"}
+	p := &SlowPath{A: Netns(t, false, ""), B: Netns(t, false, ""), DevA: slowDevA, DevB: slowDevB}
 	if _, err := exec.LookPath("tc"); err != nil {
 		t.Skip("needs tc (Debian package iproute2)")
 	}

@@ -55,6 +55,12 @@ func SettledAccepts(cs ...Counter) (int64, error) {
 		addrs[i] = c.addrPort()
 	}
 	WaitWindow(addrs...)
+	return flushCount(cs...)
+}
+
+// flushCount flushes the accept queues of cs and returns how many
+// connections they accepted in all, up to the first flush that failed.
+func flushCount(cs ...Counter) (int64, error) {
 	var n int64
 	for _, c := range cs {
 		if err := c.Flush(); err != nil {

@@ -22,9 +22,10 @@ var loopbacks = []struct{ name, network, ip string }{
 	{"ipv6", "tcp6", "::1"},
 }
 
-// paths are the two ways a probe's answer is taken: at once when the
-// handshake finished inside connect() (usual on loopback), or through
-// epoll (usual on a network; forced here).
+// paths are the two ways a probe's answer is taken in connect mode: at
+// once when the handshake finished inside connect() (usual on loopback),
+// or through epoll (usual on a network; forced here). forPaths adds raw
+// mode's.
 var paths = []struct {
 	name string
 	opts Options
@@ -33,83 +34,121 @@ var paths = []struct {
 	{"epoll", Options{epollOnly: true}},
 }
 
+// forPaths runs f as a subtest for each path of paths and for raw mode
+// ("raw": ModeRaw on ports source ports of the test's own, as modeOptions
+// makes them), the raw one skipped where raw sockets cannot be opened.
+// The subtests are named prefix and the path ("ipv4/" makes
+// "ipv4/inline"); f gets the mode and the path's options, to which it
+// adds its own.
+func forPaths(t *testing.T, prefix string, ports int, f func(t *testing.T, m Mode, opts Options)) {
+	t.Helper()
+	for _, path := range paths {
+		t.Run(prefix+path.name, func(t *testing.T) { f(t, ModeConnect, path.opts) })
+	}
+	t.Run(prefix+"raw", func(t *testing.T) {
+		needRaw(t)
+		f(t, ModeRaw, modeOptions(t, ModeRaw, Options{}, ports))
+	})
+}
+
+// TestProbeOpen: on every path, IPv4 and IPv6, probes of a listener are
+// up, for its address, with 0 < RTT <= Duration; Stats counts them; none
+// is accepted. In raw mode no socket is counted and no close delay
+// measured (there is nothing to close), every SYN-ACK is read from the
+// raw socket, and MaxSockets is the bound on probes in flight.
 func TestProbeOpen(t *testing.T) {
 	for _, lb := range loopbacks {
-		for _, path := range paths {
-			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
-				l := testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
-				e := newEngine(t, path.opts)
+		forPaths(t, lb.name+"/", 64, func(t *testing.T, m Mode, opts Options) {
+			l := testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
+			e := newEngine(t, opts)
+			checkMode(t, e, m)
+			const probes = 20
+			for i := 0; i < probes; i++ {
 				r := e.Probe(probeCtx(t, 5*time.Second), l.Addr)
 				if r.Err != nil {
-					t.Fatalf("probe of open port %v: %v", l.Addr, r.Err)
+					t.Fatalf("probe %d of open port %v: %v", i, l.Addr, r.Err)
 				}
-				if !r.Up() || r.Addr != l.Addr {
-					t.Fatalf("result %+v, want up for %v", r, l.Addr)
+				if !r.Up() || r.Outcome != Up || r.Addr != l.Addr {
+					t.Fatalf("probe %d: result %+v, want up for %v", i, r, l.Addr)
 				}
-				if r.RTT <= 0 || r.Duration <= 0 {
-					t.Fatalf("RTT %v, Duration %v: want both > 0", r.RTT, r.Duration)
+				if r.RTT <= 0 || r.Duration <= 0 || r.RTT > r.Duration {
+					t.Fatalf("probe %d: RTT %v, Duration %v: want 0 < RTT <= Duration", i, r.RTT, r.Duration)
 				}
-				if n := l.ProbeAccepts(t); n != 0 {
-					t.Fatalf("listener accepted %d probe connections", n)
-				}
-				if s := e.Stats(); s.Up != 1 || s.Total() != 1 {
-					t.Fatalf("stats %+v, want one Up", s)
-				}
-			})
-		}
+			}
+			if n := l.ProbeAccepts(t); n != 0 {
+				t.Fatalf("listener accepted %d probe connections", n)
+			}
+			s := e.Stats()
+			if s.Up != probes || s.Total() != probes || s.InFlight != 0 {
+				t.Fatalf("stats %+v, want %d up and nothing else, none in flight", s, probes)
+			}
+			if m == ModeRaw && (s.Sockets != 0 || s.MaxCloseDelay != 0 || s.CloseDelay.Count() != 0 || s.EpollUp != probes || s.MaxSockets != DefaultRawInFlight) {
+				t.Fatalf("raw stats %+v: want no sockets, no close delays, every SYN-ACK read from the raw socket (%d), %d in flight at most", s, probes, DefaultRawInFlight)
+			}
+			if m == ModeConnect && s.MaxSockets != DefaultMaxSockets() {
+				t.Fatalf("stats %+v: want MaxSockets %d", s, DefaultMaxSockets())
+			}
+		})
 	}
 }
 
+// TestProbeRefused: on every path, IPv4 and IPv6, a probe of a port bound
+// but not listening is refused, with no RTT.
 func TestProbeRefused(t *testing.T) {
 	for _, lb := range loopbacks {
-		for _, path := range paths {
-			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
-				addr := testkit.BoundNotListening(t, lb.ip)
-				e := newEngine(t, path.opts)
-				r := e.Probe(probeCtx(t, 5*time.Second), addr)
-				if !errors.Is(r.Err, ErrRefused) {
-					t.Fatalf("probe of closed port %v: %v, want ErrRefused", addr, r.Err)
-				}
-				if r.RTT != 0 {
-					t.Fatalf("RTT %v on a refused probe", r.RTT)
-				}
-				if s := e.Stats(); s.Refused != 1 {
-					t.Fatalf("stats %+v, want one Refused", s)
-				}
-			})
-		}
+		forPaths(t, lb.name+"/", 64, func(t *testing.T, m Mode, opts Options) {
+			addr := testkit.BoundNotListening(t, lb.ip)
+			e := newEngine(t, opts)
+			checkMode(t, e, m)
+			r := e.Probe(probeCtx(t, 5*time.Second), addr)
+			if !errors.Is(r.Err, ErrRefused) || r.Outcome != Refused {
+				t.Fatalf("probe of closed port %v: %+v, want ErrRefused", addr, r)
+			}
+			if r.RTT != 0 {
+				t.Fatalf("RTT %v on a refused probe", r.RTT)
+			}
+			if s := e.Stats(); s.Refused != 1 || s.Total() != 1 {
+				t.Fatalf("stats %+v, want one Refused and nothing else", s)
+			}
+		})
 	}
 }
 
+// TestProbeTimeoutFullAcceptQueue: in both modes, IPv4 and IPv6, a probe
+// of a full accept queue (its SYNs dropped) times out, not before its
+// timeout, from ProbeAsync and from Probe with a context deadline.
 func TestProbeTimeoutFullAcceptQueue(t *testing.T) {
 	for _, lb := range loopbacks {
 		t.Run(lb.name, func(t *testing.T) {
-			addr := testkit.FullQueueListener(t, lb.ip)
-			e := newEngine(t, Options{})
-			const timeout = 200 * time.Millisecond
-			done := make(chan Result, 1)
-			e.ProbeAsync(addr, timeout, func(r Result) { done <- r })
-			r := <-done
-			if !errors.Is(r.Err, ErrTimeout) {
-				t.Fatalf("probe of full accept queue %v: %v, want ErrTimeout", addr, r.Err)
-			}
-			if r.Duration < timeout {
-				t.Fatalf("timed out after %v, before its timeout %v", r.Duration, timeout)
-			}
-			// Probe with a context deadline.
-			r = e.Probe(probeCtx(t, timeout), addr)
-			if !errors.Is(r.Err, ErrTimeout) {
-				t.Fatalf("Probe with deadline: %v, want ErrTimeout", r.Err)
-			}
-			// Probe returned at its context's deadline; the loop's own
-			// timer fires then too, and closes the socket.
-			s := e.Stats()
-			for deadline := time.Now().Add(5 * time.Second); (s.Timeout != 2 || s.InFlight != 0) && time.Now().Before(deadline); s = e.Stats() {
-				runtime.Gosched()
-			}
-			if s.Timeout != 2 || s.InFlight != 0 {
-				t.Fatalf("stats %+v, want two Timeouts, none in flight", s)
-			}
+			forModes(t, func(t *testing.T, m Mode) {
+				addr := testkit.FullQueueListener(t, lb.ip)
+				e := newEngine(t, modeOptions(t, m, Options{}, 64))
+				checkMode(t, e, m)
+				const timeout = 200 * time.Millisecond
+				done := make(chan Result, 1)
+				e.ProbeAsync(addr, timeout, func(r Result) { done <- r })
+				r := <-done
+				if !errors.Is(r.Err, ErrTimeout) || r.Outcome != Timeout {
+					t.Fatalf("probe of full accept queue %v: %+v, want ErrTimeout", addr, r)
+				}
+				if r.Duration < timeout {
+					t.Fatalf("timed out after %v, before its timeout %v", r.Duration, timeout)
+				}
+				// Probe with a context deadline.
+				r = e.Probe(probeCtx(t, timeout), addr)
+				if !errors.Is(r.Err, ErrTimeout) {
+					t.Fatalf("Probe with deadline: %v, want ErrTimeout", r.Err)
+				}
+				// Probe returned at its context's deadline; the loop's own
+				// timer fires then too, and ends the probe.
+				s := e.Stats()
+				for deadline := time.Now().Add(5 * time.Second); (s.Timeout != 2 || s.InFlight != 0) && time.Now().Before(deadline); s = e.Stats() {
+					runtime.Gosched()
+				}
+				if s.Timeout != 2 || s.InFlight != 0 || s.Total() != 2 {
+					t.Fatalf("stats %+v, want two Timeouts and nothing else, none in flight", s)
+				}
+			})
 		})
 	}
 }
@@ -152,217 +191,231 @@ func TestProbeInvalidAddress(t *testing.T) {
 	}
 }
 
+// TestIPv4MappedIPv6: in both modes an IPv4-mapped IPv6 address is probed,
+// and answered, as the plain IPv4 address is.
 func TestIPv4MappedIPv6(t *testing.T) {
-	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
-	e := newEngine(t, Options{})
-	mapped := netip.AddrPortFrom(netip.AddrFrom16(l.Addr.Addr().As16()), l.Addr.Port())
-	if r := e.Probe(probeCtx(t, 5*time.Second), mapped); r.Err != nil {
-		t.Fatalf("probe of %v: %v", mapped, r.Err)
-	}
-}
-
-// TestQueueBeyondCap: probes beyond MaxSockets wait, they do not fail.
-func TestQueueBeyondCap(t *testing.T) {
-	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
-	slow := testkit.FullQueueListener(t, "127.0.0.1")
-	e := newEngine(t, Options{Loops: 1, MaxSockets: 2, epollOnly: true}) // answers wait in epoll: in flight
-	var wg sync.WaitGroup
-	var up, timedOut, maxInFlight atomic.Int64
-	// Each callback runs on the loop, between turns: what is in flight
-	// then never exceeds the cap.
-	watch := func() {
-		if n := int64(e.Stats().InFlight); n > maxInFlight.Load() {
-			maxInFlight.Store(n)
+	forModes(t, func(t *testing.T, m Mode) {
+		l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+		e := newEngine(t, modeOptions(t, m, Options{}, 64))
+		mapped := netip.AddrPortFrom(netip.AddrFrom16(l.Addr.Addr().As16()), l.Addr.Port())
+		if r := e.Probe(probeCtx(t, 5*time.Second), mapped); r.Err != nil || r.Outcome != Up || r.Addr != mapped {
+			t.Fatalf("probe of %v: %+v, want up", mapped, r)
 		}
-	}
-	// Slow probes with staggered timeouts: were the cap ignored, the
-	// first to time out would see the others still in flight.
-	const slowN = 6
-	wg.Add(slowN + 100)
-	for i := 0; i < slowN; i++ {
-		e.ProbeAsync(slow, time.Duration(i+1)*40*time.Millisecond, func(r Result) {
-			watch()
-			if errors.Is(r.Err, ErrTimeout) {
-				timedOut.Add(1)
-			}
-			wg.Done()
-		})
-	}
-	for i := 0; i < 100; i++ {
-		e.ProbeAsync(l.Addr, time.Second, func(r Result) {
-			watch()
-			if r.Err == nil {
-				up.Add(1)
-			}
-			wg.Done()
-		})
-	}
-	wg.Wait()
-	if n := maxInFlight.Load(); n > 2 {
-		t.Fatalf("%d in flight, cap is 2", n)
-	}
-	if up.Load() != 100 || timedOut.Load() != slowN {
-		t.Fatalf("up %d timed out %d, want 100 and %d", up.Load(), timedOut.Load(), slowN)
-	}
-	if n := l.ProbeAccepts(t); n != 0 {
-		t.Fatalf("listener accepted %d probe connections", n)
-	}
+		if n := l.ProbeAccepts(t); n != 0 {
+			t.Fatalf("listener accepted %d probe connections", n)
+		}
+	})
 }
 
-// TestStealth: many probes against real listeners; none is ever accepted.
-func TestStealth(t *testing.T) {
-	const probes, chains, listeners = 10000, 64, 16
-	for _, lb := range loopbacks {
-		for _, path := range paths {
-			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
-				ls := make([]*testkit.Listener, listeners)
-				for i := range ls {
-					ls[i] = testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
+// TestQueueBeyondCap: in both modes, probes beyond MaxSockets (in raw
+// mode, the bound on probes in flight) wait, they do not fail: six probes
+// that time out, staggered, and a hundred answered, never more than two
+// in flight as each callback sees it.
+func TestQueueBeyondCap(t *testing.T) {
+	forModes(t, func(t *testing.T, m Mode) {
+		l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+		slow := testkit.FullQueueListener(t, "127.0.0.1")
+		// epollOnly: in connect mode answers wait in epoll, in flight
+		e := newEngine(t, modeOptions(t, m, Options{Loops: 1, MaxSockets: 2, epollOnly: true}, 8))
+		var wg sync.WaitGroup
+		var up, timedOut, maxInFlight atomic.Int64
+		// Each callback runs on the loop, between turns: what is in flight
+		// then never exceeds the cap.
+		watch := func() {
+			if n := int64(e.Stats().InFlight); n > maxInFlight.Load() {
+				maxInFlight.Store(n)
+			}
+		}
+		// Slow probes with staggered timeouts: were the cap ignored, the
+		// first to time out would see the others still in flight.
+		const slowN, fastN = 6, 100
+		wg.Add(slowN + fastN)
+		for i := 0; i < slowN; i++ {
+			e.ProbeAsync(slow, time.Duration(i+1)*40*time.Millisecond, func(r Result) {
+				watch()
+				if errors.Is(r.Err, ErrTimeout) && r.Outcome == Timeout {
+					timedOut.Add(1)
 				}
-				e := newEngine(t, path.opts)
-				var started, up atomic.Int64
-				var failed atomic.Value
-				var wg sync.WaitGroup
-				wg.Add(chains)
-				for c := 0; c < chains; c++ {
-					var done func(Result)
-					next := func() bool {
-						n := started.Add(1)
-						if n > probes {
-							return false
-						}
-						e.ProbeAsync(ls[int(n)%listeners].Addr, 5*time.Second, done)
-						return true
-					}
-					done = func(r Result) {
-						if r.Err != nil {
-							failed.Store(r.Err)
-						} else {
-							up.Add(1)
-						}
-						if !next() {
-							wg.Done()
-						}
-					}
-					if !next() {
-						wg.Done()
-					}
-				}
-				// bounded: a broken engine fails here rather than hang CI
-				waited := make(chan struct{})
-				go func() { wg.Wait(); close(waited) }()
-				select {
-				case <-waited:
-				case <-time.After(60 * time.Second):
-					t.Fatalf("%d of %d probes done after 60 s: %+v", up.Load(), probes, e.Stats())
-				}
-				if err, _ := failed.Load().(error); err != nil {
-					t.Fatalf("a probe failed: %v", err)
-				}
-				if up.Load() != probes {
-					t.Fatalf("%d probes up, want %d", up.Load(), probes)
-				}
-				accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
-				s := e.Stats()
-				t.Logf("%d probes, worst SYN-ACK to close %v", probes, s.MaxCloseDelay)
-				if accepted != 0 {
-					t.Fatalf("listeners accepted %d of %d probes", accepted, probes)
-				}
+				wg.Done()
 			})
 		}
+		for i := 0; i < fastN; i++ {
+			e.ProbeAsync(l.Addr, 5*time.Second, func(r Result) {
+				watch()
+				if r.Err == nil && r.Outcome == Up {
+					up.Add(1)
+				}
+				wg.Done()
+			})
+		}
+		wg.Wait() // bounded: every probe has its timeout
+		if n := maxInFlight.Load(); n > 2 {
+			t.Fatalf("%d in flight, cap is 2", n)
+		}
+		if up.Load() != fastN || timedOut.Load() != slowN {
+			t.Fatalf("up %d timed out %d, want %d and %d", up.Load(), timedOut.Load(), fastN, slowN)
+		}
+		if n := l.ProbeAccepts(t); n != 0 {
+			t.Fatalf("listener accepted %d probe connections", n)
+		}
+	})
+}
+
+// TestStealth: on every path, IPv4 and IPv6, 10,000 probes of 16 real
+// listeners from 64 chains are all up, and none is ever accepted.
+func TestStealth(t *testing.T) {
+	const probes, chainsN, listeners = 10000, 64, 16
+	for _, lb := range loopbacks {
+		forPaths(t, lb.name+"/", 64, func(t *testing.T, m Mode, opts Options) {
+			ls := make([]*testkit.Listener, listeners)
+			for i := range ls {
+				ls[i] = testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
+			}
+			e := newEngine(t, opts)
+			checkMode(t, e, m)
+			// bounded: a broken engine fails here rather than hang CI
+			failed := make(chan int64, 1)
+			go func() { failed <- chains(t, e, ls, chainsN, probes) }()
+			select {
+			case n := <-failed:
+				if n != 0 {
+					t.Fatalf("%d of %d probes failed: %+v", n, probes, e.Stats())
+				}
+			case <-time.After(60 * time.Second):
+				t.Fatalf("probes not done after 60 s: %+v", e.Stats())
+			}
+			accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
+			s := e.Stats()
+			t.Logf("%d probes, worst SYN-ACK to close %v", probes, s.MaxCloseDelay)
+			if accepted != 0 {
+				t.Fatalf("listeners accepted %d of %d probes", accepted, probes)
+			}
+			if s.Up != probes || s.Total() != probes {
+				t.Fatalf("stats %+v: want %d up and nothing else", s, probes)
+			}
+		})
 	}
 }
 
-// TestCloseWithProbesInFlight: Close aborts thousands of probes in flight
-// and queued; every done runs once; no listener accepts anything.
+// TestCloseWithProbesInFlight: on every path, IPv4 and IPv6, Close aborts
+// thousands of probes in flight (SYNs dropped by a full accept queue) and
+// queued while others are being answered, five engines one after the
+// other; every done runs once, the held ones with ErrClosed; nothing is
+// in flight or queued after; calls after Close get ErrClosed; the
+// engine's file descriptors and goroutines are all gone; no listener
+// accepts anything. In raw mode the engine holds a file descriptor per
+// source port it reserves, and no one can listen on them, until Close,
+// which frees them.
 func TestCloseWithProbesInFlight(t *testing.T) {
 	for _, lb := range loopbacks {
-		for _, path := range paths {
-			t.Run(lb.name+"/"+path.name, func(t *testing.T) {
-				ls := make([]*testkit.Listener, 8)
-				for i := range ls {
-					ls[i] = testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
+		forPaths(t, lb.name+"/", 64, func(t *testing.T, m Mode, opts Options) {
+			ls := make([]*testkit.Listener, 8)
+			for i := range ls {
+				ls[i] = testkit.NewListener(t, lb.network, "["+lb.ip+"]:0")
+			}
+			blackhole := testkit.FullQueueListener(t, lb.ip)
+			opts.MaxSockets = 4096
+			runtime.GC()
+			fds0, gs0 := testkit.CountFDs(t), runtime.NumGoroutine()
+			const rounds, perRound, held, closeAfter = 5, 8000, 2000, 2000
+			for round := 0; round < rounds; round++ {
+				e, err := New(opts)
+				if err != nil {
+					t.Fatal(err)
 				}
-				blackhole := testkit.FullQueueListener(t, lb.ip)
-				const rounds, perRound, held, closeAfter = 5, 8000, 2000, 2000
-				for round := 0; round < rounds; round++ {
-					opts := path.opts
-					opts.MaxSockets = 4096
-					e, err := New(opts)
-					if err != nil {
-						t.Fatal(err)
+				checkMode(t, e, m)
+				if m == ModeRaw {
+					if n := testkit.CountFDs(t); n < fds0+opts.SourcePorts.Size() {
+						t.Fatalf("round %d: %d fds open in raw mode, want at least %d more than %d: one per reserved port", round, n, opts.SourcePorts.Size(), fds0)
 					}
-					calls := make([]atomic.Int32, perRound+held)
-					var closedN, upN atomic.Int64
-					closeNow := make(chan struct{})
-					cb := func(i int) func(Result) {
-						return func(r Result) {
-							calls[i].Add(1)
-							switch {
-							case errors.Is(r.Err, ErrClosed):
-								closedN.Add(1)
-							case r.Err == nil:
-								if upN.Add(1) == closeAfter {
-									close(closeNow)
-								}
+					if err := wildcardListen(opts.SourcePorts.First); err == nil {
+						t.Fatalf("round %d: listened on reserved source port %d while the engine runs", round, opts.SourcePorts.First)
+					}
+				}
+				calls := make([]atomic.Int32, perRound+held)
+				var closedN, upN atomic.Int64
+				closeNow := make(chan struct{})
+				cb := func(i int) func(Result) {
+					return func(r Result) {
+						calls[i].Add(1)
+						switch {
+						case errors.Is(r.Err, ErrClosed):
+							closedN.Add(1)
+						case r.Err == nil:
+							if upN.Add(1) == closeAfter {
+								close(closeNow)
 							}
 						}
 					}
-					// Probes that stay in flight until Close (dropped SYNs).
-					for i := 0; i < held; i++ {
-						e.ProbeAsync(blackhole, time.Minute, cb(perRound+i))
+				}
+				// Probes that stay in flight until Close (dropped SYNs).
+				for i := 0; i < held; i++ {
+					e.ProbeAsync(blackhole, time.Minute, cb(perRound+i))
+				}
+				for i := 0; i < perRound; i++ {
+					e.ProbeAsync(ls[i%len(ls)].Addr, time.Minute, cb(i))
+				}
+				// Close while the loop is busy with thousands in flight.
+				// Bounded waits: a broken engine fails here, in seconds,
+				// instead of hanging until the held probes' minute ends.
+				select {
+				case <-closeNow:
+				case <-time.After(30 * time.Second):
+					t.Fatalf("round %d: %d of %d probes up after 30 s, want %d before Close: %+v", round, upN.Load(), perRound, closeAfter, e.Stats())
+				}
+				inFlight := e.Stats().InFlight
+				closed := make(chan struct{})
+				go func() { e.Close(); close(closed) }()
+				select {
+				case <-closed:
+				case <-time.After(30 * time.Second):
+					t.Fatalf("round %d: Close did not return after 30 s: %+v", round, e.Stats())
+				}
+				for i := range calls {
+					if n := calls[i].Load(); n != 1 {
+						t.Fatalf("round %d: done of probe %d called %d times", round, i, n)
 					}
-					for i := 0; i < perRound; i++ {
-						e.ProbeAsync(ls[i%len(ls)].Addr, time.Minute, cb(i))
-					}
-					// Close while the loop is busy with thousands in flight.
-					// Bounded waits: a broken engine fails here, in seconds,
-					// instead of hanging until the held probes' minute ends.
-					select {
-					case <-closeNow:
-					case <-time.After(30 * time.Second):
-						t.Fatalf("round %d: %d of %d probes up after 30 s, want %d before Close: %+v", round, upN.Load(), perRound, closeAfter, e.Stats())
-					}
-					inFlight := e.Stats().InFlight
-					closed := make(chan struct{})
-					go func() { e.Close(); close(closed) }()
-					select {
-					case <-closed:
-					case <-time.After(30 * time.Second):
-						t.Fatalf("round %d: Close did not return after 30 s: %+v", round, e.Stats())
-					}
-					for i := range calls {
-						if n := calls[i].Load(); n != 1 {
-							t.Fatalf("round %d: done of probe %d called %d times", round, i, n)
+				}
+				if closedN.Load() < held {
+					t.Fatalf("round %d: %d ErrClosed, want at least the %d held probes", round, closedN.Load(), held)
+				}
+				if s := e.Stats(); s.InFlight != 0 || s.Queued != 0 || s.Total() != perRound+held {
+					t.Fatalf("round %d: after Close: %+v; want none in flight or queued, %d results", round, s, perRound+held)
+				}
+				// The held probes start first and stay in flight: the
+				// others in flight at Close had their SYN-ACKs in.
+				t.Logf("round %d: %d in flight at Close, %d of them answered (%.1f%%); %d up, %d closed; worst close delay %v",
+					round, inFlight, max(inFlight-held, 0), 100*float64(max(inFlight-held, 0))/float64(max(inFlight, 1)),
+					upN.Load(), closedN.Load(), e.Stats().MaxCloseDelay)
+				// After Close: ErrClosed at once, from both calls.
+				var after Result
+				e.ProbeAsync(ls[0].Addr, time.Second, func(r Result) { after = r })
+				if !errors.Is(after.Err, ErrClosed) {
+					t.Fatalf("ProbeAsync after Close: %v", after.Err)
+				}
+				if r := e.Probe(context.Background(), ls[0].Addr); !errors.Is(r.Err, ErrClosed) {
+					t.Fatalf("Probe after Close: %v", r.Err)
+				}
+				// Nothing of the engine left.
+				if n := testkit.CountFDs(t); n != fds0 {
+					t.Fatalf("round %d: %d fds open after Close, want %d", round, n, fds0)
+				}
+				if n := testkit.WaitGoroutines(gs0); n > gs0 {
+					t.Fatalf("round %d: %d goroutines after Close, want %d", round, n, gs0)
+				}
+				if m == ModeRaw {
+					for p := opts.SourcePorts.First; p <= opts.SourcePorts.Last; p++ {
+						if err := wildcardListen(p); err != nil {
+							t.Fatalf("round %d: source port %d still held after Close: %v", round, p, err)
 						}
 					}
-					if closedN.Load() < held {
-						t.Fatalf("round %d: %d ErrClosed, want at least the %d held probes", round, closedN.Load(), held)
-					}
-					if s := e.Stats(); s.InFlight != 0 || s.Queued != 0 {
-						t.Fatalf("after Close: %+v", s)
-					}
-					// The held probes start first and stay in flight: the
-					// others in flight at Close had their SYN-ACKs in.
-					t.Logf("round %d: %d in flight at Close, %d of them answered (%.1f%%); %d up, %d closed; worst close delay %v",
-						round, inFlight, max(inFlight-held, 0), 100*float64(max(inFlight-held, 0))/float64(max(inFlight, 1)),
-						upN.Load(), closedN.Load(), e.Stats().MaxCloseDelay)
-					// After Close: ErrClosed at once, from both calls.
-					var after Result
-					e.ProbeAsync(ls[0].Addr, time.Second, func(r Result) { after = r })
-					if !errors.Is(after.Err, ErrClosed) {
-						t.Fatalf("ProbeAsync after Close: %v", after.Err)
-					}
-					if r := e.Probe(context.Background(), ls[0].Addr); !errors.Is(r.Err, ErrClosed) {
-						t.Fatalf("Probe after Close: %v", r.Err)
-					}
 				}
-				accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
-				if accepted != 0 {
-					t.Fatalf("listeners accepted %d connections from closed engines", accepted)
-				}
-			})
-		}
+			}
+			accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
+			if accepted != 0 {
+				t.Fatalf("listeners accepted %d connections from closed engines", accepted)
+			}
+		})
 	}
 }
 
@@ -661,23 +714,34 @@ func TestCloseIdempotent(t *testing.T) {
 	_ = e.Stats()
 }
 
-// TestIPv6Zone: a zone names an interface, looked up by the caller; one that
-// names none fails that probe only.
+// TestIPv6Zone: in both modes a zone names an interface, looked up by the
+// caller: a zoned address is probed, and answered (up or refused), as the
+// plain address is; a zone that names none fails that probe only.
 func TestIPv6Zone(t *testing.T) {
-	l := testkit.NewListener(t, "tcp6", "[::1]:0")
-	e := newEngine(t, Options{})
-	zoned := netip.AddrPortFrom(l.Addr.Addr().WithZone("lo"), l.Addr.Port())
-	if r := e.Probe(probeCtx(t, 5*time.Second), zoned); r.Err != nil {
-		t.Fatalf("probe of %v: %v", zoned, r.Err)
-	}
-	bad := netip.AddrPortFrom(l.Addr.Addr().WithZone("nosuchif0"), l.Addr.Port())
-	r := e.Probe(probeCtx(t, 5*time.Second), bad)
-	if r.Err == nil || !strings.Contains(r.Err.Error(), "nosuchif0") {
-		t.Fatalf("probe of %v: %v, want an error naming the zone", bad, r.Err)
-	}
-	if r := e.Probe(probeCtx(t, 5*time.Second), l.Addr); r.Err != nil {
-		t.Fatalf("probe after a bad zone: %v", r.Err)
-	}
+	forModes(t, func(t *testing.T, m Mode) {
+		l := testkit.NewListener(t, "tcp6", "[::1]:0")
+		closed := testkit.BoundNotListening(t, "::1")
+		e := newEngine(t, modeOptions(t, m, Options{}, 64))
+		zoned := netip.AddrPortFrom(l.Addr.Addr().WithZone("lo"), l.Addr.Port())
+		if r := e.Probe(probeCtx(t, 5*time.Second), zoned); r.Err != nil || r.Outcome != Up || r.Addr != zoned {
+			t.Fatalf("probe of %v: %+v, want up", zoned, r)
+		}
+		closedZoned := netip.AddrPortFrom(closed.Addr().WithZone("lo"), closed.Port())
+		if r := e.Probe(probeCtx(t, 5*time.Second), closedZoned); r.Outcome != Refused || r.Addr != closedZoned {
+			t.Fatalf("probe of %v: %+v, want refused", closedZoned, r)
+		}
+		bad := netip.AddrPortFrom(l.Addr.Addr().WithZone("nosuchif0"), l.Addr.Port())
+		r := e.Probe(probeCtx(t, 5*time.Second), bad)
+		if r.Err == nil || !strings.Contains(r.Err.Error(), "nosuchif0") {
+			t.Fatalf("probe of %v: %v, want an error naming the zone", bad, r.Err)
+		}
+		if r := e.Probe(probeCtx(t, 5*time.Second), l.Addr); r.Err != nil {
+			t.Fatalf("probe after a bad zone: %v", r.Err)
+		}
+		if n := l.ProbeAccepts(t); n != 0 {
+			t.Fatalf("listener accepted %d probe connections", n)
+		}
+	})
 }
 
 func TestProbeAsyncNilDone(t *testing.T) {

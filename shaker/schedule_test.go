@@ -66,73 +66,83 @@ func (c *everyCounter) wait(t *testing.T, n int, within time.Duration) {
 	}
 }
 
-// TestEvery: schedules on many addresses and both loops probe again and
-// again, each result goes to its own callback, nothing is accepted, Stop
-// ends a schedule, and Stats counts the schedules.
+// TestEvery: on every path, schedules on many addresses and both loops
+// probe again and again, each result goes to its own callback, up, for
+// its own address, with an RTT; a schedule of a closed port is refused;
+// nothing is accepted; Stop ends a schedule while the others go on; and
+// Stats counts the schedules (in raw mode, no socket nor close delay).
 func TestEvery(t *testing.T) {
-	for _, path := range paths {
-		t.Run(path.name, func(t *testing.T) {
-			ls := make([]*testkit.Listener, 8)
-			for i := range ls {
-				// on 0.0.0.0: it answers every 127.x.y.z
-				ls[i] = testkit.NewListener(t, "tcp4", "0.0.0.0:0")
+	forPaths(t, "", 64, func(t *testing.T, m Mode, opts Options) {
+		ls := make([]*testkit.Listener, 8)
+		for i := range ls {
+			// on 0.0.0.0: it answers every 127.x.y.z
+			ls[i] = testkit.NewListener(t, "tcp4", "0.0.0.0:0")
+		}
+		closed := testkit.BoundNotListening(t, "127.0.0.1")
+		opts.Loops = 2
+		e := newEngine(t, opts)
+		checkMode(t, e, m)
+		const n = 64
+		cs := make([]*everyCounter, n)
+		ss := make([]*Schedule, n)
+		for i := range cs {
+			cs[i] = newEveryCounter()
+			// 127.0.0.x: distinct addresses, spread over the loops
+			ap := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, byte(1 + i%4)}), ls[i%len(ls)].Addr.Port())
+			ss[i] = e.Every(ap, Period{Interval: 10 * time.Millisecond, Timeout: time.Second, First: time.Duration(i) * time.Millisecond / 8}, cs[i].fn(0))
+		}
+		refused := newEveryCounter()
+		rs := e.Every(closed, Period{Interval: 10 * time.Millisecond, Timeout: time.Second}, refused.fn(0))
+		if s := e.Stats(); s.Scheduled != n+1 || s.Loops != 2 {
+			t.Fatalf("stats %+v: want %d scheduled on 2 loops", s, n+1)
+		}
+		for _, c := range cs {
+			c.wait(t, 5, 10*time.Second)
+		}
+		refused.wait(t, 3, 10*time.Second)
+		rs.Stop()
+		for i, c := range cs {
+			c.mu.Lock()
+			if c.up != c.n || c.last.Addr != ss[i].Addr() || c.last.RTT <= 0 {
+				t.Errorf("schedule %d: %d of %d up, last result %+v for %v", i, c.up, c.n, c.last, ss[i].Addr())
 			}
-			opts := path.opts
-			opts.Loops = 2
-			e := newEngine(t, opts)
-			const n = 64
-			cs := make([]*everyCounter, n)
-			ss := make([]*Schedule, n)
-			for i := range cs {
-				cs[i] = newEveryCounter()
-				// 127.0.0.x: distinct addresses, spread over the loops
-				ap := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, byte(1 + i%4)}), ls[i%len(ls)].Addr.Port())
-				ss[i] = e.Every(ap, Period{Interval: 10 * time.Millisecond, Timeout: time.Second, First: time.Duration(i) * time.Millisecond / 8}, cs[i].fn(0))
+			c.mu.Unlock()
+		}
+		refused.mu.Lock()
+		if refused.up != 0 || refused.last.Outcome != Refused {
+			t.Errorf("schedule of a closed port: %d up, last result %+v; want refused", refused.up, refused.last)
+		}
+		refused.mu.Unlock()
+		// Stop half; the others go on, the stopped ones do not.
+		for i := 0; i < n; i += 2 {
+			ss[i].Stop()
+			ss[i].Stop() // idempotent
+		}
+		if s := e.Stats(); s.Scheduled != n/2 {
+			t.Fatalf("after Stop: %d scheduled, want %d", s.Scheduled, n/2)
+		}
+		// At most one call already under way may finish after Stop.
+		stopped := make([]int64, n)
+		for i := 0; i < n; i += 2 {
+			stopped[i] = cs[i].calls.Load()
+		}
+		for i := 1; i < n; i += 2 {
+			cs[i].wait(t, cs[i].count()+5, 10*time.Second)
+		}
+		for i := 0; i < n; i += 2 {
+			if got := cs[i].calls.Load(); got > stopped[i]+1 {
+				t.Errorf("schedule %d: %d calls after Stop", i, got-stopped[i])
 			}
-			if s := e.Stats(); s.Scheduled != n || s.Loops != 2 {
-				t.Fatalf("stats %+v: want %d scheduled on 2 loops", s, n)
-			}
-			for _, c := range cs {
-				c.wait(t, 5, 10*time.Second)
-			}
-			for i, c := range cs {
-				c.mu.Lock()
-				if c.up != c.n || c.last.Addr != ss[i].Addr() {
-					t.Errorf("schedule %d: %d of %d up, last result for %v", i, c.up, c.n, c.last.Addr)
-				}
-				c.mu.Unlock()
-			}
-			// Stop half; the others go on, the stopped ones do not.
-			for i := 0; i < n; i += 2 {
-				ss[i].Stop()
-				ss[i].Stop() // idempotent
-			}
-			if s := e.Stats(); s.Scheduled != n/2 {
-				t.Fatalf("after Stop: %d scheduled, want %d", s.Scheduled, n/2)
-			}
-			// At most one call already under way may finish after Stop.
-			stopped := make([]int64, n)
-			for i := 0; i < n; i += 2 {
-				stopped[i] = cs[i].calls.Load()
-			}
-			for i := 1; i < n; i += 2 {
-				cs[i].wait(t, cs[i].count()+5, 10*time.Second)
-			}
-			for i := 0; i < n; i += 2 {
-				if got := cs[i].calls.Load(); got > stopped[i]+1 {
-					t.Errorf("schedule %d: %d calls after Stop", i, got-stopped[i])
-				}
-			}
-			accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
-			if accepted != 0 {
-				t.Fatalf("listeners accepted %d probe connections", accepted)
-			}
-			st := e.Stats()
-			if st.StartDelay.Count() == 0 || st.Up < 5*n {
-				t.Fatalf("stats %+v: want start delays observed and at least %d up", st, 5*n)
-			}
-		})
-	}
+		}
+		accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
+		if accepted != 0 {
+			t.Fatalf("listeners accepted %d probe connections", accepted)
+		}
+		st := e.Stats()
+		if st.StartDelay.Count() == 0 || st.Up < 5*n || m == ModeRaw && (st.Sockets != 0 || st.MaxCloseDelay != 0) {
+			t.Fatalf("stats %+v: want start delays observed, at least %d up, and in raw mode no socket nor close delay", st, 5*n)
+		}
+	})
 }
 
 // TestEveryDeadHostsFree: probes that wait for their timeout on a dead

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -23,16 +22,6 @@ import (
 // apart from the default range, which other engines of this host may
 // reserve too.
 const testSourcePorts = "61600-61663"
-
-// needRaw skips the test where raw sockets cannot be opened.
-func needRaw(t *testing.T) {
-	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW|syscall.SOCK_CLOEXEC, syscall.IPPROTO_TCP)
-	if err != nil {
-		t.Skipf("raw mode needs raw sockets (root, or CAP_NET_RAW), and this process may not open one: %v", err)
-	}
-	syscall.Close(fd)
-}
 
 // logLine returns the one line logged with message msg, failing the test
 // unless there is exactly one; its fields by key.
@@ -54,7 +43,7 @@ func logLine(t *testing.T, logs *observer.ObservedLogs, level zapcore.Level, msg
 // changes, naming it; auto chooses raw where raw sockets open, and
 // connect (logged, with the reason) where raw mode cannot start.
 func TestProbeModeEngine(t *testing.T) {
-	needRaw(t)
+	testkit.NeedRaw(t)
 	if engines.cur.Load() != nil {
 		t.Fatal("an engine is already running")
 	}
@@ -181,7 +170,7 @@ func TestRawModeInCaddy(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
 	}
-	needRaw(t)
+	testkit.NeedRaw(t)
 	for _, mode := range []string{"raw", "auto"} {
 		t.Run(mode, func(t *testing.T) {
 			h := newHarnessApp(t, 3, map[string]any{"probe_mode": mode, "source_ports": testSourcePorts})

@@ -46,7 +46,7 @@ func forPaths(t *testing.T, prefix string, ports int, f func(t *testing.T, m Mod
 		t.Run(prefix+path.name, func(t *testing.T) { f(t, ModeConnect, path.opts) })
 	}
 	t.Run(prefix+"raw", func(t *testing.T) {
-		needRaw(t)
+		testkit.NeedRaw(t)
 		f(t, ModeRaw, modeOptions(t, ModeRaw, Options{}, ports))
 	})
 }

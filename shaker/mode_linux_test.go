@@ -18,21 +18,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 )
-
-// needRaw skips the test unless this process may open raw sockets (root
-// or CAP_NET_RAW).
-func needRaw(t testing.TB) {
-	t.Helper()
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		t.Skipf("raw mode needs raw sockets (root or CAP_NET_RAW): %v", err)
-	}
-	unix.Close(fd)
-}
 
 // forModes runs f as subtests "connect" and "raw", the raw one skipped
 // where raw sockets cannot be opened.
@@ -41,7 +28,7 @@ func forModes(t *testing.T, f func(t *testing.T, m Mode)) {
 	for _, m := range []Mode{ModeConnect, ModeRaw} {
 		t.Run(m.String(), func(t *testing.T) {
 			if m == ModeRaw {
-				needRaw(t)
+				testkit.NeedRaw(t)
 			}
 			f(t, m)
 		})

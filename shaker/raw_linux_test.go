@@ -265,7 +265,7 @@ func awaitResult(t *testing.T, what string, res <-chan Result) Result {
 // probe must end with the right one's outcome. Four probes, so that each
 // kind is both a forgery and the answer.
 func TestRawForgedAnswers(t *testing.T) {
-	needRaw(t)
+	testkit.NeedRaw(t)
 	for _, lb := range loopbacks {
 		t.Run(lb.name, func(t *testing.T) {
 			full := testkit.FullQueueListener(t, lb.ip)
@@ -343,7 +343,7 @@ func TestRawForgedAnswers(t *testing.T) {
 // and the other's with a SYN-ACK, in both orders: an engine that took the
 // other's answer, read first, would end with the wrong outcome.
 func TestRawEnginesSharePorts(t *testing.T) {
-	needRaw(t)
+	testkit.NeedRaw(t)
 	full := testkit.FullQueueListener(t, "127.0.0.1")
 	f := newForger(t, full)
 	port := testkit.FreePorts(t, 1)
@@ -373,7 +373,7 @@ func TestRawEnginesSharePorts(t *testing.T) {
 // the port and is no ErrRawUnavailable; ModeAuto falls back to connect
 // mode and RawError says the same.
 func TestRawSourcePortTaken(t *testing.T) {
-	needRaw(t)
+	testkit.NeedRaw(t)
 	for _, lb := range loopbacks {
 		t.Run(lb.name, func(t *testing.T) {
 			p := testkit.FreePorts(t, 3) + 1 // its neighbours free too
@@ -419,7 +419,7 @@ func TestRawDefaultPortRange(t *testing.T) {
 		t.Fatalf("DefaultPortRange = %v: want %d ports above 1023, outside the ephemeral range %d-%d", r, DefaultSourcePorts, lo, hi)
 	}
 	t.Logf("ephemeral ports %d-%d, default source ports %v", lo, hi, r)
-	needRaw(t)
+	testkit.NeedRaw(t)
 	e, err := New(Options{Mode: ModeRaw})
 	if err != nil && strings.Contains(err.Error(), "another socket holds it") {
 		t.Skipf("raw engine on the default ports %v: another process holds one: %v", r, err)
@@ -507,7 +507,7 @@ func rawSocks(t *testing.T, inodes map[uint64]bool) map[uint64]rawSock {
 // to a port at each end of the range, of each kind and family, is queued
 // on its socket.
 func TestRawFilters(t *testing.T) {
-	needRaw(t)
+	testkit.NeedRaw(t)
 	base := testkit.FreePorts(t, 6) // base and base+5: just outside the range
 	ports := PortRange{base + 1, base + 4}
 	l4 := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
@@ -767,14 +767,14 @@ func TestRawProbeAsyncNoAlloc(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates on its own; CI runs this test without -race")
 	}
-	needRaw(t)
+	testkit.NeedRaw(t)
 	testProbeAsyncNoAlloc(t, modeOptions(t, ModeRaw, Options{}, 64))
 }
 
 // TestModeAutoChoosesRaw: where raw sockets open, ModeAuto is raw mode on
 // the source ports given, with no RawError, and probes.
 func TestModeAutoChoosesRaw(t *testing.T) {
-	needRaw(t)
+	testkit.NeedRaw(t)
 	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
 	opts := modeOptions(t, ModeRaw, Options{}, 8)
 	opts.Mode = ModeAuto
@@ -795,7 +795,7 @@ func TestModeAutoChoosesRaw(t *testing.T) {
 // fails New with an error naming the range and the loops, not
 // ErrRawUnavailable.
 func TestRawTooFewPorts(t *testing.T) {
-	needRaw(t)
+	testkit.NeedRaw(t)
 	first := testkit.FreePorts(t, 3)
 	ports := PortRange{first, first + 2}
 	_, err := New(Options{Mode: ModeRaw, Loops: 4, SourcePorts: ports})
@@ -809,7 +809,7 @@ func TestRawTooFewPorts(t *testing.T) {
 // way), even when other probes of the loop would hand it that port: two
 // schedules on one loop with two source ports, whose turns alternate.
 func TestRawScheduleSourcePorts(t *testing.T) {
-	needRaw(t)
+	testkit.NeedRaw(t)
 	first := testkit.FreePorts(t, 2)
 	e := newEngine(t, Options{Mode: ModeRaw, Loops: 1, SourcePorts: PortRange{first, first + 1}})
 	var fs []*forger

@@ -616,17 +616,6 @@ func selfCheckCloseMidProbeOnce(t *testing.T, last bool) bool {
 	defer e.Close()
 	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
 	const within = 10 * time.Second
-	// hold runs the loop into a callback that blocks until release.
-	hold := func() (entered, release chan struct{}, done func(Result)) {
-		entered, release = make(chan struct{}), make(chan struct{})
-		return entered, release, func(Result) {
-			close(entered)
-			select { // bounded, so that a failing test does not hang the loop
-			case <-release:
-			case <-time.After(within):
-			}
-		}
-	}
 	await := func(what string, ok func() bool) {
 		t.Helper()
 		for deadline := time.Now().Add(within); !ok(); time.Sleep(time.Millisecond) {
@@ -644,7 +633,7 @@ func selfCheckCloseMidProbeOnce(t *testing.T, last bool) bool {
 		}
 	}
 	// 1. The loop held in a one-off probe's callback.
-	entered1, release1, done1 := hold()
+	entered1, release1, done1 := holder(within) // the loop held until release1
 	e.ProbeAsync(l.Addr, within, done1)
 	awaitCh("first callback", entered1)
 	// 2. The self-check's first probe queued behind it...
@@ -654,7 +643,7 @@ func selfCheckCloseMidProbeOnce(t *testing.T, last bool) bool {
 	// 3. ...and, queued after it, a probe that fails at its start (a zone
 	// that names no interface: nothing is sent), whose callback holds the
 	// loop again once the self-check's probe is started.
-	entered2, release2, done2 := hold()
+	entered2, release2, done2 := holder(within)
 	e.ProbeAsync(netip.MustParseAddrPort("[fe80::1%nosuchif0]:1"), within, done2)
 	close(release1)
 	awaitCh("second callback", entered2)

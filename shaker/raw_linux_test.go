@@ -531,26 +531,7 @@ func TestRawFilters(t *testing.T) {
 			t.Fatalf("the engine's raw sockets %+v: none of IPv%d, protocol %d", socks, k[0], k[1])
 		}
 	}
-	// Hold the loop.
-	entered, release := make(chan struct{}), make(chan struct{})
-	e.ProbeAsync(l4.Addr, 5*time.Second, func(Result) {
-		close(entered)
-		select { // bounded: a failing test must not hang the loop
-		case <-release:
-		case <-time.After(30 * time.Second):
-		}
-	})
-	select {
-	case <-entered:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the holding probe's callback did not run")
-	}
-	released := false
-	defer func() {
-		if !released {
-			close(release)
-		}
-	}()
+	release := holdLoop(t, e, l4.Addr, 30*time.Second)
 
 	for _, lb := range loopbacks {
 		loopbackTraffic(t, lb.network, lb.ip)
@@ -593,8 +574,7 @@ func TestRawFilters(t *testing.T) {
 			t.Fatalf("answers to the ends of the range %v not queued after 5 s on the raw sockets of %v (IPv4 or 6, protocol)", ports, empty)
 		}
 	}
-	close(release)
-	released = true
+	release()
 	// The engine reads them, finds they answer no probe, and goes on.
 	if r := e.Probe(probeCtx(t, 5*time.Second), l6.Addr); r.Outcome != Up {
 		t.Fatalf("probe after the flood: %+v", r)

@@ -321,22 +321,10 @@ func TestScheduleNow(t *testing.T) {
 			// Twice in one turn of the loop: one probe. The loop is held
 			// in a one-off probe's callback (same address, so same loop)
 			// while Now is called twice, so both land before its next turn.
-			entered, release := make(chan struct{}), make(chan struct{})
-			e.ProbeAsync(l.Addr, 5*time.Second, func(Result) {
-				close(entered)
-				select { // bounded: a test that fails below must not hang the loop
-				case <-release:
-				case <-time.After(10 * time.Second):
-				}
-			})
-			select {
-			case <-entered:
-			case <-time.After(10 * time.Second):
-				t.Fatal("the one-off probe's callback did not run")
-			}
+			release := holdLoop(t, e, l.Addr, 10*time.Second)
 			s.Now()
 			s.Now()
-			close(release)
+			release()
 			c.wait(t, 4, 10*time.Second)
 			// Then a blocking probe on the same loop, and until nothing is
 			// in flight: a second probe from the second Now would have

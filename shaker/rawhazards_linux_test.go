@@ -30,6 +30,7 @@ import (
 
 const (
 	hazardEnv     = "SHAKER_HAZARD_HELPER" // the child's probe mode
+	hazardLoops   = "SHAKER_HAZARD_LOOPS"  // the child's Options.Loops, if set
 	hazardReps    = 100                    // probes of each address, all at once
 	hazardTimeout = 2 * time.Second
 
@@ -238,7 +239,14 @@ func nsCounter(t *testing.T, ns, file, prefix, name string) int64 {
 // each address RESULT probe addr and its count of each outcome.
 func TestRawHazardHelper(t *testing.T) {
 	mode := childMode(t, hazardEnv, "the hazard tests")
-	e, err := New(Options{Mode: mode})
+	loops := 0
+	if s := os.Getenv(hazardLoops); s != "" {
+		var err error
+		if loops, err = strconv.Atoi(s); err != nil {
+			t.Fatalf("%s=%q: %v", hazardLoops, s, err)
+		}
+	}
+	e, err := New(Options{Mode: mode, Loops: loops})
 	if err != nil {
 		if mode == ModeRaw {
 			fmt.Printf("RESULT skip raw-unavailable\n%v\n", err)
@@ -479,6 +487,39 @@ func TestRawNeighbourResolution(t *testing.T) {
 				t.Logf("%v mode: the prober's kernel held back %d SYN retransmissions still in a host queue",
 					mode, nsTCPExt(t, p, "TCPSpuriousRtxHostQueues")-held0)
 				checkResets(t, mode, r)
+			})
+		}
+	}
+}
+
+// TestRawMixedSources: one loop probes a listener on loopback in the
+// prober's own namespace, then the backend across the veth link: the two
+// need different source addresses (127.0.0.1 and hazardP4; IPv6: ::1 and
+// hazardP6), and every probe must still be up or refused as it should be,
+// with 0 accepted on either side. Raw mode picks an IPv4 probe's source
+// address itself, by connecting a UDP socket to the destination; that
+// socket kept the source of its first connect(), and every IPv4 probe
+// off the host after one of 127.0.0.1 failed with EINVAL (the real-server
+// suite's MariaDB, on a veth link beside the servers on loopback).
+func TestRawMixedSources(t *testing.T) {
+	t.Setenv(hazardLoops, "1") // one loop: one source lookup for all
+	for _, family := range []int{4, 6} {
+		for _, mode := range hazardModes {
+			t.Run(fmt.Sprintf("IPv%d/%v", family, mode), func(t *testing.T) {
+				p, b, ls, cases := hazardBackend(t, family, "", "")
+				lo := "127.0.0.1"
+				if family == 6 {
+					lo = "::1"
+				}
+				local := hazardListener(t, p, lo)
+				// loopback first: the child starts each address's probes in order
+				r := hazardProbe(t, p, b, ls, mode, append(upAndRefused(lo), cases...))
+				if n := local.ProbeAcceptsIn(t, p); n != 0 {
+					t.Errorf("%v mode: the listener on %s accepted %d connections", mode, lo, n)
+				}
+				if r.resets < hazardReps {
+					t.Errorf("%v mode: the backend counted %d embryonic resets for %d probes up", mode, r.resets, hazardReps)
+				}
 			})
 		}
 	}

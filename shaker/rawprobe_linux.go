@@ -67,7 +67,10 @@ func (l *loop) startRaw(req *request, res Result, family int, sa unsafe.Pointer,
 
 // sourceOf is the source address of an IPv4 probe: the schedule's, or
 // the loop's cache's, or looked up (a UDP socket connected to the
-// destination names it) and kept for srcTTL.
+// destination names it) and kept for srcTTL. The socket is disconnected
+// first: a connect() keeps the source address an earlier one chose, so
+// after 127.0.0.1 every other destination got 127.0.0.1 or, off the
+// host, EINVAL.
 func (l *loop) sourceOf(req *request, sa unsafe.Pointer, salen uintptr) ([4]byte, bool) {
 	s := req.sched
 	now := l.e.now()
@@ -78,6 +81,10 @@ func (l *loop) sourceOf(req *request, sa unsafe.Pointer, salen uintptr) ([4]byte
 	dst := (*unix.RawSockaddrInet4)(sa).Addr
 	c := &r.srcs[(uint32(dst[0])^uint32(dst[1])*7^uint32(dst[2])*31^uint32(dst[3])*131)%srcCacheSize]
 	if c.at == 0 || c.dst != dst || now-c.at >= srcTTL {
+		if errno := rawConnect(r.udp4, unsafe.Pointer(&unspec), unsafe.Sizeof(unspec)); errno != 0 {
+			l.srcErrno = errno
+			return [4]byte{}, false
+		}
 		if errno := rawConnect(r.udp4, sa, salen); errno != 0 {
 			l.srcErrno = errno
 			return [4]byte{}, false

@@ -53,10 +53,12 @@ const (
 // plugin (kindShaker) or with Caddy's own active health checks
 // (kindCaddy); or a layer4 server with caddy-l4's proxy (Caddy built from
 // l4/cmd/caddy), with the plugin's selection policy (kindShakerL4) or with
-// caddy-l4's own active checks (kindCaddyL4).
+// caddy-l4's own active checks (kindCaddyL4). The plugin's kinds run with
+// the shaker app's probe_mode set to mode ("": unset, the default, connect).
 type caddyChecker struct {
 	bin     string
 	kind    string
+	mode    string // the shaker app's probe_mode: "" or probeModeRaw
 	admin   string
 	cfg     []byte
 	p       *proc
@@ -64,7 +66,35 @@ type caddyChecker struct {
 	proxies map[string]string // layer 4: server name -> the proxy's address in front of it
 }
 
-func (c *caddyChecker) name() string { return c.kind }
+// probeModeRaw is the shaker app's probe_mode that sends each SYN on a raw
+// socket (docs/configuration.md): the kernel resets every SYN-ACK itself.
+const probeModeRaw = "raw"
+
+// name is its kind, and "-raw" for the plugin in raw mode.
+func (c *caddyChecker) name() string {
+	if c.mode != "" {
+		return c.kind + "-" + c.mode
+	}
+	return c.kind
+}
+
+// kindOf is c's kind: what it is as a checker, whatever its probe mode;
+// "haproxy" for HAProxy.
+func kindOf(c checker) string {
+	if cc, ok := c.(*caddyChecker); ok {
+		return cc.kind
+	}
+	return c.name()
+}
+
+// probeMode is the probe mode its engine must report: its mode, or the
+// default, connect.
+func (c *caddyChecker) probeMode() string {
+	if c.mode != "" {
+		return c.mode
+	}
+	return "connect"
+}
 
 // probes says whether it is the plugin, which counts its probes.
 func (c *caddyChecker) probes() bool { return c.kind == kindShaker || c.kind == kindShakerL4 }
@@ -80,11 +110,15 @@ func (c *caddyChecker) label() string {
 	if f := strings.Fields(version(c.bin, "github.com/mholt/caddy-l4", "build-info")); len(f) >= 3 {
 		l4 += " " + f[2]
 	}
+	mode := ""
+	if c.mode != "" {
+		mode = fmt.Sprintf(", `probe_mode %s`", c.mode)
+	}
 	switch c.kind {
 	case kindShaker:
-		return fmt.Sprintf("caddy-shaker (Caddy%s, `dynamic shaker`, `interval %v`)", ver, probeInterval)
+		return fmt.Sprintf("caddy-shaker (Caddy%s, `dynamic shaker`, `interval %v`%s)", ver, probeInterval, mode)
 	case kindShakerL4:
-		return fmt.Sprintf("caddy-shaker (Caddy%s, %s `proxy`, `lb_policy shaker`, `interval %v`)", ver, l4, probeInterval)
+		return fmt.Sprintf("caddy-shaker (Caddy%s, %s `proxy`, `lb_policy shaker`, `interval %v`%s)", ver, l4, probeInterval, mode)
 	case kindCaddyL4:
 		return fmt.Sprintf("%s `proxy` (Caddy%s) `health_interval %v`", l4, ver, probeInterval)
 	}
@@ -105,6 +139,12 @@ func (c *caddyChecker) start(t *testing.T, servers []server) {
 		apps = map[string]any{"layer4": map[string]any{"servers": c.l4Servers(t, servers)}}
 	default:
 		t.Fatalf("caddyChecker: no kind %q", c.kind)
+	}
+	if c.mode != "" {
+		if !c.probes() {
+			t.Fatalf("caddyChecker: probe_mode %q for %s, which has no shaker engine", c.mode, c.kind)
+		}
+		apps["shaker"] = map[string]any{"probe_mode": c.mode}
 	}
 	c.p, c.admin, c.cfg = startCaddy(t, "caddy-"+c.name(), c.bin, apps)
 	c.hc = &http.Client{Timeout: 30 * time.Second}
@@ -244,11 +284,19 @@ func (c *caddyChecker) reload(t *testing.T) {
 	}
 }
 
-// verify, for the plugin: the admin API shows every server up, probed.
+// verify, for the plugin: the admin API shows every server up, probed,
+// and the engine probing in the mode asked for (so that a raw checker
+// cannot pass in connect mode), its self-check passed.
 func (c *caddyChecker) verify(t *testing.T, servers []server) map[string]int64 {
 	t.Helper()
 	if !c.probes() {
 		return nil
+	}
+	var eng engineState
+	adminJSON(t, c.hc, c.admin, "/shaker/engine", &eng)
+	if eng.ProbeMode != c.probeMode() || eng.SelfCheck != "ok" {
+		t.Errorf("plugin (%s): GET /shaker/engine: probe_mode %q (want %q), self_check %q (want \"ok\"); raw_error %q, self_check_error %q",
+			c.name(), eng.ProbeMode, c.probeMode(), eng.SelfCheck, eng.RawError, eng.SelfCheckError)
 	}
 	st := shakerUpstreams(t, c.hc, c.admin)
 	checks := make(map[string]int64, len(servers))
@@ -279,19 +327,38 @@ type upstreamState struct {
 	LastError string `json:"last_error"`
 }
 
+// engineState is the part of the plugin's GET /shaker/engine read here.
+type engineState struct {
+	ProbeMode      string `json:"probe_mode"`
+	RawError       string `json:"raw_error"`
+	SelfCheck      string `json:"self_check"`
+	SelfCheckError string `json:"self_check_error"`
+}
+
 // shakerUpstreams reads the plugin's GET /shaker/upstreams from admin.
 func shakerUpstreams(t *testing.T, hc *http.Client, admin string) []upstreamState {
 	t.Helper()
-	r, err := hc.Get("http://" + admin + "/shaker/upstreams")
+	var st []upstreamState
+	adminJSON(t, hc, admin, "/shaker/upstreams", &st)
+	return st
+}
+
+// adminJSON decodes the JSON that GET path on the admin endpoint admin
+// answers into v.
+func adminJSON(t *testing.T, hc *http.Client, admin, path string, v any) {
+	t.Helper()
+	r, err := hc.Get("http://" + admin + path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer r.Body.Close()
-	var st []upstreamState
-	if err := json.NewDecoder(r.Body).Decode(&st); err != nil {
-		t.Fatal(err)
+	if r.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(r.Body)
+		t.Fatalf("GET %s: %s: %s", path, r.Status, b)
 	}
-	return st
+	if err := json.NewDecoder(r.Body).Decode(v); err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
 }
 
 func (c *caddyChecker) stop(t *testing.T) time.Duration {

@@ -7,18 +7,22 @@ package realservers
 // log_connections, MariaDB's Connections and Aborted_connects and its
 // max_connect_errors lockout, OpenSSH at LogLevel VERBOSE, nginx's access
 // log and stub_status, Redis's total_connections_received) are checked
-// every 100 ms by five checkers in turn:
+// every 100 ms by seven checkers in turn:
 //
-//	shaker     Caddy built from ./cmd/caddy with this plugin (dynamic shaker)
-//	caddy      the same Caddy with its own active health checks (health_uri)
-//	shaker-l4  Caddy built from l4/cmd/caddy: caddy-l4's `proxy` in front
-//	           of each server, with this plugin's `lb_policy shaker`
-//	caddy-l4   the same, with caddy-l4's own active checks (health_interval)
-//	haproxy    HAProxy `mode tcp` with a plain `check` (a half-open TCP check)
+//	shaker         Caddy built from ./cmd/caddy with this plugin (dynamic shaker)
+//	shaker-raw     the same, with the shaker app's `probe_mode raw`: each
+//	               SYN sent on a raw socket, every SYN-ACK reset by the kernel
+//	caddy          the same Caddy with its own active health checks (health_uri)
+//	shaker-l4      Caddy built from l4/cmd/caddy: caddy-l4's `proxy` in front
+//	               of each server, with this plugin's `lb_policy shaker`
+//	shaker-l4-raw  the same, with `probe_mode raw`
+//	caddy-l4       the same, with caddy-l4's own active checks (health_interval)
+//	haproxy        HAProxy `mode tcp` with a plain `check` (a half-open TCP check)
 //
-// The layer-4 proxies (shaker-l4, caddy-l4, haproxy) also carry real
-// clients: psql's SELECT 1 and redis-cli's PING through the proxy, which
-// must work, and which the servers' counts leave out (clients_linux_test.go).
+// The layer-4 proxies (shaker-l4, shaker-l4-raw, caddy-l4, haproxy) also
+// carry real clients: psql's SELECT 1 and redis-cli's PING through the
+// proxy, which must work, and which the servers' counts leave out
+// (clients_linux_test.go).
 // Then failover through caddy-l4's proxy in front of two PostgreSQL
 // servers, with the plugin and with caddy-l4's own checks (and HAProxy
 // beside), is measured (failover_linux_test.go).
@@ -28,7 +32,8 @@ package realservers
 // exited and 500 ms more (past the kernel's 200 ms delayed-ACK timer, after
 // which a socket left open with a SYN-ACK in hand becomes a connection).
 // The test counts what every server logged or counted in every phase.
-// It asserts that the plugin left nothing anywhere (both ways), that
+// It asserts that the plugin left nothing anywhere (both ways, in both
+// probe modes: its admin API must show the mode asked for), that
 // Caddy's and caddy-l4's checks, which connect, left something everywhere
 // (so the counting works), and that HAProxy's half-open checks left
 // nothing while running; and a control connection of the test's own must
@@ -232,8 +237,10 @@ func realServersMain(t *testing.T) {
 
 	checkers := []checker{
 		&caddyChecker{bin: os.Getenv(caddyEnv), kind: kindShaker},
+		&caddyChecker{bin: os.Getenv(caddyEnv), kind: kindShaker, mode: probeModeRaw},
 		&caddyChecker{bin: os.Getenv(caddyEnv), kind: kindCaddy},
 		&caddyChecker{bin: os.Getenv(caddyL4Env), kind: kindShakerL4},
+		&caddyChecker{bin: os.Getenv(caddyL4Env), kind: kindShakerL4, mode: probeModeRaw},
 		&caddyChecker{bin: os.Getenv(caddyL4Env), kind: kindCaddyL4},
 	}
 	haproxy, herr := findBin("haproxy")
@@ -286,7 +293,7 @@ func realServersMain(t *testing.T) {
 func assertClients(t *testing.T, s server, results []*result) {
 	for _, r := range results {
 		_, isProxy := r.c.(proxier)
-		if r.c.name() == kindShaker || r.c.name() == kindCaddy || !isProxy {
+		if k := kindOf(r.c); k == kindShaker || k == kindCaddy || !isProxy {
 			continue // HTTP reverse proxies: no client of s speaks HTTP
 		}
 		if !r.proxied {
@@ -446,7 +453,7 @@ func assertServer(t *testing.T, s server, results []*result) {
 		for p := range phaseNames {
 			for _, m := range s.metrics() {
 				n := r.delta[p][s.name()+"/"+m.key]
-				switch r.c.name() {
+				switch kindOf(r.c) {
 				case kindShaker, kindShakerL4:
 					// The product's claim: nothing, in every phase.
 					if n != 0 {
@@ -472,7 +479,7 @@ func assertServer(t *testing.T, s server, results []*result) {
 			}
 		}
 		if b, ok := r.blocked[s.name()]; ok {
-			want := r.c.name() == kindCaddy || r.c.name() == kindCaddyL4 // they connect
+			want := kindOf(r.c) == kindCaddy || kindOf(r.c) == kindCaddyL4 // they connect
 			if b != want {
 				t.Errorf("%s: %s blocked the checkers' host: %v, want %v", r.c.name(), s.label(), b, want)
 			}
@@ -509,7 +516,7 @@ func assertChecking(t *testing.T, servers []server, results []*result, phase tim
 	for _, r := range results {
 		for p := range 2 {
 			n := r.delta[p]["kernel/embryonic"]
-			switch r.c.name() {
+			switch kindOf(r.c) {
 			case kindShaker, kindShakerL4:
 				// its checks from before the snapshot that ends the phase
 				// since after the one that began it; and the widest

@@ -45,8 +45,8 @@ package realservers
 // loopback clients from its host cache, so it runs in a second namespace at
 // 198.18.0.1, reached over a veth pair from 198.18.0.2.
 //
-// REALSERVERS_PHASE sets a phase's length (default 3s); the README's table
-// comes from REALSERVERS_PHASE=20s.
+// REALSERVERS_PHASE sets a phase's length (default 3s, as .ci/run runs it);
+// the tables in docs/testing.md come from REALSERVERS_PHASE=20s.
 
 import (
 	"context"

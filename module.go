@@ -554,6 +554,7 @@ func (s *engineState) startCheck(e *shaker.Engine) {
 		switch {
 		case res.state == checkOK:
 			h.logger.Info("self-check passed: probes are half-open, backends never accept() them",
+				zap.Stringer("probe_mode", e.Mode()),
 				zap.Duration("took", took))
 		default:
 			msg := "self-check FAILED: it could not probe its own listener on 127.0.0.1, so it is not known " +
@@ -570,6 +571,7 @@ func (s *engineState) startCheck(e *shaker.Engine) {
 					"Run Caddy directly on a Linux kernel to keep probes invisible"
 			}
 			h.logger.Error(msg,
+				zap.Stringer("probe_mode", e.Mode()),
 				zap.Bool("half_open_by_construction", shaker.HalfOpen()),
 				zap.Duration("took", took),
 				zap.Error(err))

@@ -82,6 +82,8 @@ type cmeasure struct {
 	accepted       int64 // by the listeners during the windows
 	acceptedAtStop int64 // by the listeners from each stop to 300 ms after it
 	stops          int
+	mallocs        uint64 // heap allocations over the windows, for checkers in this process
+	inProcess      bool   // it runs in the bench's process: mallocs is its
 	wall, cpu      time.Duration
 	worstStop      time.Duration // longest from the stop to its process's exit (or Close's return)
 }
@@ -90,6 +92,12 @@ func (m *cmeasure) rate() float64 { return float64(m.checks) / m.wall.Seconds() 
 
 func (m *cmeasure) cpuPerCheck() float64 {
 	return float64(m.cpu.Microseconds()) / float64(max(m.checks, 1))
+}
+
+// allocsPerCheck is the bench process's heap allocations per check over
+// the windows, for a checker in this process (the engine's).
+func (m *cmeasure) allocsPerCheck() float64 {
+	return float64(m.mallocs) / float64(max(m.checks, 1))
 }
 
 // cores is the CPU it used, in cores.
@@ -122,6 +130,11 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 		return m, err
 	}
 	own0, _ := c.own()
+	ac, inProcess := c.(interface{ mallocs() uint64 })
+	var malloc0 uint64
+	if inProcess {
+		malloc0 = ac.mallocs()
+	}
 	t0 := time.Now()
 	if w, ok := c.(interface{ windowStart() }); ok {
 		w.windowStart() // the shaker checker starts reading its Caddy
@@ -138,6 +151,9 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 		return m, err
 	}
 	own1, _ := c.own()
+	if inProcess {
+		m.mallocs, m.inProcess = ac.mallocs()-malloc0, true
+	}
 	m.wall = time.Since(t0)
 	acc1, err := ls.accepted()
 	if err != nil {
@@ -186,22 +202,43 @@ func (m *cmeasure) add(o cmeasure) {
 	m.accepted += o.accepted
 	m.acceptedAtStop += o.acceptedAtStop
 	m.stops += o.stops
+	m.mallocs += o.mallocs
+	m.inProcess = m.inProcess || o.inProcess
 	m.wall += o.wall
 	m.cpu += o.cpu
 	m.worstStop = max(m.worstStop, o.worstStop)
 }
 
 // engineChecker: the engine in this process, c ProbeAsync chains at full
-// rate, stopped with Close while they run.
+// rate, stopped with Close while they run (engine; engine-raw with
+// opts.Mode ModeRaw).
 type engineChecker struct {
-	c      int
+	inProcess
+	c    int
+	opts shaker.Options
+}
+
+// inProcess is what the checkers that run the engine in this process
+// share: it counts its own checks, its CPU is this process's, and Close
+// stops it.
+type inProcess struct {
 	e      *shaker.Engine
 	n      atomic.Int64
 	failed atomic.Int64
 }
 
+func (k *inProcess) cpu() (time.Duration, error) { return testkit.CPUTime(), nil }
+func (k *inProcess) own() (int64, bool)          { return k.n.Load(), true }
+func (k *inProcess) stop() error                 { return k.e.Close() }
+func (k *inProcess) mallocs() uint64             { return mallocs() }
+func (k *inProcess) cleanup() {
+	if k.e != nil {
+		k.e.Close()
+	}
+}
+
 func (k *engineChecker) start(addrs []netip.AddrPort) error {
-	e, err := shaker.New(shaker.Options{})
+	e, err := shaker.New(k.opts)
 	if err != nil {
 		return err
 	}
@@ -232,13 +269,45 @@ func (k *engineChecker) alive() error {
 	return nil
 }
 
-func (k *engineChecker) cpu() (time.Duration, error) { return testkit.CPUTime(), nil }
-func (k *engineChecker) own() (int64, bool)          { return k.n.Load(), true }
-func (k *engineChecker) stop() error                 { return k.e.Close() }
-func (k *engineChecker) cleanup() {
-	if k.e != nil {
-		k.e.Close()
+// everyChecker: the engine in this process on its scheduled path, as the
+// plugin drives it: one Engine.Every per address at interval (timeout
+// 1 s), the first probes spread over the interval; stopped with Close
+// (engine-every; engine-raw-every with opts.Mode ModeRaw). The health
+// layer and Caddy are not in it: the shaker checkers measure those.
+type everyChecker struct {
+	inProcess
+	interval time.Duration
+	opts     shaker.Options
+	firstErr atomic.Pointer[shaker.Result]
+}
+
+func (k *everyChecker) start(addrs []netip.AddrPort) error {
+	e, err := shaker.New(k.opts)
+	if err != nil {
+		return err
 	}
+	k.e = e
+	fn := func(r shaker.Result) time.Duration {
+		k.n.Add(1)
+		if r.Err != nil && k.failed.Add(1) == 1 {
+			first := r // a copy: storing &r would move every r to the heap
+			k.firstErr.Store(&first)
+		}
+		return 0
+	}
+	for i, a := range addrs {
+		first := k.interval * time.Duration(i) / time.Duration(len(addrs))
+		e.Every(a, shaker.Period{Interval: k.interval, Timeout: time.Second, First: first}, fn)
+	}
+	return nil
+}
+
+func (k *everyChecker) alive() error {
+	if f := k.failed.Load(); f > 0 {
+		r := k.firstErr.Load()
+		return fmt.Errorf("%d probes failed, the first of %v with %v", f, r.Addr, r.Err)
+	}
+	return nil
 }
 
 // child is a checker running as a child process.
@@ -471,8 +540,16 @@ func checkerLabel(name string, c int, haproxyBin string, inter time.Duration, ca
 	switch name {
 	case "shaker":
 		return fmt.Sprintf("Caddy %s with caddy-shaker: `dynamic shaker`, interval %v; SIGTERM", caddyVersionOf, shakerInterval)
+	case "shaker-raw":
+		return fmt.Sprintf("Caddy %s with caddy-shaker: `dynamic shaker`, interval %v, probe_mode raw; SIGTERM", caddyVersionOf, shakerInterval)
 	case "engine":
 		return fmt.Sprintf("caddy-shaker engine: ProbeAsync, %d in flight; Close()", c)
+	case "engine-raw":
+		return fmt.Sprintf("caddy-shaker engine, raw mode: ProbeAsync, %d in flight; Close()", c)
+	case "engine-every":
+		return fmt.Sprintf("caddy-shaker engine: Every, interval %v; Close()", shakerInterval)
+	case "engine-raw-every":
+		return fmt.Sprintf("caddy-shaker engine, raw mode: Every, interval %v; Close()", shakerInterval)
 	case "haproxy", "haproxy-term":
 		stop := "SIGUSR1 (soft stop)"
 		if name == "haproxy-term" {

@@ -65,7 +65,8 @@ func writeCheckerPlot(path, title, facts string, rows []checkerRow) error {
 	fmt.Fprintf(&b, `<text x="20" y="30" font-size="20" font-weight="bold">%s</text>`+"\n", esc(title))
 	fmt.Fprintf(&b, `<text x="20" y="54" font-size="13" fill="#444">%s</text>`+"\n", esc(facts))
 
-	colors := map[string]string{"engine": "#2e7d32", "haproxy": "#1565c0", "haproxy-term": "#64b5f6", "caddy": "#ef6c00"}
+	colors := map[string]string{"engine": "#2e7d32", "engine-raw": "#1b5e20", "engine-every": "#66bb6a", "engine-raw-every": "#388e3c",
+		"shaker": "#43a047", "shaker-raw": "#2e7d32", "haproxy": "#1565c0", "haproxy-term": "#64b5f6", "caddy": "#ef6c00"}
 	y := top
 	for _, p := range panels {
 		fmt.Fprintf(&b, `<text x="20" y="%d" font-size="15" font-weight="bold">%s</text>`+"\n", y+20, esc(p.title))
@@ -110,6 +111,12 @@ func shortName(r checkerRow) string {
 	switch r.name {
 	case "engine":
 		return "caddy-shaker engine"
+	case "engine-raw":
+		return "caddy-shaker engine, raw"
+	case "engine-every":
+		return "engine, scheduled"
+	case "engine-raw-every":
+		return "engine, raw, scheduled"
 	case "haproxy":
 		return "HAProxy, SIGUSR1"
 	case "haproxy-term":

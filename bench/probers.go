@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -19,6 +20,7 @@ import (
 // measure is what one prober did.
 type measure struct {
 	probes, failed, accepted int64
+	mallocs                  uint64 // heap allocations of this process while it probed
 	wall, cpu                time.Duration
 	maxCloseDelay            time.Duration
 }
@@ -27,9 +29,24 @@ func (m *measure) add(o measure) {
 	m.probes += o.probes
 	m.failed += o.failed
 	m.accepted += o.accepted
+	m.mallocs += o.mallocs
 	m.wall += o.wall
 	m.cpu += o.cpu
 	m.maxCloseDelay = max(m.maxCloseDelay, o.maxCloseDelay)
+}
+
+// allocsPerProbe is the process's heap allocations per probe while the
+// prober ran: the prober's setup (an engine, its chains, goroutines) and
+// the runtime's own are in it too, spread over the probes.
+func (m *measure) allocsPerProbe() float64 {
+	return float64(m.mallocs) / float64(max(m.probes, 1))
+}
+
+// mallocs is the process's heap allocations so far.
+func mallocs() uint64 {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.Mallocs
 }
 
 func (m *measure) rate() float64 { return float64(m.probes) / m.wall.Seconds() }
@@ -50,10 +67,11 @@ func run(p prober, ls *listeners, d time.Duration, c int) (measure, error) {
 	stop := make(chan struct{})
 	t := time.AfterFunc(d, func() { close(stop) })
 	defer t.Stop()
+	malloc0 := mallocs()
 	cpu0, wall0 := testkit.CPUTime(), time.Now()
 	probes, failed, worst, err := p(ls.addrs, c, stop)
 	m := measure{probes: probes, failed: failed, maxCloseDelay: worst,
-		wall: time.Since(wall0), cpu: testkit.CPUTime() - cpu0}
+		wall: time.Since(wall0), cpu: testkit.CPUTime() - cpu0, mallocs: mallocs() - malloc0}
 	if err != nil {
 		return m, err
 	}
@@ -64,14 +82,11 @@ func run(p prober, ls *listeners, d time.Duration, c int) (measure, error) {
 	return m, err
 }
 
-func engineAsync(addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {
-	return engineAsyncLoops(0)(addrs, c, stop)
-}
-
-// engineAsyncLoops is engine-async with that many loops (0: the default).
-func engineAsyncLoops(loops int) prober {
+// engineAsync is engine-async with these options: engine-async (the
+// zero Options), engine-1loop, engine-raw-async.
+func engineAsync(opts shaker.Options) prober {
 	return func(addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {
-		return engineChains(shaker.Options{Loops: loops}, addrs, c, stop)
+		return engineChains(opts, addrs, c, stop)
 	}
 }
 
@@ -107,18 +122,22 @@ func engineChains(opts shaker.Options, addrs []netip.AddrPort, c int, stop <-cha
 	return n.Load(), failed.Load(), worst, e.Close()
 }
 
-func engineProbe(addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {
-	e, err := shaker.New(shaker.Options{})
-	if err != nil {
-		return 0, 0, 0, err
+// engineProbe is engine-probe with these options: engine-probe,
+// engine-raw-probe.
+func engineProbe(opts shaker.Options) prober {
+	return func(addrs []netip.AddrPort, c int, stop <-chan struct{}) (int64, int64, time.Duration, error) {
+		e, err := shaker.New(opts)
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		n, failed := goroutines(addrs, c, stop, func(a netip.AddrPort) error {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			return e.Probe(ctx, a).Err
+		})
+		worst := e.Stats().MaxCloseDelay
+		return n, failed, worst, e.Close()
 	}
-	n, failed := goroutines(addrs, c, stop, func(a netip.AddrPort) error {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		return e.Probe(ctx, a).Err
-	})
-	worst := e.Stats().MaxCloseDelay
-	return n, failed, worst, e.Close()
 }
 
 func dialer(halfOpen bool) prober {

@@ -55,6 +55,7 @@ func (s *readStats) add(o readStats) {
 // windowReads are the reads of one window: started with startReads,
 // ended with end.
 type windowReads struct {
+	totals   *readTotal // the checker's, which end adds to
 	pid      int
 	stop     chan struct{}
 	wg       sync.WaitGroup
@@ -66,18 +67,32 @@ type windowReads struct {
 	totalCPU time.Duration
 }
 
-// readTotals are every window's reads, by kind, and the CPU and wall
-// time of those windows, for the report.
-var readTotals = struct {
+// readTotal is one checker's reads over its windows, by kind, and the CPU
+// and wall time of those windows, for the report.
+type readTotal struct {
 	kinds    map[string]*readStats
 	wall     time.Duration
 	totalCPU time.Duration
 	rss      int64 // the most, at the windows' ends
-}{kinds: map[string]*readStats{}}
+}
 
-// startReads starts reading pid's Caddy: url for each kind, that often.
-func startReads(pid int, urls map[string]string, every map[string]time.Duration) *windowReads {
-	w := &windowReads{pid: pid, stop: make(chan struct{}), kinds: map[string]*readStats{}, t0: time.Now()}
+// readTotals are the reads of each checker (shaker, shaker-raw), by name.
+var readTotals = map[string]*readTotal{}
+
+// readTotalOf is the readTotal of checker name.
+func readTotalOf(name string) *readTotal {
+	t := readTotals[name]
+	if t == nil {
+		t = &readTotal{kinds: map[string]*readStats{}}
+		readTotals[name] = t
+	}
+	return t
+}
+
+// startReads starts reading pid's Caddy: url for each kind, that often;
+// end adds the window's reads to totals.
+func startReads(totals *readTotal, pid int, urls map[string]string, every map[string]time.Duration) *windowReads {
+	w := &windowReads{totals: totals, pid: pid, stop: make(chan struct{}), kinds: map[string]*readStats{}, t0: time.Now()}
 	w.cpu0, _ = testkit.ProcCPU(pid)
 	for kind, url := range urls {
 		d := every[kind]
@@ -134,21 +149,22 @@ func (w *windowReads) read(kind, url string) {
 }
 
 // end stops the reads, waits for those under way, and adds the window's
-// figures to readTotals.
+// figures to its totals.
 func (w *windowReads) end() {
 	close(w.stop)
 	w.wg.Wait()
 	c1, _ := testkit.ProcCPU(w.pid)
-	readTotals.wall += time.Since(w.t0)
-	readTotals.totalCPU += c1 - w.cpu0
+	t := w.totals
+	t.wall += time.Since(w.t0)
+	t.totalCPU += c1 - w.cpu0
 	for kind, s := range w.kinds {
-		if readTotals.kinds[kind] == nil {
-			readTotals.kinds[kind] = &readStats{}
+		if t.kinds[kind] == nil {
+			t.kinds[kind] = &readStats{}
 		}
-		readTotals.kinds[kind].add(*s)
+		t.kinds[kind].add(*s)
 	}
 	if rss, err := procRSS(w.pid); err == nil {
-		readTotals.rss = max(readTotals.rss, rss)
+		t.rss = max(t.rss, rss)
 	}
 }
 
@@ -169,12 +185,13 @@ func procRSS(pid int) (int64, error) {
 	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
 }
 
-// printReads reports the reads, if any were made, with the Caddy
-// process's RSS per address beside its live heap.
-func printReads(addresses int, heap int64) {
+// printReads reports the reads of checker name, if any were made, with
+// the Caddy process's RSS per address beside its live heap.
+func printReads(name string, addresses int, heap int64) {
+	readTotals := readTotalOf(name)
 	if readTotals.rss > 0 {
-		fmt.Printf("shaker: RSS of the Caddy process at the windows' ends %.1f MB, %.0f bytes per address (live heap %.0f bytes per address)\n",
-			float64(readTotals.rss)/1e6, float64(readTotals.rss)/float64(addresses), float64(heap)/float64(max(addresses, 1)))
+		fmt.Printf("%s: RSS of the Caddy process at the windows' ends %.1f MB, %.0f bytes per address (live heap %.0f bytes per address)\n",
+			name, float64(readTotals.rss)/1e6, float64(readTotals.rss)/float64(addresses), float64(heap)/float64(max(addresses, 1)))
 	}
 	var readWall, readCPU time.Duration
 	for _, s := range readTotals.kinds {
@@ -189,7 +206,7 @@ func printReads(addresses int, heap int64) {
 	if out := readTotals.wall - readWall; out > 0 {
 		rate = max(0, float64(readTotals.totalCPU-readCPU)/float64(out))
 	}
-	fmt.Printf("\nRead while measuring (the shaker checker's windows), Caddy's CPU outside the reads %.2f cores:\n\n", rate)
+	fmt.Printf("\nRead while measuring (the %s checker's windows), Caddy's CPU outside the reads %.2f cores:\n\n", name, rate)
 	fmt.Println("| read | every | reads | bytes each | latency mean / worst | Caddy CPU per read, above its rate outside reads | errors |")
 	fmt.Println("|---|---:|---:|---:|---:|---:|---:|")
 	for _, kind := range []string{"metrics", "status"} {

@@ -38,12 +38,14 @@ func expandAddrs(ls []netip.AddrPort, n int) []netip.AddrPort {
 }
 
 // shakerChecker: Caddy with this plugin, one reverse_proxy whose dynamic
-// shaker source probes every address at interval.
+// shaker source probes every address at interval (shaker; shaker-raw with
+// the shaker app's probe_mode raw).
 type shakerChecker struct {
 	child
 	bin      string
 	interval time.Duration
 	loops    int
+	mode     string // the shaker app's probe_mode; "" leaves the default (connect)
 	admin    string
 	port     int          // its HTTP server's, with the status page on /shaker-status
 	reads    *windowReads // the window's reads (reading.go)
@@ -53,7 +55,11 @@ type shakerChecker struct {
 }
 
 func (k *shakerChecker) start(addrs []netip.AddrPort) error {
-	dir, port, err := k.prepare("shaker")
+	name := "shaker"
+	if k.mode != "" {
+		name += "-" + k.mode // shaker-raw
+	}
+	dir, port, err := k.prepare(name)
 	if err != nil {
 		return err
 	}
@@ -80,8 +86,15 @@ func (k *shakerChecker) start(addrs []netip.AddrPort) error {
 			},
 		}}}),
 	}}}}
+	app := map[string]any{}
 	if k.loops > 0 {
-		apps["shaker"] = map[string]any{"loops": k.loops}
+		app["loops"] = k.loops
+	}
+	if k.mode != "" {
+		app["probe_mode"] = k.mode
+	}
+	if len(app) > 0 {
+		apps["shaker"] = app
 	}
 	cfg := map[string]any{
 		"admin":   map[string]any{"listen": k.admin},
@@ -153,7 +166,7 @@ func statusRoute() []any {
 
 // windowStart starts reading the child as operators do (reading.go).
 func (k *shakerChecker) windowStart() {
-	k.reads = startReads(k.cmd.Process.Pid, map[string]string{
+	k.reads = startReads(readTotalOf(k.name), k.cmd.Process.Pid, map[string]string{
 		"metrics": "http://" + k.admin + "/metrics",
 		"status":  fmt.Sprintf("http://127.0.0.1:%d/shaker-status", k.port),
 	}, map[string]time.Duration{"metrics": *readMetricsEvery, "status": *readStatusEvery})

@@ -4,6 +4,7 @@ package shaker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -51,10 +52,38 @@ func chains(b testing.TB, e *Engine, addrs []*testkit.Listener, c, n int) (faile
 	return fails.Load()
 }
 
-// BenchmarkProbeAsync: 64 chains re-armed from done. Run with -benchmem:
-// the steady state allocates nothing per probe.
+// allPaths are paths and raw mode's (ModeRaw, whose answers always come
+// through epoll), for the benchmarks and the allocation test; the raw one
+// is skipped where raw sockets cannot be opened (see newPathEngine).
+var allPaths = append(paths[:len(paths):len(paths)], struct {
+	name string
+	opts Options
+}{"raw", Options{Mode: ModeRaw}})
+
+// newPathEngine is newEngine for a path of allPaths: it skips a raw one
+// where raw sockets cannot be opened.
+func newPathEngine(t testing.TB, opts Options) *Engine {
+	t.Helper()
+	if opts.Mode == ModeRaw {
+		e, err := New(opts)
+		if errors.Is(err, ErrRawUnavailable) {
+			t.Skipf("raw mode needs CAP_NET_RAW: %v", err)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.Close()
+	}
+	return newEngine(t, opts)
+}
+
+// BenchmarkProbeAsync: 64 chains re-armed from done, in each path (inline,
+// epoll, raw). Run with -benchmem: the steady state allocates nothing per
+// probe.
+//
+//	go test -run '^$' -bench ProbeAsync -benchmem ./shaker
 func BenchmarkProbeAsync(b *testing.B) {
-	for _, path := range paths {
+	for _, path := range allPaths {
 		b.Run(path.name, func(b *testing.B) { benchmarkProbeAsync(b, path.opts) })
 	}
 }
@@ -64,13 +93,17 @@ func benchmarkProbeAsync(b *testing.B, opts Options) {
 	for i := range ls {
 		ls[i] = testkit.NewListener(b, "tcp4", "127.0.0.1:0")
 	}
-	e := newEngine(b, opts)
+	e := newPathEngine(b, opts)
 	chains(b, e, ls, 64, 10000) // warm up: slots, heap, queue at full size
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := testkit.CPUTime()
 	if f := chains(b, e, ls, 64, b.N); f != 0 {
 		b.Fatalf("%d probes failed", f)
 	}
+	// user+sys of the process per probe: on loopback with the kernel's
+	// work for both ends, as the bench command counts it
+	b.ReportMetric(float64(testkit.CPUTime()-cpu0)/float64(b.N), "cpu-ns/op")
 	b.StopTimer()
 	accepted := testkit.Listeners(ls).ProbeAccepts(b) // one wait for all
 	if accepted != 0 {
@@ -105,7 +138,7 @@ func TestProbeAsyncNoAlloc(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates on its own; CI runs this test without -race")
 	}
-	for _, path := range paths {
+	for _, path := range allPaths {
 		t.Run(path.name, func(t *testing.T) { testProbeAsyncNoAlloc(t, path.opts) })
 	}
 }
@@ -166,7 +199,7 @@ func (rc *reusableChains) run(n int) int64 {
 
 func testProbeAsyncNoAlloc(t *testing.T, opts Options) {
 	ls := []*testkit.Listener{testkit.NewListener(t, "tcp4", "127.0.0.1:0")}
-	e := newEngine(t, opts)
+	e := newPathEngine(t, opts)
 	rc := newReusableChains(e, ls, 64)
 	if f := rc.run(5000); f != 0 { // warm up: slots, heap, queue at full size
 		t.Fatalf("%d probes failed in the warm-up", f)

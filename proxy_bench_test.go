@@ -4,6 +4,7 @@ package caddyshaker
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
+	"github.com/caddy-shaker/caddy-shaker/shaker"
 )
 
 // BenchmarkProxy measures requests/s through Caddy to the same three
@@ -97,57 +99,27 @@ func BenchmarkProxy(b *testing.B) {
 //	go test -run '^$' -bench PolicyProxy -benchtime 2s .
 func BenchmarkPolicyProxy(b *testing.B) {
 	be := startBackend(b, "wild", "0.0.0.0:0")
-	_, port, _ := net.SplitHostPort(be.addr)
 	for _, n := range []int{10, 1000, 10000} {
-		ups := make([]map[string]string, n)
-		for i := range ups {
-			ups[i] = map[string]string{"dial": fmt.Sprintf("127.%d.%d.%d:%s", 1+i/62500, i/250%250, i%250+1, port)}
-		}
 		ports := map[string]string{
 			"static": fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
 			"shaker": fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
 		}
-		server := func(listen string, proxy map[string]any) map[string]any {
-			proxy["handler"] = "reverse_proxy"
-			proxy["upstreams"] = ups
-			if n > 1000 {
-				// a connection kept per upstream would pass the fd limit
-				// (both ends are in this process): one per request, both sides
-				proxy["transport"] = map[string]any{"protocol": "http", "keep_alive": map[string]any{"enabled": false}}
-			}
-			return proxyServer(listen, proxy)
-		}
-		cfg := map[string]any{
-			"admin":   map[string]any{"disabled": true},
-			"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
-			"apps": map[string]any{"http": map[string]any{"servers": map[string]any{
-				"static": server(ports["static"], map[string]any{}),
-				"shaker": server(ports["shaker"], map[string]any{"load_balancing": map[string]any{
-					"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"},
-				}}),
-			}}},
-		}
-		raw, err := json.Marshal(cfg)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := caddy.Load(raw, true); err != nil {
-			b.Fatal(err)
-		}
+		loadPolicyProxy(b, be, n, map[string]map[string]any{
+			ports["static"]: {},
+			ports["shaker"]: {"load_balancing": map[string]any{
+				"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"},
+			}},
+		})
 		// measure once every address has its first result
-		deadline := time.Now().Add(30 * time.Second)
-		for probed := 0; probed < n; {
-			if time.Now().After(deadline) {
-				b.Fatalf("%d of %d addresses probed in 30 s", probed, n)
-			}
-			time.Sleep(50 * time.Millisecond) // polled: first results have no event
-			probed = 0
+		awaitProbes(b, n, func() int {
+			probed := 0
 			for _, c := range reg.Checkers() {
 				if c.Probes() > 0 {
 					probed++
 				}
 			}
-		}
+			return probed
+		})
 		// each run's last rate: the testing package calls a run's function
 		// more than once (b.N = 1 first), and only its last call is measured
 		order := []string{"static", "shaker", "shaker", "static"}
@@ -160,6 +132,127 @@ func BenchmarkPolicyProxy(b *testing.B) {
 		if s, k := rates[0]+rates[3], rates[1]+rates[2]; s > 0 && k > 0 {
 			// printed, not logged: a parent benchmark's log is not shown
 			fmt.Printf("n=%d: shaker / static = %.3f (%.0f vs %.0f req/s, mean of 2 each)\n", n, k/s, k/2, s/2)
+		}
+		caddy.Stop()
+	}
+	if n := be.empty.Load(); n != 0 {
+		b.Errorf("%d connections without a request", n)
+	}
+}
+
+// loadPolicyProxy loads a Caddy config of one server per entry of servers
+// (listen address: reverse_proxy settings), each proxying to the same n
+// static upstreams, 127.x.y.z addresses on the port of be (which listens
+// on 0.0.0.0). Above 1,000 upstreams each side dials a new backend
+// connection per request (keep-alive off), since one kept per upstream
+// would pass the fd limit (both ends are in this process).
+func loadPolicyProxy(b *testing.B, be *backend, n int, servers map[string]map[string]any) {
+	b.Helper()
+	_, port, _ := net.SplitHostPort(be.addr)
+	ups := make([]map[string]string, n)
+	for i := range ups {
+		ups[i] = map[string]string{"dial": fmt.Sprintf("127.%d.%d.%d:%s", 1+i/62500, i/250%250, i%250+1, port)}
+	}
+	srvs := map[string]any{}
+	for listen, proxy := range servers {
+		proxy["upstreams"] = ups
+		if n > 1000 {
+			proxy["transport"] = map[string]any{"protocol": "http", "keep_alive": map[string]any{"enabled": false}}
+		}
+		srvs[fmt.Sprint("s", len(srvs))] = proxyServer(listen, proxy)
+	}
+	cfg := map[string]any{
+		"admin":   map[string]any{"disabled": true},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+		"apps":    map[string]any{"http": map[string]any{"servers": srvs}},
+	}
+	raw, err := json.Marshal(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := caddy.Load(raw, true); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// awaitProbes polls done (first results have no event) until it reaches
+// n, for at most 30 s.
+func awaitProbes(b *testing.B, n int, done func() int) {
+	b.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for got := done(); got < n; got = done() {
+		if time.Now().After(deadline) {
+			b.Fatalf("%d of %d addresses probed in 30 s", got, n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// BenchmarkRawProxy measures what the engine's raw mode costs the proxy's
+// own traffic: requests/s through Caddy's reverse_proxy with `lb_policy
+// shaker` (interval 1s) to 10, 1,000 and 10,000 static upstreams while
+// their probes run in raw mode and in connect mode, side by side in one
+// run, in a mirrored order (connect, raw, raw, connect). Every raw TCP
+// socket gets a copy of each TCP packet the host receives, which its BPF
+// filter then drops; here the clients' requests to Caddy and Caddy's to
+// the backend all go over TCP on loopback, so each of their packets
+// passes the raw engine's sockets. Both sides are one Caddy config: on the
+// raw side its checkers are moved (Registry.SetEngine) to an engine of
+// this test's in raw mode, and back to the app's engine (connect mode)
+// after it, that raw engine closed with its sockets. It prints the ratio
+// of raw to connect requests/s and the probes made meanwhile, and fails if
+// a probe became a connection to the backend.
+//
+//	go test -run '^$' -bench RawProxy -benchtime 3s .
+func BenchmarkRawProxy(b *testing.B) {
+	if e, err := shaker.New(shaker.Options{Mode: shaker.ModeRaw, Loops: 1}); errors.Is(err, shaker.ErrRawUnavailable) {
+		b.Skipf("raw mode needs CAP_NET_RAW: %v", err)
+	} else if err != nil {
+		b.Fatal(err)
+	} else {
+		e.Close()
+	}
+	be := startBackend(b, "wild", "0.0.0.0:0")
+	for _, n := range []int{10, 1000, 10000} {
+		listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b))
+		loadPolicyProxy(b, be, n, map[string]map[string]any{listen: {"load_balancing": map[string]any{
+			"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"},
+		}}})
+		app := engines.cur.Load()
+		awaitProbes(b, n, func() int { return int(app.Stats().Total()) })
+		order := []string{"connect", "raw", "raw", "connect"}
+		rates := make([]float64, len(order))
+		probes := make([]float64, len(order)) // per second, while measured
+		for i, side := range order {
+			e := app
+			if side == "raw" {
+				var err error
+				if e, err = shaker.New(shaker.Options{Mode: shaker.ModeRaw}); err != nil {
+					b.Fatal(err)
+				}
+				reg.SetEngine(e)
+				awaitProbes(b, n, func() int { return int(e.Stats().Total()) })
+			}
+			b.Run(fmt.Sprintf("n=%d/%s", n, side), func(b *testing.B) {
+				// each run's last call: the testing package calls a run's
+				// function more than once (b.N = 1 first), and only its
+				// last call is measured
+				p0, t0 := e.Stats().Total(), time.Now()
+				rates[i] = requestRate(b, "http://"+listen+"/")
+				probes[i] = float64(e.Stats().Total()-p0) / time.Since(t0).Seconds()
+			})
+			if e != app {
+				if m := e.Mode(); m != shaker.ModeRaw {
+					b.Fatalf("the raw side's engine ran in mode %v", m)
+				}
+				reg.SetEngine(app)
+				e.Close()
+			}
+		}
+		if c, r := rates[0]+rates[3], rates[1]+rates[2]; c > 0 && r > 0 {
+			// printed, not logged: a parent benchmark's log is not shown
+			fmt.Printf("n=%d: raw / connect = %.3f (%.0f vs %.0f req/s, mean of 2 each; probes/s %.0f raw, %.0f connect)\n",
+				n, r/c, r/2, c/2, (probes[1]+probes[2])/2, (probes[0]+probes[3])/2)
 		}
 		caddy.Stop()
 	}

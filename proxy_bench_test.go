@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"testing"
 	"time"
 
@@ -192,18 +193,24 @@ func awaitProbes(b *testing.B, n int, done func() int) {
 // own traffic: requests/s through Caddy's reverse_proxy with `lb_policy
 // shaker` (interval 1s) to 10, 1,000 and 10,000 static upstreams while
 // their probes run in raw mode and in connect mode, side by side in one
-// run, in a mirrored order (connect, raw, raw, connect). Every raw TCP
-// socket gets a copy of each TCP packet the host receives, which its BPF
-// filter then drops; here the clients' requests to Caddy and Caddy's to
-// the backend all go over TCP on loopback, so each of their packets
-// passes the raw engine's sockets. Both sides are one Caddy config: on the
-// raw side its checkers are moved (Registry.SetEngine) to an engine of
-// this test's in raw mode, and back to the app's engine (connect mode)
-// after it, that raw engine closed with its sockets. It prints the ratio
-// of raw to connect requests/s and the probes made meanwhile, and fails if
-// a probe became a connection to the backend.
+// run, in mirrored quads (connect, raw, raw, connect), rawProxyQuads of
+// them. Every raw TCP socket gets a copy of each TCP packet the host
+// receives, which its BPF filter then drops; here the clients' requests to
+// Caddy and Caddy's to the backend all go over TCP on loopback, so each of
+// their packets passes the raw engine's socket. Both sides are one Caddy
+// config: on the raw side its checkers are moved (Registry.SetEngine) to
+// an engine of this test's in raw mode, and back to the app's engine
+// (connect mode) after it, that raw engine closed with its sockets.
 //
-//	go test -run '^$' -bench RawProxy -benchtime 3s .
+// It prints, per number of upstreams, the ratio of raw to connect
+// requests/s (of the sides' mean rates, and the median of the quads'
+// ratios) and of the process's CPU per request
+// (client, Caddy, backend and probes are all in it; on a shared machine
+// it moves less than requests/s, which follow the CPU the process gets),
+// and the probes made meanwhile. It fails if a probe became a connection
+// to the backend.
+//
+//	go test -run '^$' -bench RawProxy -benchtime 1s .
 func BenchmarkRawProxy(b *testing.B) {
 	if e, err := shaker.New(shaker.Options{Mode: shaker.ModeRaw, Loops: 1}); errors.Is(err, shaker.ErrRawUnavailable) {
 		b.Skipf("raw mode needs CAP_NET_RAW: %v", err)
@@ -220,26 +227,33 @@ func BenchmarkRawProxy(b *testing.B) {
 		}}})
 		app := engines.cur.Load()
 		awaitProbes(b, n, func() int { return int(app.Stats().Total()) })
-		order := []string{"connect", "raw", "raw", "connect"}
-		rates := make([]float64, len(order))
-		probes := make([]float64, len(order)) // per second, while measured
-		for i, side := range order {
-			e := app
-			if side == "raw" {
+		var sides []rawProxySide
+		for q := 0; q < rawProxyQuads; q++ {
+			for _, raw := range []bool{false, true, true, false} {
+				sides = append(sides, rawProxySide{raw: raw})
+			}
+		}
+		for i := range sides {
+			side := &sides[i]
+			e, name := app, "connect"
+			if side.raw {
 				var err error
 				if e, err = shaker.New(shaker.Options{Mode: shaker.ModeRaw}); err != nil {
 					b.Fatal(err)
 				}
 				reg.SetEngine(e)
 				awaitProbes(b, n, func() int { return int(e.Stats().Total()) })
+				name = "raw"
 			}
-			b.Run(fmt.Sprintf("n=%d/%s", n, side), func(b *testing.B) {
+			b.Run(fmt.Sprintf("n=%d/%s", n, name), func(b *testing.B) {
 				// each run's last call: the testing package calls a run's
 				// function more than once (b.N = 1 first), and only its
 				// last call is measured
-				p0, t0 := e.Stats().Total(), time.Now()
-				rates[i] = requestRate(b, "http://"+listen+"/")
-				probes[i] = float64(e.Stats().Total()-p0) / time.Since(t0).Seconds()
+				p0, cpu0, t0 := e.Stats().Total(), testkit.CPUTime(), time.Now()
+				side.rate = requestRate(b, "http://"+listen+"/")
+				side.cpu, side.requests = testkit.CPUTime()-cpu0, b.N
+				side.probes = float64(e.Stats().Total()-p0) / time.Since(t0).Seconds()
+				b.ReportMetric(float64(side.cpu.Microseconds())/float64(b.N), "cpu-us/req")
 			})
 			if e != app {
 				if m := e.Mode(); m != shaker.ModeRaw {
@@ -249,16 +263,69 @@ func BenchmarkRawProxy(b *testing.B) {
 				e.Close()
 			}
 		}
-		if c, r := rates[0]+rates[3], rates[1]+rates[2]; c > 0 && r > 0 {
-			// printed, not logged: a parent benchmark's log is not shown
-			fmt.Printf("n=%d: raw / connect = %.3f (%.0f vs %.0f req/s, mean of 2 each; probes/s %.0f raw, %.0f connect)\n",
-				n, r/c, r/2, c/2, (probes[1]+probes[2])/2, (probes[0]+probes[3])/2)
-		}
+		// printed, not logged: a parent benchmark's log is not shown
+		fmt.Println(rawProxySummary(n, sides))
 		caddy.Stop()
 	}
 	if n := be.empty.Load(); n != 0 {
 		b.Errorf("%d connections without a request", n)
 	}
+}
+
+// rawProxyQuads is how many mirrored quads (connect, raw, raw, connect)
+// BenchmarkRawProxy runs per number of upstreams: many short ones, so
+// that the load of other work on the machine, which moves over seconds,
+// falls on both sides alike.
+const rawProxyQuads = 4
+
+// rawProxySide is one side's run in BenchmarkRawProxy.
+type rawProxySide struct {
+	raw      bool
+	rate     float64 // requests/s
+	requests int     // b.N of its measured call
+	cpu      time.Duration
+	probes   float64 // probes/s meanwhile
+}
+
+// rawProxySummary is the line BenchmarkRawProxy prints for n upstreams:
+// raw over connect, requests/s (the mean of each side's rate, and the
+// median of the quads' ratios) and CPU per request (pooled).
+func rawProxySummary(n int, sides []rawProxySide) string {
+	type sum struct {
+		rate, probes float64
+		k, requests  int
+		cpu          time.Duration
+	}
+	sums := func(ss []rawProxySide) (raw, conn sum) {
+		for _, s := range ss {
+			t := &conn
+			if s.raw {
+				t = &raw
+			}
+			t.rate += s.rate
+			t.probes += s.probes
+			t.k++
+			t.requests += s.requests
+			t.cpu += s.cpu
+		}
+		return raw, conn
+	}
+	var quads []float64
+	for q := 0; q+4 <= len(sides); q += 4 {
+		r, c := sums(sides[q : q+4])
+		quads = append(quads, (r.rate/float64(r.k))/(c.rate/float64(c.k)))
+	}
+	slices.Sort(quads)
+	median := 0.0
+	if len(quads) > 0 {
+		median = (quads[(len(quads)-1)/2] + quads[len(quads)/2]) / 2
+	}
+	r, c := sums(sides)
+	rate := func(t sum) float64 { return t.rate / float64(max(t.k, 1)) }
+	cpu := func(t sum) float64 { return float64(t.cpu.Microseconds()) / float64(max(t.requests, 1)) }
+	return fmt.Sprintf("n=%d: raw / connect = %.3f req/s (median of %d quads %.3f, from %.3f to %.3f; %.0f vs %.0f req/s), %.3f CPU per request (%.1f vs %.1f us); probes/s %.0f raw, %.0f connect",
+		n, rate(r)/rate(c), len(quads), median, quads[0], quads[len(quads)-1], rate(r), rate(c),
+		cpu(r)/cpu(c), cpu(r), cpu(c), r.probes/float64(max(r.k, 1)), c.probes/float64(max(c.k, 1)))
 }
 
 // requestRate sends b.N GET requests to url from 8 goroutines per CPU,

@@ -105,7 +105,7 @@ func BenchmarkPolicyProxy(b *testing.B) {
 			"static": fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
 			"shaker": fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b)),
 		}
-		loadPolicyProxy(b, be, n, map[string]map[string]any{
+		loadPolicyProxy(b, be, n, nil, map[string]map[string]any{
 			ports["static"]: {},
 			ports["shaker"]: {"load_balancing": map[string]any{
 				"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"},
@@ -144,10 +144,11 @@ func BenchmarkPolicyProxy(b *testing.B) {
 // loadPolicyProxy loads a Caddy config of one server per entry of servers
 // (listen address: reverse_proxy settings), each proxying to the same n
 // static upstreams, 127.x.y.z addresses on the port of be (which listens
-// on 0.0.0.0). Above 1,000 upstreams each side dials a new backend
-// connection per request (keep-alive off), since one kept per upstream
-// would pass the fd limit (both ends are in this process).
-func loadPolicyProxy(b *testing.B, be *backend, n int, servers map[string]map[string]any) {
+// on 0.0.0.0), and the shaker app's settings app, if any. Above 1,000
+// upstreams each side dials a new backend connection per request
+// (keep-alive off), since one kept per upstream would pass the fd limit
+// (both ends are in this process).
+func loadPolicyProxy(b *testing.B, be *backend, n int, app map[string]any, servers map[string]map[string]any) {
 	b.Helper()
 	_, port, _ := net.SplitHostPort(be.addr)
 	ups := make([]map[string]string, n)
@@ -162,10 +163,14 @@ func loadPolicyProxy(b *testing.B, be *backend, n int, servers map[string]map[st
 		}
 		srvs[fmt.Sprint("s", len(srvs))] = proxyServer(listen, proxy)
 	}
+	apps := map[string]any{"http": map[string]any{"servers": srvs}}
+	if app != nil {
+		apps["shaker"] = app
+	}
 	cfg := map[string]any{
 		"admin":   map[string]any{"disabled": true},
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
-		"apps":    map[string]any{"http": map[string]any{"servers": srvs}},
+		"apps":    apps,
 	}
 	raw, err := json.Marshal(cfg)
 	if err != nil {
@@ -191,24 +196,23 @@ func awaitProbes(b *testing.B, n int, done func() int) {
 
 // BenchmarkRawProxy measures what the engine's raw mode costs the proxy's
 // own traffic: requests/s through Caddy's reverse_proxy with `lb_policy
-// shaker` (interval 1s) to 10, 1,000 and 10,000 static upstreams while
-// their probes run in raw mode and in connect mode, side by side in one
-// run, in mirrored quads (connect, raw, raw, connect), rawProxyQuads of
-// them. Every raw TCP socket gets a copy of each TCP packet the host
-// receives, which its BPF filter then drops; here the clients' requests to
-// Caddy and Caddy's to the backend all go over TCP on loopback, so each of
-// their packets passes the raw engine's socket. Both sides are one Caddy
-// config: on the raw side its checkers are moved (Registry.SetEngine) to
-// an engine of this test's in raw mode, and back to the app's engine
-// (connect mode) after it, that raw engine closed with its sockets.
+// shaker` (interval 1s) to 10, 1,000 and 10,000 static upstreams, with the
+// shaker app's probe_mode raw and connect, side by side in one run, in
+// mirrored quads (connect, raw, raw, connect), rawProxyQuads of them. Each
+// side loads its config after caddy.Stop, so that the engine restarts in
+// the side's mode (and raw mode's sockets are gone on the connect side),
+// and is measured once every address has been probed. Every raw TCP
+// socket gets a copy of each TCP packet the host receives, which its BPF
+// filter then drops; here the clients' requests to Caddy and Caddy's to
+// the backend all go over TCP on loopback, so each of their packets passes
+// the raw engine's socket.
 //
 // It prints, per number of upstreams, the ratio of raw to connect
 // requests/s (of the sides' mean rates, and the median of the quads'
-// ratios) and of the process's CPU per request
-// (client, Caddy, backend and probes are all in it; on a shared machine
-// it moves less than requests/s, which follow the CPU the process gets),
-// and the probes made meanwhile. It fails if a probe became a connection
-// to the backend.
+// ratios) and of the process's CPU per request (client, Caddy, backend and
+// probes are all in it; on a shared machine it moves less than
+// requests/s, which follow the CPU the process gets), and the probes made
+// meanwhile. It fails if a probe became a connection to the backend.
 //
 //	go test -run '^$' -bench RawProxy -benchtime 1s .
 func BenchmarkRawProxy(b *testing.B) {
@@ -222,11 +226,6 @@ func BenchmarkRawProxy(b *testing.B) {
 	be := startBackend(b, "wild", "0.0.0.0:0")
 	for _, n := range []int{10, 1000, 10000} {
 		listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b))
-		loadPolicyProxy(b, be, n, map[string]map[string]any{listen: {"load_balancing": map[string]any{
-			"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"},
-		}}})
-		app := engines.cur.Load()
-		awaitProbes(b, n, func() int { return int(app.Stats().Total()) })
 		var sides []rawProxySide
 		for q := 0; q < rawProxyQuads; q++ {
 			for _, raw := range []bool{false, true, true, false} {
@@ -235,17 +234,22 @@ func BenchmarkRawProxy(b *testing.B) {
 		}
 		for i := range sides {
 			side := &sides[i]
-			e, name := app, "connect"
+			mode := shaker.ModeConnect
 			if side.raw {
-				var err error
-				if e, err = shaker.New(shaker.Options{Mode: shaker.ModeRaw}); err != nil {
-					b.Fatal(err)
-				}
-				reg.SetEngine(e)
-				awaitProbes(b, n, func() int { return int(e.Stats().Total()) })
-				name = "raw"
+				mode = shaker.ModeRaw
 			}
-			b.Run(fmt.Sprintf("n=%d/%s", n, name), func(b *testing.B) {
+			loadPolicyProxy(b, be, n, map[string]any{"probe_mode": mode.String()}, map[string]map[string]any{listen: {"load_balancing": map[string]any{
+				"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"},
+			}}})
+			e := engines.cur.Load()
+			if e == nil {
+				b.Fatal("no engine after loading the config")
+			}
+			if e.Mode() != mode {
+				b.Fatalf("probe_mode %v: the engine runs in mode %v", mode, e.Mode())
+			}
+			awaitProbes(b, n, func() int { return int(e.Stats().Total()) })
+			b.Run(fmt.Sprintf("n=%d/%v", n, mode), func(b *testing.B) {
 				// each run's last call: the testing package calls a run's
 				// function more than once (b.N = 1 first), and only its
 				// last call is measured
@@ -255,17 +259,10 @@ func BenchmarkRawProxy(b *testing.B) {
 				side.probes = float64(e.Stats().Total()-p0) / time.Since(t0).Seconds()
 				b.ReportMetric(float64(side.cpu.Microseconds())/float64(b.N), "cpu-us/req")
 			})
-			if e != app {
-				if m := e.Mode(); m != shaker.ModeRaw {
-					b.Fatalf("the raw side's engine ran in mode %v", m)
-				}
-				reg.SetEngine(app)
-				e.Close()
-			}
+			caddy.Stop()
 		}
 		// printed, not logged: a parent benchmark's log is not shown
 		fmt.Println(rawProxySummary(n, sides))
-		caddy.Stop()
 	}
 	if n := be.empty.Load(); n != 0 {
 		b.Errorf("%d connections without a request", n)

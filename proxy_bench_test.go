@@ -205,7 +205,9 @@ func awaitProbes(b *testing.B, n int, done func() int) {
 // socket gets a copy of each TCP packet the host receives, which its BPF
 // filter then drops; here the clients' requests to Caddy and Caddy's to
 // the backend all go over TCP on loopback, so each of their packets passes
-// the raw engine's socket.
+// the raw engine's socket. Caddy dials a new backend connection per request
+// (keep-alive off, at every n), so that each request is a dozen packets or
+// more, the handshake's included.
 //
 // It prints, per number of upstreams, the ratio of raw to connect
 // requests/s (of the sides' mean rates, and the median of the quads'
@@ -238,9 +240,13 @@ func BenchmarkRawProxy(b *testing.B) {
 			if side.raw {
 				mode = shaker.ModeRaw
 			}
-			loadPolicyProxy(b, be, n, map[string]any{"probe_mode": mode.String()}, map[string]map[string]any{listen: {"load_balancing": map[string]any{
-				"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"},
-			}}})
+			loadPolicyProxy(b, be, n, map[string]any{"probe_mode": mode.String()}, map[string]map[string]any{listen: {
+				"load_balancing": map[string]any{"selection_policy": map[string]any{"policy": "shaker", "interval": "1s"}},
+				// a new backend connection per request at every n: idle
+				// ones kept per upstream would pile up over the sides'
+				// restarts past the fd limit
+				"transport": map[string]any{"protocol": "http", "keep_alive": map[string]any{"enabled": false}},
+			}})
 			e := engines.cur.Load()
 			if e == nil {
 				b.Fatal("no engine after loading the config")

@@ -4,7 +4,6 @@ package caddyshaker
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -218,13 +217,7 @@ func awaitProbes(b *testing.B, n int, done func() int) {
 //
 //	go test -run '^$' -bench RawProxy -benchtime 1s .
 func BenchmarkRawProxy(b *testing.B) {
-	if e, err := shaker.New(shaker.Options{Mode: shaker.ModeRaw, Loops: 1}); errors.Is(err, shaker.ErrRawUnavailable) {
-		b.Skipf("raw mode needs CAP_NET_RAW: %v", err)
-	} else if err != nil {
-		b.Fatal(err)
-	} else {
-		e.Close()
-	}
+	testkit.NeedRaw(b)
 	be := startBackend(b, "wild", "0.0.0.0:0")
 	for _, n := range []int{10, 1000, 10000} {
 		listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(b))

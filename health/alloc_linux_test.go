@@ -3,7 +3,6 @@
 package health
 
 import (
-	"errors"
 	"fmt"
 	"runtime"
 	"sync/atomic"
@@ -47,10 +46,10 @@ var probeModes = []shaker.Mode{shaker.ModeConnect, shaker.ModeRaw}
 func scheduledPath(tb testing.TB, mode shaker.Mode, addrs int, interval time.Duration) *countingObserver {
 	tb.Helper()
 	ls := testkit.NewListeners(tb, addrs, "tcp4", "127.0.0.1:0")
-	e, err := shaker.New(shaker.Options{Loops: 1, Mode: mode})
-	if mode == shaker.ModeRaw && errors.Is(err, shaker.ErrRawUnavailable) {
-		tb.Skipf("raw mode needs CAP_NET_RAW: %v", err)
+	if mode == shaker.ModeRaw {
+		testkit.NeedRaw(tb)
 	}
+	e, err := shaker.New(shaker.Options{Loops: 1, Mode: mode})
 	if err != nil {
 		tb.Fatal(err)
 	}

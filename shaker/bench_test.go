@@ -4,7 +4,6 @@ package shaker
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -65,14 +64,7 @@ var allPaths = append(paths[:len(paths):len(paths)], struct {
 func newPathEngine(t testing.TB, opts Options) *Engine {
 	t.Helper()
 	if opts.Mode == ModeRaw {
-		e, err := New(opts)
-		if errors.Is(err, ErrRawUnavailable) {
-			t.Skipf("raw mode needs CAP_NET_RAW: %v", err)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		e.Close()
+		testkit.NeedRaw(t)
 	}
 	return newEngine(t, opts)
 }

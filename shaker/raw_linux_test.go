@@ -741,16 +741,6 @@ func TestRawCapHelper(t *testing.T) {
 	fmt.Printf("RESULT auto %v %s %v\n# %v\n", e.Mode(), says(e.RawError()), r.Outcome, e.RawError())
 }
 
-// TestRawProbeAsyncNoAlloc: TestProbeAsyncNoAlloc in raw mode: in steady
-// state the ProbeAsync path allocates nothing per probe.
-func TestRawProbeAsyncNoAlloc(t *testing.T) {
-	if raceEnabled {
-		t.Skip("the race detector allocates on its own; CI runs this test without -race")
-	}
-	testkit.NeedRaw(t)
-	testProbeAsyncNoAlloc(t, modeOptions(t, ModeRaw, Options{}, 64))
-}
-
 // TestModeAutoChoosesRaw: where raw sockets open, ModeAuto is raw mode on
 // the source ports given, with no RawError, and probes.
 func TestModeAutoChoosesRaw(t *testing.T) {

@@ -278,8 +278,17 @@ type rawLoop struct {
 	next    int  // the port of the next probe: first+next
 	idxBits uint // bits of a sequence number that hold the slot index
 	udp4    int  // connected to a destination to learn the source address
+	// send4 sends this loop's IPv4 SYNs, IP header included
+	// (IPPROTO_RAW): a socket of its own, so that the loops do not
+	// wait for each other on the lock of a shared one (raw_sendmsg
+	// holds it through the whole exchange on loopback), and one that
+	// receives nothing, so that the kernel does not copy every TCP
+	// packet of the host to it. IPv6 SYNs go out on the engine's
+	// IPv6 socket, whose checksum the kernel fills in.
+	send4 int
 
 	syn  [synLen]byte
+	pkt4 [20 + synLen]byte
 	srcs [srcCacheSize]srcEntry
 
 	// The first loop's: it reads the engine's raw sockets.
@@ -301,7 +310,7 @@ type rawReceiver struct {
 // ports and, for the first loop, the engine's raw sockets in its epoll.
 func (l *loop) openRaw(shared *rawShared, i, n int) error {
 	first, count := shared.portsOf(i)
-	r := &rawLoop{shared: shared, first: first, count: count, udp4: -1}
+	r := &rawLoop{shared: shared, first: first, count: count, udp4: -1, send4: -1}
 	l.raw = r
 	// The sequence number keeps the slot index in its low bits and as
 	// much of the slot's generation as fits above.
@@ -315,6 +324,9 @@ func (l *loop) openRaw(shared *rawShared, i, n int) error {
 	var err error
 	if r.udp4, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0); err != nil {
 		return &rawError{"socket(AF_INET, SOCK_DGRAM)", err, ""}
+	}
+	if r.send4, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.IPPROTO_RAW); err != nil {
+		return &rawError{"socket(AF_INET, SOCK_RAW, IPPROTO_RAW)", err, rawNeeds}
 	}
 	if l.parked == nil {
 		if err := l.newParker(); err != nil {
@@ -348,12 +360,15 @@ func (l *loop) openRaw(shared *rawShared, i, n int) error {
 	return nil
 }
 
-// close closes the loop's own socket (the raw ones are the engine's).
+// close closes the loop's own sockets (the receiving ones are the
+// engine's).
 func (r *rawLoop) close() {
-	if r.udp4 >= 0 {
-		unix.Close(r.udp4)
+	for _, fd := range []int{r.udp4, r.send4} {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
 	}
-	r.udp4 = -1
+	r.udp4, r.send4 = -1, -1
 }
 
 // rawSocket opens a non-blocking raw socket of the protocol with a

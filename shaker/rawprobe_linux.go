@@ -139,13 +139,27 @@ func (l *loop) sendSYN(idx int32) syscall.Errno {
 		sa    unsafe.Pointer
 		salen uintptr
 	)
+	n := uintptr(synLen)
 	if ip.Is4() || ip.Is4In6() {
 		binary.BigEndian.PutUint16(b[22:], 1460)
 		dst := ip.Unmap().As4()
 		binary.BigEndian.PutUint16(b[16:], tcpChecksum4(s.src4, dst, b))
+		// The IPv4 header before it, for the loop's IPPROTO_RAW socket:
+		// the kernel fills in the total length, the ID and the
+		// header's checksum.
+		h := r.pkt4[:20]
+		h[0], h[1] = 0x45, 0
+		h[2], h[3], h[4], h[5] = 0, 0, 0, 0
+		h[6], h[7] = 0x40, 0 // don't fragment
+		h[8], h[9] = 64, unix.IPPROTO_TCP
+		h[10], h[11] = 0, 0
+		copy(h[12:16], s.src4[:])
+		copy(h[16:20], dst[:])
+		copy(r.pkt4[20:], b)
+		b, n = r.pkt4[:], uintptr(len(r.pkt4))
 		sa4.Family = unix.AF_INET
 		sa4.Addr = dst
-		fd, sa, salen = r.shared.tcp4, unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
+		fd, sa, salen = r.send4, unsafe.Pointer(&sa4), unsafe.Sizeof(sa4)
 	} else {
 		if r.shared.tcp6 < 0 {
 			return unix.EAFNOSUPPORT
@@ -157,7 +171,7 @@ func (l *loop) sendSYN(idx int32) syscall.Errno {
 		fd, sa, salen = r.shared.tcp6, unsafe.Pointer(&sa6), unsafe.Sizeof(sa6)
 	}
 	s.sentWall = time.Now().UnixNano()
-	_, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), synLen,
+	_, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), n,
 		unix.MSG_DONTWAIT, uintptr(sa), salen)
 	return errno
 }

@@ -34,10 +34,13 @@ func (l *loop) newParker() error {
 	if err := unix.SetNonblock(l.epfd, true); err != nil {
 		return &opError{"fcntl O_NONBLOCK", errnoOf(err)}
 	}
+	// From here the os.File owns the epoll fd: closeEpoll closes it
+	// through the file, never behind its back (its finalizer would close
+	// the number again).
 	p := &parker{f: os.NewFile(uintptr(l.epfd), "shaker-epoll")}
+	l.parked = p
 	rc, err := p.f.SyscallConn()
 	if err != nil {
-		p.f.Close()
 		return &opError{"epoll poller", unix.EINVAL}
 	}
 	p.rc = rc
@@ -45,7 +48,6 @@ func (l *loop) newParker() error {
 		p.n, p.err = epollWait(int(fd), l.events, 0)
 		return p.n != 0 || p.err != 0
 	}
-	l.parked = p
 	return nil
 }
 

@@ -30,8 +30,8 @@ func (l *loop) heapRemove(i int) {
 		l.heapSwap(i, last)
 	}
 	l.heap = l.heap[:last]
-	if i != last && !siftDown(i, last, l.heapLess, l.heapSwap) {
-		siftUp(i, l.heapLess, l.heapSwap)
+	if i != last {
+		l.heapFix(i)
 	}
 }
 

@@ -88,9 +88,8 @@ type loop struct {
 	minCur     int64 // the shortest interval started since slackFrom
 	slackFrom  int64
 	epollOnly  bool
-	raw        *rawLoop   // raw mode; nil in connect mode
-	parked     *parker    // raw mode: sleeps in the Go scheduler, not in epoll_wait
-	srcErrno   unix.Errno // why the last source address lookup failed
+	raw        *rawLoop // raw mode; nil in connect mode
+	parked     *parker  // raw mode: sleeps in the Go scheduler, not in epoll_wait
 
 	// Read by Stats from any goroutine.
 	outcomes      outcomeCounts

@@ -108,10 +108,7 @@ func (l *loop) start(req *request) {
 
 	// The timeout runs from the SYN.
 	start := l.e.now()
-	deadline := start + int64(req.timeout)
-	if req.deadline != 0 && req.deadline < deadline {
-		deadline = req.deadline
-	}
+	deadline := req.deadlineFrom(start)
 	switch errno := rawConnect(fd, sa, salen); errno {
 	case 0, unix.EINPROGRESS:
 	default:

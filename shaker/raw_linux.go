@@ -19,9 +19,9 @@ import (
 // those ports, ICMP errors quoting a SYN from them). The kernel copies
 // every TCP packet of the host to each raw TCP socket before its filter
 // runs, so there is one of each per engine, not per loop: the first loop
-// reads them and hands each answer to the loop of its port. No socket of any kind listens on, or is connected
-// from, a reserved port: each is held by a socket bound to it and nothing
-// else. So the kernel finds no socket for a SYN-ACK and answers it with an
+// reads them and hands each answer to the loop of its port. No socket of
+// any kind listens on, or is connected from, a reserved port: each is held
+// by a socket bound to it and nothing else. So the kernel finds no socket for a SYN-ACK and answers it with an
 // RST itself, in softirq, whatever the loop is doing. A probe has no file
 // descriptor (its slot's fd is rawFD); it is found again from its answer's
 // acknowledgement number, which is its sequence number plus one: the
@@ -67,8 +67,9 @@ const (
 )
 
 // rawShared is what the loops of a raw engine share: the reserved ports,
-// the key of the sequence numbers and the raw sockets. Every loop sends on
-// them (a sendto from several threads is safe); the first loop reads them.
+// the key of the sequence numbers and the raw sockets. The first loop
+// reads them; every loop sends its IPv6 SYNs on tcp6 (a sendto from
+// several threads is safe), its IPv4 ones on a socket of its own.
 type rawShared struct {
 	ports   PortRange
 	reserve []int // one socket bound to each port, never listening
@@ -115,8 +116,8 @@ func newRawShared(ports PortRange, n int) (*rawShared, error) {
 	return r, nil
 }
 
-// open opens the raw sockets, their filters passing answers to any of the
-// reserved ports.
+// openSockets opens the raw sockets, their filters passing answers to any
+// of the reserved ports.
 func (r *rawShared) openSockets() error {
 	first, last := r.ports.First, r.ports.Last
 	var err error
@@ -154,11 +155,18 @@ func (r *rawShared) openSockets() error {
 	return nil
 }
 
+// perLoop is how many of the reserved ports each loop sends from; the
+// last loop also takes what is left over.
+func (r *rawShared) perLoop() int { return r.ports.Size() / r.loops }
+
 // portsOf is loop i's part of the reserved ports: first, and how many.
 func (r *rawShared) portsOf(i int) (first uint16, count int) {
-	size := r.ports.Size()
-	lo, hi := size*i/r.loops, size*(i+1)/r.loops
-	return r.ports.First + uint16(lo), hi - lo
+	per := r.perLoop()
+	count = per
+	if i == r.loops-1 {
+		count = r.ports.Size() - i*per
+	}
+	return r.ports.First + uint16(i*per), count
 }
 
 // loopOf is the index of the loop that sends from port, or -1.
@@ -166,17 +174,7 @@ func (r *rawShared) loopOf(port uint16) int {
 	if port < r.ports.First || port > r.ports.Last {
 		return -1
 	}
-	off := int(port - r.ports.First)
-	size := r.ports.Size()
-	// portsOf gives loop i the offsets from size*i/n to size*(i+1)/n.
-	i := (off*r.loops + r.loops - 1) / size
-	for i > 0 && size*i/r.loops > off {
-		i--
-	}
-	for i < r.loops-1 && size*(i+1)/r.loops <= off {
-		i++
-	}
-	return i
+	return min(int(port-r.ports.First)/r.perLoop(), r.loops-1)
 }
 
 // reservePort binds a socket to port, for IPv6 and IPv4 when the host has
@@ -287,8 +285,8 @@ type rawLoop struct {
 	// IPv6 socket, whose checksum the kernel fills in.
 	send4 int
 
-	syn  [synLen]byte
-	pkt4 [20 + synLen]byte
+	syn6 [synLen]byte      // an IPv6 SYN's TCP header
+	pkt4 [20 + synLen]byte // an IPv4 SYN, IP header included
 	srcs [srcCacheSize]srcEntry
 
 	// The first loop's: it reads the engine's raw sockets.
@@ -337,6 +335,10 @@ func (l *loop) openRaw(shared *rawShared, i, n int) error {
 		return nil
 	}
 	rc := &rawReceiver{outbox: make([][]rawAnswer, n)}
+	for t := range rc.outbox {
+		// at most what one readRaw reads: it never grows on the loop
+		rc.outbox[t] = make([]rawAnswer, 0, rawBatch*rawBatches)
+	}
 	r.recv = rc
 	for i := range rc.msgs {
 		rc.iovs[i] = unix.Iovec{Base: &rc.bufs[i][0]}

@@ -206,7 +206,7 @@ func (f *forger) sendICMP(t *testing.T, from uint16, off int, seq uint32, typ, c
 		copy(ip[12:], f.peer.AsSlice()) // from the engine's address: the same, on loopback
 		copy(ip[16:], f.peer.AsSlice())
 		msg = append(append(msg, ip...), quoted...)
-		binary.BigEndian.PutUint16(msg[2:], inetChecksum(msg))
+		binary.BigEndian.PutUint16(msg[2:], inetChecksum(0, msg))
 		f.send(t, f.icmp, msg, &unix.SockaddrInet4{Addr: f.peer.As4()})
 		return
 	}
@@ -226,21 +226,6 @@ func (f *forger) send(t *testing.T, fd int, b []byte, sa unix.Sockaddr) {
 	if err := <-done; err != nil {
 		t.Fatalf("forging a packet: %v", err)
 	}
-}
-
-// inetChecksum is the Internet checksum of b (RFC 1071).
-func inetChecksum(b []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return ^uint16(sum)
 }
 
 // awaitResult waits (15 s at most) for a probe's result.

@@ -22,9 +22,9 @@ func (l *loop) startRaw(req *request, res Result, family int, sa unsafe.Pointer,
 	r := l.raw
 	var src [4]byte
 	if family == unix.AF_INET {
-		var ok bool
-		if src, ok = l.sourceOf(req, sa, salen); !ok {
-			res.Err = classify("connect", l.srcErrno)
+		var errno syscall.Errno
+		if src, errno = l.sourceOf(req, sa, salen); errno != 0 {
+			res.Err = classify("connect", errno)
 			l.finish(req.done, req.sched, res)
 			return
 		}
@@ -42,10 +42,7 @@ func (l *loop) startRaw(req *request, res Result, family int, sa unsafe.Pointer,
 		s.rawPort = port
 	}
 	start := l.e.now()
-	deadline := start + int64(req.timeout)
-	if req.deadline != 0 && req.deadline < deadline {
-		deadline = req.deadline
-	}
+	deadline := req.deadlineFrom(start)
 	idx := l.alloc(rawFD, req, start, deadline)
 	s := &l.slots[idx]
 	s.sport = port
@@ -71,37 +68,34 @@ func (l *loop) startRaw(req *request, res Result, family int, sa unsafe.Pointer,
 // first: a connect() keeps the source address an earlier one chose, so
 // after 127.0.0.1 every other destination got 127.0.0.1 or, off the
 // host, EINVAL.
-func (l *loop) sourceOf(req *request, sa unsafe.Pointer, salen uintptr) ([4]byte, bool) {
+func (l *loop) sourceOf(req *request, sa unsafe.Pointer, salen uintptr) ([4]byte, syscall.Errno) {
 	s := req.sched
 	now := l.e.now()
 	if s != nil && s.srcAt != 0 && now-s.srcAt < srcTTL {
-		return s.src4, true
+		return s.src4, 0
 	}
 	r := l.raw
 	dst := (*unix.RawSockaddrInet4)(sa).Addr
 	c := &r.srcs[(uint32(dst[0])^uint32(dst[1])*7^uint32(dst[2])*31^uint32(dst[3])*131)%srcCacheSize]
 	if c.at == 0 || c.dst != dst || now-c.at >= srcTTL {
 		if errno := rawConnect(r.udp4, unsafe.Pointer(&unspec), unsafe.Sizeof(unspec)); errno != 0 {
-			l.srcErrno = errno
-			return [4]byte{}, false
+			return [4]byte{}, errno
 		}
 		if errno := rawConnect(r.udp4, sa, salen); errno != 0 {
-			l.srcErrno = errno
-			return [4]byte{}, false
+			return [4]byte{}, errno
 		}
 		var name unix.RawSockaddrInet4
 		size := uint32(unsafe.Sizeof(name))
 		_, _, errno := unix.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(r.udp4), uintptr(unsafe.Pointer(&name)), uintptr(unsafe.Pointer(&size)))
 		if errno != 0 {
-			l.srcErrno = errno
-			return [4]byte{}, false
+			return [4]byte{}, errno
 		}
 		*c = srcEntry{dst: dst, src: name.Addr, at: now}
 	}
 	if s != nil {
 		s.src4, s.srcAt = c.src, c.at
 	}
-	return c.src, true
+	return c.src, 0
 }
 
 // srcCacheSize is the number of entries of a loop's cache of IPv4 source
@@ -120,7 +114,14 @@ func (l *loop) sendSYN(idx int32) syscall.Errno {
 	r := l.raw
 	s := &l.slots[idx]
 	seq := r.shared.seal(uint32(idx) | uint32(s.gen)<<r.idxBits)
-	b := r.syn[:]
+	ip := s.addr.Addr()
+	v4 := ip.Is4() || ip.Is4In6()
+	// The TCP header goes right after the IPv4 header of an IPv4 SYN,
+	// alone for an IPv6 one.
+	b := r.syn6[:]
+	if v4 {
+		b = r.pkt4[20:]
+	}
 	binary.BigEndian.PutUint16(b[0:], s.sport)
 	binary.BigEndian.PutUint16(b[2:], s.addr.Port())
 	binary.BigEndian.PutUint32(b[4:], seq)
@@ -131,7 +132,6 @@ func (l *loop) sendSYN(idx int32) syscall.Errno {
 	b[16], b[17] = 0, 0 // checksum
 	b[18], b[19] = 0, 0
 	b[20], b[21] = 2, 4 // MSS
-	ip := s.addr.Addr()
 	var (
 		fd    int
 		sa4   unix.RawSockaddrInet4
@@ -140,7 +140,7 @@ func (l *loop) sendSYN(idx int32) syscall.Errno {
 		salen uintptr
 	)
 	n := uintptr(synLen)
-	if ip.Is4() || ip.Is4In6() {
+	if v4 {
 		binary.BigEndian.PutUint16(b[22:], 1460)
 		dst := ip.Unmap().As4()
 		binary.BigEndian.PutUint16(b[16:], tcpChecksum4(s.src4, dst, b))
@@ -155,7 +155,6 @@ func (l *loop) sendSYN(idx int32) syscall.Errno {
 		h[10], h[11] = 0, 0
 		copy(h[12:16], s.src4[:])
 		copy(h[16:20], dst[:])
-		copy(r.pkt4[20:], b)
 		b, n = r.pkt4[:], uintptr(len(r.pkt4))
 		sa4.Family = unix.AF_INET
 		sa4.Addr = dst
@@ -185,11 +184,17 @@ func tcpChecksum4(src, dst [4]byte, seg []byte) uint16 {
 	sum += uint32(dst[2])<<8 | uint32(dst[3])
 	sum += unix.IPPROTO_TCP
 	sum += uint32(len(seg))
-	for i := 0; i+1 < len(seg); i += 2 {
-		sum += uint32(seg[i])<<8 | uint32(seg[i+1])
+	return inetChecksum(sum, seg)
+}
+
+// inetChecksum is the Internet checksum (RFC 1071) of b, its sum started
+// at sum (a pseudo-header's, or 0).
+func inetChecksum(sum uint32, b []byte) uint16 {
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(b[i])<<8 | uint32(b[i+1])
 	}
-	if len(seg)%2 == 1 {
-		sum += uint32(seg[len(seg)-1]) << 8
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
 	}
 	for sum > 0xffff {
 		sum = sum>>16 + sum&0xffff

@@ -17,3 +17,14 @@ type request struct {
 	scope    uint32    // IPv6 zone index, looked up by submit
 	err      error     // a failure found by submit, delivered by the loop
 }
+
+// deadlineFrom is the engine time at which a probe whose SYN goes out at
+// start times out: its timeout after the SYN, or the request's own
+// deadline if that comes first.
+func (r *request) deadlineFrom(start int64) int64 {
+	deadline := start + int64(r.timeout)
+	if r.deadline != 0 && r.deadline < deadline {
+		deadline = r.deadline
+	}
+	return deadline
+}

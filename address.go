@@ -63,6 +63,12 @@ func parseUpstream(raw string) (upstreamSpec, error) {
 	// A fully qualified name may end in a dot; "0.0.0.0." is then the
 	// IP address it spells, not a name to resolve.
 	if ip, err := netip.ParseAddr(strings.TrimSuffix(host, ".")); err == nil {
+		if strings.Contains(ip.Zone(), "/") {
+			// No interface name has one, and in a dial address
+			// (parseDial, Caddy's own) what stands before a '/' is
+			// the network.
+			return bad(fmt.Sprintf("IPv6 zone %q: an interface name holds no '/'", ip.Zone()))
+		}
 		s.ip = ip.Unmap()
 		return s, nil
 	}

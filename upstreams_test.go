@@ -55,6 +55,7 @@ func TestParseUpstream(t *testing.T) {
 		{"bad host:80", `host "bad host"`},
 		{"-x.example:80", `host "-x.example"`},
 		{"[::1:80", "not host:port"},
+		{"[fe80::1%eth0/x]:80", `IPv6 zone "eth0/x"`},
 		{"", "missing port"},
 	}
 	for _, b := range bad {

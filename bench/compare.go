@@ -86,6 +86,7 @@ type cmeasure struct {
 	inProcess      bool   // it runs in the bench's process: mallocs is its
 	wall, cpu      time.Duration
 	worstStop      time.Duration // longest from the stop to its process's exit (or Close's return)
+	core0          time.Duration // -backends veth: all it cost core 0, the kernel's work there included (veth.go)
 }
 
 func (m *cmeasure) rate() float64 { return float64(m.checks) / m.wall.Seconds() }
@@ -100,12 +101,27 @@ func (m *cmeasure) allocsPerCheck() float64 {
 	return float64(m.mallocs) / float64(max(m.checks, 1))
 }
 
+// core0PerCheck is core0 per check, in microseconds (-backends veth).
+func (m *cmeasure) core0PerCheck() float64 {
+	return float64(m.core0.Microseconds()) / float64(max(m.checks, 1))
+}
+
 // cores is the CPU it used, in cores.
 func (m *cmeasure) cores() float64 { return m.cpu.Seconds() / m.wall.Seconds() }
 
+// coreSpinner is the spinner on core 0 with -backends veth (veth.go), or
+// nil.
+var coreSpinner *spinner
+
 // runChecker runs one round of one checker: warm-up, a window of d, a stop.
+// With a spinner on core 0 (-backends veth), m.core0 is the checker's
+// process's CPU over the window plus the kernel's work on core 0 beyond
+// its rate alone, read for spinBase before the start and after the stop
+// (core0Meter).
 func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool) (cmeasure, error) {
 	var m cmeasure
+	core0 := core0Meter{s: coreSpinner}
+	core0.alone()
 	if err := c.start(ls.addrs); err != nil {
 		c.cleanup()
 		return m, err
@@ -121,11 +137,12 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 	if err != nil {
 		return m, err
 	}
+	core0.mark()
 	cpu0, err := c.cpu()
 	if err != nil {
 		return m, err
 	}
-	r0, o0, err := testkit.KernelCounters()
+	r0, o0, err := ls.kernelCounters()
 	if err != nil {
 		return m, err
 	}
@@ -146,7 +163,8 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 	if err != nil {
 		return m, err
 	}
-	r1, o1, err := testkit.KernelCounters()
+	core0.mark()
+	r1, o1, err := ls.kernelCounters()
 	if err != nil {
 		return m, err
 	}
@@ -191,6 +209,14 @@ func runChecker(c checker, ls *listeners, d, warmup time.Duration, ownCount bool
 		return m, err
 	}
 	m.acceptedAtStop, m.stops = accAfter-accStop, 1
+	if coreSpinner != nil {
+		core0.alone()
+		extra, err := core0.extra()
+		if err != nil {
+			return m, err
+		}
+		m.core0 = m.cpu + extra
+	}
 	return m, nil
 }
 
@@ -207,6 +233,7 @@ func (m *cmeasure) add(o cmeasure) {
 	m.wall += o.wall
 	m.cpu += o.cpu
 	m.worstStop = max(m.worstStop, o.worstStop)
+	m.core0 += o.core0
 }
 
 // engineChecker: the engine in this process, c ProbeAsync chains at full
@@ -345,7 +372,11 @@ func (ch *child) run(dir, bin string, args ...string) error {
 	ch.cmd.Stdout, ch.cmd.Stderr = logf, logf
 	ch.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir)
 	ch.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // if the bench dies
-	if err := ch.cmd.Start(); err != nil {
+	start := ch.cmd.Start
+	if checkerCPU >= 0 {
+		start = func() error { return startOn(checkerCPU, ch.cmd) }
+	}
+	if err := start(); err != nil {
 		return err
 	}
 	ch.done = make(chan struct{})
@@ -489,8 +520,10 @@ func buildCaddy(dir string) (string, error) {
 
 // inNewNetns re-runs this command with args in a network namespace of its
 // own (CLONE_NEWNET: needs root) and returns its exit status; ok is false
-// when the namespace cannot be created here.
-func inNewNetns(args []string) (status int, ok bool, err error) {
+// when the namespace cannot be created here. With veth, it deletes the
+// namespaces the child names (setupVeth) once it has exited, however it
+// exited.
+func inNewNetns(args []string, veth bool) (status int, ok bool, err error) {
 	cmd, err := testkit.Command(context.Background(), "", args...)
 	if err != nil {
 		return 0, false, err
@@ -501,6 +534,11 @@ func inNewNetns(args []string) (status int, ok bool, err error) {
 		return 0, false, err
 	}
 	err = cmd.Wait()
+	if veth {
+		for _, ns := range vethNamespaces(cmd.Process.Pid) {
+			exec.Command("ip", "netns", "del", ns).Run() // gone already if the child ended well
+		}
+	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		return ee.ExitCode(), true, nil

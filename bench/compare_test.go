@@ -4,7 +4,9 @@ package main
 
 import (
 	"encoding/xml"
+	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -55,5 +57,67 @@ func TestPlotIsWellFormed(t *testing.T) {
 		if !strings.Contains(text.String(), want) {
 			t.Errorf("plot text lacks %q:\n%s", want, text.String())
 		}
+	}
+}
+
+// TestExpandVeth: -backends veth's addresses are B's, the ports varying
+// fastest, one per listener when -addresses is 0.
+func TestExpandVeth(t *testing.T) {
+	ls := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1000"), netip.MustParseAddrPort("127.0.0.1:2000")}
+	got := expandVeth(ls, 0)
+	if want := []string{"198.19.0.1:1000", "198.19.0.1:2000"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("expandVeth(ls, 0) = %v, want %v", got, want)
+	}
+	got = expandVeth(ls, 600)
+	if len(got) != 600 || got[5].String() != "198.19.0.3:2000" || got[599].String() != "198.19.1.44:2000" {
+		t.Errorf("expandVeth(ls, 600): %d addresses, [5] %v, [599] %v", len(got), got[5], got[599])
+	}
+	prefix := netip.MustParsePrefix(vethPrefix)
+	seen := map[netip.AddrPort]bool{}
+	for _, a := range got {
+		if !prefix.Contains(a.Addr()) || seen[a] {
+			t.Fatalf("%v: outside %v or repeated", a, prefix)
+		}
+		seen[a] = true
+	}
+}
+
+// TestCore0Extra: the kernel's work over the window beyond its rate
+// alone, the rate taken over both readings alone.
+func TestCore0Extra(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	c := core0Meter{next: 6}
+	// alone: 20 ms in 2 s before, 60 ms in 2 s after (20 ms/s); the
+	// window: 30 s with 1,600 ms, of which 600 ms is the rate alone
+	c.k = [6]time.Duration{0, 20 * time.Millisecond, 100 * time.Millisecond, 1700 * time.Millisecond, 2000 * time.Millisecond, 2060 * time.Millisecond}
+	c.at = [6]time.Time{t0, t0.Add(2 * time.Second), t0.Add(10 * time.Second), t0.Add(40 * time.Second), t0.Add(45 * time.Second), t0.Add(47 * time.Second)}
+	got, err := c.extra()
+	if err != nil || got != time.Second {
+		t.Errorf("extra() = %v, %v; want 1s", got, err)
+	}
+	c.next = 5
+	if _, err := c.extra(); err == nil {
+		t.Error("extra() with a mark missing: no error")
+	}
+}
+
+// TestRatiosCore0: the core-0 ratio is given where both checkers have it,
+// and -targets checks it as well as the process's.
+func TestRatiosCore0(t *testing.T) {
+	ct := map[string]*cmeasure{
+		"shaker-raw": {checks: 1000, wall: time.Second, cpu: 3 * time.Millisecond, core0: 5 * time.Millisecond},
+		"haproxy":    {checks: 1000, wall: time.Second, cpu: 10 * time.Millisecond, core0: 10 * time.Millisecond},
+	}
+	rs := checkerRatios(ct)
+	if len(rs) != 1 || rs[0].a != "shaker-raw" || rs[0].cpu != 0.3 || rs[0].core0 != 0.5 {
+		t.Fatalf("checkerRatios = %+v", rs)
+	}
+	miss, checked := speedTargets(nil, ct)
+	if checked != 1 || len(miss) != 1 || !strings.Contains(miss[0], "core 0 in all, 0.50x") {
+		t.Errorf("speedTargets: %d checked, missed %q", checked, miss)
+	}
+	ct["shaker-raw"].core0 = 0
+	if rs := checkerRatios(ct); rs[0].core0 != 0 || strings.Contains(rs[0].line(), "core 0") {
+		t.Errorf("without core 0 on one side: %+v, %q", rs[0], rs[0].line())
 	}
 }

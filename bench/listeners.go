@@ -23,10 +23,13 @@ type listeners struct {
 	in    io.WriteCloser
 	out   *bufio.Reader
 	addrs []netip.AddrPort
+	net   string // its network namespace's /proc/net, for the kernel's counters
 }
 
-func startListeners(n int, any bool) (*listeners, error) {
-	cmd, err := testkit.Command(context.Background(), "", "-serve", "-listeners", strconv.Itoa(n), "-serve-any="+strconv.FormatBool(any))
+// startListeners starts the child in the network namespace ns ("": this
+// process's).
+func startListeners(n int, any bool, ns string) (*listeners, error) {
+	cmd, err := testkit.Command(context.Background(), ns, "-serve", "-listeners", strconv.Itoa(n), "-serve-any="+strconv.FormatBool(any))
 	if err != nil {
 		return nil, err
 	}
@@ -42,7 +45,8 @@ func startListeners(n int, any bool) (*listeners, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	ls := &listeners{cmd: cmd, in: in, out: bufio.NewReader(out)}
+	// ip netns exec runs the command in its own place: the pid is the child's
+	ls := &listeners{cmd: cmd, in: in, out: bufio.NewReader(out), net: fmt.Sprintf("/proc/%d/net", cmd.Process.Pid)}
 	for len(ls.addrs) < n {
 		line, err := ls.out.ReadString('\n')
 		if err != nil {
@@ -81,6 +85,12 @@ func (ls *listeners) ask(what string) (int64, error) {
 		return 0, err
 	}
 	return strconv.ParseInt(strings.TrimSpace(line), 10, 64)
+}
+
+// kernelCounters reads the kernel's TcpExt EmbryonicRsts and Tcp
+// PassiveOpens where the listeners are (testkit.KernelCounters).
+func (ls *listeners) kernelCounters() (resets, opens int64, err error) {
+	return testkit.KernelCountersAt(ls.net)
 }
 
 // stop closes the child's stdin, on which it exits, and waits for it.

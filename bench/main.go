@@ -88,11 +88,33 @@ func main() {
 		shakerIval    = flag.Duration("shaker-interval", time.Second, "with -compare: the interval of the scheduled checkers: shaker, shaker-raw (Caddy with this plugin), engine-every, engine-raw-every")
 		shakerLoops   = flag.Int("shaker-loops", 0, "with -compare: the loops of the scheduled checkers (0: the default, one per CPU)")
 		inNetns       = flag.Bool("in-netns", false, "internal: running in the bench's own network namespace")
+		backends      = flag.String("backends", "loopback", "with -compare, as root: where the listeners are: loopback (in the bench's namespace, so that each checker's CPU includes the kernel's work for both ends), or veth (in a namespace of their own behind a veth pair, their packets on the last core, each checker alone on core 0, where the kernel's work for it is measured too: see bench/veth.go); veth runs child checkers only (haproxy, haproxy-term, caddy, shaker, shaker-raw) and no probers")
+		spin          = flag.Bool("spin", false, "internal: run the spinner of -backends veth (the child process)")
 	)
 	flag.Parse()
 	if *serve {
 		serveListeners(*listeners, *serveAny)
 		return
+	}
+	if *spin {
+		serveSpin()
+		return
+	}
+	veth := *backends == "veth"
+	if !veth && *backends != "loopback" {
+		fmt.Fprintf(os.Stderr, "bench: -backends %q: want loopback or veth\n", *backends)
+		os.Exit(2)
+	}
+	if veth {
+		probersSet := false
+		flag.Visit(func(f *flag.Flag) { probersSet = probersSet || f.Name == "probers" })
+		if !probersSet {
+			*modes = ""
+		}
+		if *modes != "" || !*compare || !*useNetns {
+			fmt.Fprintln(os.Stderr, "bench: -backends veth measures -compare's child checkers only: give -compare, no -probers (or -probers ''), and keep -netns")
+			os.Exit(2)
+		}
 	}
 	if *duration <= 0 || *rounds < 1 || *listeners < 1 || *concurrency < 1 {
 		fmt.Fprintln(os.Stderr, "bench: -duration, -rounds, -listeners and -concurrency must be positive")
@@ -107,6 +129,10 @@ func main() {
 		for _, c := range strings.Split(*checkerList, ",") {
 			if !slices.Contains(checkerKinds, c) {
 				fmt.Fprintf(os.Stderr, "bench: unknown checker %q (%s)\n", c, strings.Join(checkerKinds, ", "))
+				os.Exit(2)
+			}
+			if veth && !slices.Contains(childCheckers, c) {
+				fmt.Fprintf(os.Stderr, "bench: -backends veth: checker %q runs in the bench's process, which this mode keeps off the measured core; it measures %s\n", c, strings.Join(childCheckers, ", "))
 				os.Exit(2)
 			}
 			checkerNames = append(checkerNames, c)
@@ -125,6 +151,9 @@ func main() {
 	}
 	var order []string
 	for _, m := range strings.Split(*modes, ",") {
+		if m == "" && *modes == "" {
+			break // -probers '': none
+		}
 		if _, ok := probers[m]; !ok {
 			fmt.Fprintf(os.Stderr, "bench: unknown prober %q\n", m)
 			os.Exit(2)
@@ -154,10 +183,14 @@ func main() {
 	}
 	if *compare && *useNetns && !*inNetns {
 		if os.Geteuid() != 0 {
+			if veth {
+				fmt.Fprintln(os.Stderr, "bench: -backends veth needs root (network namespaces, RPS)")
+				os.Exit(2)
+			}
 			note("not root: no network namespace of its own, so HAProxy's checks are counted from this host's TCP counters, which other traffic also moves")
 		} else {
 			args := append(os.Args[1:len(os.Args):len(os.Args)], "-in-netns", "-caddy", *caddyBin)
-			status, ok, err := inNewNetns(args)
+			status, ok, err := inNewNetns(args, veth)
 			if ok {
 				if err != nil {
 					fmt.Fprintln(os.Stderr, "bench:", err)
@@ -168,6 +201,10 @@ func main() {
 				}
 				os.Exit(status)
 			}
+			if veth {
+				fmt.Fprintf(os.Stderr, "bench: -backends veth: no network namespace of its own: %v\n", err)
+				os.Exit(1)
+			}
 			note("no network namespace of its own (%v): HAProxy's checks are counted from this host's TCP counters, which other traffic also moves", err)
 		}
 	}
@@ -176,6 +213,25 @@ func main() {
 			fmt.Fprintln(os.Stderr, "bench:", err)
 			os.Exit(1)
 		}
+	}
+	var vb *vethBackends
+	if veth {
+		var err error
+		if vb, err = setupVeth(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: -backends veth:", err)
+			os.Exit(1)
+		}
+		defer vb.close() // and inNewNetns's parent deletes them, whatever the exit
+		if err := pinProcess(vb.lastCPU()); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: -backends veth:", err)
+			os.Exit(1)
+		}
+		checkerCPU = 0
+		if coreSpinner, err = startSpinner(0); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: -backends veth: spinner:", err)
+			os.Exit(1)
+		}
+		defer coreSpinner.stop()
 	}
 	requested := slices.Clone(checkerNames) // -check: none of ours may be skipped
 	requestedProbers := slices.Clone(order)
@@ -208,13 +264,20 @@ func main() {
 		}
 	}
 	facts := machineFacts()
-	ls, err := startListeners(*listeners, *addresses > *listeners)
+	ns := ""
+	if vb != nil {
+		ns = vb.ns
+	}
+	ls, err := startListeners(*listeners, *addresses > *listeners || vb != nil, ns)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 	defer ls.stop()
-	if *addresses > 0 {
+	switch {
+	case vb != nil:
+		ls.addrs = expandVeth(ls.addrs, *addresses)
+	case *addresses > 0:
 		ls.addrs = expandAddrs(ls.addrs, *addresses)
 	}
 	heaps := map[string]int64{}
@@ -284,24 +347,29 @@ func main() {
 	if *inNetns {
 		where += " in a network namespace of the bench's own"
 	}
+	if vb != nil {
+		where = fmt.Sprintf("%s in a network namespace of their own behind a veth pair, their packets on core %d with the bench, each checker alone on core 0", vethPrefix, vb.lastCPU())
+	}
 	fmt.Printf("%d listeners on %s, %d addresses, %d in flight, %v per prober in %d rounds, %s\n",
 		*listeners, where, len(ls.addrs), *concurrency, *duration, *rounds, time.Now().UTC().Format("2006-01-02"))
 	fmt.Printf("%s\n\n", facts)
-	fmt.Println("| prober | probes/s | CPU per probe | vs dialer-halfopen | accepted by backends | failed | worst SYN-ACK to close | allocs per probe |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|")
-	base := totals["dialer-halfopen"]
-	for _, m := range order {
-		t := totals[m]
-		ratio := "-"
-		if base != nil && base.probes > 0 && t.probes > 0 {
-			ratio = fmt.Sprintf("%.2fx", t.cpuPerProbe()/base.cpuPerProbe())
+	if len(order) > 0 { // none with -backends veth
+		fmt.Println("| prober | probes/s | CPU per probe | vs dialer-halfopen | accepted by backends | failed | worst SYN-ACK to close | allocs per probe |")
+		fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|")
+		base := totals["dialer-halfopen"]
+		for _, m := range order {
+			t := totals[m]
+			ratio := "-"
+			if base != nil && base.probes > 0 && t.probes > 0 {
+				ratio = fmt.Sprintf("%.2fx", t.cpuPerProbe()/base.cpuPerProbe())
+			}
+			worst := "-"
+			if t.maxCloseDelay > 0 {
+				worst = t.maxCloseDelay.Round(time.Microsecond).String()
+			}
+			fmt.Printf("| %s | %.0f | %.2f us | %s | %d | %d | %s | %.4f |\n",
+				m, t.rate(), t.cpuPerProbe(), ratio, t.accepted, t.failed, worst, t.allocsPerProbe())
 		}
-		worst := "-"
-		if t.maxCloseDelay > 0 {
-			worst = t.maxCloseDelay.Round(time.Microsecond).String()
-		}
-		fmt.Printf("| %s | %.0f | %.2f us | %s | %d | %d | %s | %.4f |\n",
-			m, t.rate(), t.cpuPerProbe(), ratio, t.accepted, t.failed, worst, t.allocsPerProbe())
 	}
 	for _, p := range [][2]string{{"engine-raw-async", "engine-async"}, {"engine-raw-probe", "engine-probe"}} {
 		if a, b := totals[p[0]], totals[p[1]]; a != nil && b != nil && a.probes > 0 && b.probes > 0 {
@@ -326,6 +394,16 @@ func main() {
 			}
 			fmt.Printf("| %s | %.0f | %.2f us | %.2f cores | %d | %d in %d stops | %v | %d / %d | %s |\n",
 				row.label, t.rate(), t.cpuPerCheck(), t.cores(), t.accepted, t.acceptedAtStop, t.stops, roundDuration(t.worstStop), t.resets, t.opens, allocs)
+		}
+		if coreSpinner != nil {
+			fmt.Println("\nOn core 0, where each checker ran alone (-backends veth): its process's CPU beside all it cost core 0, the kernel's work there included (softirqs: its SYN-ACKs, RSTs and wake-ups, read from the sys time of a SCHED_IDLE spinner that keeps core 0 from idling, and ksoftirqd's, beyond their rate alone):")
+			fmt.Println()
+			fmt.Println("| checker | CPU per check, its process | CPU per check, core 0 in all | core 0 used |")
+			fmt.Println("|---|---:|---:|---:|")
+			for _, name := range checkerNames {
+				t := ctotals[name]
+				fmt.Printf("| %s | %.2f us | %.2f us | %.2f cores |\n", name, t.cpuPerCheck(), t.core0PerCheck(), t.core0.Seconds()/t.wall.Seconds())
+			}
 		}
 		fmt.Println()
 		for _, name := range []string{"shaker", "shaker-raw"} {
@@ -441,9 +519,13 @@ func rawAvailable() error {
 type ratio struct {
 	a, b        string
 	cpu, checks float64 // a's over b's
+	core0       float64 // a's over b's, what they took from core 0 (-backends veth); 0 if not measured
 }
 
 func (r ratio) line() string {
+	if r.core0 > 0 {
+		return fmt.Sprintf("%s vs %s, CPU per check: %.2fx of its process, %.2fx of core 0 in all (checks/s %.2fx)", r.a, r.b, r.cpu, r.core0, r.checks)
+	}
 	return fmt.Sprintf("%s vs %s, CPU per check: %.2fx (checks/s %.2fx)", r.a, r.b, r.cpu, r.checks)
 }
 
@@ -473,7 +555,11 @@ func checkerRatios(ctotals map[string]*cmeasure) []ratio {
 		if a == nil || b == nil || a.checks == 0 || b.checks == 0 {
 			continue
 		}
-		out = append(out, ratio{a: p[0], b: p[1], cpu: a.cpuPerCheck() / b.cpuPerCheck(), checks: a.rate() / b.rate()})
+		r := ratio{a: p[0], b: p[1], cpu: a.cpuPerCheck() / b.cpuPerCheck(), checks: a.rate() / b.rate()}
+		if a.core0 > 0 && b.core0 > 0 {
+			r.core0 = a.core0PerCheck() / b.core0PerCheck()
+		}
+		out = append(out, r)
 	}
 	return out
 }
@@ -500,6 +586,9 @@ func speedTargets(totals map[string]*measure, ctotals map[string]*cmeasure) (mis
 			checked++
 			if r.cpu > rawTarget {
 				miss = append(miss, fmt.Sprintf("%s CPU per check %.2fx %s, target <= %.1fx", r.a, r.cpu, r.b, rawTarget))
+			}
+			if r.core0 > rawTarget {
+				miss = append(miss, fmt.Sprintf("%s CPU per check, core 0 in all, %.2fx %s, target <= %.1fx", r.a, r.core0, r.b, rawTarget))
 			}
 		}
 	}

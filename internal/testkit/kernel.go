@@ -42,12 +42,16 @@ func ProcNetField(path, prefix, name string) (int64, error) {
 // KernelCounters reads TcpExt EmbryonicRsts (half-made connections reset
 // by the prober: one a half-open probe) and Tcp PassiveOpens (connections
 // a listener completed) of this process's network namespace.
-func KernelCounters() (resets, opens int64, err error) {
-	resets, err = ProcNetField("/proc/net/netstat", "TcpExt:", "EmbryonicRsts")
+func KernelCounters() (resets, opens int64, err error) { return KernelCountersAt("/proc/net") }
+
+// KernelCountersAt is KernelCounters of the network namespace whose
+// /proc/net is dir: /proc/PID/net for the namespace of process PID.
+func KernelCountersAt(dir string) (resets, opens int64, err error) {
+	resets, err = ProcNetField(dir+"/netstat", "TcpExt:", "EmbryonicRsts")
 	if err != nil {
 		return 0, 0, err
 	}
-	opens, err = ProcNetField("/proc/net/snmp", "Tcp:", "PassiveOpens")
+	opens, err = ProcNetField(dir+"/snmp", "Tcp:", "PassiveOpens")
 	return resets, opens, err
 }
 

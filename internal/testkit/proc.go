@@ -73,17 +73,25 @@ func procStat(pid int) ([]string, error) {
 // ProcCPU is the user+sys time of process pid, all its threads, from
 // /proc/PID/stat (clock ticks of 10 ms).
 func ProcCPU(pid int) (time.Duration, error) {
+	u, s, err := ProcTimes(pid)
+	return u + s, err
+}
+
+// ProcTimes is the user and the sys time of process pid, all its threads,
+// from /proc/PID/stat (clock ticks of 10 ms). The kernel's softirqs that
+// interrupt the process count in its sys time.
+func ProcTimes(pid int) (user, sys time.Duration, err error) {
 	f, err := procStat(pid)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	u, err1 := strconv.ParseInt(f[11], 10, 64)
 	s, err2 := strconv.ParseInt(f[12], 10, 64)
 	if err := errors.Join(err1, err2); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	const tick = 10 * time.Millisecond // USER_HZ 100 on Linux
-	return time.Duration(u+s) * tick, nil
+	return time.Duration(u) * tick, time.Duration(s) * tick, nil
 }
 
 // ProcState is the state letter of process pid (R, S, T, ...) from

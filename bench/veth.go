@@ -1,0 +1,335 @@
+//go:build linux
+
+package main
+
+// Backends on a core of their own (-backends veth). On loopback a prober's
+// CPU includes the kernel's work for both ends of every probe: the
+// backend's handling of the SYN, its SYN-ACK and the RST happen inside the
+// prober's own system calls. That hides what a prober costs the host it
+// runs on when the backends are elsewhere, as they are in production. With
+// -backends veth the listeners live in a network namespace of their own
+// (B) behind a veth pair, and the work of each side is kept on its own
+// core:
+//
+//   - RPS on B's veth end steers the backends' packets to the last core,
+//     where the listener process and the bench itself run too;
+//   - RPS on the bench's end steers the answers to core 0, so that this
+//     side's kernel work (the SYN-ACK, the RST it is answered with) is
+//     done on core 0, as the checker's;
+//   - each checker's process is started on core 0, alone.
+//
+// What a checker costs core 0 is read two ways: its process's CPU time
+// (/proc/PID/stat), and that plus the kernel's work on core 0 that no
+// process of the checker's was charged with. Time is sampled by the 10 ms
+// tick, and a core that idles between packets stops its tick, so that
+// softirqs run from idle go uncounted. A SCHED_IDLE spinner on core 0, which
+// runs whenever nothing else there wants to, keeps it from idling: the
+// softirqs that interrupt the spinner land in its sys time (it makes no
+// system calls of its own), and those deferred to ksoftirqd in that
+// thread's. Their time over the window, beyond their rate alone just
+// before the checker started and just after it stopped, is the checker's.
+// Other processes that land on core 0 are not counted; their softirqs
+// would be.
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
+)
+
+// vethBackends is the namespace B of -backends veth and how the bench's
+// side reaches it.
+type vethBackends struct {
+	ns, self string // B, and the name given to the bench's own namespace
+	cpus     int
+}
+
+// The addresses of -backends veth: inside the bench's namespaces only
+// (198.18.0.0/15 is the benchmarking range).
+const (
+	vethAddrA, vethAddrB = "198.18.9.1", "198.18.9.2"
+	vethPrefix           = "198.19.0.0/16" // B's own, every address of it
+	vethDevA, vethDevB   = "shkbench-a", "shkbench-b"
+)
+
+// setupVeth creates B and the veth pair from the bench's namespace (which
+// must be its own: -in-netns), and steers each side's packets to its core.
+func setupVeth() (*vethBackends, error) {
+	cpus := runtime.NumCPU()
+	if cpus < 2 {
+		return nil, fmt.Errorf("-backends veth needs 2 CPUs or more, this machine has %d", cpus)
+	}
+	v := &vethBackends{cpus: cpus}
+	pid := os.Getpid()
+	names := vethNamespaces(pid)
+	v.ns, v.self = names[0], names[1]
+	run := func(args ...string) error {
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		}
+		return nil
+	}
+	if err := run("ip", "netns", "add", v.ns); err != nil {
+		return nil, err
+	}
+	// named, so that ip netns exec can reach its sysfs
+	if err := run("ip", "netns", "attach", v.self, strconv.Itoa(pid)); err != nil {
+		v.close()
+		return nil, err
+	}
+	const macA, macB = "02:5b:00:00:01:0a", "02:5b:00:00:01:0b"
+	last := fmt.Sprintf("%x", 1<<(cpus-1))
+	steps := [][]string{
+		{"ip", "-n", v.ns, "link", "set", "lo", "up"},
+		{"ip", "link", "add", vethDevA, "address", macA, "type", "veth", "peer", "name", vethDevB, "address", macB, "netns", v.ns},
+		{"ip", "addr", "add", vethAddrA + "/30", "dev", vethDevA},
+		{"ip", "-n", v.ns, "addr", "add", vethAddrB + "/30", "dev", vethDevB},
+		{"ip", "link", "set", vethDevA, "up"},
+		{"ip", "-n", v.ns, "link", "set", vethDevB, "up"},
+		// static neighbours: no ARP in the figures
+		{"ip", "neigh", "replace", vethAddrB, "lladdr", macB, "dev", vethDevA, "nud", "permanent"},
+		{"ip", "-n", v.ns, "neigh", "replace", vethAddrA, "lladdr", macA, "dev", vethDevB, "nud", "permanent"},
+		{"ip", "route", "add", vethPrefix, "via", vethAddrB},
+		{"ip", "-n", v.ns, "route", "add", "local", vethPrefix, "dev", "lo"},
+		{"ip", "netns", "exec", v.ns, "sh", "-c", "echo " + last + " > /sys/class/net/" + vethDevB + "/queues/rx-0/rps_cpus"},
+		{"ip", "netns", "exec", v.self, "sh", "-c", "echo 1 > /sys/class/net/" + vethDevA + "/queues/rx-0/rps_cpus"},
+	}
+	for _, s := range steps {
+		if err := run(s...); err != nil {
+			v.close()
+			return nil, err
+		}
+	}
+	return v, nil
+}
+
+// vethNamespaces are the names setupVeth gives B and the bench's own
+// namespace, in the bench process pid.
+func vethNamespaces(pid int) []string {
+	return []string{fmt.Sprintf("shaker-bench-b-%d", pid), fmt.Sprintf("shaker-bench-a-%d", pid)}
+}
+
+// childCheckers are the checkers that run as child processes, which
+// -backends veth can put on a core of their own.
+var childCheckers = []string{"haproxy", "haproxy-term", "caddy", "shaker", "shaker-raw"}
+
+// close deletes B (and with it the veth pair) and the bench's name for its
+// own namespace (the namespace lives on with the process).
+func (v *vethBackends) close() {
+	for _, ns := range []string{v.ns, v.self} {
+		exec.Command("ip", "netns", "del", ns).Run()
+	}
+}
+
+// lastCPU is the core of the backends and the bench.
+func (v *vethBackends) lastCPU() int { return v.cpus - 1 }
+
+// expandVeth is expandAddrs on B's prefix: address i is port i mod
+// len(ports) on the (i / len(ports) + 1)th address of it.
+func expandVeth(ls []netip.AddrPort, n int) []netip.AddrPort {
+	if n == 0 {
+		n = len(ls)
+	}
+	base := netip.MustParsePrefix(vethPrefix).Addr().As4()
+	out := make([]netip.AddrPort, n)
+	for i := range out {
+		k := i/len(ls) + 1
+		ip := netip.AddrFrom4([4]byte{base[0], base[1], byte(k >> 8), byte(k)})
+		out[i] = netip.AddrPortFrom(ip, ls[i%len(ls)].Port())
+	}
+	return out
+}
+
+// pinProcess keeps every thread of this process, and so every thread and
+// child it makes from now on, on cpu.
+func pinProcess(cpu int) error {
+	var set unix.CPUSet
+	set.Set(cpu)
+	for range 2 { // a thread made during the first pass is caught by the second
+		tasks, err := os.ReadDir("/proc/self/task")
+		if err != nil {
+			return err
+		}
+		for _, t := range tasks {
+			tid, err := strconv.Atoi(t.Name())
+			if err != nil {
+				continue
+			}
+			if err := unix.SchedSetaffinity(tid, &set); err != nil && err != unix.ESRCH {
+				return fmt.Errorf("sched_setaffinity %d: %w", tid, err)
+			}
+		}
+	}
+	return nil
+}
+
+// startOn starts cmd on cpu alone: a child inherits the CPUs of the thread
+// that forks it.
+func startOn(cpu int, cmd *exec.Cmd) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var was, set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &was); err != nil {
+		return err
+	}
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		return err
+	}
+	err := cmd.Start()
+	if err2 := unix.SchedSetaffinity(0, &was); err == nil {
+		err = err2
+	}
+	return err
+}
+
+// checkerCPU is the core a checker's process is started on (-backends
+// veth), or -1: wherever the scheduler puts it.
+var checkerCPU = -1
+
+// spinner is the SCHED_IDLE child that keeps core 0 busy (serveSpin),
+// and ksoftirqd of core 0, if this process can see it.
+type spinner struct {
+	cmd       *exec.Cmd
+	in        io.WriteCloser
+	ksoftirqd int // its pid, or 0
+}
+
+// spinBase is how long the kernel's work on core 0 is read alone before a
+// checker starts and after it stops.
+const spinBase = 2 * time.Second
+
+func startSpinner(cpu int) (*spinner, error) {
+	cmd, err := testkit.Command(context.Background(), "", "-spin")
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	s := &spinner{cmd: cmd, ksoftirqd: findProcess(fmt.Sprintf("ksoftirqd/%d", cpu))}
+	if s.in, err = cmd.StdinPipe(); err != nil {
+		return nil, err
+	}
+	if err := startOn(cpu, cmd); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// findProcess is the pid of the process whose comm is name, or 0.
+func findProcess(name string) int {
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		if b, err := os.ReadFile("/proc/" + d.Name() + "/comm"); err == nil && strings.TrimSpace(string(b)) == name {
+			return pid
+		}
+	}
+	return 0
+}
+
+// kernel is the kernel's work on core 0 that no checker's process was
+// charged with, so far: the softirqs that interrupted the spinner (its sys
+// time: the spinner itself makes no system calls) and ksoftirqd's.
+func (s *spinner) kernel() (time.Duration, error) {
+	_, sys, err := testkit.ProcTimes(s.cmd.Process.Pid)
+	if err != nil {
+		return 0, fmt.Errorf("the spinner on core 0: %w", err)
+	}
+	if s.ksoftirqd != 0 {
+		k, err := testkit.ProcCPU(s.ksoftirqd)
+		if err != nil {
+			return 0, err
+		}
+		sys += k
+	}
+	return sys, nil
+}
+
+// core0Meter is one round's reading of the kernel's work on core 0 that
+// the checker's process was not charged with (spinner.kernel): alone
+// before the start and after the stop, spinBase each, and over the
+// window; the window's, less the rate alone, is the checker's. The first
+// error of any mark is kept.
+type core0Meter struct {
+	s    *spinner
+	k    [6]time.Duration // kernel() at the marks
+	at   [6]time.Time
+	err  error
+	next int
+}
+
+// The marks, in order: alone before the start (two), the window (two),
+// alone after the stop (two).
+func (c *core0Meter) mark() {
+	if c.s == nil || c.next >= len(c.k) {
+		return
+	}
+	k, err := c.s.kernel()
+	if c.err == nil {
+		c.err = err
+	}
+	c.k[c.next], c.at[c.next] = k, time.Now()
+	c.next++
+}
+
+// alone marks the two ends of a reading alone, spinBase apart.
+func (c *core0Meter) alone() {
+	if c.s == nil {
+		return
+	}
+	c.mark()
+	time.Sleep(spinBase)
+	c.mark()
+}
+
+// extra is the kernel's work on core 0 over the window beyond its rate
+// alone.
+func (c *core0Meter) extra() (time.Duration, error) {
+	if c.err != nil || c.next != len(c.k) {
+		return 0, fmt.Errorf("core 0's kernel time not read in full: %v", c.err)
+	}
+	alone := float64(c.k[1]-c.k[0]+c.k[5]-c.k[4]) / float64(c.at[1].Sub(c.at[0])+c.at[5].Sub(c.at[4]))
+	return c.k[3] - c.k[2] - time.Duration(alone*float64(c.at[3].Sub(c.at[2]))), nil
+}
+
+func (s *spinner) stop() {
+	s.in.Close()
+	s.cmd.Wait()
+}
+
+// serveSpin is the spinner: SCHED_IDLE, it runs an empty loop whenever
+// nothing else on its core wants to run, until its stdin closes. It keeps
+// its core from idling: the kernel's work there (a checker's SYN-ACKs,
+// RSTs and wake-ups) then always lands in a process's time, which ticks
+// sample, where on an idle core it would go unsampled.
+func serveSpin() {
+	if err := unix.SchedSetAttr(0, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}, 0); err != nil {
+		fmt.Fprintln(os.Stderr, "bench -spin: SCHED_IDLE:", err)
+		os.Exit(1)
+	}
+	go func() {
+		io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}()
+	var n atomic.Uint64
+	for {
+		n.Add(1)
+	}
+}

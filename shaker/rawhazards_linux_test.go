@@ -33,6 +33,8 @@ const (
 	hazardLoops   = "SHAKER_HAZARD_LOOPS"  // the child's Options.Loops, if set
 	hazardReps    = 100                    // probes of each address, all at once
 	hazardTimeout = 2 * time.Second
+	// hazardTimeoutEnv, if set, is the child's probe timeout instead
+	hazardTimeoutEnv = "SHAKER_HAZARD_TIMEOUT"
 
 	// a pair of namespaces: P (the prober) and B (the backend)
 	hazardP4, hazardB4 = "198.18.42.1", "198.18.42.2"
@@ -145,7 +147,7 @@ type hazardResult struct {
 // each case's address hazardReps times, and checks that every probe had
 // its case's outcome and that the listeners ls, in namespace backend,
 // accepted nothing.
-func hazardProbe(t *testing.T, prober, backend string, ls testkit.Listeners, mode Mode, cases []hazardCase) hazardResult {
+func hazardProbe(t *testing.T, prober, backend string, ls testkit.Listeners, mode Mode, cases []hazardCase, env ...string) hazardResult {
 	t.Helper()
 	var addrs []string
 	for _, c := range cases {
@@ -156,8 +158,8 @@ func hazardProbe(t *testing.T, prober, backend string, ls testkit.Listeners, mod
 	cookies0 := nsTCPExt(t, backend, "SyncookiesSent")
 	answers0 := nsCounter(t, backend, "snmp", "Tcp:", "OutSegs")
 	start := time.Now()
-	out := testkit.RunTest(t, prober, "TestRawHazardHelper", hazardEnv+"="+mode.String(),
-		"SHAKER_HAZARD_ADDRS="+strings.Join(addrs, ","))
+	out := testkit.RunTest(t, prober, "TestRawHazardHelper", append([]string{hazardEnv + "=" + mode.String(),
+		"SHAKER_HAZARD_ADDRS=" + strings.Join(addrs, ",")}, env...)...)
 	took := time.Since(start)
 	var r hazardResult
 	resets, _ := testkit.NetnsCounters(t, backend)
@@ -257,6 +259,12 @@ func TestRawHazardHelper(t *testing.T) {
 	defer e.Close()
 	fmt.Printf("RESULT mode %v\n", e.Mode())
 	addrs := strings.Split(os.Getenv("SHAKER_HAZARD_ADDRS"), ",")
+	timeout := hazardTimeout
+	if s := os.Getenv(hazardTimeoutEnv); s != "" {
+		if timeout, err = time.ParseDuration(s); err != nil {
+			t.Fatal(err)
+		}
+	}
 	counts := make([][numOutcomes]int, len(addrs))
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -264,7 +272,7 @@ func TestRawHazardHelper(t *testing.T) {
 		a := netip.MustParseAddrPort(s)
 		for range hazardReps {
 			wg.Add(1)
-			e.ProbeAsync(a, hazardTimeout, func(r Result) {
+			e.ProbeAsync(a, timeout, func(r Result) {
 				mu.Lock()
 				counts[i][r.Outcome]++
 				mu.Unlock()
@@ -276,7 +284,7 @@ func TestRawHazardHelper(t *testing.T) {
 	go func() { wg.Wait(); close(waited) }()
 	select {
 	case <-waited:
-	case <-time.After(hazardTimeout + 10*time.Second):
+	case <-time.After(timeout + 10*time.Second):
 		t.Fatalf("probes without a result 10 s past their timeout: %+v", e.Stats())
 	}
 	for i, s := range addrs {
@@ -474,7 +482,9 @@ func TestRawChecksumOffload(t *testing.T) {
 // TCPSpuriousRtxHostQueues counts it), raw mode sends it again, and the
 // backend gets both and answers each (logged: the backend's answers and
 // the prober's held-back retransmissions). Each mode runs on a fresh
-// pair.
+// pair. The probes' timeout is 4 s: the kernel sends up to three
+// solicitations a second apart, and in one run of the whole package the
+// second was lost too, so that a 2 s timeout timed every probe out.
 func TestRawNeighbourResolution(t *testing.T) {
 	for _, family := range []int{4, 6} {
 		for _, mode := range hazardModes {
@@ -483,7 +493,7 @@ func TestRawNeighbourResolution(t *testing.T) {
 				hazardRun(t, "ip", "-n", p, "neigh", "flush", "dev", "p0", "nud", "permanent")
 				hazardRun(t, "ip", "-n", b, "neigh", "flush", "dev", "b0", "nud", "permanent")
 				held0 := nsTCPExt(t, p, "TCPSpuriousRtxHostQueues")
-				r := hazardProbe(t, p, b, ls, mode, cases)
+				r := hazardProbe(t, p, b, ls, mode, cases, hazardTimeoutEnv+"=4s")
 				t.Logf("%v mode: the prober's kernel held back %d SYN retransmissions still in a host queue",
 					mode, nsTCPExt(t, p, "TCPSpuriousRtxHostQueues")-held0)
 				checkResets(t, mode, r)

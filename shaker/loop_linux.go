@@ -64,8 +64,8 @@ type loop struct {
 	// Owned by the loop goroutine.
 	slots      []slot
 	free       []int32
-	heap       []int32     // slot indices, min-heap by deadline
-	timers     []*Schedule // min-heap by due
+	heap       []int32      // slot indices, min-heap by deadline
+	timers     []timerEntry // min-heap by due
 	events     []unix.EpollEvent
 	batch      []request
 	addBuf     []*Schedule
@@ -337,7 +337,8 @@ func (l *loop) takeSchedules() {
 				continue
 			}
 			s.due = now
-			siftUp(int(s.idx), l.timerLess, l.timerSwap)
+			l.timers[s.idx].due = now
+			l.timerUp(int(s.idx))
 		}
 	}
 	l.addBuf, l.stopBuf, l.nowBuf = l.addBuf[:0], l.stopBuf[:0], l.nowBuf[:0]
@@ -441,10 +442,10 @@ func (l *loop) startTimers() bool {
 				return true
 			}
 		}
-		s := l.timers[0]
-		if s.due > now {
+		if l.timers[0].due > now {
 			break
 		}
+		s := l.timers[0].s
 		l.timerRemove(0)
 		if s.stopped.Load() {
 			// stopped since this turn took its stops in: it must not
@@ -577,9 +578,9 @@ func (l *loop) shutdown() {
 	for i := range queued {
 		l.finish(queued[i].done, nil, Result{Addr: queued[i].addr, Err: ErrClosed})
 	}
-	for _, s := range l.timers {
-		s.idx = -1
-		s.removed = true
+	for _, t := range l.timers {
+		t.s.idx = -1
+		t.s.removed = true
 	}
 	l.timers = nil
 	l.scheduled.Store(0)

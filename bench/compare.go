@@ -28,7 +28,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -86,7 +85,7 @@ type cmeasure struct {
 	inProcess      bool   // it runs in the bench's process: mallocs is its
 	wall, cpu      time.Duration
 	worstStop      time.Duration // longest from the stop to its process's exit (or Close's return)
-	core0          time.Duration // -backends veth: all it cost core 0, the kernel's work there included (veth.go)
+	core0          time.Duration // -backends veth: all it cost core 0, the kernel's work there included (netns.go)
 }
 
 func (m *cmeasure) rate() float64 { return float64(m.checks) / m.wall.Seconds() }
@@ -109,7 +108,7 @@ func (m *cmeasure) core0PerCheck() float64 {
 // cores is the CPU it used, in cores.
 func (m *cmeasure) cores() float64 { return m.cpu.Seconds() / m.wall.Seconds() }
 
-// coreSpinner is the spinner on core 0 with -backends veth (veth.go), or
+// coreSpinner is the spinner on core 0 with -backends veth (netns.go), or
 // nil.
 var coreSpinner *spinner
 
@@ -516,55 +515,6 @@ func buildCaddy(dir string) (string, error) {
 		return "", fmt.Errorf("go build ./cmd/caddy: %v: %s", err, bytes.TrimSpace(out))
 	}
 	return bin, nil
-}
-
-// inNewNetns re-runs this command with args in a network namespace of its
-// own (CLONE_NEWNET: needs root) and returns its exit status; ok is false
-// when the namespace cannot be created here. With veth, it deletes the
-// namespaces the child names (setupVeth) once it has exited, however it
-// exited.
-func inNewNetns(args []string, veth bool) (status int, ok bool, err error) {
-	cmd, err := testkit.Command(context.Background(), "", args...)
-	if err != nil {
-		return 0, false, err
-	}
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return 0, false, err
-	}
-	err = cmd.Wait()
-	if veth {
-		for _, ns := range vethNamespaces(cmd.Process.Pid) {
-			exec.Command("ip", "netns", "del", ns).Run() // gone already if the child ended well
-		}
-	}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		return ee.ExitCode(), true, nil
-	}
-	return 0, true, err
-}
-
-// loopbackUp brings up lo, which is down in a new network namespace.
-func loopbackUp() error {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(fd)
-	ifr, err := unix.NewIfreq("lo")
-	if err != nil {
-		return err
-	}
-	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
-		return fmt.Errorf("SIOCGIFFLAGS lo: %w", err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
-		return fmt.Errorf("SIOCSIFFLAGS lo: %w", err)
-	}
-	return nil
 }
 
 // checkerRow is one line of the comparison, for the table and the plot.

@@ -2,6 +2,10 @@
 
 package main
 
+// The bench's network namespaces: its own, with -compare as root (so that
+// the kernel's TCP counters count only its checks), and the backends' with
+// -backends veth.
+//
 // Backends on a core of their own (-backends veth). On loopback a prober's
 // CPU includes the kernel's work for both ends of every probe: the
 // backend's handling of the SYN, its SYN-ACK and the RST happen inside the
@@ -33,6 +37,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -136,6 +141,39 @@ func (v *vethBackends) close() {
 
 // lastCPU is the core of the backends and the bench.
 func (v *vethBackends) lastCPU() int { return v.cpus - 1 }
+
+// startVethBackends sets -backends veth up from the bench's own
+// namespace: B and the veth pair, this process on the last core, the
+// checkers on core 0 beside the spinner. stop undoes what can be undone
+// (inNewNetns's parent deletes the namespaces whatever the exit).
+func startVethBackends() (v *vethBackends, stop func(), err error) {
+	if v, err = setupVeth(); err != nil {
+		return nil, nil, err
+	}
+	if err := pinProcess(v.lastCPU()); err != nil {
+		v.close()
+		return nil, nil, err
+	}
+	checkerCPU = 0
+	if coreSpinner, err = startSpinner(0); err != nil {
+		v.close()
+		return nil, nil, fmt.Errorf("spinner: %w", err)
+	}
+	return v, func() { coreSpinner.stop(); v.close() }, nil
+}
+
+// printCore0 prints, for -backends veth, each checker's two figures on
+// core 0.
+func printCore0(names []string, ctotals map[string]*cmeasure) {
+	fmt.Println("\nOn core 0, where each checker ran alone (-backends veth): its process's CPU beside all it cost core 0, the kernel's work there included (softirqs: its SYN-ACKs, RSTs and wake-ups, read from the sys time of a SCHED_IDLE spinner that keeps core 0 from idling, and ksoftirqd's, beyond their rate alone):")
+	fmt.Println()
+	fmt.Println("| checker | CPU per check, its process | CPU per check, core 0 in all | core 0 used |")
+	fmt.Println("|---|---:|---:|---:|")
+	for _, name := range names {
+		t := ctotals[name]
+		fmt.Printf("| %s | %.2f us | %.2f us | %.2f cores |\n", name, t.cpuPerCheck(), t.core0PerCheck(), t.core0.Seconds()/t.wall.Seconds())
+	}
+}
 
 // expandVeth is expandAddrs on B's prefix: address i is port i mod
 // len(ports) on the (i / len(ports) + 1)th address of it.
@@ -332,4 +370,53 @@ func serveSpin() {
 	for {
 		n.Add(1)
 	}
+}
+
+// inNewNetns re-runs this command with args in a network namespace of its
+// own (CLONE_NEWNET: needs root) and returns its exit status; ok is false
+// when the namespace cannot be created here. With veth, it deletes the
+// namespaces the child names (setupVeth) once it has exited, however it
+// exited.
+func inNewNetns(args []string, veth bool) (status int, ok bool, err error) {
+	cmd, err := testkit.Command(context.Background(), "", args...)
+	if err != nil {
+		return 0, false, err
+	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return 0, false, err
+	}
+	err = cmd.Wait()
+	if veth {
+		for _, ns := range vethNamespaces(cmd.Process.Pid) {
+			exec.Command("ip", "netns", "del", ns).Run() // gone already if the child ended well
+		}
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode(), true, nil
+	}
+	return 0, true, err
+}
+
+// loopbackUp brings up lo, which is down in a new network namespace.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("SIOCGIFFLAGS lo: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("SIOCSIFFLAGS lo: %w", err)
+	}
+	return nil
 }

@@ -64,11 +64,17 @@ func TestPlotIsWellFormed(t *testing.T) {
 // fastest, one per listener when -addresses is 0.
 func TestExpandVeth(t *testing.T) {
 	ls := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1000"), netip.MustParseAddrPort("127.0.0.1:2000")}
-	got := expandVeth(ls, 0)
+	got, err := expandVeth(ls, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if want := []string{"198.19.0.1:1000", "198.19.0.1:2000"}; fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("expandVeth(ls, 0) = %v, want %v", got, want)
 	}
-	got = expandVeth(ls, 600)
+	got, err = expandVeth(ls, 600)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if len(got) != 600 || got[5].String() != "198.19.0.3:2000" || got[599].String() != "198.19.1.44:2000" {
 		t.Errorf("expandVeth(ls, 600): %d addresses, [5] %v, [599] %v", len(got), got[5], got[599])
 	}
@@ -79,6 +85,21 @@ func TestExpandVeth(t *testing.T) {
 			t.Fatalf("%v: outside %v or repeated", a, prefix)
 		}
 		seen[a] = true
+	}
+	if _, err := expandVeth(ls, 2*0xffff+1); err == nil {
+		t.Error("expandVeth: more addresses than the prefix holds, and no error")
+	}
+	if _, err := expandVeth(ls, 2*0xffff); err != nil {
+		t.Errorf("expandVeth: as many addresses as the prefix holds: %v", err)
+	}
+}
+
+// TestRPSMask: one CPU's rps_cpus mask, as sysfs parses it.
+func TestRPSMask(t *testing.T) {
+	for cpu, want := range map[int]string{0: "00000001", 1: "00000002", 31: "80000000", 32: "00000001,00000000", 65: "00000002,00000000,00000000"} {
+		if got := rpsMask(cpu); got != want {
+			t.Errorf("rpsMask(%d) = %q, want %q", cpu, got, want)
+		}
 	}
 }
 
@@ -119,5 +140,16 @@ func TestRatiosCore0(t *testing.T) {
 	ct["shaker-raw"].core0 = 0
 	if rs := checkerRatios(ct); rs[0].core0 != 0 || strings.Contains(rs[0].line(), "core 0") {
 		t.Errorf("without core 0 on one side: %+v, %q", rs[0], rs[0].line())
+	}
+	// with the spinner running, a core-0 figure missing is a miss, and so is a
+	// CPU figure of 0 (under a tick), however low the ratio reads
+	coreSpinner = &spinner{}
+	defer func() { coreSpinner = nil }()
+	if miss, _ := speedTargets(nil, ct); len(miss) != 1 || !strings.Contains(miss[0], "core 0 in all not measured") {
+		t.Errorf("core 0 not measured: missed %q", miss)
+	}
+	ct["shaker-raw"].cpu, ct["shaker-raw"].core0 = 0, 5*time.Millisecond
+	if miss, _ := speedTargets(nil, ct); len(miss) != 1 || !strings.Contains(miss[0], "not measured") {
+		t.Errorf("CPU 0: missed %q", miss)
 	}
 }

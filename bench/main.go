@@ -267,7 +267,10 @@ func main() {
 	defer ls.stop()
 	switch {
 	case vb != nil:
-		ls.addrs = expandVeth(ls.addrs, *addresses)
+		if ls.addrs, err = expandVeth(ls.addrs, *addresses); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: -backends veth:", err)
+			os.Exit(2)
+		}
 	case *addresses > 0:
 		ls.addrs = expandAddrs(ls.addrs, *addresses)
 	}

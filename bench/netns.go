@@ -33,9 +33,12 @@ package main
 // thread's. Their time over the window, beyond their rate alone just
 // before the checker started and just after it stopped, is the checker's.
 // Other processes that land on core 0 are not counted; their softirqs
-// would be.
+// would be. This holds on kernels without CONFIG_IRQ_TIME_ACCOUNTING
+// (this machine's, Linux 6.18): with it, softirq time is kept out of every
+// task's, and the second figure reads low.
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -43,6 +46,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/signal"
 	"runtime"
 	"strconv"
 	"strings"
@@ -59,7 +63,7 @@ import (
 // side reaches it.
 type vethBackends struct {
 	ns, self string // B, and the name given to the bench's own namespace
-	cpus     int
+	last     int    // the highest CPU this process may run on: the backends'
 }
 
 // The addresses of -backends veth: inside the bench's namespaces only
@@ -73,11 +77,20 @@ const (
 // setupVeth creates B and the veth pair from the bench's namespace (which
 // must be its own: -in-netns), and steers each side's packets to its core.
 func setupVeth() (*vethBackends, error) {
-	cpus := runtime.NumCPU()
-	if cpus < 2 {
-		return nil, fmt.Errorf("-backends veth needs 2 CPUs or more, this machine has %d", cpus)
+	var allowed unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &allowed); err != nil {
+		return nil, fmt.Errorf("sched_getaffinity: %w", err)
 	}
-	v := &vethBackends{cpus: cpus}
+	last := -1
+	for c := 0; c < len(allowed)*64; c++ { // CPUSet holds 1024 CPUs
+		if allowed.IsSet(c) {
+			last = c
+		}
+	}
+	if !allowed.IsSet(0) || last < 1 {
+		return nil, fmt.Errorf("-backends veth needs CPU 0 and one more that this process may run on (it may run on %d CPUs, 0 among them: %v)", allowed.Count(), allowed.IsSet(0))
+	}
+	v := &vethBackends{last: last}
 	pid := os.Getpid()
 	names := vethNamespaces(pid)
 	v.ns, v.self = names[0], names[1]
@@ -96,7 +109,6 @@ func setupVeth() (*vethBackends, error) {
 		return nil, err
 	}
 	const macA, macB = "02:5b:00:00:01:0a", "02:5b:00:00:01:0b"
-	last := fmt.Sprintf("%x", 1<<(cpus-1))
 	steps := [][]string{
 		{"ip", "-n", v.ns, "link", "set", "lo", "up"},
 		{"ip", "link", "add", vethDevA, "address", macA, "type", "veth", "peer", "name", vethDevB, "address", macB, "netns", v.ns},
@@ -109,8 +121,8 @@ func setupVeth() (*vethBackends, error) {
 		{"ip", "-n", v.ns, "neigh", "replace", vethAddrA, "lladdr", macA, "dev", vethDevB, "nud", "permanent"},
 		{"ip", "route", "add", vethPrefix, "via", vethAddrB},
 		{"ip", "-n", v.ns, "route", "add", "local", vethPrefix, "dev", "lo"},
-		{"ip", "netns", "exec", v.ns, "sh", "-c", "echo " + last + " > /sys/class/net/" + vethDevB + "/queues/rx-0/rps_cpus"},
-		{"ip", "netns", "exec", v.self, "sh", "-c", "echo 1 > /sys/class/net/" + vethDevA + "/queues/rx-0/rps_cpus"},
+		{"ip", "netns", "exec", v.ns, "sh", "-c", "echo " + rpsMask(last) + " > /sys/class/net/" + vethDevB + "/queues/rx-0/rps_cpus"},
+		{"ip", "netns", "exec", v.self, "sh", "-c", "echo " + rpsMask(0) + " > /sys/class/net/" + vethDevA + "/queues/rx-0/rps_cpus"},
 	}
 	for _, s := range steps {
 		if err := run(s...); err != nil {
@@ -140,7 +152,22 @@ func (v *vethBackends) close() {
 }
 
 // lastCPU is the core of the backends and the bench.
-func (v *vethBackends) lastCPU() int { return v.cpus - 1 }
+func (v *vethBackends) lastCPU() int { return v.last }
+
+// rpsMask is the rps_cpus mask of the one CPU cpu, as sysfs reads it:
+// comma-separated groups of 32 bits, the highest first.
+func rpsMask(cpu int) string {
+	groups := make([]string, cpu/32+1)
+	for i := range groups {
+		g := len(groups) - 1 - i // groups[0] holds the highest CPUs
+		v := uint32(0)
+		if g == cpu/32 {
+			v = 1 << (cpu % 32)
+		}
+		groups[i] = fmt.Sprintf("%08x", v)
+	}
+	return strings.Join(groups, ",")
+}
 
 // startVethBackends sets -backends veth up from the bench's own
 // namespace: B and the veth pair, this process on the last core, the
@@ -177,9 +204,12 @@ func printCore0(names []string, ctotals map[string]*cmeasure) {
 
 // expandVeth is expandAddrs on B's prefix: address i is port i mod
 // len(ports) on the (i / len(ports) + 1)th address of it.
-func expandVeth(ls []netip.AddrPort, n int) []netip.AddrPort {
+func expandVeth(ls []netip.AddrPort, n int) ([]netip.AddrPort, error) {
 	if n == 0 {
 		n = len(ls)
+	}
+	if (n-1)/len(ls)+1 > 0xffff {
+		return nil, fmt.Errorf("%d addresses over %d listeners need more than the %d addresses of %s", n, len(ls), 0xffff, vethPrefix)
 	}
 	base := netip.MustParsePrefix(vethPrefix).Addr().As4()
 	out := make([]netip.AddrPort, n)
@@ -188,7 +218,7 @@ func expandVeth(ls []netip.AddrPort, n int) []netip.AddrPort {
 		ip := netip.AddrFrom4([4]byte{base[0], base[1], byte(k >> 8), byte(k)})
 		out[i] = netip.AddrPortFrom(ip, ls[i%len(ls)].Port())
 	}
-	return out
+	return out, nil
 }
 
 // pinProcess keeps every thread of this process, and so every thread and
@@ -255,14 +285,36 @@ func startSpinner(cpu int) (*spinner, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	s := &spinner{cmd: cmd, ksoftirqd: findProcess(fmt.Sprintf("ksoftirqd/%d", cpu))}
 	if s.in, err = cmd.StdinPipe(); err != nil {
 		return nil, err
 	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
 	if err := startOn(cpu, cmd); err != nil {
 		return nil, err
+	}
+	// it says "ready" once its spinning thread is SCHED_IDLE
+	ready := make(chan error, 1)
+	go func() {
+		line, err := bufio.NewReader(out).ReadString('\n')
+		if err == nil && line != "ready\n" {
+			err = fmt.Errorf("said %q", line)
+		}
+		ready <- err
+	}()
+	select {
+	case err = <-ready:
+	case <-time.After(10 * time.Second):
+		err = fmt.Errorf("not ready in 10 s")
+	}
+	if err != nil {
+		s.stop()
+		return nil, fmt.Errorf("the spinner: %w", err)
 	}
 	return s, nil
 }
@@ -340,16 +392,28 @@ func (c *core0Meter) alone() {
 // extra is the kernel's work on core 0 over the window beyond its rate
 // alone.
 func (c *core0Meter) extra() (time.Duration, error) {
-	if c.err != nil || c.next != len(c.k) {
-		return 0, fmt.Errorf("core 0's kernel time not read in full: %v", c.err)
+	if c.err != nil {
+		return 0, fmt.Errorf("core 0's kernel time: %w", c.err)
+	}
+	if c.next != len(c.k) {
+		return 0, fmt.Errorf("core 0's kernel time: %d of its %d readings taken", c.next, len(c.k))
 	}
 	alone := float64(c.k[1]-c.k[0]+c.k[5]-c.k[4]) / float64(c.at[1].Sub(c.at[0])+c.at[5].Sub(c.at[4]))
 	return c.k[3] - c.k[2] - time.Duration(alone*float64(c.at[3].Sub(c.at[2]))), nil
 }
 
+// stop closes the spinner's stdin, on which it exits, and waits for it;
+// a spinner that does not exit within 5 s is killed.
 func (s *spinner) stop() {
 	s.in.Close()
-	s.cmd.Wait()
+	done := make(chan struct{})
+	go func() { s.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		s.cmd.Process.Kill()
+		<-done
+	}
 }
 
 // serveSpin is the spinner: SCHED_IDLE, it runs an empty loop whenever
@@ -358,6 +422,9 @@ func (s *spinner) stop() {
 // RSTs and wake-ups) then always lands in a process's time, which ticks
 // sample, where on an idle core it would go unsampled.
 func serveSpin() {
+	// SCHED_IDLE is a thread's: the loop must spin on the thread that
+	// asked for it, not on whichever thread the runtime moves it to
+	runtime.LockOSThread()
 	if err := unix.SchedSetAttr(0, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}, 0); err != nil {
 		fmt.Fprintln(os.Stderr, "bench -spin: SCHED_IDLE:", err)
 		os.Exit(1)
@@ -366,6 +433,7 @@ func serveSpin() {
 		io.Copy(io.Discard, os.Stdin)
 		os.Exit(0)
 	}()
+	fmt.Println("ready")
 	var n atomic.Uint64
 	for {
 		n.Add(1)
@@ -376,7 +444,8 @@ func serveSpin() {
 // own (CLONE_NEWNET: needs root) and returns its exit status; ok is false
 // when the namespace cannot be created here. With veth, it deletes the
 // namespaces the child names (setupVeth) once it has exited, however it
-// exited.
+// exited; SIGINT, SIGTERM and SIGHUP are passed on to the child, so that
+// this process lives to do so.
 func inNewNetns(args []string, veth bool) (status int, ok bool, err error) {
 	cmd, err := testkit.Command(context.Background(), "", args...)
 	if err != nil {
@@ -384,9 +453,19 @@ func inNewNetns(args []string, veth bool) (status int, ok bool, err error) {
 	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET, Pdeathsig: syscall.SIGKILL}
+	// An interrupt goes to the child, which ends its run; this process
+	// waits for it, then cleans up.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 	if err := cmd.Start(); err != nil {
 		return 0, false, err
 	}
+	go func() {
+		for sig := range sigs {
+			cmd.Process.Signal(sig)
+		}
+	}()
 	err = cmd.Wait()
 	if veth {
 		for _, ns := range vethNamespaces(cmd.Process.Pid) {

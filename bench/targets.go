@@ -7,6 +7,7 @@ package main
 
 import (
 	"fmt"
+	"math"
 	"strings"
 )
 
@@ -79,6 +80,13 @@ func speedTargets(totals map[string]*measure, ctotals map[string]*cmeasure) (mis
 	for _, r := range checkerRatios(ctotals) {
 		if (r.a == "engine-raw-every" || r.a == "shaker-raw") && strings.HasPrefix(r.b, "haproxy") {
 			checked++
+			if !(r.cpu > 0) || math.IsInf(r.cpu, 0) { // under a tick on one side: no figure
+				miss = append(miss, fmt.Sprintf("%s vs %s: CPU per check not measured (%v)", r.a, r.b, r.cpu))
+				continue
+			}
+			if coreSpinner != nil && !(r.core0 > 0) {
+				miss = append(miss, fmt.Sprintf("%s vs %s: CPU per check on core 0 in all not measured (at or below 0 on one side)", r.a, r.b))
+			}
 			if r.cpu > rawTarget {
 				miss = append(miss, fmt.Sprintf("%s CPU per check %.2fx %s, target <= %.1fx", r.a, r.cpu, r.b, rawTarget))
 			}

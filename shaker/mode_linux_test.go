@@ -328,6 +328,8 @@ func TestModeEveryNoAlloc(t *testing.T) {
 	// maxGrowth: a few buffers a loop, each doubling up to the 64
 	// schedules' size, about 7 times.
 	const maxGrowth = 64
+	// maxOther: the runtime's and the test's own, at most.
+	const maxOther = 32
 	if raceEnabled {
 		t.Skip("the race detector allocates on its own; CI runs this test without -race")
 	}
@@ -406,11 +408,14 @@ func TestModeEveryNoAlloc(t *testing.T) {
 		t.Logf("%d results: %v allocations per run of %d (AllocsPerRun); %d by the engine, %d growing its buffers, %d by the runtime and the test",
 			(runs+1)*probes, perRun, probes, engine, growth, other)
 		// AllocsPerRun counts every allocation of the process over the
-		// runs: a buffer's bounded growth (allowed, below) and the
-		// runtime's and other goroutines' too, which the profile told
-		// apart above. It may not count more than the profile saw.
-		if total := int64(perRun) * runs; total > engine+growth+other {
-			t.Errorf("AllocsPerRun: %v allocations per run of %d probes, %d in all, more than the %d the profile saw", perRun, probes, total, engine+growth+other)
+		// runs, a buffer's bounded growth (allowed, below) among them, so
+		// it is only logged; the profile told them apart above. The
+		// allocations that are not the engine's by their stack (the
+		// runtime's, the test's) may be a few, not a number that grows
+		// with the probes: the runtime allocating on the engine's behalf
+		// would show there.
+		if other > maxOther {
+			t.Errorf("%d allocations in %d probes outside the engine's frames, more than %d", other, (runs+1)*probes, maxOther)
 		}
 		if growth > maxGrowth {
 			t.Errorf("%d allocations growing the engine's buffers in %d probes, more than %d: not a bounded growth", growth, (runs+1)*probes, maxGrowth)

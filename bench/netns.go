@@ -108,27 +108,21 @@ func setupVeth() (*vethBackends, error) {
 		v.close()
 		return nil, err
 	}
-	const macA, macB = "02:5b:00:00:01:0a", "02:5b:00:00:01:0b"
 	steps := [][]string{
 		{"ip", "-n", v.ns, "link", "set", "lo", "up"},
-		{"ip", "link", "add", vethDevA, "address", macA, "type", "veth", "peer", "name", vethDevB, "address", macB, "netns", v.ns},
-		{"ip", "addr", "add", vethAddrA + "/30", "dev", vethDevA},
-		{"ip", "-n", v.ns, "addr", "add", vethAddrB + "/30", "dev", vethDevB},
-		{"ip", "link", "set", vethDevA, "up"},
-		{"ip", "-n", v.ns, "link", "set", vethDevB, "up"},
-		// static neighbours: no ARP in the figures
-		{"ip", "neigh", "replace", vethAddrB, "lladdr", macB, "dev", vethDevA, "nud", "permanent"},
-		{"ip", "-n", v.ns, "neigh", "replace", vethAddrA, "lladdr", macA, "dev", vethDevB, "nud", "permanent"},
-		{"ip", "route", "add", vethPrefix, "via", vethAddrB},
-		{"ip", "-n", v.ns, "route", "add", "local", vethPrefix, "dev", "lo"},
 		{"ip", "netns", "exec", v.ns, "sh", "-c", "echo " + rpsMask(last) + " > /sys/class/net/" + vethDevB + "/queues/rx-0/rps_cpus"},
 		{"ip", "netns", "exec", v.self, "sh", "-c", "echo " + rpsMask(0) + " > /sys/class/net/" + vethDevA + "/queues/rx-0/rps_cpus"},
 	}
-	for _, s := range steps {
-		if err := run(s...); err != nil {
-			v.close()
-			return nil, err
+	err := testkit.JoinVeth(testkit.VethEnd{NS: v.self, Dev: vethDevA, MAC: "02:5b:00:00:01:0a", Addrs: []string{vethAddrA + "/30"}},
+		testkit.VethEnd{NS: v.ns, Dev: vethDevB, MAC: "02:5b:00:00:01:0b", Addrs: []string{vethAddrB + "/30"}}, vethPrefix)
+	for _, st := range steps {
+		if err == nil {
+			err = run(st...)
 		}
+	}
+	if err != nil {
+		v.close()
+		return nil, err
 	}
 	return v, nil
 }

@@ -72,32 +72,109 @@ func NewSlowPath(t testing.TB, rate, latency string) *SlowPath {
 	if _, err := exec.LookPath("tc"); err != nil {
 		t.Skip("needs tc (Debian package iproute2)")
 	}
-	const macA, macB = "02:5b:00:00:00:0a", "02:5b:00:00:00:0b"
-	run := func(args ...string) {
-		t.Helper()
+	err := JoinVeth(VethEnd{NS: p.A, Dev: p.DevA, MAC: "02:5b:00:00:00:0a", Addrs: []string{SlowAddrA4 + "/30", SlowAddrA6 + "/64"}},
+		VethEnd{NS: p.B, Dev: p.DevB, MAC: "02:5b:00:00:00:0b", Addrs: []string{SlowAddrB4 + "/30", SlowAddrB6 + "/64"}},
+		SlowPrefix4, SlowPrefix6)
+	if err != nil {
+		t.Skip(err)
+	}
+	if out, err := exec.Command("ip", "netns", "exec", p.B, "tc", "qdisc", "add", "dev", p.DevB, "root",
+		"tbf", "rate", rate, "burst", "1600", "latency", latency).CombinedOutput(); err != nil {
+		t.Skipf("tc qdisc add dev %s root tbf: %v: %s", p.DevB, err, out)
+	}
+	return p
+}
+
+// VethEnd is one end of a veth pair that JoinVeth makes: its network
+// namespace, its device and MAC address, and its addresses, each with its
+// prefix length ("198.18.9.1/30").
+type VethEnd struct {
+	NS, Dev, MAC string
+	Addrs        []string
+}
+
+// JoinVeth joins the namespaces of a and b with a veth pair, brings both
+// ends up with their addresses and static neighbours (no ARP or neighbour
+// discovery has to cross the link), and makes every address of each
+// prefix b's own: a local route in b, and a route in a via b's address of
+// the prefix's family. Its error names the command that failed and what
+// it said.
+func JoinVeth(a, b VethEnd, prefixes ...string) error {
+	run := func(args ...string) error {
 		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Skipf("%s: %v: %s", strings.Join(args, " "), err, out)
+			return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		}
+		return nil
+	}
+	// ip's flags for the family of s, an address with its prefix length
+	family := func(s string) ([]string, error) {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return nil, fmt.Errorf("veth: %w", err)
+		}
+		if p.Addr().Is6() {
+			return []string{"-6"}, nil
+		}
+		return []string{}, nil
+	}
+	ip := func(ns string, f []string, args ...string) error {
+		return run(append(append([]string{"ip", "-n", ns}, f...), args...)...)
+	}
+	if err := run("ip", "link", "add", a.Dev, "address", a.MAC, "netns", a.NS, "type", "veth",
+		"peer", "name", b.Dev, "address", b.MAC, "netns", b.NS); err != nil {
+		return err
+	}
+	for _, c := range [][2]VethEnd{{a, b}, {b, a}} {
+		end, peer := c[0], c[1]
+		for _, addr := range end.Addrs {
+			f, err := family(addr)
+			if err != nil {
+				return err
+			}
+			args := []string{"addr", "add", addr, "dev", end.Dev}
+			if len(f) > 0 {
+				args = append(args, "nodad")
+			}
+			if err := ip(end.NS, nil, args...); err != nil {
+				return err
+			}
+		}
+		if err := ip(end.NS, nil, "link", "set", end.Dev, "up"); err != nil {
+			return err
+		}
+		for _, addr := range peer.Addrs {
+			f, err := family(addr)
+			if err != nil {
+				return err
+			}
+			host, _, _ := strings.Cut(addr, "/")
+			if err := ip(end.NS, f, "neigh", "replace", host, "lladdr", peer.MAC, "dev", end.Dev, "nud", "permanent"); err != nil {
+				return err
+			}
 		}
 	}
-	run("ip", "link", "add", p.DevA, "address", macA, "netns", p.A, "type", "veth",
-		"peer", "name", p.DevB, "address", macB, "netns", p.B)
-	for _, c := range []struct{ ns, dev, a4, a6, peer4, peer6, peerMAC string }{
-		{p.A, p.DevA, SlowAddrA4, SlowAddrA6, SlowAddrB4, SlowAddrB6, macB},
-		{p.B, p.DevB, SlowAddrB4, SlowAddrB6, SlowAddrA4, SlowAddrA6, macA},
-	} {
-		run("ip", "-n", c.ns, "addr", "add", c.a4+"/30", "dev", c.dev)
-		run("ip", "-n", c.ns, "addr", "add", c.a6+"/64", "dev", c.dev, "nodad")
-		run("ip", "-n", c.ns, "link", "set", c.dev, "up")
-		run("ip", "-n", c.ns, "neigh", "replace", c.peer4, "lladdr", c.peerMAC, "dev", c.dev, "nud", "permanent")
-		run("ip", "-n", c.ns, "-6", "neigh", "replace", c.peer6, "lladdr", c.peerMAC, "dev", c.dev, "nud", "permanent")
+	for _, prefix := range prefixes {
+		f, err := family(prefix)
+		if err != nil {
+			return err
+		}
+		via := ""
+		for _, addr := range b.Addrs {
+			if g, _ := family(addr); len(g) == len(f) {
+				via, _, _ = strings.Cut(addr, "/")
+			}
+		}
+		if via == "" {
+			return fmt.Errorf("veth: %s has no address of the family of %s", b.Dev, prefix)
+		}
+		if err := ip(a.NS, f, "route", "add", prefix, "via", via); err != nil {
+			return err
+		}
+		if err := ip(b.NS, f, "route", "add", "local", prefix, "dev", "lo"); err != nil {
+			return err
+		}
 	}
-	run("ip", "-n", p.A, "route", "add", SlowPrefix4, "via", SlowAddrB4)
-	run("ip", "-n", p.A, "-6", "route", "add", SlowPrefix6, "via", SlowAddrB6)
-	run("ip", "-n", p.B, "route", "add", "local", SlowPrefix4, "dev", "lo")
-	run("ip", "-n", p.B, "-6", "route", "add", "local", SlowPrefix6, "dev", "lo")
-	run("ip", "netns", "exec", p.B, "tc", "qdisc", "add", "dev", p.DevB, "root",
-		"tbf", "rate", rate, "burst", "1600", "latency", latency)
-	return p
+	return nil
 }
 
 // SlowAddrs returns n distinct addresses of B's prefix (4 or 6) on the

@@ -50,7 +50,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -428,9 +427,7 @@ func serveSpin() {
 		os.Exit(0)
 	}()
 	fmt.Println("ready")
-	var n atomic.Uint64
 	for {
-		n.Add(1)
 	}
 }
 

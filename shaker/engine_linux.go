@@ -5,6 +5,7 @@ package shaker
 import (
 	"net/netip"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -63,6 +64,9 @@ func New(opts Options) (*Engine, error) {
 		}
 	}
 	for _, l := range e.loops {
+		if l.cl != nil {
+			go l.cl.run()
+		}
 		go l.run()
 	}
 	return e, nil
@@ -89,6 +93,8 @@ func (e *Engine) build(opts Options, n int, raw bool) error {
 		l, err := newLoop(e, per, opts.epollOnly)
 		if err == nil && shared != nil {
 			err = l.openRaw(shared, i, n)
+		} else if err == nil {
+			err = l.openCloser()
 		}
 		if err != nil {
 			if l != nil {
@@ -226,6 +232,9 @@ func (e *Engine) Stats() Stats {
 		s.CloseDelay.Sum += time.Duration(l.closeSum.Load())
 		s.EpollUp += l.epollUp.Load()
 		s.MaxReady = max(s.MaxReady, int(l.maxReady.Load()))
+		if l.cl != nil {
+			s.MaxReady = max(s.MaxReady, int(atomic.LoadInt64(&l.cl.maxReady)))
+		}
 	}
 	return s
 }

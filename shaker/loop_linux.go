@@ -89,7 +89,8 @@ type loop struct {
 	slackFrom  int64
 	epollOnly  bool
 	raw        *rawLoop // raw mode; nil in connect mode
-	parked     *parker  // raw mode: sleeps in the Go scheduler, not in epoll_wait
+	cl         *closer  // connect mode: closes the answered sockets
+	parked     *parker  // sleeps in the Go scheduler, not in epoll_wait
 
 	// Read by Stats from any goroutine.
 	outcomes      outcomeCounts
@@ -138,10 +139,28 @@ func newLoop(e *Engine, budget int, epollOnly bool) (*loop, error) {
 	return l, nil
 }
 
+// openCloser gives a connect-mode loop its closer, and lets the loop
+// sleep in the Go scheduler: with the closer closing the answered sockets,
+// a late wake-up of the loop delays only callbacks.
+func (l *loop) openCloser() error {
+	if !withCloser {
+		return nil
+	}
+	c, err := newCloser(l)
+	if err != nil {
+		return err
+	}
+	l.cl = c
+	return l.newParker()
+}
+
 // close releases a loop that never ran.
 func (l *loop) close() {
 	if l.raw != nil {
 		l.raw.close()
+	}
+	if l.cl != nil {
+		l.cl.close()
 	}
 	unix.Close(l.evfd)
 	l.closeEpoll()
@@ -181,6 +200,15 @@ func (l *loop) run() {
 		if l.hurry {
 			wait, l.hurry = 0, false
 		}
+		if wait != 0 && l.cl != nil {
+			until := int64(farFuture)
+			if wait > 0 {
+				until = l.e.now() + int64(wait)*int64(time.Millisecond)
+			}
+			if !l.cl.sleep(until) {
+				wait = 0 // closed sockets wait for their callbacks
+			}
+		}
 		if wait != 0 {
 			l.mu.Lock()
 			if l.closed || len(l.adds) > 0 || len(l.stops) > 0 || len(l.nows) > 0 || len(l.inbox) > 0 || l.queue.n > 0 && len(l.heap) < l.budget {
@@ -189,6 +217,9 @@ func (l *loop) run() {
 				l.sleeping = true
 			}
 			l.mu.Unlock()
+			if wait == 0 && l.cl != nil {
+				l.cl.awake()
+			}
 		}
 
 		var n int
@@ -203,6 +234,9 @@ func (l *loop) run() {
 			l.mu.Lock()
 			l.sleeping = false
 			l.mu.Unlock()
+			if l.cl != nil {
+				l.cl.awake()
+			}
 		}
 		if errno != 0 {
 			if errno != unix.EINTR {
@@ -212,8 +246,10 @@ func (l *loop) run() {
 			n = 0
 		}
 
-		// Completions first: close every socket that has its answer.
+		// Completions first: close every socket that has its answer (in
+		// connect mode the closer has closed them: take their results).
 		l.handle(n)
+		l.collect()
 		// Then deadlines.
 		if len(l.heap) > 0 {
 			now := l.e.now()
@@ -240,7 +276,7 @@ func (l *loop) run() {
 // socket that has its answer (their callbacks run later, in deliver).
 func (l *loop) handle(n int) {
 	l.full = n == len(l.events)
-	if int64(n) > l.maxReady.Load() {
+	if l.cl == nil && int64(n) > l.maxReady.Load() { // else the closer's batches are the bursts
 		l.maxReady.Store(int64(n))
 	}
 	for i := 0; i < n; i++ {
@@ -270,6 +306,7 @@ func (l *loop) look() {
 		n = 0
 	}
 	l.handle(n)
+	l.collect()
 }
 
 // sliceOver reports whether the loop has spent a slice since its last
@@ -540,11 +577,25 @@ func (l *loop) countDue(i int, now int64) int {
 // with ErrClosed. It runs on the loop goroutine once closed is set, so no
 // new request or schedule can come in.
 func (l *loop) shutdown() {
+	// The closer first: from its stop the loop owns every socket the
+	// closer had not closed. Those it had closed are over like the others
+	// in flight (closed, ErrClosed), and their numbers, which the kernel
+	// may have given to other files since, are not closed again.
+	if l.cl != nil {
+		l.cl.stop()
+		for h := l.cl.takeClosed(); h != 0; {
+			idx := int32(h - 1)
+			h = uint64(uint32(l.cl.slot(idx).next))
+			l.slots[idx].fd = closedFD
+			l.open--
+		}
+		l.sockets.Store(int64(l.open))
+	}
 	// Sockets first, all of them, before any callback runs.
 	for len(l.heap) > 0 {
 		idx := l.heap[len(l.heap)-1]
 		s := &l.slots[idx]
-		if s.fd != rawFD {
+		if s.fd >= 0 {
 			l.closeFD(s.fd)
 		}
 		if s.sched != nil {
@@ -574,6 +625,9 @@ func (l *loop) shutdown() {
 	l.closeEpoll()
 	if l.raw != nil {
 		l.raw.close()
+	}
+	if l.cl != nil {
+		l.cl.close()
 	}
 	for i := range queued {
 		l.finish(queued[i].done, nil, Result{Addr: queued[i].addr, Err: ErrClosed})

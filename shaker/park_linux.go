@@ -10,17 +10,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A raw-mode loop sleeps in the Go scheduler: its epoll instance is itself
+// A loop sleeps in the Go scheduler: its epoll instance is itself
 // registered with the runtime's poller, and the loop goroutine parks until
 // it has events or a deadline passes. A loop that sleeps in epoll_wait
 // instead holds its thread in a system call, which sysmon, the runtime's
 // monitor, answers by waking every 20 us to take the thread's P away:
 // measured at 10,000 probes a second, most of the process's context
-// switches. Connect mode keeps the direct epoll_wait: there the kernel
-// wakes the loop at once when a SYN-ACK comes, while a parked goroutine
-// waits for the runtime to poll (up to 10 ms on a busy process), and
-// every answered socket must be closed within 200 ms. In raw mode nothing
-// must be closed, and a late look costs nothing but the result's latency.
+// switches. A parked goroutine waits for the runtime to poll (up to 10 ms
+// on a busy process), so a loop parks only when a late look costs nothing
+// but the results' latency: in raw mode, where nothing must be closed,
+// and in connect mode with a closer, which closes the answered sockets
+// itself (closer_linux.go). A connect-mode loop without one (under -race)
+// keeps the direct epoll_wait: every answered socket must be closed within
+// 200 ms.
 type parker struct {
 	f    *os.File
 	rc   syscall.RawConn

@@ -21,6 +21,7 @@ type slot struct {
 	addr     netip.AddrPort
 	done     func(Result) // a one-off probe's callback, or
 	sched    *Schedule    // a periodic probe's schedule
+	watched  bool         // its socket is with the closer
 
 	// Raw mode (fd is rawFD): deadline is the next retransmission of
 	// the SYN until end, the probe's own deadline.
@@ -126,6 +127,19 @@ func (l *loop) start(req *request) {
 		return
 	}
 	idx := l.alloc(fd, req, start, deadline)
+	if l.cl != nil {
+		if cs := l.cl.slot(idx); cs != nil {
+			if errno := l.cl.watch(cs, fd, idx, l.slots[idx].gen); errno != 0 {
+				l.release(idx)
+				l.closeFD(fd)
+				res.Err = &opError{"epoll_ctl", errno}
+				l.finish(req.done, req.sched, res)
+				return
+			}
+			l.slots[idx].watched = true
+			return
+		}
+	}
 	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: idx, Pad: l.slots[idx].gen}
 	if errno := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); errno != 0 {
 		l.release(idx)
@@ -224,6 +238,7 @@ func (l *loop) release(idx int32) {
 	l.heapRemove(s.heapIdx)
 	s.fd = -1
 	s.gen++
+	s.watched = false
 	s.done = nil
 	s.sched = nil
 	s.addr = netip.AddrPort{}
@@ -296,7 +311,49 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 	} else {
 		l.closeFD(fd) // zero linger: the RST goes out now
 	}
-	end := l.e.now()
+	l.settle(res, done, sched, start, seen, l.e.now(), rtt, ackAgo)
+}
+
+// collect takes the results of the probes the closer has closed.
+func (l *loop) collect() {
+	if l.cl == nil {
+		return
+	}
+	for h := l.cl.takeClosed(); h != 0; {
+		idx := int32(h - 1)
+		cs := l.cl.slot(idx)
+		h = uint64(uint32(cs.next))
+		l.settleClosed(idx, cs)
+	}
+}
+
+// settleClosed queues the result of a probe whose socket the closer has
+// closed, from what the closer read before the close.
+func (l *loop) settleClosed(idx int32, cs *cslot) {
+	s := &l.slots[idx]
+	l.open--
+	l.sockets.Store(int64(l.open))
+	res := Result{Addr: s.addr}
+	var rtt, ackAgo int64
+	if cs.failed != 0 {
+		switch {
+		case cs.gerr != 0:
+			res.Err = &opError{"getsockopt SO_ERROR", syscall.Errno(cs.gerr)}
+		case cs.soerr != 0:
+			res.Err = classify("connect", syscall.Errno(cs.soerr))
+		}
+	} else {
+		rtt = int64(cs.rtt) * int64(time.Microsecond)
+		ackAgo = int64(cs.lastAck) * int64(time.Millisecond)
+		l.epollUp.Add(1)
+	}
+	l.settle(res, s.done, s.sched, s.start, cs.seen-l.cl.mono0, cs.end-l.cl.mono0, rtt, ackAgo)
+	l.release(idx)
+}
+
+// settle counts the close delay of a probe whose socket is closed (end is
+// after the close) and queues its result.
+func (l *loop) settle(res Result, done func(Result), sched *Schedule, start, seen, end, rtt, ackAgo int64) {
 	res.Duration = time.Duration(end - start)
 	if res.Err == nil {
 		res.RTT = time.Duration(rtt)
@@ -318,6 +375,13 @@ func (l *loop) expire(idx int32, now int64) {
 	s := &l.slots[idx]
 	if s.fd == rawFD {
 		l.expireRaw(idx, now)
+		return
+	}
+	if s.watched && !l.cl.takeBack(l.cl.slot(idx), s.gen) {
+		// The closer has it: its answer came at the deadline, and its
+		// result is on the way.
+		s.deadline = farFuture
+		l.heapFix(s.heapIdx)
 		return
 	}
 	l.closeFD(s.fd)

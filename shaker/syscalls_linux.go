@@ -14,7 +14,9 @@ import (
 // without the runtime's entersyscall/exitsyscall: it keeps its P through
 // them, so the Go scheduler cannot park it behind other goroutines between
 // a probe's SYN-ACK and its close, and each call costs less. Only
-// epoll_wait with a timeout, which sleeps, goes through the scheduler.
+// epoll_wait with a timeout, which sleeps, goes through the scheduler. (In
+// connect mode the sockets that wait for their answer are closed by the
+// loop's closer, which runs inside one system call: closer_linux.go.)
 
 func rawClose(fd int) {
 	unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)

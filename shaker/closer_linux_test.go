@@ -1,0 +1,174 @@
+//go:build linux && !shaker_fallback
+
+package shaker
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
+	"golang.org/x/sys/unix"
+)
+
+func needCloser(t *testing.T) {
+	t.Helper()
+	if !withCloser {
+		t.Skip("the closer is off under the race detector (closer_race.go): run without -race")
+	}
+}
+
+// fdOpen reports whether fd is an open descriptor of this process.
+func fdOpen(fd int) bool {
+	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	return err == nil
+}
+
+// TestCloserOwnership: who closes a probe's socket. The closer takes an
+// armed slot of the event's generation and closes its socket; a slot the
+// loop took back (its deadline), or an event of an older generation, is
+// left alone, and the socket stays open for the loop to close.
+func TestCloserOwnership(t *testing.T) {
+	evfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(evfd)
+	l := &loop{e: &Engine{base: time.Now()}, budget: 3 * chunkSize / 2, evfd: evfd}
+	c, err := newCloser(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.close()
+	if got := len(c.chunks); got != 2 {
+		t.Fatalf("%d chunks for a budget of %d, want 2", got, l.budget)
+	}
+	if c.slot(2*chunkSize) != nil || c.slot(-1) != nil {
+		t.Fatal("a slot past the budget, or of a negative index, was given")
+	}
+	pair := func() int {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(fds[1]) })
+		return fds[0]
+	}
+
+	// Taken back by the loop: the closer leaves it.
+	fd := pair()
+	cs := c.slot(5)
+	if errno := c.watch(cs, fd, 5, 7); errno != 0 {
+		t.Fatal(errno)
+	}
+	if !c.takeBack(cs, 7) {
+		t.Fatal("the loop could not take back an armed slot")
+	}
+	if c.closeAnswered(5, 7, unix.EPOLLOUT, 1) {
+		t.Fatal("the closer took a slot the loop had taken back")
+	}
+	if !fdOpen(fd) {
+		t.Fatal("the closer closed a socket the loop had taken back")
+	}
+	unix.Close(fd)
+
+	// An old generation's event: left alone; this one's: closed, pushed.
+	fd = pair()
+	cs = c.slot(chunkSize + 3) // the second chunk
+	if errno := c.watch(cs, fd, chunkSize+3, 9); errno != 0 {
+		t.Fatal(errno)
+	}
+	if c.closeAnswered(chunkSize+3, 8, unix.EPOLLOUT, 1) || !fdOpen(fd) {
+		t.Fatal("an event of an older generation closed the socket")
+	}
+	if !c.closeAnswered(chunkSize+3, 9, unix.EPOLLOUT|unix.EPOLLERR, 100) {
+		t.Fatal("the closer did not take an armed slot of its generation")
+	}
+	if fdOpen(fd) {
+		t.Fatal("the closer took the slot but left its socket open")
+	}
+	if c.takeBack(cs, 9) {
+		t.Fatal("the loop took back a slot the closer had closed")
+	}
+	if cs.failed != 1 || cs.seen != 100 || cs.end < cs.seen {
+		t.Fatalf("closed slot: failed %d, seen %d, end %d", cs.failed, cs.seen, cs.end)
+	}
+
+	// A second one, then the stack: the last pushed on top.
+	fd = pair()
+	cs2 := c.slot(0)
+	if errno := c.watch(cs2, fd, 0, 1); errno != 0 {
+		t.Fatal(errno)
+	}
+	if !c.closeAnswered(0, 1, unix.EPOLLOUT, 200) {
+		t.Fatal("the closer did not take the second slot")
+	}
+	h := c.takeClosed()
+	var got []int32
+	for h != 0 {
+		idx := int32(h - 1)
+		got = append(got, idx)
+		h = uint64(uint32(c.slot(idx).next))
+	}
+	if len(got) != 2 || got[0] != 0 || got[1] != chunkSize+3 {
+		t.Fatalf("stack %v, want [0 %d]", got, chunkSize+3)
+	}
+	if c.takeClosed() != 0 {
+		t.Fatal("the stack was not emptied")
+	}
+}
+
+// TestCloserWhileLoopHeld: a callback holds the loop for longer than the
+// kernel's delayed ACK (200 ms) while a probe it started has its answer.
+// Without the closer the loop would close the socket after the callback,
+// past the ACK, and the listener would accept it; the closer closes it at
+// once.
+func TestCloserWhileLoopHeld(t *testing.T) {
+	needCloser(t)
+	e, err := New(Options{Loops: 1, epollOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	l := testkit.NewListener(t, "tcp4", "127.0.0.1:0")
+	bad := netip.MustParseAddrPort("[fe80::1%nosuchif0]:1") // fails at its start: nothing is sent
+	const hold = 300 * time.Millisecond
+	const within = 10 * time.Second
+
+	// Hold the loop, so that the probe and the holder queue behind it and
+	// start in one turn: the probe's SYN first, then the holder's
+	// callback, which holds the loop while the answer comes.
+	entered, release := make(chan struct{}), make(chan struct{})
+	e.ProbeAsync(bad, within, func(Result) { close(entered); <-release })
+	select {
+	case <-entered:
+	case <-time.After(within):
+		t.Fatal("the first callback did not run")
+	}
+	answered := make(chan Result, 1)
+	e.ProbeAsync(l.Addr, within, func(r Result) { answered <- r })
+	e.ProbeAsync(bad, within, func(Result) { time.Sleep(hold) }) // the slow callback is the scenario
+	close(release)
+
+	var r Result
+	select {
+	case r = <-answered:
+	case <-time.After(within):
+		t.Fatal("the probe had no result")
+	}
+	if r.Outcome != Up {
+		t.Fatalf("probe of a listener: %v (%v), want up", r.Outcome, r.Err)
+	}
+	st := e.Stats()
+	if st.EpollUp != 1 {
+		t.Fatalf("%d probes up through epoll, want 1", st.EpollUp)
+	}
+	// Closed by the loop, it would have waited for the held callback.
+	if st.MaxCloseDelay >= hold {
+		t.Fatalf("worst close delay %v with the loop held for %v: the socket waited for the loop", st.MaxCloseDelay, hold)
+	}
+	if n := l.ProbeAccepts(t); n != 0 {
+		t.Fatalf("listener accepted %d probe connections", n)
+	}
+	t.Logf("loop held %v; the answered socket closed after %v; 0 accepted", hold, st.MaxCloseDelay)
+}

@@ -6,6 +6,7 @@ import (
 	"math"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -238,18 +239,9 @@ func (l *loop) run() {
 				l.cl.awake()
 			}
 		}
-		if errno != 0 {
-			if errno != unix.EINTR {
-				// epoll_wait fails only on a bad epfd or buffer: a bug.
-				panic("shaker: epoll_wait: " + errno.Error())
-			}
-			n = 0
-		}
-
 		// Completions first: close every socket that has its answer (in
 		// connect mode the closer has closed them: take their results).
-		l.handle(n)
-		l.collect()
+		l.handleWait(n, errno)
 		// Then deadlines.
 		if len(l.heap) > 0 {
 			now := l.e.now()
@@ -299,8 +291,14 @@ func (l *loop) handle(n int) {
 func (l *loop) look() {
 	n, errno := epollWait(l.epfd, l.events, 0)
 	l.woke = l.e.now()
+	l.handleWait(n, errno)
+}
+
+// handleWait handles what an epoll_wait returned: n events, or errno.
+func (l *loop) handleWait(n int, errno syscall.Errno) {
 	if errno != 0 {
 		if errno != unix.EINTR {
+			// epoll_wait fails only on a bad epfd or buffer: a bug.
 			panic("shaker: epoll_wait: " + errno.Error())
 		}
 		n = 0

@@ -89,3 +89,25 @@ func BurstAccepted(tb testing.TB, accepted uint64, what string) {
 	}
 	tb.Logf("WARNING: %s: listeners accepted %d connections: probes closed past the kernel's 200 ms (%s=1 makes this a failure)", what, accepted, BurstsStrictEnv)
 }
+
+// Bursts of answers: what makes a burst scenario real. Either the engine
+// saw at least BurstMinReady answers in one look at epoll, or the probes
+// filled a tbf's queue with at least BurstMinQueued packets, so that its
+// answers left the link at the link's rate, one on the heels of another.
+// A loop starved of CPU does not fill the link but sees big batches; a
+// closer that looks at epoll as each answer lands sees small ones while
+// the link is full: each alone is not proof, and either is.
+const (
+	BurstMinReady  = 32
+	BurstMinQueued = 1000
+)
+
+// BurstsSeen fails the test when a burst scenario made no bursts by the
+// measure of BurstMinReady and BurstMinQueued.
+func BurstsSeen(tb testing.TB, maxReady, maxQueued int) {
+	tb.Helper()
+	if maxReady < BurstMinReady && maxQueued < BurstMinQueued {
+		tb.Errorf("at most %d answers a look at epoll (want %d) and %d packets queued in a tbf (want %d): no bursts",
+			maxReady, BurstMinReady, maxQueued, BurstMinQueued)
+	}
+}

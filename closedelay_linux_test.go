@@ -3,6 +3,7 @@
 package caddyshaker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/caddy-shaker/caddy-shaker/internal/testkit"
 	"github.com/caddy-shaker/caddy-shaker/shaker"
+	"github.com/caddy-shaker/caddy-shaker/status"
 )
 
 // The burst scenario of issue 15 inside Caddy: the shaker package's
@@ -111,6 +113,18 @@ func unixClient(socket string) *http.Client {
 	}}
 }
 
+// get sends a GET of url with c, asking for accept ("": any).
+func get(c *http.Client, url, accept string) (*http.Response, error) {
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		return nil, err
+	}
+	if accept != "" {
+		req.Header.Set("Accept", accept)
+	}
+	return c.Do(req)
+}
+
 // TestCloseDelayInCaddyHelper is the child of TestCloseDelayBurstsInCaddy,
 // in namespace A of a SlowPath.
 func TestCloseDelayInCaddyHelper(t *testing.T) {
@@ -141,11 +155,11 @@ func TestCloseDelayInCaddyHelper(t *testing.T) {
 	// readers, one a URL, each bounded in reads and stopped at the end
 	admin, status := unixClient(adminSock), unixClient(statusSock)
 	readers := []struct {
-		c   *http.Client
-		url string
+		c           *http.Client
+		url, accept string
 	}{
-		{admin, "http://admin/shaker/upstreams"}, {admin, "http://admin/shaker/engine"},
-		{admin, "http://admin/metrics"}, {status, "http://status/"}, {status, "http://status/?format=json"},
+		{admin, "http://admin/shaker/upstreams", ""}, {admin, "http://admin/shaker/engine", ""},
+		{admin, "http://admin/metrics", ""}, {status, "http://status/", "text/html"}, {status, "http://status/", "application/json"},
 	}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -158,19 +172,19 @@ func TestCloseDelayInCaddyHelper(t *testing.T) {
 			for ; n < cdMaxReads; n++ {
 				select {
 				case <-stop:
-					reads.Store(rd.url, n)
+					reads.Store(rd.url+" "+rd.accept, n)
 					return
 				default:
 				}
-				resp, err := rd.c.Get(rd.url)
+				resp, err := get(rd.c, rd.url, rd.accept)
 				if err != nil {
-					readErrs.Store(rd.url, err)
+					readErrs.Store(rd.url+" "+rd.accept, err)
 					continue
 				}
 				io.Copy(io.Discard, resp.Body)
 				resp.Body.Close()
 			}
-			reads.Store(rd.url, n)
+			reads.Store(rd.url+" "+rd.accept, n)
 		}()
 	}
 
@@ -188,6 +202,7 @@ func TestCloseDelayInCaddyHelper(t *testing.T) {
 	total := 0
 	reads.Range(func(k, v any) bool { total += v.(int); t.Logf("%v: %d reads", k, v); return true })
 	readErrs.Range(func(k, v any) bool { t.Logf("%v: %v", k, v); return true })
+	statusShowsCloseDelays(t, status, st)
 	admin.CloseIdleConnections()
 	status.CloseIdleConnections()
 	if err := caddy.Stop(); err != nil {
@@ -199,4 +214,36 @@ func TestCloseDelayInCaddyHelper(t *testing.T) {
 	q := func(x float64) time.Duration { return h.Quantile(x, shaker.CloseDelayBuckets) }
 	fmt.Printf("RESULT closedelay %d %d %d %d %d %d %v %v %v %v %.0f %d\n", st.Up, st.EpollUp, st.Timeout, accepted,
 		st.MaxReady, maxQueued, st.MaxCloseDelay, q(0.5), q(0.99), q(0.999), rate, total)
+}
+
+// statusShowsCloseDelays checks that the status page, read after st was,
+// shows the engine's close delays: in its JSON, at least st's count and
+// worst, and in its HTML.
+func statusShowsCloseDelays(t *testing.T, c *http.Client, st shaker.Stats) {
+	t.Helper()
+	var doc struct {
+		CloseDelay *status.CloseDelays `json:"close_delay"`
+	}
+	resp, err := get(c, "http://status/", "application/json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = json.NewDecoder(resp.Body).Decode(&doc)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	worst := float64(st.MaxCloseDelay.Microseconds()) / 1000
+	if d := doc.CloseDelay; d == nil || d.Count < st.CloseDelay.Count() || d.WorstMs < worst {
+		t.Errorf("the status page's close_delay %+v, want at least %d closes and a worst of %v ms", d, st.CloseDelay.Count(), worst)
+	}
+	resp, err = get(c, "http://status/", "text/html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !bytes.Contains(body, []byte(`data-count="close-delay"`)) {
+		t.Errorf("the status page's HTML shows no close delays:\n%.2000s", body)
+	}
 }

@@ -47,6 +47,37 @@ type sourceOf struct{ Source }
 // with its registry: the page shows nothing until it is set.
 func SetSource(s Source) { source.Store(&sourceOf{s}) }
 
+// CloseDelays is how soon the engine closed its answered probes' sockets
+// after their SYN-ACKs, since it started: the worst delay, and quantiles
+// of their histogram (each the upper bound of the bucket that holds it,
+// at most the worst), over Count answered probes. A socket still open
+// 200 ms after its SYN-ACK becomes a connection the backend accepts.
+type CloseDelays struct {
+	Count   uint64  `json:"count"`
+	WorstMs float64 `json:"worst_ms"`
+	P50Ms   float64 `json:"p50_ms"`
+	P99Ms   float64 `json:"p99_ms"`
+	P999Ms  float64 `json:"p999_ms"`
+}
+
+// CloseDelaySource is a Source that also reads the engine's close
+// delays; ok is false when there are none to show (no engine running, or
+// one in raw mode, which leaves nothing to close).
+type CloseDelaySource interface {
+	CloseDelays() (d CloseDelays, ok bool)
+}
+
+// currentCloseDelays reads the close delays from the Source, when it
+// can.
+func currentCloseDelays() (CloseDelays, bool) {
+	if src := source.Load(); src != nil {
+		if cs, ok := src.Source.(CloseDelaySource); ok {
+			return cs.CloseDelays()
+		}
+	}
+	return CloseDelays{}, false
+}
+
 // currentCheckers is every checker, from the Source; none without one.
 func currentCheckers() []*health.Checker {
 	if src := source.Load(); src != nil && src.Source != nil {
@@ -87,9 +118,12 @@ const (
 // failing, pending, drain or maint), and reloads its data every `refresh`. It loads nothing from elsewhere. Everything from
 // configuration or the network is escaped.
 //
+// The page also shows how soon the engine closed answered probes after
+// their SYN-ACKs (p99 and worst, CloseDelays), where it has any.
+//
 // The JSON is {"upstreams": [...]}, with the fields of GET
-// /shaker/upstreams for each address plus "rtt_history_us", and summary
-// counts. The same query parameters filter and sort it; it is paged only
+// /shaker/upstreams for each address plus "rtt_history_us", summary
+// counts, and "close_delay" (CloseDelays) where the page shows it. The same query parameters filter and sort it; it is paged only
 // when page or per_page is given.
 //
 // Only GET and HEAD are served; other methods get 405.
@@ -100,6 +134,7 @@ type Page struct {
 
 	checkers func() []*health.Checker
 	statuses func() []health.Status // the tests' lists, instead of checkers
+	delays   func() (CloseDelays, bool)
 	history  *rttSampler
 	held     bool
 }
@@ -122,6 +157,7 @@ func (p *Page) Provision(ctx caddy.Context) error {
 		return err
 	}
 	p.checkers = currentCheckers
+	p.delays = currentCloseDelays
 	p.history = sampler
 	p.history.acquire(sampleSource)
 	p.held = true

@@ -859,3 +859,54 @@ func benchRTTHistory(b *testing.B, n int) {
 	b.ReportMetric(perAddr, "heap-bytes/address")
 	runtime.KeepAlive(s)
 }
+
+// TestStatusCloseDelays: the page shows the engine's close delays (p99
+// and worst, marked late past closeDelayLate) in its summary, and the
+// JSON carries them; with none to show, neither does.
+func TestStatusCloseDelays(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		d    CloseDelays
+		ok   bool
+		p99  string
+		late bool
+	}{
+		{"none", CloseDelays{}, false, "", false},
+		{"prompt", CloseDelays{Count: 12345, WorstMs: 16, P50Ms: 0.5, P99Ms: 5, P999Ms: 10}, true, "5.0 ms", false},
+		{"late", CloseDelays{Count: 7, WorstMs: 132.5, P50Ms: 1, P99Ms: 75, P999Ms: 100}, true, "75 ms", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := testPage(fakeStatuses(5), 1)
+			p.delays = func() (CloseDelays, bool) { return tc.d, tc.ok }
+			html := serveStatus(t, p, "GET", "/", "text/html").Body.String()
+			shown := strings.Contains(html, `data-count="close-delay"`)
+			if shown != tc.ok {
+				t.Fatalf("close delays shown %v, want %v:\n%.3000s", shown, tc.ok, html)
+			}
+			if tc.ok {
+				if want := `<span class="n">` + tc.p99 + `</span> p99`; !strings.Contains(html, want) {
+					t.Errorf("no %q in the page", want)
+				}
+				if late := strings.Contains(html, `closedelay late`); late != tc.late {
+					t.Errorf("marked late %v, want %v", late, tc.late)
+				}
+				if want := fmt.Sprintf("over %d answered probes", tc.d.Count); !strings.Contains(html, want) {
+					t.Errorf("no %q in the page's title", want)
+				}
+			}
+			var doc struct {
+				CloseDelay *CloseDelays `json:"close_delay"`
+			}
+			w := serveStatus(t, p, "GET", "/", "application/json")
+			if err := json.Unmarshal(w.Body.Bytes(), &doc); err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case !tc.ok && doc.CloseDelay != nil:
+				t.Errorf("JSON close_delay %+v, want none", doc.CloseDelay)
+			case tc.ok && (doc.CloseDelay == nil || *doc.CloseDelay != tc.d):
+				t.Errorf("JSON close_delay %+v, want %+v", doc.CloseDelay, tc.d)
+			}
+		})
+	}
+}

@@ -39,8 +39,11 @@ type statusDoc struct {
 	Page     int `json:"page,omitempty"`
 	Pages    int `json:"pages,omitempty"`
 	// RTTSampleEvery is the period of the RTT history's samples.
-	RTTSampleEvery string        `json:"rtt_sample_every"`
-	Upstreams      []statusEntry `json:"upstreams"`
+	RTTSampleEvery string `json:"rtt_sample_every"`
+	// CloseDelay is how soon the engine closed answered probes; absent
+	// when no engine in connect mode runs.
+	CloseDelay *CloseDelays  `json:"close_delay,omitempty"`
+	Upstreams  []statusEntry `json:"upstreams"`
 }
 
 func (v *statusView) writeJSON(w *bufio.Writer) error {
@@ -49,6 +52,7 @@ func (v *statusView) writeJSON(w *bufio.Writer) error {
 		Summary:        v.sum,
 		Matching:       v.match,
 		RTTSampleEvery: v.hist.period().String(),
+		CloseDelay:     v.delays,
 		Upstreams:      make([]statusEntry, len(v.rows)),
 	}
 	if v.paged {
@@ -130,9 +134,31 @@ type statusPageData struct {
 	Nav     []navLink
 	HistFor string // what the sparkline covers
 
+	// Delays is the close delays, formatted; nil when there are none.
+	Delays *delaysShown
+
 	// ShowAdmin is true when an address (of all, not only of this page)
 	// is not ready: then the page has an Admin column.
 	ShowAdmin bool
+}
+
+// delaysShown is the close delays as the page shows them.
+type delaysShown struct {
+	P99, Worst string
+	Title      string
+	Late       bool // the worst is past closeDelayLate
+}
+
+// closeDelayLate is the worst close delay the page marks as late: a
+// quarter of the kernel's 200 ms, past which a busier moment turns
+// probes into connections.
+const closeDelayLate = 50.0 // ms
+
+func formatMs(ms float64) string {
+	if ms < 10 {
+		return strconv.FormatFloat(ms, 'f', 1, 64) + " ms"
+	}
+	return strconv.FormatFloat(ms, 'f', 0, 64) + " ms"
 }
 
 type countLink struct {
@@ -238,6 +264,13 @@ func (v *statusView) pageData() *statusPageData {
 		d.Hidden = []option{{"sort", v.sort, false}, {"order", v.order, false}}
 	}
 	d.ShowAdmin = len(v.sum.AdminStates) > 0
+	if c := v.delays; c != nil {
+		d.Delays = &delaysShown{
+			P99: formatMs(c.P99Ms), Worst: formatMs(c.WorstMs), Late: c.WorstMs > closeDelayLate,
+			Title: fmt.Sprintf("SYN-ACK to close, over %d answered probes since the engine started: p50 %s, p99 %s, p99.9 %s, worst %s; at 200 ms a probe becomes a connection the backend accepts",
+				c.Count, formatMs(c.P50Ms), formatMs(c.P99Ms), formatMs(c.P999Ms), formatMs(c.WorstMs)),
+		}
+	}
 	for _, k := range statusSortKeys {
 		if k.key == "admin" && !d.ShowAdmin {
 			continue

@@ -67,6 +67,7 @@ type statusView struct {
 	rows    []shownRow // the page's rows, in order
 	match   int        // rows matching the filter
 	hist    *rttSampler
+	delays  *CloseDelays // nil: none to show
 
 	q, state, sort, order string
 	page, pages, perPage  int
@@ -125,6 +126,11 @@ func (p *Page) build(q url.Values, now time.Time, asJSON bool) *statusView {
 	}
 	if v.refresh == 0 {
 		v.refresh = DefaultStatusRefresh
+	}
+	if p.delays != nil {
+		if d, ok := p.delays(); ok {
+			v.delays = &d
+		}
 	}
 	switch v.state {
 	case healthUp, healthDown, healthPending, "failing", adminDrain, adminMaint:

@@ -69,25 +69,26 @@ func BurstModes(tb testing.TB) []string {
 	return nil
 }
 
-// BurstsStrictEnv, set to 1, makes a burst scenario's accepted connection
-// a failure. Without it the scenario reports one loudly and goes on: on a
-// shaped veth path with the loops starved of CPU, a probe can become a
-// connection (docs/closedelay.md), and CI must not fail on what the
-// machine's load decides.
+// BurstsStrictEnv, set to 0, makes a burst scenario's accepted connection
+// a logged warning instead of a failure: for a machine too loaded to give
+// the prober a core within 200 ms of its SYN-ACKs, where a probe can
+// become a connection (docs/closedelay.md). By default an accepted
+// connection fails the test: with the closer, the worst close delay in
+// these scenarios is a tenth of the kernel's window.
 const BurstsStrictEnv = "SHAKER_BURSTS_STRICT"
 
-// BurstAccepted checks a burst scenario's accepted connections: a failure
-// with BurstsStrictEnv=1, a logged warning otherwise.
+// BurstAccepted checks a burst scenario's accepted connections: a failure,
+// or a logged warning with BurstsStrictEnv=0.
 func BurstAccepted(tb testing.TB, accepted uint64, what string) {
 	tb.Helper()
 	if accepted == 0 {
 		return
 	}
-	if os.Getenv(BurstsStrictEnv) == "1" {
-		tb.Errorf("%s: listeners accepted %d connections", what, accepted)
+	if os.Getenv(BurstsStrictEnv) != "0" {
+		tb.Errorf("%s: listeners accepted %d connections: probes closed past the kernel's 200 ms (%s=0 makes this a warning)", what, accepted, BurstsStrictEnv)
 		return
 	}
-	tb.Logf("WARNING: %s: listeners accepted %d connections: probes closed past the kernel's 200 ms (%s=1 makes this a failure)", what, accepted, BurstsStrictEnv)
+	tb.Logf("WARNING: %s: listeners accepted %d connections: probes closed past the kernel's 200 ms", what, accepted)
 }
 
 // Bursts of answers: what makes a burst scenario real. Either the engine

@@ -130,22 +130,32 @@ type DelayBucket struct {
 	Count uint64  `json:"count"`
 }
 
-// closeDelayStatus summarises the engine's close delays.
-func closeDelayStatus(st shaker.Stats) CloseDelayStatus {
+// msOf is d in milliseconds, to the microsecond.
+func msOf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// closeDelayQuantiles returns the count of the engine's close delays and
+// their p50, p99 and p99.9 in ms: each the upper bound of the bucket that
+// holds it, at most the worst delay seen.
+func closeDelayQuantiles(st shaker.Stats) (count uint64, p50, p99, p999 float64) {
 	h := st.CloseDelay
-	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	q := func(q float64) float64 {
 		d := h.Quantile(q, shaker.CloseDelayBuckets)
 		if d < 0 || d > st.MaxCloseDelay {
 			d = st.MaxCloseDelay
 		}
-		return ms(d)
+		return msOf(d)
 	}
-	cs := CloseDelayStatus{Count: h.Count(), P50Ms: q(0.5), P99Ms: q(0.99), P999Ms: q(0.999)}
-	for i, c := range h.Counts {
+	return h.Count(), q(0.5), q(0.99), q(0.999)
+}
+
+// closeDelayStatus summarises the engine's close delays.
+func closeDelayStatus(st shaker.Stats) CloseDelayStatus {
+	var cs CloseDelayStatus
+	cs.Count, cs.P50Ms, cs.P99Ms, cs.P999Ms = closeDelayQuantiles(st)
+	for i, c := range st.CloseDelay.Counts {
 		var le float64
 		if i < len(shaker.CloseDelayBuckets) {
-			le = ms(shaker.CloseDelayBuckets[i])
+			le = msOf(shaker.CloseDelayBuckets[i])
 		}
 		cs.Buckets = append(cs.Buckets, DelayBucket{LeMs: le, Count: c})
 	}
@@ -164,9 +174,9 @@ func engineStatus() EngineStatus {
 		Running: true, HalfOpen: halfOpen, SelfCheck: check, SelfCheckError: checkErr,
 		Loops: st.Loops, Sockets: st.Sockets, MaxSockets: st.MaxSockets,
 		InFlight: st.InFlight, Scheduled: st.Scheduled,
-		Overdue: st.Overdue, LagMs: float64(st.Lag.Microseconds()) / 1000,
+		Overdue: st.Overdue, LagMs: msOf(st.Lag),
 		LateProbes:      st.Late,
-		MaxCloseDelayMs: float64(st.MaxCloseDelay.Microseconds()) / 1000,
+		MaxCloseDelayMs: msOf(st.MaxCloseDelay),
 		CloseDelay:      closeDelayStatus(st),
 		ProbeMode:       e.Mode().String(),
 	}

@@ -168,23 +168,24 @@ func TestCloseDelayInCaddyHelper(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			key := rd.url + " " + rd.accept
 			n := 0
 			for ; n < cdMaxReads; n++ {
 				select {
 				case <-stop:
-					reads.Store(rd.url+" "+rd.accept, n)
+					reads.Store(key, n)
 					return
 				default:
 				}
 				resp, err := get(rd.c, rd.url, rd.accept)
 				if err != nil {
-					readErrs.Store(rd.url+" "+rd.accept, err)
+					readErrs.Store(key, err)
 					continue
 				}
 				io.Copy(io.Discard, resp.Body)
 				resp.Body.Close()
 			}
-			reads.Store(rd.url+" "+rd.accept, n)
+			reads.Store(key, n)
 		}()
 	}
 

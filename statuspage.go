@@ -25,12 +25,9 @@ func (statusSource) CloseDelays() (status.CloseDelays, bool) {
 		return status.CloseDelays{}, false
 	}
 	st := e.Stats()
-	cs := closeDelayStatus(st)
-	return status.CloseDelays{
-		Count:   cs.Count,
-		WorstMs: float64(st.MaxCloseDelay.Microseconds()) / 1000,
-		P50Ms:   cs.P50Ms, P99Ms: cs.P99Ms, P999Ms: cs.P999Ms,
-	}, true
+	d := status.CloseDelays{WorstMs: msOf(st.MaxCloseDelay)}
+	d.Count, d.P50Ms, d.P99Ms, d.P999Ms = closeDelayQuantiles(st)
+	return d, true
 }
 
 // interface guard

@@ -14,8 +14,9 @@ import (
 // core. Raw mode closes nothing, so however late the loop reads its
 // answers nothing can be accepted: 0 accepted is asserted in every run
 // (connect mode's assert it too, unless SHAKER_BURSTS_STRICT=0; see
-// testkit.BurstAccepted), and every address answered at least once. Unlike the connect-mode scenarios these
-// run without SHAKER_BURSTS (about 6 s each, 25 s in all under -race):
+// testkit.BurstAccepted), and every address answered at least once.
+// Unlike the connect-mode scenarios these run without SHAKER_BURSTS
+// (about 6 s each, 25 s in all under -race):
 // what they assert does not depend on how busy the machine is.
 func TestRawBursts(t *testing.T) {
 	for _, mode := range []string{"idle", "busy"} {

@@ -123,8 +123,9 @@ const (
 //
 // The JSON is {"upstreams": [...]}, with the fields of GET
 // /shaker/upstreams for each address plus "rtt_history_us", summary
-// counts, and "close_delay" (CloseDelays) where the page shows it. The same query parameters filter and sort it; it is paged only
-// when page or per_page is given.
+// counts, and "close_delay" (CloseDelays) where the page shows it. The
+// same query parameters filter and sort it; it is paged only when page or
+// per_page is given.
 //
 // Only GET and HEAD are served; other methods get 405.
 type Page struct {

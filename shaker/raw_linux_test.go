@@ -788,3 +788,49 @@ func TestRawScheduleSourcePorts(t *testing.T) {
 		}
 	}
 }
+
+// TestICMPErrnos pins what each of the 65,536 ICMP types and codes gives
+// a SYN to the kernel's tables (net/ipv4/icmp.c icmp_err_convert,
+// net/ipv6/icmp.c tab_unreach): per type that gives any errno, the errno
+// of each code in order ("-" for none), runs of one written once with ×n.
+// (EOPNOTSUPP is ENOTSUP on Linux, and goes by that name.)
+func TestICMPErrnos(t *testing.T) {
+	describe := func(tab *icmpErrnos) string {
+		var types []string
+		for typ := 0; typ < 256; typ++ {
+			var runs []string
+			name, n, any := "", 0, false
+			for code := 0; code <= 256; code++ {
+				next := ""
+				if code < 256 {
+					next = "-"
+					if e := tab.errno(uint8(typ), uint8(code)); e != 0 {
+						next, any = unix.ErrnoName(e), true
+					}
+				}
+				if next == name {
+					n++
+					continue
+				}
+				if n == 1 {
+					runs = append(runs, name)
+				} else if n > 1 {
+					runs = append(runs, fmt.Sprintf("%s×%d", name, n))
+				}
+				name, n = next, 1
+			}
+			if any {
+				types = append(types, fmt.Sprintf("%d: %s", typ, strings.Join(runs, " ")))
+			}
+		}
+		return strings.Join(types, "; ")
+	}
+	want4 := "3: ENETUNREACH EHOSTUNREACH ENOPROTOOPT ECONNREFUSED - ENOTSUP ENETUNREACH EHOSTDOWN ENONET ENETUNREACH EHOSTUNREACH ENETUNREACH EHOSTUNREACH×4 -×240; 11: EHOSTUNREACH×256; 12: EPROTO×256"
+	want6 := "1: ENETUNREACH EACCES EHOSTUNREACH×2 ECONNREFUSED EACCES×2 -×249; 3: EHOSTUNREACH×256; 4: EPROTO×256"
+	if got := describe(&icmp4); got != want4 {
+		t.Errorf("ICMP errors give\n%s\nwant\n%s", got, want4)
+	}
+	if got := describe(&icmp6); got != want6 {
+		t.Errorf("ICMPv6 errors give\n%s\nwant\n%s", got, want6)
+	}
+}

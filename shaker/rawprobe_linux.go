@@ -345,7 +345,7 @@ func (rc *rawReceiver) parse(which int32, i int) (a rawAnswer, ok bool) {
 		}
 		a.peer = netip.AddrFrom4([4]byte(q[16:20]))
 		tcp, quoted = q[qihl:], true
-		a.errno = icmp4Errno(icmp[0], icmp[1])
+		a.errno = icmp4.errno(icmp[0], icmp[1])
 	case rawIndexTCP6:
 		if len(pkt) < 14 {
 			return a, false
@@ -358,7 +358,7 @@ func (rc *rawReceiver) parse(which int32, i int) (a rawAnswer, ok bool) {
 		}
 		a.peer = netip.AddrFrom16([16]byte(pkt[8+24 : 8+40]))
 		tcp, quoted = pkt[8+40:], true
-		a.errno = icmp6Errno(pkt[0], pkt[1])
+		a.errno = icmp6.errno(pkt[0], pkt[1])
 	}
 	if quoted {
 		// The quoted SYN: from our port, to theirs, with our sequence number.
@@ -430,57 +430,40 @@ func rxTime(h *unix.Msghdr) int64 {
 	return ts.Nano()
 }
 
-// icmp4Errno is the errno a connect() in SYN-SENT gets from an ICMP error
-// (the kernel's icmp_err_convert), or 0 for one it ignores.
-func icmp4Errno(typ, code uint8) syscall.Errno {
-	switch typ {
-	case 3: // destination unreachable
-		switch code {
-		case 0, 6, 9, 11:
-			return unix.ENETUNREACH
-		case 2:
-			return unix.ENOPROTOOPT
-		case 3:
-			return unix.ECONNREFUSED
-		case 4:
-			return 0 // fragmentation needed: path MTU, not an answer
-		case 5:
-			return unix.EOPNOTSUPP
-		case 7:
-			return unix.EHOSTDOWN
-		case 8:
-			return unix.ENONET
-		}
-		if code <= 15 {
-			return unix.EHOSTUNREACH
-		}
-		return 0
-	case 11: // time exceeded
-		return unix.EHOSTUNREACH
-	case 12: // parameter problem
-		return unix.EPROTO
-	}
-	return 0
+// icmpErrnos is what a connect() in SYN-SENT gets from the ICMP errors
+// of one family: the kernel's icmp_err_convert (IPv4) or
+// icmpv6_err_convert (IPv6). An error it ignores gives 0.
+type icmpErrnos struct {
+	unreach  uint8           // the type of "destination unreachable"
+	codes    []syscall.Errno // its errno by code; past the end, 0
+	exceeded uint8           // "time exceeded": EHOSTUNREACH
+	problem  uint8           // "parameter problem": EPROTO
 }
 
-// icmp6Errno is the errno of an ICMPv6 error (icmpv6_err_convert), or 0.
-func icmp6Errno(typ, code uint8) syscall.Errno {
+var (
+	icmp4 = icmpErrnos{unreach: 3, exceeded: 11, problem: 12, codes: []syscall.Errno{
+		unix.ENETUNREACH, unix.EHOSTUNREACH, unix.ENOPROTOOPT, unix.ECONNREFUSED,
+		0, // fragmentation needed: path MTU, not an answer
+		unix.EOPNOTSUPP, unix.ENETUNREACH, unix.EHOSTDOWN, unix.ENONET,
+		unix.ENETUNREACH, unix.EHOSTUNREACH, unix.ENETUNREACH, unix.EHOSTUNREACH,
+		unix.EHOSTUNREACH, unix.EHOSTUNREACH, unix.EHOSTUNREACH, // 13: filtered; 14, 15: precedence
+	}}
+	icmp6 = icmpErrnos{unreach: 1, exceeded: 3, problem: 4, codes: []syscall.Errno{
+		unix.ENETUNREACH, unix.EACCES, unix.EHOSTUNREACH, unix.EHOSTUNREACH,
+		unix.ECONNREFUSED, unix.EACCES, unix.EACCES,
+	}}
+)
+
+// errno is the errno of an ICMP error of type typ and code code, or 0.
+func (t *icmpErrnos) errno(typ, code uint8) syscall.Errno {
 	switch typ {
-	case 1: // destination unreachable
-		switch code {
-		case 0:
-			return unix.ENETUNREACH
-		case 1, 5, 6:
-			return unix.EACCES
-		case 2, 3:
-			return unix.EHOSTUNREACH
-		case 4:
-			return unix.ECONNREFUSED
+	case t.unreach:
+		if int(code) < len(t.codes) {
+			return t.codes[code]
 		}
-		return 0
-	case 3: // time exceeded
+	case t.exceeded:
 		return unix.EHOSTUNREACH
-	case 4: // parameter problem
+	case t.problem:
 		return unix.EPROTO
 	}
 	return 0

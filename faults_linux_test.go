@@ -52,22 +52,17 @@ const faultsHelperEnv = "CADDYSHAKER_FAULTS_HELPER"
 
 // TestFaultsHelper is the body of the child processes of the fault tests.
 func TestFaultsHelper(t *testing.T) {
-	switch mode := os.Getenv(faultsHelperEnv); mode {
-	case "":
-		t.Skip("only runs as a child of the fault tests")
-	case "backend":
-		faultsBackendMain(t)
-	case "drop":
-		faultsNftMain(t, "tcp dport %d drop", "timeout after "+fTimeout.String())
-	case "icmp":
-		faultsNftMain(t, "meta nfproto ipv4 tcp dport %d reject with icmp type host-unreachable", "unreachable")
-	case "fdlimit":
-		faultsFDLimitMain(t)
-	case "deadhosts":
-		faultsDeadHostsMain(t)
-	default:
-		t.Fatalf("unknown helper %q", mode)
-	}
+	testkit.Child(t, faultsHelperEnv, "the fault tests", map[string]func(*testing.T){
+		"backend": faultsBackendMain,
+		"drop": func(t *testing.T) {
+			faultsNftMain(t, "tcp dport %d drop", "timeout after "+fTimeout.String())
+		},
+		"icmp": func(t *testing.T) {
+			faultsNftMain(t, "meta nfproto ipv4 tcp dport %d reject with icmp type host-unreachable", "unreachable")
+		},
+		"fdlimit":   faultsFDLimitMain,
+		"deadhosts": faultsDeadHostsMain,
+	})
 }
 
 // faultsBackendMain is a backend in a process of its own: an HTTP server
@@ -407,7 +402,7 @@ func faultsNftMain(t *testing.T, rule, reason string) {
 	h := newHarness(t, 2)
 	loadFaults(h)
 	b1, b2 := h.backends[0], h.backends[1]
-	_, port, _ := net.SplitHostPort(b2.addr)
+	port := b2.port()
 	nft := func(stdin string, args ...string) {
 		cmd := exec.Command("nft", args...)
 		cmd.Stdin = strings.NewReader(stdin)

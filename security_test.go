@@ -190,8 +190,7 @@ func TestOnlyConfiguredProbed(t *testing.T) {
 	checkOnly(t, h, []string{b1.addr, b2.addr}, e0, c0)
 
 	// With `port`, the upstreams are probed at that port only.
-	_, probePort, _ := strings.Cut(b3.addr, "127.0.0.1:")
-	port, _ := strconv.Atoi(probePort)
+	port, _ := strconv.Atoi(b3.port())
 	h.extra = map[string]any{"port": port}
 	h.load(tInterval)
 	e0, c0, _ = probeCounts(t)
@@ -385,16 +384,10 @@ func copyFile(src, dst string) error {
 // (runAsNobody); it prints RESULT lines. secHelperEnv says which: probes
 // (TestUnprivilegedProbes) or rawmode (TestRawModeNeedsCapNetRaw).
 func TestHelperUnprivileged(t *testing.T) {
-	switch os.Getenv(secHelperEnv) {
-	case "":
-		t.Skip("only runs as the child of TestUnprivilegedProbes and TestRawModeNeedsCapNetRaw")
-	case "probes":
-		helperUnprivilegedProbes(t)
-	case "rawmode":
-		helperRawModeNoCap(t)
-	default:
-		t.Fatalf("unknown helper %q", os.Getenv(secHelperEnv))
-	}
+	testkit.Child(t, secHelperEnv, "TestUnprivilegedProbes and TestRawModeNeedsCapNetRaw", map[string]func(*testing.T){
+		"probes":  helperUnprivilegedProbes,
+		"rawmode": helperRawModeNoCap,
+	})
 }
 
 // printPrivileges prints the child's uid and euid (RESULT ids), its

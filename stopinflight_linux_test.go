@@ -69,19 +69,21 @@ var stopFamilies = []int{4, 6}
 // Caddy in this process stopped or reloaded ("stop", "reload", "engine"),
 // or Caddy's own main ("caddy").
 func TestStopInFlightHelper(t *testing.T) {
-	mode := os.Getenv(stopHelperEnv)
-	switch mode {
-	case "":
-		t.Skip("only runs as a child of the stop tests")
-	case "caddy":
-		os.Args = []string{"caddy", "run", "--config", os.Getenv("CADDYSHAKER_STOP_CONFIG")}
-		caddycmd.Main() // exits the process
-	case "stop", "reload", "engine":
-		p, family := testkit.ChildSlowPath(stopPathEnv)
-		stopInFlightMain(t, p, family, mode)
-	default:
-		t.Fatalf("unknown helper %q", mode)
+	inCaddy := func(mode string) func(*testing.T) {
+		return func(t *testing.T) {
+			p, family := testkit.ChildSlowPath(stopPathEnv)
+			stopInFlightMain(t, p, family, mode)
+		}
 	}
+	testkit.Child(t, stopHelperEnv, "the stop tests", map[string]func(*testing.T){
+		"caddy": func(*testing.T) {
+			os.Args = []string{"caddy", "run", "--config", os.Getenv("CADDYSHAKER_STOP_CONFIG")}
+			caddycmd.Main() // exits the process
+		},
+		"stop":   inCaddy("stop"),
+		"reload": inCaddy("reload"),
+		"engine": inCaddy("engine"),
+	})
 }
 
 // stopListeners starts stopPorts counting listeners on the wildcard

@@ -30,18 +30,11 @@ import (
 const helperEnv = "SHAKER_TEST_HELPER"
 
 func TestHelperProcess(t *testing.T) {
-	switch os.Getenv(helperEnv) {
-	case "":
-		t.Skip("only runs as a child of the tests that need a process of their own")
-	case "probe":
-		helperProbe(t)
-	case "emfile":
-		helperEMFILE(t)
-	case "rsts":
-		helperRSTs(t)
-	default:
-		t.Fatalf("unknown helper %q", os.Getenv(helperEnv))
-	}
+	testkit.Child(t, helperEnv, "the tests that need a process of their own", map[string]func(*testing.T){
+		"probe":  helperProbe,
+		"emfile": helperEMFILE,
+		"rsts":   helperRSTs,
+	})
 }
 
 // helperProbe probes each address of SHAKER_PROBE_ADDRS once, with a

@@ -93,3 +93,20 @@ func ResultsByName(out string) map[string][]string {
 	}
 	return res
 }
+
+// Child is the body of a child's test function: it runs the helper of
+// helpers that the environment variable env names. Without env (a run of
+// the test binary that is no child) it skips, saying parent, the tests it
+// is the child of; a name it does not know fails.
+func Child(t *testing.T, env, parent string, helpers map[string]func(t *testing.T)) {
+	t.Helper()
+	name := os.Getenv(env)
+	if name == "" {
+		t.Skip("only runs as a child of " + parent)
+	}
+	run, ok := helpers[name]
+	if !ok {
+		t.Fatalf("%s=%q: no such helper", env, name)
+	}
+	run(t)
+}

@@ -58,6 +58,12 @@ type backend struct {
 	fresh   sync.Map     // connections open that have not carried a request yet
 }
 
+// port is the port the backend listens on.
+func (b *backend) port() string {
+	_, port, _ := net.SplitHostPort(b.addr)
+	return port
+}
+
 func startBackend(t testing.TB, name, addr string) *backend {
 	t.Helper()
 	b := &backend{t: t, name: name, addr: addr}

@@ -185,7 +185,7 @@ func TestDiscoverHostName(t *testing.T) {
 	}
 	h := newHarness(t, 1)
 	b := h.backends[0]
-	_, port, _ := strings.Cut(b.addr, "127.0.0.1:")
+	port := b.port()
 	setList("hostname", "localhost:"+port)
 	h.extra = map[string]any{"upstreams": nil, "inner": map[string]any{"source": "shaker_test_list", "list": "hostname"}}
 	h.load(tInterval)
@@ -205,7 +205,7 @@ func TestDiscoverASource(t *testing.T) {
 	}
 	h := newHarness(t, 1)
 	b := h.backends[0]
-	_, port, _ := strings.Cut(b.addr, "127.0.0.1:")
+	port := b.port()
 	h.extra = map[string]any{"upstreams": nil, "inner": map[string]any{"source": "a", "name": "localhost", "port": port}}
 	h.load(tInterval)
 	var st map[string]Status

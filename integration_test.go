@@ -339,7 +339,7 @@ func TestHostnameAllAddresses(t *testing.T) {
 	}
 	h := newHarness(t, 1)
 	b := h.backends[0]
-	_, port, _ := net.SplitHostPort(b.addr)
+	port := b.port()
 	b.addr = name + ":" + port
 	h.extra = map[string]any{"resolve_interval": "20ms"}
 	h.load(tInterval)

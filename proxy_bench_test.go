@@ -149,7 +149,7 @@ func BenchmarkPolicyProxy(b *testing.B) {
 // (both ends are in this process).
 func loadPolicyProxy(b *testing.B, be *backend, n int, app map[string]any, servers map[string]map[string]any) {
 	b.Helper()
-	_, port, _ := net.SplitHostPort(be.addr)
+	port := be.port()
 	ups := make([]map[string]string, n)
 	for i := range ups {
 		ups[i] = map[string]string{"dial": fmt.Sprintf("127.%d.%d.%d:%s", 1+i/62500, i/250%250, i%250+1, port)}

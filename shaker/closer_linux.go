@@ -182,7 +182,10 @@ func (c *closer) slot(idx int32) *cslot {
 }
 
 // watch arms the slot of a probe whose SYN is out and gives its socket to
-// the closer. On error the loop still owns the socket.
+// the closer. On error the loop still owns the socket. It is part of the
+// SYN's window (synwindow_linux.go), so nosplit.
+//
+//go:nosplit
 func (c *closer) watch(cs *cslot, fd int, idx, gen int32) syscall.Errno {
 	cs.fd = int32(fd)
 	atomic.StoreUint64(&cs.state, stateOf(gen, phaseArmed))

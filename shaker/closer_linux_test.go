@@ -34,7 +34,7 @@ func TestCloserOwnership(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(evfd)
-	l := &loop{e: &Engine{base: time.Now()}, budget: 3 * chunkSize / 2, evfd: evfd}
+	l := &loop{e: &Engine{base: nanotime()}, budget: 3 * chunkSize / 2, evfd: evfd}
 	c, err := newCloser(l)
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	_ "unsafe" // go:linkname
 
 	"golang.org/x/sys/unix"
 )
@@ -22,7 +23,7 @@ const halfOpen = true
 type Engine struct {
 	defaultTimeout time.Duration
 	maxSockets     int
-	base           time.Time
+	base           int64 // nanotime at New: engine time 0
 	loops          []*loop
 	mode           Mode       // ModeConnect or ModeRaw
 	rawErr         error      // why raw mode is not in use (ModeAuto)
@@ -43,7 +44,7 @@ func New(opts Options) (*Engine, error) {
 	e := &Engine{
 		defaultTimeout: opts.DefaultTimeout,
 		maxSockets:     opts.MaxSockets,
-		base:           time.Now(),
+		base:           nanotime(),
 	}
 	if e.defaultTimeout == 0 {
 		e.defaultTimeout = DefaultTimeout
@@ -240,7 +241,17 @@ func (e *Engine) Stats() Stats {
 }
 
 // now is the engine's monotonic clock, in ns.
-func (e *Engine) now() int64 { return int64(time.Since(e.base)) }
+// now is engine time: ns since New, on the monotonic clock.
+//
+//go:nosplit
+func (e *Engine) now() int64 { return nanotime() - e.base }
+
+// nanotime is the Go runtime's monotonic clock (CLOCK_MONOTONIC, through
+// the vDSO), the clock of time.Now's monotonic reading. Unlike time.Now
+// it is nosplit, so the SYN's window (synwindow_linux.go) can read it.
+//
+//go:linkname nanotime runtime.nanotime
+func nanotime() int64
 
 func errnoOf(err error) syscall.Errno {
 	if errno, ok := err.(syscall.Errno); ok {

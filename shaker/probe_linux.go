@@ -110,42 +110,45 @@ func (l *loop) start(req *request) {
 	// The timeout runs from the SYN.
 	start := l.e.now()
 	deadline := req.deadlineFrom(start)
-	switch errno := rawConnect(fd, sa, salen); errno {
-	case 0, unix.EINPROGRESS:
-	default:
+	p := synProbe{fd: fd, sa: sa, salen: salen, reuse: len(l.idle[familyIndex(family)]) < maxIdle, idx: l.nextSlot()}
+	p.gen = l.slots[p.idx].gen
+	if l.cl != nil {
+		p.cs = l.cl.slot(p.idx)
+	}
+	switch l.synWindow(&p) {
+	case synError:
 		l.closeFD(fd)
-		res.Err = classify("connect", errno)
+		res.Err = classify("connect", p.errno)
 		res.Duration = time.Duration(l.e.now() - start)
 		l.finish(req.done, req.sched, res)
-		return
-	}
-	// On loopback and other local paths the handshake has often finished
-	// inside connect(). Then the socket is closed now, with no epoll
-	// round trip at all; TCP_INFO is read anyway for the RTT.
-	if state, ok := l.readTCPInfo(fd); ok && state != unix.BPF_TCP_SYN_SENT && !l.epollOnly {
-		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, state != unix.BPF_TCP_ESTABLISHED)
-		return
-	}
-	idx := l.alloc(fd, req, start, deadline)
-	if l.cl != nil {
-		if cs := l.cl.slot(idx); cs != nil {
-			if errno := l.cl.watch(cs, fd, idx, l.slots[idx].gen); errno != 0 {
-				l.release(idx)
-				l.closeFD(fd)
-				res.Err = &opError{"epoll_ctl", errno}
-				l.finish(req.done, req.sched, res)
-				return
-			}
-			l.slots[idx].watched = true
-			return
+	case synAnswered:
+		// On loopback and other local paths the handshake has often
+		// finished inside connect(), and the connection is aborted
+		// already, with no epoll round trip at all.
+		res, rtt, ackAgo := l.answered(fd, req.addr, false)
+		if p.kept {
+			l.idle[familyIndex(family)] = append(l.idle[familyIndex(family)], fd)
+		} else {
+			l.socketClosed()
 		}
-	}
-	ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: idx, Pad: l.slots[idx].gen}
-	if errno := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); errno != 0 {
-		l.release(idx)
+		l.settle(res, req.done, req.sched, start, start, p.end, rtt, ackAgo)
+	case synEnded:
+		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, true)
+	case synWatched:
+		l.slots[l.alloc(fd, req, start, deadline)].watched = true
+	case synUnwatched:
 		l.closeFD(fd)
-		res.Err = &opError{"epoll_ctl", errno}
+		res.Err = &opError{"epoll_ctl", p.errno}
 		l.finish(req.done, req.sched, res)
+	case synSent:
+		idx := l.alloc(fd, req, start, deadline)
+		ev := unix.EpollEvent{Events: unix.EPOLLOUT, Fd: idx, Pad: l.slots[idx].gen}
+		if errno := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); errno != 0 {
+			l.release(idx)
+			l.closeFD(fd)
+			res.Err = &opError{"epoll_ctl", errno}
+			l.finish(req.done, req.sched, res)
+		}
 	}
 }
 
@@ -188,6 +191,11 @@ func (l *loop) socket(family int) (int, string, syscall.Errno) {
 // handshake was answered).
 func (l *loop) closeFD(fd int) {
 	rawClose(fd)
+	l.socketClosed()
+}
+
+// socketClosed counts a probe socket closed.
+func (l *loop) socketClosed() {
 	l.open--
 	l.sockets.Store(int64(l.open))
 }
@@ -207,6 +215,17 @@ func (l *loop) recycle(fd, family int) {
 		return
 	}
 	*idle = append(*idle, fd)
+}
+
+// nextSlot is the slot that alloc takes next, made if need be.
+func (l *loop) nextSlot() int32 {
+	if n := len(l.free); n > 0 {
+		return l.free[n-1]
+	}
+	l.slots = append(l.slots, slot{fd: -1})
+	idx := int32(len(l.slots) - 1)
+	l.free = append(l.free, idx)
+	return idx
 }
 
 // alloc takes a slot for a probe whose SYN is out and puts it in the
@@ -264,7 +283,9 @@ func (l *loop) complete(idx, gen int32, events uint32) {
 }
 
 // readTCPInfo reads the socket's TCP_INFO into l.tcpInfo and returns its
-// state.
+// state. It is part of the SYN's window (synwindow_linux.go), so nosplit.
+//
+//go:nosplit
 func (l *loop) readTCPInfo(fd int) (state uint8, ok bool) {
 	size := uint32(unsafe.Sizeof(l.tcpInfo))
 	if errno := rawGetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&l.tcpInfo), &size); errno != 0 {
@@ -282,29 +303,9 @@ func (l *loop) readTCPInfo(fd int) (state uint8, ok bool) {
 // that never entered epoll (family != 0) is kept for another probe;
 // others are closed.
 func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result), sched *Schedule, start, seen int64, failed bool) {
-	res := Result{Addr: addr}
-	var rtt, ackAgo int64
-	if failed {
-		var soerr int32
-		size := uint32(4)
-		switch errno := rawGetsockopt(fd, unix.SOL_SOCKET, unix.SO_ERROR, unsafe.Pointer(&soerr), &size); {
-		case errno != 0:
-			res.Err = &opError{"getsockopt SO_ERROR", errno}
-		case soerr != 0:
-			res.Err = classify("connect", syscall.Errno(soerr))
-		default:
-			// An error event with no error pending: the connection
-			// was made and lost at once. The port answered.
-		}
-	} else {
-		rtt = int64(l.tcpInfo.Rtt) * int64(time.Microsecond)
-		if family == 0 {
-			l.epollUp.Add(1)
-		}
-		// The kernel's own clock of the SYN-ACK's arrival, in ms
-		// (jiffies): it counts time the loop spent off the CPU before
-		// epoll_wait returned, which seen does not.
-		ackAgo = int64(l.tcpInfo.Last_ack_recv) * int64(time.Millisecond)
+	res, rtt, ackAgo := l.answered(fd, addr, failed)
+	if !failed && family == 0 {
+		l.epollUp.Add(1)
 	}
 	if family != 0 {
 		l.recycle(fd, family) // the RST goes out now
@@ -312,6 +313,31 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 		l.closeFD(fd) // zero linger: the RST goes out now
 	}
 	l.settle(res, done, sched, start, seen, l.e.now(), rtt, ackAgo)
+}
+
+// answered is the result of an answered probe: from l.tcpInfo (the
+// socket's TCP_INFO) when failed is false, else from the socket's
+// SO_ERROR; with the RTT, and how long ago the kernel took the SYN-ACK.
+func (l *loop) answered(fd int, addr netip.AddrPort, failed bool) (res Result, rtt, ackAgo int64) {
+	res.Addr = addr
+	if !failed {
+		// The kernel's own clock of the SYN-ACK's arrival, in ms
+		// (jiffies): it counts time the loop spent off the CPU before
+		// epoll_wait returned, which seen does not.
+		return res, int64(l.tcpInfo.Rtt) * int64(time.Microsecond), int64(l.tcpInfo.Last_ack_recv) * int64(time.Millisecond)
+	}
+	var soerr int32
+	size := uint32(4)
+	switch errno := rawGetsockopt(fd, unix.SOL_SOCKET, unix.SO_ERROR, unsafe.Pointer(&soerr), &size); {
+	case errno != 0:
+		res.Err = &opError{"getsockopt SO_ERROR", errno}
+	case soerr != 0:
+		res.Err = classify("connect", syscall.Errno(soerr))
+	default:
+		// An error event with no error pending: the connection
+		// was made and lost at once. The port answered.
+	}
+	return res, 0, 0
 }
 
 // collect takes the results of the probes the closer has closed.

@@ -3,6 +3,8 @@
 package shaker
 
 import (
+	"fmt"
+	"runtime"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -107,6 +109,7 @@ type closer struct {
 	events []unix.EpollEvent
 	mono0  int64 // CLOCK_MONOTONIC at engine time 0
 	done   chan struct{}
+	tid    int // its thread, once it runs
 
 	// The closer's own scratch, reached through the uintptrs below.
 	tcpInfo unix.TCPInfo
@@ -235,10 +238,39 @@ func (c *closer) awake() {
 	atomic.StoreUint32(&c.asleep, 0)
 }
 
-// run is the closer's goroutine.
-func (c *closer) run() {
+// run is the closer's goroutine. It has its thread to itself for its
+// whole life, and it tells ready, before it starts to serve, the error of
+// making the thread real-time if realtime asks it to, or nil.
+func (c *closer) run(realtime bool, ready chan<- error) {
+	runtime.LockOSThread() // never unlocked
+	c.tid = unix.Gettid()
+	var err error
+	if realtime {
+		err = setRealtime()
+	}
+	ready <- err
 	c.serve()
+	if realtime && err == nil {
+		// The thread ends with the goroutine, but for the process's main
+		// thread, which the runtime parks for ever instead: either way,
+		// no real-time thread is left behind.
+		attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_NORMAL}
+		unix.SchedSetAttr(0, &attr, 0)
+	}
 	close(c.done)
+}
+
+// setRealtime makes the calling thread SCHED_FIFO, priority 1.
+func setRealtime() error {
+	attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_FIFO, Priority: 1}
+	if err := unix.SchedSetAttr(0, &attr, 0); err != nil {
+		op := &opError{"sched_setattr SCHED_FIFO 1", errnoOf(err)}
+		if err == unix.EPERM {
+			return fmt.Errorf("%w; %s", op, realtimeNeeds)
+		}
+		return op
+	}
+	return nil
 }
 
 // serve enters a system call and stays in it until the stop eventfd

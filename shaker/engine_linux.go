@@ -29,6 +29,8 @@ type Engine struct {
 	rawErr         error      // why raw mode is not in use (ModeAuto)
 	ports          PortRange  // raw mode's source ports
 	raw            *rawShared // raw mode's reserved ports; nil in connect mode
+	closerRT       bool       // the closers run at real-time priority
+	closerRTErr    error      // why not, where PriorityAuto asked for it
 }
 
 // New creates an engine: its loops, each with an epoll instance and a
@@ -64,13 +66,47 @@ func New(opts Options) (*Engine, error) {
 			return nil, err
 		}
 	}
-	for _, l := range e.loops {
-		if l.cl != nil {
-			go l.cl.run()
+	if err := e.startClosers(opts.CloserPriority); err != nil {
+		for _, l := range e.loops {
+			l.close()
 		}
+		return nil, err
+	}
+	for _, l := range e.loops {
 		go l.run()
 	}
 	return e, nil
+}
+
+// startClosers starts the loops' closers, at real-time priority where
+// prio asks for it and the process may. Where PriorityRealtime asked and
+// one may not, it fails, and none runs.
+func (e *Engine) startClosers(prio Priority) error {
+	ready := make(chan error)
+	n := 0
+	for _, l := range e.loops {
+		if l.cl != nil {
+			go l.cl.run(prio != PriorityNormal, ready)
+			n++
+		}
+	}
+	var err error
+	for i := 0; i < n; i++ {
+		if cerr := <-ready; err == nil {
+			err = cerr
+		}
+	}
+	if prio == PriorityRealtime && err != nil {
+		for _, l := range e.loops {
+			if l.cl != nil {
+				l.cl.stop()
+			}
+		}
+		return err
+	}
+	e.closerRTErr = err
+	e.closerRT = err == nil && prio != PriorityNormal && n > 0
+	return nil
 }
 
 // build makes the engine's loops, in raw mode or not; on failure it

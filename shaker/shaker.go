@@ -161,6 +161,12 @@ type Options struct {
 	// ErrRawUnavailable) where raw sockets cannot be opened.
 	Mode Mode
 
+	// CloserPriority is the scheduling of connect mode's closers:
+	// PriorityAuto (the zero value: real-time where the process may),
+	// PriorityRealtime (New fails where it may not) or PriorityNormal.
+	// Raw mode has no closers, nor has a build with the race detector.
+	CloserPriority Priority
+
 	// SourcePorts is the range of source ports raw mode sends from and
 	// reserves by binding a socket to each (without listen()), so that
 	// no other socket takes them and the kernel answers every SYN-ACK to
@@ -506,6 +512,9 @@ func (o Options) check() error {
 	}
 	if o.Mode > ModeAuto {
 		return fmt.Errorf("shaker: Mode %v is unknown", o.Mode)
+	}
+	if o.CloserPriority > PriorityNormal {
+		return fmt.Errorf("shaker: CloserPriority %v is unknown", o.CloserPriority)
 	}
 	if o.SourcePorts != (PortRange{}) {
 		if err := o.SourcePorts.check(); err != nil {

@@ -1,0 +1,66 @@
+package shaker
+
+import (
+	"fmt"
+	"strconv"
+)
+
+// Priority is the scheduling of a connect-mode engine's closers
+// (Options.CloserPriority): the threads that close answered sockets, on
+// which the kernel's 200 ms delayed-ACK window runs.
+type Priority uint8
+
+const (
+	// PriorityAuto runs the closers at real-time priority where the
+	// process may (PriorityRealtime), and at normal priority elsewhere;
+	// Engine.CloserRealtime says which, and why not. The default.
+	PriorityAuto Priority = iota
+	// PriorityRealtime runs each closer's thread as SCHED_FIFO, priority
+	// 1: the lowest real-time priority, above every ordinary thread, so
+	// that a busy process or machine (Caddy's own goroutines, a scrape,
+	// other processes) does not stand between a SYN-ACK and its close.
+	// A closer sleeps until answers come and each wake-up closes at most
+	// a batch, so it cannot hold a core. It needs CAP_SYS_NICE or an
+	// RLIMIT_RTPRIO of 1 at least; New fails without.
+	PriorityRealtime
+	// PriorityNormal leaves the closers at the process's priority.
+	PriorityNormal
+)
+
+// String is the priority's name: "auto", "realtime" or "normal".
+func (p Priority) String() string {
+	switch p {
+	case PriorityAuto:
+		return "auto"
+	case PriorityRealtime:
+		return "realtime"
+	case PriorityNormal:
+		return "normal"
+	}
+	return "Priority(" + strconv.Itoa(int(p)) + ")"
+}
+
+// ParsePriority is the Priority of a name String gives; "" is
+// PriorityAuto.
+func ParsePriority(s string) (Priority, error) {
+	switch s {
+	case "", "auto":
+		return PriorityAuto, nil
+	case "realtime":
+		return PriorityRealtime, nil
+	case "normal":
+		return PriorityNormal, nil
+	}
+	return 0, fmt.Errorf("shaker: closer priority %q: must be auto, realtime or normal", s)
+}
+
+// realtimeNeeds is what an error about a refused real-time priority tells
+// the operator.
+const realtimeNeeds = "real-time priority needs CAP_SYS_NICE or an RLIMIT_RTPRIO of 1: " +
+	"a systemd unit's LimitRTPRIO=1, Docker's --ulimit rtprio=1 (or --cap-add SYS_NICE); " +
+	"or set the closer priority to normal"
+
+// CloserRealtime reports whether connect mode's closers run at real-time
+// priority (Options.CloserPriority), and, where PriorityAuto asked for it
+// and the process may not, why not.
+func (e *Engine) CloserRealtime() (bool, error) { return e.closerRT, e.closerRTErr }

@@ -84,6 +84,17 @@ type EngineStatus struct {
 	// probe_mode auto asked for raw where it can (CAP_NET_RAW missing, a
 	// source port taken, ...); absent otherwise.
 	RawError string `json:"raw_error,omitempty"`
+	// CloserPriority is how connect mode's closers run: "realtime"
+	// (SCHED_FIFO 1), "normal", or "none" (raw mode has no closers, nor
+	// has a build with the race detector); absent without an engine.
+	CloserPriority string `json:"closer_priority,omitempty"`
+	// CloserPriorityAsked is the app's closer_priority when the engine
+	// started: "auto", "realtime" or "normal".
+	CloserPriorityAsked string `json:"closer_priority_asked,omitempty"`
+	// CloserPriorityError says why the closers run at normal priority
+	// although closer_priority auto asked for realtime where it can
+	// (CAP_SYS_NICE missing, RLIMIT_RTPRIO 0); absent otherwise.
+	CloserPriorityError string `json:"closer_priority_error,omitempty"`
 	// Loops, Sockets and MaxSockets: the engine's loops, probe sockets
 	// open, and their bound. In raw mode no probe holds a socket (Sockets
 	// is 0), and MaxSockets bounds the probes in flight.
@@ -180,8 +191,14 @@ func engineStatus() EngineStatus {
 		CloseDelay:      closeDelayStatus(st),
 		ProbeMode:       e.Mode().String(),
 	}
+	rt, rtErr := e.CloserRealtime()
+	es.CloserPriority = closerPriorityInUse(e, rt)
 	if set := engines.settings.Load(); set != nil {
 		es.ProbeModeAsked = set.mode.String()
+		es.CloserPriorityAsked = set.priority.String()
+	}
+	if rtErr != nil {
+		es.CloserPriorityError = rtErr.Error()
 	}
 	if e.Mode() == shaker.ModeRaw {
 		es.SourcePorts = e.SourcePorts().String()

@@ -27,6 +27,7 @@ func init() {
 //	        per_address_metrics <n>|all|off
 //	        probe_mode          connect|raw|auto
 //	        source_ports        <first>-<last>
+//	        closer_priority     auto|realtime|normal
 //	    }
 //	}
 //
@@ -67,17 +68,21 @@ func (app *App) unmarshalGlobal(d *caddyfile.Dispenser) error {
 		}
 		app.PerAddressMetrics = c
 		return nil
-	case "probe_mode", "source_ports":
+	case "probe_mode", "source_ports", "closer_priority":
 		val, err := ArgString(d)
 		if err != nil {
 			return err
 		}
-		if name == "probe_mode" {
+		switch name {
+		case "probe_mode":
 			_, err = parseProbeMode(val)
 			app.ProbeMode = val
-		} else {
+		case "source_ports":
 			_, err = parseSourcePorts(val)
 			app.SourcePorts = val
+		default:
+			_, err = parseCloserPriority(val)
+			app.CloserPriority = val
 		}
 		if err != nil {
 			return d.Err(err.Error())

@@ -308,13 +308,15 @@ func TestCaddyfileGlobalOption(t *testing.T) {
 		}
 	}
 	for _, mode := range []string{"connect", "raw", "auto"} {
-		out, err := adapt("{\n\tshaker {\n\t\tprobe_mode " + mode + "\n\t\tsource_ports 61000-61511\n\t}\n}\n:8080 {\n\treverse_proxy {\n\t\tdynamic shaker 127.0.0.1:9001\n\t}\n}\n")
-		if err != nil || !strings.Contains(out, `"shaker":{"probe_mode":"`+mode+`","source_ports":"61000-61511"}`) {
+		out, err := adapt("{\n\tshaker {\n\t\tprobe_mode " + mode + "\n\t\tsource_ports 61000-61511\n\t\tcloser_priority normal\n\t}\n}\n:8080 {\n\treverse_proxy {\n\t\tdynamic shaker 127.0.0.1:9001\n\t}\n}\n")
+		if err != nil || !strings.Contains(out, `"shaker":{"probe_mode":"`+mode+`","source_ports":"61000-61511","closer_priority":"normal"}`) {
 			t.Errorf("probe_mode %s: %v, no shaker app with it in %s", mode, err, out)
 		}
 	}
 	for src, want := range map[string]string{
 		"{\n\tshaker {\n\t\tprobe_mode syn\n\t}\n}\n":           `probe_mode "syn": must be connect (the default), raw or auto`,
+		"{\n\tshaker {\n\t\tcloser_priority rt\n\t}\n}\n":       `closer_priority "rt": must be auto (the default), realtime or normal`,
+		"{\n\tshaker {\n\t\tcloser_priority\n\t}\n}\n":          "wrong argument count",
 		"{\n\tshaker {\n\t\tprobe_mode\n\t}\n}\n":               "wrong argument count",
 		"{\n\tshaker {\n\t\tprobe_mode raw auto\n\t}\n}\n":      "wrong argument count",
 		"{\n\tshaker {\n\t\tsource_ports 61000-99999\n\t}\n}\n": `source_ports "61000-99999": port range "61000-99999": want first-last, ports from 1 to 65535`,

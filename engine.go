@@ -23,6 +23,7 @@ type engineSettings struct {
 	loops, maxSockets int
 	mode              shaker.Mode
 	ports             shaker.PortRange // the zero range: shaker.DefaultPortRange
+	priority          shaker.Priority
 }
 
 // engineSettings reads the app's engine settings; its error names the bad
@@ -36,6 +37,10 @@ func (a *App) engineSettings() (engineSettings, error) {
 	if err != nil {
 		return engineSettings{}, err
 	}
+	prio, err := parseCloserPriority(a.CloserPriority)
+	if err != nil {
+		return engineSettings{}, err
+	}
 	loops := a.Loops
 	if loops == 0 {
 		loops = runtime.GOMAXPROCS(0)
@@ -44,7 +49,7 @@ func (a *App) engineSettings() (engineSettings, error) {
 		return engineSettings{}, fmt.Errorf("source_ports %q: %d ports for %d loops: each loop needs one at least (give more ports, or fewer loops)",
 			a.SourcePorts, ports.Size(), loops)
 	}
-	return engineSettings{loops: a.Loops, maxSockets: a.MaxSockets, mode: mode, ports: ports}, nil
+	return engineSettings{loops: a.Loops, maxSockets: a.MaxSockets, mode: mode, ports: ports, priority: prio}, nil
 }
 
 // parseProbeMode reads probe_mode; "" is connect.
@@ -54,6 +59,15 @@ func parseProbeMode(s string) (shaker.Mode, error) {
 		return 0, fmt.Errorf("probe_mode %q: must be connect (the default), raw or auto", s)
 	}
 	return m, nil
+}
+
+// parseCloserPriority reads closer_priority; "" is auto.
+func parseCloserPriority(s string) (shaker.Priority, error) {
+	p, err := shaker.ParsePriority(s)
+	if err != nil {
+		return 0, fmt.Errorf("closer_priority %q: must be auto (the default), realtime or normal", s)
+	}
+	return p, nil
 }
 
 // parseSourcePorts reads source_ports; "" is the zero range (the default).
@@ -85,6 +99,9 @@ func (s engineSettings) changed(c engineSettings) []string {
 	if s.ports != c.ports && (s.mode != shaker.ModeConnect || c.mode != shaker.ModeConnect) {
 		out = append(out, "source_ports")
 	}
+	if s.priority != c.priority && (s.mode != shaker.ModeRaw || c.mode != shaker.ModeRaw) {
+		out = append(out, "closer_priority")
+	}
 	return out
 }
 
@@ -99,6 +116,7 @@ func (s engineSettings) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 		ports = s.ports.String()
 	}
 	enc.AddString("source_ports", ports)
+	enc.AddString("closer_priority", s.priority.String())
 	return nil
 }
 
@@ -130,9 +148,10 @@ func (s *engineState) acquire(a *App) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.engine == nil {
-		e, err := shaker.New(shaker.Options{Loops: want.loops, MaxSockets: want.maxSockets, Mode: want.mode, SourcePorts: want.ports})
+		e, err := shaker.New(shaker.Options{Loops: want.loops, MaxSockets: want.maxSockets, Mode: want.mode, SourcePorts: want.ports,
+			CloserPriority: want.priority})
 		if err != nil {
-			return fmt.Errorf("starting probe engine (probe_mode %v): %w", want.mode, err)
+			return fmt.Errorf("starting probe engine (probe_mode %v, closer_priority %v): %w", want.mode, want.priority, err)
 		}
 		s.engine = e
 		s.settings.Store(&want)
@@ -148,7 +167,7 @@ func (s *engineState) acquire(a *App) error {
 			}, stop, watchEvery, closeDelayWarn)
 		}()
 		s.stopWatch = func() { close(stop); <-done }
-		logStarted(a.logger, e, want.mode)
+		logStarted(a.logger, e, want)
 		s.apps = append(s.apps, a)
 		s.herald.Store(a)
 		s.startCheck(e)
@@ -166,15 +185,19 @@ func (s *engineState) acquire(a *App) error {
 	return nil
 }
 
-// logStarted logs the start of engine e, asked for the probe mode asked:
-// its settings, and with auto which mode it chose and why not raw.
-func logStarted(l *zap.Logger, e *shaker.Engine, asked shaker.Mode) {
+// logStarted logs the start of engine e, started with want: its
+// settings, with probe_mode auto which mode it chose and why not raw, and
+// with closer_priority auto why not realtime where it is not.
+func logStarted(l *zap.Logger, e *shaker.Engine, want engineSettings) {
 	st := e.Stats()
+	asked := want.mode
+	rt, rtErr := e.CloserRealtime()
 	fields := []zap.Field{
 		zap.Bool("half_open", shaker.HalfOpen()),
 		zap.Int("loops", st.Loops),
 		zap.Int("max_sockets", st.MaxSockets),
 		zap.Stringer("probe_mode", e.Mode()),
+		zap.String("closer_priority", closerPriorityInUse(e, rt)),
 	}
 	if asked != e.Mode() {
 		fields = append(fields, zap.Stringer("probe_mode_asked", asked))
@@ -183,6 +206,10 @@ func logStarted(l *zap.Logger, e *shaker.Engine, asked shaker.Mode) {
 		fields = append(fields, zap.Stringer("source_ports", e.SourcePorts()))
 	}
 	l.Info("probe engine started", fields...)
+	if rtErr != nil {
+		l.Info("closer_priority auto: the closers run at normal priority, since the process may not make real-time threads",
+			zap.String("reason", rtErr.Error()))
+	}
 	if asked != shaker.ModeAuto {
 		return
 	}
@@ -200,6 +227,18 @@ func logStarted(l *zap.Logger, e *shaker.Engine, asked shaker.Mode) {
 		l.Warn("probe_mode auto chose connect: raw mode could not start",
 			zap.Stringer("probe_mode", e.Mode()), zap.String("reason", rawErr.Error()))
 	}
+}
+
+// closerPriorityInUse names how e's closers run: "realtime", "normal",
+// or "none" (raw mode has none, nor has a build with the race detector).
+func closerPriorityInUse(e *shaker.Engine, realtime bool) string {
+	switch {
+	case realtime:
+		return "realtime"
+	case !e.HasClosers():
+		return "none"
+	}
+	return "normal"
 }
 
 // release drops a's reference; the last one closes the engine.

@@ -92,6 +92,21 @@ type App struct {
 	// with Linux's usual 32768-60999).
 	SourcePorts string `json:"source_ports,omitempty"`
 
+	// The scheduling of connect mode's closers, the threads that close
+	// answered probe sockets within the kernel's 200 ms delayed-ACK
+	// window: "auto" (the default), "realtime" or "normal". realtime
+	// runs each as SCHED_FIFO priority 1, the lowest real-time priority,
+	// above every ordinary thread, so that a busy Caddy or machine does
+	// not delay a close; a closer sleeps until answers come and closes at
+	// most a batch a wake-up, so it cannot hold a core. It needs
+	// CAP_SYS_NICE or an RLIMIT_RTPRIO of 1 (systemd: LimitRTPRIO=1;
+	// Docker: --ulimit rtprio=1); without, the config fails to load with
+	// an error that says so. auto: realtime where the process may, normal
+	// elsewhere; the log and GET /shaker/engine say which, and why not.
+	// normal: the closers run at Caddy's own priority. Unused in raw mode.
+	// Read when the engine starts, like loops.
+	CloserPriority string `json:"closer_priority,omitempty"`
+
 	// Retired: accepted, ignored, and warned about. It capped the probes
 	// in flight, which let probes waiting for their timeout on dead
 	// addresses hold back every other address. The engine now bounds

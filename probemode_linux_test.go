@@ -64,8 +64,9 @@ func TestProbeModeEngine(t *testing.T) {
 			t.Errorf("probe engine started: %v; want probe_mode raw, source_ports %v, no probe_mode_asked", f, defaults)
 		}
 		es := engineStatus()
-		if es.ProbeMode != "raw" || es.ProbeModeAsked != "raw" || es.SourcePorts != defaults.String() || es.RawError != "" || es.Sockets != 0 {
-			t.Errorf("engine status %+v: want probe_mode raw, asked raw, source_ports %v, no raw_error, 0 sockets", es, defaults)
+		if es.ProbeMode != "raw" || es.ProbeModeAsked != "raw" || es.SourcePorts != defaults.String() || es.RawError != "" || es.Sockets != 0 ||
+			es.CloserPriority != "none" {
+			t.Errorf("engine status %+v: want probe_mode raw, asked raw, source_ports %v, no raw_error, 0 sockets, closer_priority none", es, defaults)
 		}
 		if g := gauges(t, "caddy_shaker_probe_mode"); len(g) != 2 || g["raw"] != 1 || g["connect"] != 0 {
 			t.Errorf("caddy_shaker_probe_mode %v: want raw 1, connect 0", g)
@@ -78,6 +79,7 @@ func TestProbeModeEngine(t *testing.T) {
 			mode string // the configured probe_mode it names
 		}{
 			{App{ProbeMode: "raw"}, "", "raw"},
+			{App{ProbeMode: "raw", CloserPriority: "normal"}, "", "raw"}, // raw mode has no closers
 			{App{ProbeMode: "connect"}, "probe_mode changed", "connect"},
 			{App{}, "probe_mode changed", "connect"},
 			{App{ProbeMode: "raw", SourcePorts: testSourcePorts}, "source_ports changed", "raw"},
@@ -297,4 +299,47 @@ func helperRawModeNoCap(t *testing.T) {
 	es := engineStatus()
 	fmt.Printf("RESULT auto %s %s %v %v\n", es.ProbeMode, es.ProbeModeAsked,
 		strings.Contains(es.RawError, "CAP_NET_RAW"), s.Healthy && s.Probes >= 3 && s.LastError == "")
+}
+
+// TestCloserPriorityEngine: in connect mode the closers run at real-time
+// priority by default where the process may (root, CI), which the log and
+// GET /shaker/engine say, and at normal priority with closer_priority
+// normal; a later config that changes it is warned about, naming it.
+func TestCloserPriorityEngine(t *testing.T) {
+	if engines.cur.Load() != nil {
+		t.Fatal("an engine is already running")
+	}
+	for _, asks := range []string{"auto", "normal"} {
+		app := App{CloserPriority: asks}
+		if asks == "auto" {
+			app = App{} // the default
+		}
+		logs := acquireTestApp(t, &app)
+		want, refused := "normal", false
+		switch {
+		case !engines.cur.Load().HasClosers():
+			want = "none" // a build with the race detector
+		case asks == "auto" && os.Geteuid() == 0:
+			want = "realtime"
+		case asks == "auto":
+			refused = true // and auto says why
+		}
+		f := logLine(t, logs, zapcore.InfoLevel, "probe engine started")
+		es := engineStatus()
+		if f["closer_priority"] != want || es.CloserPriority != want || es.CloserPriorityAsked != asks ||
+			(es.CloserPriorityError != "") != refused {
+			t.Errorf("closer_priority %s: logged %v; engine status %q asked %q error %q; want %s, asked %s, an error %v",
+				asks, f["closer_priority"], es.CloserPriority, es.CloserPriorityAsked, es.CloserPriorityError, want, asks, refused)
+		}
+		later := App{CloserPriority: map[string]string{"auto": "realtime", "normal": "auto"}[asks]}
+		logs = acquireTestApp(t, &later)
+		if warns := logs.FilterLevelExact(zapcore.WarnLevel).All(); len(warns) != 1 || !strings.HasPrefix(warns[0].Message, "closer_priority changed") {
+			t.Errorf("a later config with closer_priority %s: warnings %v, want one naming closer_priority", later.CloserPriority, warns)
+		}
+		engines.release(&later)
+		engines.release(&app)
+		if engines.cur.Load() != nil {
+			t.Fatal("the engine still runs after every app released it")
+		}
+	}
 }

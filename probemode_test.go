@@ -59,6 +59,8 @@ func TestProbeModeJSON(t *testing.T) {
 		{`{"source_ports":"5-1"}`, `source_ports "5-1"`}, // checked in connect mode too
 		{`{"probe_mode":"raw","loops":4,"source_ports":"62000-62002"}`, `source_ports "62000-62002": 3 ports for 4 loops: each loop needs one at least`},
 		{`{"probe_mode":"auto","loops":2,"source_ports":"62000"}`, `source_ports "62000": 1 ports for 2 loops`},
+		{`{"closer_priority":"fifo"}`, `closer_priority "fifo": must be auto (the default), realtime or normal`},
+		{`{"closer_priority":"Realtime"}`, `closer_priority "Realtime"`},
 	} {
 		var a App
 		if err := caddy.StrictUnmarshalJSON([]byte(tc.json), &a); err != nil {
@@ -67,6 +69,16 @@ func TestProbeModeJSON(t *testing.T) {
 		}
 		if err := a.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s:\nerror %v\nwant  %q", tc.json, err, tc.want)
+		}
+	}
+	for js, want := range map[string]shaker.Priority{`{}`: shaker.PriorityAuto, `{"closer_priority":"auto"}`: shaker.PriorityAuto,
+		`{"closer_priority":"realtime"}`: shaker.PriorityRealtime, `{"closer_priority":"normal"}`: shaker.PriorityNormal} {
+		var a App
+		if err := caddy.StrictUnmarshalJSON([]byte(js), &a); err != nil {
+			t.Fatalf("%s: %v", js, err)
+		}
+		if s, err := a.engineSettings(); err != nil || s.priority != want {
+			t.Errorf("%s: closer priority %v, %v; want %v", js, s.priority, err, want)
 		}
 	}
 	// with the default loops (one per CPU), the ports are checked against

@@ -29,6 +29,7 @@ type Engine struct {
 	rawErr         error      // why raw mode is not in use (ModeAuto)
 	ports          PortRange  // raw mode's source ports
 	raw            *rawShared // raw mode's reserved ports; nil in connect mode
+	closers        bool       // the loops have closers
 	closerRT       bool       // the closers run at real-time priority
 	closerRTErr    error      // why not, where PriorityAuto asked for it
 }
@@ -104,6 +105,7 @@ func (e *Engine) startClosers(prio Priority) error {
 		}
 		return err
 	}
+	e.closers = n > 0
 	e.closerRTErr = err
 	e.closerRT = err == nil && prio != PriorityNormal && n > 0
 	return nil

@@ -27,7 +27,8 @@ type Engine struct {
 	mode           Mode      // ModeConnect or ModeRaw
 	rawErr         error     // why raw mode is not in use (ModeAuto)
 	ports          PortRange // raw mode's source ports
-	closerRT       bool      // never: there are no closers here
+	closers        bool      // never: there are no closers here
+	closerRT       bool
 	closerRTErr    error
 
 	ctx    context.Context // canceled by Close

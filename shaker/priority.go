@@ -64,3 +64,7 @@ const realtimeNeeds = "real-time priority needs CAP_SYS_NICE or an RLIMIT_RTPRIO
 // priority (Options.CloserPriority), and, where PriorityAuto asked for it
 // and the process may not, why not.
 func (e *Engine) CloserRealtime() (bool, error) { return e.closerRT, e.closerRTErr }
+
+// HasClosers reports whether the engine's loops have closers: in connect
+// mode on Linux, except in a build with the race detector.
+func (e *Engine) HasClosers() bool { return e.closers }

@@ -172,3 +172,20 @@ func TestCloserWhileLoopHeld(t *testing.T) {
 	}
 	t.Logf("loop held %v; the answered socket closed after %v; 0 accepted", hold, st.MaxCloseDelay)
 }
+
+// TestAnsweredInside: a SYN-ACK taken inside connect() is counted from
+// the kernel's clock where that is later than the SYN, never before it.
+func TestAnsweredInside(t *testing.T) {
+	ms := int64(time.Millisecond)
+	for _, c := range [][4]int64{
+		// start, info, ackAgo: want
+		{0, 50 * ms, 0, 40 * ms},      // a long connect(), the answer at its end
+		{0, 50 * ms, 36 * ms, 4 * ms}, // the answer 36-46 ms before the read
+		{0, 50 * ms, 48 * ms, 0},      // no earlier than the SYN
+		{100 * ms, 103 * ms, 0, 100 * ms},
+	} {
+		if got := answeredInside(c[0], c[1], c[2]); got != c[3] {
+			t.Errorf("answeredInside(%d, %d, %d ms) = %v, want %v", c[0]/ms, c[1]/ms, c[2]/ms, time.Duration(got), time.Duration(c[3]))
+		}
+	}
+}

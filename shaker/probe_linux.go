@@ -131,7 +131,7 @@ func (l *loop) start(req *request) {
 		} else {
 			l.socketClosed()
 		}
-		l.settle(res, req.done, req.sched, start, start, p.end, rtt, ackAgo)
+		l.settle(res, req.done, req.sched, start, answeredInside(start, p.info, ackAgo), p.end, rtt, ackAgo)
 	case synEnded:
 		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, true)
 	case synWatched:
@@ -313,6 +313,21 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 		l.closeFD(fd) // zero linger: the RST goes out now
 	}
 	l.settle(res, done, sched, start, seen, l.e.now(), rtt, ackAgo)
+}
+
+// maxTick is the longest tick of the kernel's clock (jiffies, HZ 100),
+// the resolution of TCP_INFO's tcpi_last_ack_recv.
+const maxTick = int64(10 * time.Millisecond)
+
+// answeredInside is the earliest time a SYN-ACK that came inside
+// connect() can have come: not before the SYN (start), and, by the
+// kernel's own clock read at info (ackAgo ago, rounded down to its tick),
+// not before info-ackAgo-maxTick. The kernel takes such an answer at the
+// end of connect() (the socket is the caller's until then), so the time
+// connect() spent before it, sending the SYN and running the peer's
+// receive inline, or off the CPU, is not the close's delay.
+func answeredInside(start, info, ackAgo int64) int64 {
+	return max(start, info-ackAgo-maxTick)
 }
 
 // answered is the result of an answered probe: from l.tcpInfo (the

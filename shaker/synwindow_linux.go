@@ -56,6 +56,7 @@ type synProbe struct {
 	gen   int32
 	errno syscall.Errno
 	kept  bool  // synAnswered: the socket is kept
+	info  int64 // synAnswered: engine time after the TCP_INFO read
 	end   int64 // synAnswered: engine time after the abort
 }
 
@@ -73,6 +74,7 @@ func (l *loop) synWindow(p *synProbe) int {
 		if state != unix.BPF_TCP_ESTABLISHED {
 			return synEnded
 		}
+		p.info = l.e.now()
 		// connect(AF_UNSPEC) aborts the connection as close() with a
 		// zero linger does, and keeps the socket.
 		p.kept = p.reuse && rawConnect(p.fd, unsafe.Pointer(&unspec), unsafe.Sizeof(unspec)) == 0

@@ -238,45 +238,74 @@ func (c *closer) awake() {
 	atomic.StoreUint32(&c.asleep, 0)
 }
 
+// closerStart is what startClosers tells each closer once all of them
+// have said whether their thread could be made real-time.
+type closerStart struct {
+	serve    bool // false: New fails; the closer ends at once
+	realtime bool // the closers stay real-time (all could be made so)
+}
+
 // run is the closer's goroutine. It has its thread to itself for its
-// whole life, and it tells ready, before it starts to serve, the error of
-// making the thread real-time if realtime asks it to, or nil.
-func (c *closer) run(realtime bool, ready chan<- error) {
+// whole life. With realtime it makes the thread real-time and tells ready
+// the error (else nil); then it waits for start, gives the thread back
+// its own scheduling unless start keeps it real-time, and serves if start
+// says so. When it stops, the thread gets its own scheduling back: the
+// thread ends with the goroutine anyway, but for the process's main
+// thread, which the runtime parks for ever instead.
+func (c *closer) run(realtime bool, ready chan<- error, start <-chan closerStart) {
 	runtime.LockOSThread() // never unlocked
 	c.tid = unix.Gettid()
+	var own *unix.SchedAttr // the thread's scheduling before, while it is real-time
 	var err error
 	if realtime {
-		err = setRealtime()
+		own, err = setRealtime()
 	}
 	ready <- err
-	c.serve()
-	if realtime && err == nil {
-		// The thread ends with the goroutine, but for the process's main
-		// thread, which the runtime parks for ever instead: either way,
-		// no real-time thread is left behind.
-		attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_NORMAL}
-		unix.SchedSetAttr(0, &attr, 0)
+	st := <-start
+	if own != nil && !st.realtime {
+		restoreSched(own)
+		own = nil
+	}
+	if st.serve {
+		c.serve()
+	}
+	if own != nil {
+		restoreSched(own)
 	}
 	close(c.done)
 }
 
-// setRealtime makes the calling thread SCHED_FIFO, priority 1.
-func setRealtime() error {
+// setRealtime makes the calling thread SCHED_FIFO, priority 1, and
+// returns its scheduling before.
+func setRealtime() (*unix.SchedAttr, error) {
+	own, err := unix.SchedGetAttr(0, 0)
+	if err != nil {
+		return nil, &opError{"sched_getattr", errnoOf(err)}
+	}
 	attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_FIFO, Priority: 1}
 	if err := unix.SchedSetAttr(0, &attr, 0); err != nil {
 		op := &opError{"sched_setattr SCHED_FIFO 1", errnoOf(err)}
 		if err == unix.EPERM {
-			return fmt.Errorf("%w; %s", op, realtimeNeeds)
+			return nil, fmt.Errorf("%w; %s", op, realtimeNeeds)
 		}
-		return op
+		return nil, op
 	}
-	return nil
+	return own, nil
+}
+
+// restoreSched gives the calling thread back the scheduling own, which
+// it had before setRealtime: a thread may always lower its own priority
+// back to where it was.
+func restoreSched(own *unix.SchedAttr) {
+	own.Size = unix.SizeofSchedAttr
+	unix.SchedSetAttr(0, own, 0)
 }
 
 // serve enters a system call and stays in it until the stop eventfd
-// is written.
+// is written. It is never inlined, so that it stays nosplit.
 //
 //go:nosplit
+//go:noinline
 //go:norace
 //go:nocheckptr
 func (c *closer) serve() {

@@ -80,14 +80,15 @@ func New(opts Options) (*Engine, error) {
 }
 
 // startClosers starts the loops' closers, at real-time priority where
-// prio asks for it and the process may. Where PriorityRealtime asked and
-// one may not, it fails, and none runs.
+// prio asks for it and the process may: all of them, or, with
+// PriorityAuto, none if one may not. Where PriorityRealtime asked and one
+// may not, it fails, and none runs.
 func (e *Engine) startClosers(prio Priority) error {
-	ready := make(chan error)
+	ready, start := make(chan error), make(chan closerStart)
 	n := 0
 	for _, l := range e.loops {
 		if l.cl != nil {
-			go l.cl.run(prio != PriorityNormal, ready)
+			go l.cl.run(prio != PriorityNormal, ready, start)
 			n++
 		}
 	}
@@ -97,17 +98,22 @@ func (e *Engine) startClosers(prio Priority) error {
 			err = cerr
 		}
 	}
-	if prio == PriorityRealtime && err != nil {
+	fail := prio == PriorityRealtime && err != nil
+	st := closerStart{serve: !fail, realtime: err == nil && prio != PriorityNormal}
+	for i := 0; i < n; i++ {
+		start <- st
+	}
+	if fail {
 		for _, l := range e.loops {
 			if l.cl != nil {
-				l.cl.stop()
+				<-l.cl.done
 			}
 		}
 		return err
 	}
 	e.closers = n > 0
 	e.closerRTErr = err
-	e.closerRT = err == nil && prio != PriorityNormal && n > 0
+	e.closerRT = st.realtime && n > 0
 	return nil
 }
 
@@ -278,7 +284,6 @@ func (e *Engine) Stats() Stats {
 	return s
 }
 
-// now is the engine's monotonic clock, in ns.
 // now is engine time: ns since New, on the monotonic clock.
 //
 //go:nosplit

@@ -19,9 +19,11 @@ const (
 	// 1: the lowest real-time priority, above every ordinary thread, so
 	// that a busy process or machine (Caddy's own goroutines, a scrape,
 	// other processes) does not stand between a SYN-ACK and its close.
-	// A closer sleeps until answers come and each wake-up closes at most
-	// a batch, so it cannot hold a core. It needs CAP_SYS_NICE or an
-	// RLIMIT_RTPRIO of 1 at least; New fails without.
+	// A closer runs only while answers wait to be closed, and the
+	// kernel's real-time throttling (kernel.sched_rt_runtime_us, 95% of
+	// each second by default) bounds it besides. It needs CAP_SYS_NICE
+	// or an RLIMIT_RTPRIO of 1 at least; New fails without. With
+	// PriorityAuto, the closers are real-time only if all can be.
 	PriorityRealtime
 	// PriorityNormal leaves the closers at the process's priority.
 	PriorityNormal
@@ -57,7 +59,8 @@ func ParsePriority(s string) (Priority, error) {
 // realtimeNeeds is what an error about a refused real-time priority tells
 // the operator.
 const realtimeNeeds = "real-time priority needs CAP_SYS_NICE or an RLIMIT_RTPRIO of 1: " +
-	"a systemd unit's LimitRTPRIO=1, Docker's --ulimit rtprio=1 (or --cap-add SYS_NICE); " +
+	"a systemd unit's LimitRTPRIO=1, Docker's --ulimit rtprio=1 (or --cap-add SYS_NICE), " +
+	"and, on a kernel with real-time group scheduling, a real-time budget for the process's cgroup; " +
 	"or set the closer priority to normal"
 
 // CloserRealtime reports whether connect mode's closers run at real-time

@@ -62,9 +62,11 @@ type synProbe struct {
 
 // synWindow sends the probe's SYN and, with no safe point in between,
 // aborts its connection if the answer came inside connect(), or hands
-// its socket to the closer.
+// its socket to the closer. It is never inlined: inlined into start, which
+// is not nosplit, it would have safe points again.
 //
 //go:nosplit
+//go:noinline
 func (l *loop) synWindow(p *synProbe) int {
 	if errno := rawConnect(p.fd, p.sa, p.salen); errno != 0 && errno != unix.EINPROGRESS {
 		p.errno = errno

@@ -177,18 +177,27 @@ func TestDiscover(t *testing.T) {
 	h.noLeakedProbes()
 }
 
-// TestDiscoverHostName: an upstream given by name is resolved to all its
-// addresses, each probed.
-func TestDiscoverHostName(t *testing.T) {
+// loadInner loads a harness of one backend whose upstreams come from the
+// inner source that inner makes of the backend's port; it skips in -short.
+func loadInner(t *testing.T, inner func(port string) map[string]any) (*harness, *backend, string) {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("integration test")
 	}
 	h := newHarness(t, 1)
 	b := h.backends[0]
-	port := b.port()
-	setList("hostname", "localhost:"+port)
-	h.extra = map[string]any{"upstreams": nil, "inner": map[string]any{"source": "shaker_test_list", "list": "hostname"}}
+	h.extra = map[string]any{"upstreams": nil, "inner": inner(b.port())}
 	h.load(tInterval)
+	return h, b, b.port()
+}
+
+// TestDiscoverHostName: an upstream given by name is resolved to all its
+// addresses, each probed.
+func TestDiscoverHostName(t *testing.T) {
+	h, b, port := loadInner(t, func(port string) map[string]any {
+		setList("hostname", "localhost:"+port)
+		return map[string]any{"source": "shaker_test_list", "list": "hostname"}
+	})
 	waitFor(t, 5*time.Second, "localhost resolved and probed", func() bool {
 		s, ok := h.statuses()[b.addr]
 		return ok && s.CheckedAt != nil && s.Healthy && s.Upstream == "localhost:"+port
@@ -200,14 +209,9 @@ func TestDiscoverHostName(t *testing.T) {
 // too; the backend listens on 127.0.0.1 only, so ::1, where it is
 // returned, must be marked down and get no request.
 func TestDiscoverASource(t *testing.T) {
-	if testing.Short() {
-		t.Skip("integration test")
-	}
-	h := newHarness(t, 1)
-	b := h.backends[0]
-	port := b.port()
-	h.extra = map[string]any{"upstreams": nil, "inner": map[string]any{"source": "a", "name": "localhost", "port": port}}
-	h.load(tInterval)
+	h, b, port := loadInner(t, func(port string) map[string]any {
+		return map[string]any{"source": "a", "name": "localhost", "port": port}
+	})
 	var st map[string]Status
 	waitFor(t, 5*time.Second, "localhost's addresses probed", func() bool {
 		st = h.statuses()

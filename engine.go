@@ -84,7 +84,8 @@ func parseSourcePorts(s string) (shaker.PortRange, error) {
 
 // changed names the settings that differ between s, the running engine's,
 // and c, a config's: the source ports only where either asks for raw mode
-// (connect mode does not use them).
+// (connect mode does not use them), the closer priority only where either
+// does not ask for raw mode (raw mode has no closers).
 func (s engineSettings) changed(c engineSettings) []string {
 	var out []string
 	if s.loops != c.loops {
@@ -207,7 +208,7 @@ func logStarted(l *zap.Logger, e *shaker.Engine, want engineSettings) {
 	}
 	l.Info("probe engine started", fields...)
 	if rtErr != nil {
-		l.Info("closer_priority auto: the closers run at normal priority, since the process may not make real-time threads",
+		l.Info("closer_priority auto: the closers run at normal priority: their threads could not be made real-time",
 			zap.String("reason", rtErr.Error()))
 	}
 	if asked != shaker.ModeAuto {

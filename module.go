@@ -97,8 +97,9 @@ type App struct {
 	// window: "auto" (the default), "realtime" or "normal". realtime
 	// runs each as SCHED_FIFO priority 1, the lowest real-time priority,
 	// above every ordinary thread, so that a busy Caddy or machine does
-	// not delay a close; a closer sleeps until answers come and closes at
-	// most a batch a wake-up, so it cannot hold a core. It needs
+	// not delay a close; a closer runs only while answers wait to be
+	// closed, and the kernel's real-time throttling (95% of each second
+	// by default) bounds it besides. It needs
 	// CAP_SYS_NICE or an RLIMIT_RTPRIO of 1 (systemd: LimitRTPRIO=1;
 	// Docker: --ulimit rtprio=1); without, the config fails to load with
 	// an error that says so. auto: realtime where the process may, normal

@@ -238,7 +238,7 @@ func TestRawModeNeedsCapNetRaw(t *testing.T) {
 	res := testkit.ResultsByName(out)
 	checkPrivileges(t, res)
 	rawErr := strings.Join(res["rawload"], " ")
-	for _, want := range []string{"starting probe engine (probe_mode raw)", "raw mode needs CAP_NET_RAW",
+	for _, want := range []string{"starting probe engine (probe_mode raw, closer_priority auto)", "raw mode needs CAP_NET_RAW",
 		"Docker grants it by default", "AmbientCapabilities=CAP_NET_RAW", "; engine false"} {
 		if !strings.Contains(rawErr, want) {
 			t.Errorf("probe_mode raw without CAP_NET_RAW: %q does not say %q", rawErr, want)

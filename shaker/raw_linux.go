@@ -310,6 +310,11 @@ func (l *loop) openRaw(shared *rawShared, i, n int) error {
 	first, count := shared.portsOf(i)
 	r := &rawLoop{shared: shared, first: first, count: count, udp4: -1, send4: -1}
 	l.raw = r
+	// The first loop hands a look's answers (at most rawBatch*rawBatches)
+	// to each other loop's inbox; room for a few looks before that loop
+	// drains it, so that the inbox does not grow on the first loop.
+	l.inbox = make([]rawAnswer, 0, 4*rawBatch*rawBatches)
+	l.inboxBuf = make([]rawAnswer, 0, 4*rawBatch*rawBatches)
 	// The sequence number keeps the slot index in its low bits and as
 	// much of the slot's generation as fits above.
 	r.idxBits = 1

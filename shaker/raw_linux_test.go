@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"runtime"
 	"strconv"
 	"strings"
@@ -651,22 +650,9 @@ const rawCapEnv = "SHAKER_RAWCAP_HELPER"
 // ErrRawUnavailable and says to grant CAP_NET_RAW, and ModeAuto chooses
 // connect mode, RawError saying why, and probes.
 func TestRawWithoutCapability(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root, to drop CAP_NET_RAW from a child (CI runs as root)")
-	}
-	setpriv, err := exec.LookPath("setpriv")
-	if err != nil {
-		t.Skip("needs setpriv (Debian package util-linux) to run a child without CAP_NET_RAW")
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd, err := testkit.TestCommand(ctx, "", "TestRawCapHelper", rawCapEnv+"=1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Path = setpriv
-	cmd.Args = append([]string{"setpriv", "--inh-caps", "-net_raw", "--bounding-set", "-net_raw", "--"}, cmd.Args...)
-	out, err := cmd.CombinedOutput()
+	out, err := testkit.WithoutCapCommand(t, ctx, "net_raw", "TestRawCapHelper", rawCapEnv+"=1").CombinedOutput()
 	if err != nil {
 		t.Fatalf("child under setpriv: %v\n%s", err, out)
 	}

@@ -50,6 +50,30 @@ func TestCommand(ctx context.Context, ns, test string, env ...string) (*exec.Cmd
 	return cmd, nil
 }
 
+// WithoutCapCommand is TestCommand for a child that runs without the
+// capability name, as setpriv spells it (net_raw, sys_nice): setpriv
+// takes it out of the child's inheritable and bounding sets. It skips
+// unless the test runs as root and has setpriv (Debian package
+// util-linux).
+func WithoutCapCommand(tb testing.TB, ctx context.Context, name, test string, env ...string) *exec.Cmd {
+	tb.Helper()
+	capName := "CAP_" + strings.ToUpper(name)
+	if os.Geteuid() != 0 {
+		tb.Skipf("needs root, to drop %s from a child (CI runs as root)", capName)
+	}
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		tb.Skipf("needs setpriv (Debian package util-linux) to run a child without %s", capName)
+	}
+	cmd, err := TestCommand(ctx, "", test, env...)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd.Path = setpriv
+	cmd.Args = append([]string{"setpriv", "--inh-caps", "-" + name, "--bounding-set", "-" + name, "--"}, cmd.Args...)
+	return cmd
+}
+
 // RunTest runs the test function test in a child process (TestCommand),
 // bounded to 60 s, and returns its output, stdout and stderr together. It
 // fails the test, with the output, if the child fails.

@@ -110,7 +110,8 @@ func (l *loop) start(req *request) {
 	// The timeout runs from the SYN.
 	start := l.e.now()
 	deadline := req.deadlineFrom(start)
-	p := synProbe{fd: fd, sa: sa, salen: salen, reuse: len(l.idle[familyIndex(family)]) < maxIdle, idx: l.nextSlot()}
+	idle := &l.idle[familyIndex(family)]
+	p := synProbe{fd: fd, sa: sa, salen: salen, reuse: len(*idle) < maxIdle, idx: l.nextSlot()}
 	p.gen = l.slots[p.idx].gen
 	if l.cl != nil {
 		p.cs = l.cl.slot(p.idx)
@@ -127,7 +128,7 @@ func (l *loop) start(req *request) {
 		// already, with no epoll round trip at all.
 		res, rtt, ackAgo := l.answered(fd, req.addr, false)
 		if p.kept {
-			l.idle[familyIndex(family)] = append(l.idle[familyIndex(family)], fd)
+			*idle = append(*idle, fd)
 		} else {
 			l.socketClosed()
 		}
@@ -231,14 +232,8 @@ func (l *loop) nextSlot() int32 {
 // alloc takes a slot for a probe whose SYN is out and puts it in the
 // deadline heap.
 func (l *loop) alloc(fd int, req *request, start, deadline int64) int32 {
-	var idx int32
-	if n := len(l.free); n > 0 {
-		idx = l.free[n-1]
-		l.free = l.free[:n-1]
-	} else {
-		l.slots = append(l.slots, slot{})
-		idx = int32(len(l.slots) - 1)
-	}
+	idx := l.nextSlot()
+	l.free = l.free[:len(l.free)-1]
 	s := &l.slots[idx]
 	s.fd = fd
 	s.start = start

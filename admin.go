@@ -191,14 +191,13 @@ func engineStatus() EngineStatus {
 		CloseDelay:      closeDelayStatus(st),
 		ProbeMode:       e.Mode().String(),
 	}
-	rt, rtErr := e.CloserRealtime()
-	es.CloserPriority = closerPriorityInUse(e, rt)
+	es.CloserPriority = closerPriorityInUse(e)
 	if set := engines.settings.Load(); set != nil {
 		es.ProbeModeAsked = set.mode.String()
 		es.CloserPriorityAsked = set.priority.String()
 	}
-	if rtErr != nil {
-		es.CloserPriorityError = rtErr.Error()
+	if _, err := e.CloserRealtime(); err != nil {
+		es.CloserPriorityError = err.Error()
 	}
 	if e.Mode() == shaker.ModeRaw {
 		es.SourcePorts = e.SourcePorts().String()

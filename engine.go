@@ -192,13 +192,13 @@ func (s *engineState) acquire(a *App) error {
 func logStarted(l *zap.Logger, e *shaker.Engine, want engineSettings) {
 	st := e.Stats()
 	asked := want.mode
-	rt, rtErr := e.CloserRealtime()
+	_, rtErr := e.CloserRealtime()
 	fields := []zap.Field{
 		zap.Bool("half_open", shaker.HalfOpen()),
 		zap.Int("loops", st.Loops),
 		zap.Int("max_sockets", st.MaxSockets),
 		zap.Stringer("probe_mode", e.Mode()),
-		zap.String("closer_priority", closerPriorityInUse(e, rt)),
+		zap.String("closer_priority", closerPriorityInUse(e)),
 	}
 	if asked != e.Mode() {
 		fields = append(fields, zap.Stringer("probe_mode_asked", asked))
@@ -232,8 +232,8 @@ func logStarted(l *zap.Logger, e *shaker.Engine, want engineSettings) {
 
 // closerPriorityInUse names how e's closers run: "realtime", "normal",
 // or "none" (raw mode has none, nor has a build with the race detector).
-func closerPriorityInUse(e *shaker.Engine, realtime bool) string {
-	switch {
+func closerPriorityInUse(e *shaker.Engine) string {
+	switch realtime, _ := e.CloserRealtime(); {
 	case realtime:
 		return "realtime"
 	case !e.HasClosers():

@@ -174,18 +174,42 @@ func TestCloserWhileLoopHeld(t *testing.T) {
 }
 
 // TestAnsweredInside: a SYN-ACK taken inside connect() is counted from
-// the kernel's clock where that is later than the SYN, never before it.
+// the kernel's clock where that is later than the SYN, never before it,
+// with the tick the loop has learned.
 func TestAnsweredInside(t *testing.T) {
 	ms := int64(time.Millisecond)
-	for _, c := range [][4]int64{
-		// start, info, ackAgo: want
-		{0, 50 * ms, 0, 40 * ms},      // a long connect(), the answer at its end
-		{0, 50 * ms, 36 * ms, 4 * ms}, // the answer 36-46 ms before the read
-		{0, 50 * ms, 48 * ms, 0},      // no earlier than the SYN
-		{100 * ms, 103 * ms, 0, 100 * ms},
+	for _, c := range [][5]int64{
+		// start, info, ackAgo, tick: want
+		{0, 50 * ms, 0, 10 * ms, 40 * ms},      // a long connect(), the answer at its end
+		{0, 50 * ms, 36 * ms, 10 * ms, 4 * ms}, // the answer 36-46 ms before the read
+		{0, 50 * ms, 36 * ms, 4 * ms, 10 * ms}, // 36-40 ms at HZ 250
+		{0, 50 * ms, 48 * ms, 10 * ms, 0},      // no earlier than the SYN
+		{100 * ms, 103 * ms, 0, 10 * ms, 100 * ms},
+		{100 * ms, 112 * ms, 0, 4 * ms, 108 * ms},
 	} {
-		if got := answeredInside(c[0], c[1], c[2]); got != c[3] {
-			t.Errorf("answeredInside(%d, %d, %d ms) = %v, want %v", c[0]/ms, c[1]/ms, c[2]/ms, time.Duration(got), time.Duration(c[3]))
+		if got := answeredInside(c[0], c[1], c[2], c[3]); got != c[4] {
+			t.Errorf("answeredInside(%d, %d, %d ms, tick %d ms) = %v, want %v", c[0]/ms, c[1]/ms, c[2]/ms, c[3]/ms, time.Duration(got), time.Duration(c[4]))
+		}
+	}
+}
+
+// TestNoteTick: a loop takes the kernel's tick for the least nonzero
+// tcpi_last_ack_recv it has seen, never more than maxTick.
+func TestNoteTick(t *testing.T) {
+	ms := int64(time.Millisecond)
+	l := &loop{tick: maxTick}
+	for _, c := range [][2]int64{
+		// ackAgo: tick after it
+		{0, 10 * ms},       // no tick crossed: nothing learned
+		{20 * ms, 10 * ms}, // two ticks of HZ 100: the cap holds
+		{8 * ms, 8 * ms},   // two ticks of HZ 250
+		{0, 8 * ms},
+		{4 * ms, 4 * ms}, // one
+		{12 * ms, 4 * ms},
+	} {
+		l.noteTick(c[0])
+		if l.tick != c[1] {
+			t.Fatalf("after ackAgo %v: tick %v, want %v", time.Duration(c[0]), time.Duration(l.tick), time.Duration(c[1]))
 		}
 	}
 }

@@ -93,6 +93,11 @@ type loop struct {
 	cl         *closer  // connect mode: closes the answered sockets
 	parked     *parker  // sleeps in the Go scheduler, not in epoll_wait
 
+	// tick is the kernel clock's tick as far as this loop knows it: as
+	// measured (kernelTick), or the least nonzero tcpi_last_ack_recv of
+	// its answers if that is shorter (noteTick).
+	tick int64
+
 	// Read by Stats from any goroutine.
 	outcomes      outcomeCounts
 	inFlight      atomic.Int64
@@ -120,6 +125,7 @@ func newLoop(e *Engine, budget int, epollOnly bool) (*loop, error) {
 		batch:     make([]request, 0, checkEvery),
 		linger:    unix.Linger{Onoff: 1, Linger: 0},
 		epollOnly: epollOnly,
+		tick:      kernelTick(),
 	}
 	l.headDue.Store(math.MaxInt64)
 	var err error

@@ -132,7 +132,8 @@ func (l *loop) start(req *request) {
 		} else {
 			l.socketClosed()
 		}
-		l.settle(res, req.done, req.sched, start, answeredInside(start, p.info, ackAgo), p.end, rtt, ackAgo)
+		l.noteTick(ackAgo)
+		l.settle(res, req.done, req.sched, start, answeredInside(start, p.info, ackAgo, l.tick), p.end, rtt, ackAgo)
 	case synEnded:
 		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, true)
 	case synWatched:
@@ -311,18 +312,29 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 }
 
 // maxTick is the longest tick of the kernel's clock (jiffies, HZ 100),
-// the resolution of TCP_INFO's tcpi_last_ack_recv.
+// the resolution of TCP_INFO's tcpi_last_ack_recv: the tick assumed
+// where it could not be measured (kernelTick).
 const maxTick = int64(10 * time.Millisecond)
+
+// noteTick takes an answer's ackAgo (tcpi_last_ack_recv) for the tick
+// if it is shorter than the one the loop has: that is a whole number of
+// ticks in ms, rounded up, so the least nonzero one seen is never
+// shorter than the tick (4 ms at HZ 250, 1 at HZ 1000).
+func (l *loop) noteTick(ackAgo int64) {
+	if ackAgo > 0 && ackAgo < l.tick {
+		l.tick = ackAgo
+	}
+}
 
 // answeredInside is the earliest time a SYN-ACK that came inside
 // connect() can have come: not before the SYN (start), and, by the
 // kernel's own clock read at info (ackAgo ago, rounded down to its tick),
-// not before info-ackAgo-maxTick. The kernel takes such an answer at the
+// not before info-ackAgo-tick. The kernel takes such an answer at the
 // end of connect() (the socket is the caller's until then), so the time
 // connect() spent before it, sending the SYN and running the peer's
 // receive inline, or off the CPU, is not the close's delay.
-func answeredInside(start, info, ackAgo int64) int64 {
-	return max(start, info-ackAgo-maxTick)
+func answeredInside(start, info, ackAgo, tick int64) int64 {
+	return max(start, info-ackAgo-tick)
 }
 
 // answered is the result of an answered probe: from l.tcpInfo (the
@@ -392,6 +404,7 @@ func (l *loop) settleClosed(idx int32, cs *cslot) {
 func (l *loop) settle(res Result, done func(Result), sched *Schedule, start, seen, end, rtt, ackAgo int64) {
 	res.Duration = time.Duration(end - start)
 	if res.Err == nil {
+		l.noteTick(ackAgo)
 		res.RTT = time.Duration(rtt)
 		delay := end - seen
 		if ackAgo <= end-start && ackAgo > delay {

@@ -1,3 +1,5 @@
+//go:build linux && !shaker_fallback
+
 package shaker
 
 import (

@@ -72,6 +72,7 @@ type burstResult struct {
 	maxReady, maxQueued             int
 	worst, p50, p99, p999           time.Duration
 	rate                            float64
+	exact, apart                    uint64 // Engine.delayViews
 }
 
 func (r burstResult) String() string {
@@ -86,6 +87,18 @@ func runBurst(t *testing.T, mode string, family int) {
 		t.Errorf("%d up, %d through epoll: the scenario did not take the epoll path", r.up, r.epollUp)
 	}
 	testkit.BurstsSeen(t, r.maxReady, r.maxQueued)
+	checkDelayViews(t, r.exact, r.apart)
+}
+
+// checkDelayViews fails unless the kernel's microsecond clock timed
+// close delays (exact) and never put a SYN-ACK after the loop or the
+// closer saw it (apart): on a path where the answers come through epoll,
+// the clock the close delays are read from agrees with the loop's own.
+func checkDelayViews(t *testing.T, exact, apart uint64) {
+	t.Helper()
+	if exact == 0 || apart != 0 {
+		t.Errorf("close delays from the kernel's microsecond clock: %d; where it put the SYN-ACK after it was seen: %d (want some, and none)", exact, apart)
+	}
 }
 
 // burstChild runs the burst scenario's child (TestCloseDelayBurstsHelper)
@@ -113,6 +126,9 @@ func burstChild(t *testing.T, mode string, family int, pm Mode) (burstResult, in
 	r.maxReady, r.maxQueued = int(u(4)), int(u(5))
 	r.worst, r.p50, r.p99, r.p999 = d(6), d(7), d(8), d(9)
 	r.rate, _ = strconv.ParseFloat(f[10], 64)
+	if v := res["views"]; len(v) == 2 {
+		r.exact, r.apart = u2(v[0]), u2(v[1])
+	}
 	var seen int
 	if s := res["seen"]; len(s) == 1 {
 		seen, _ = strconv.Atoi(s[0])
@@ -190,6 +206,25 @@ func TestCloseDelayBurstsHelper(t *testing.T) {
 		}
 	}
 	fmt.Printf("RESULT seen %d\n", n)
+	exact, apart := e.delayViews()
+	fmt.Printf("RESULT views %d %d\n", exact, apart)
+}
+
+// delayViews sums the loops' counts of close delays timed by the
+// kernel's microsecond clock (exact) and of those where it put the
+// SYN-ACK after the loop or the closer saw it, and was not used (apart).
+func (e *Engine) delayViews() (exact, apart uint64) {
+	for _, l := range e.loops {
+		exact += l.exactDelays.Load()
+		apart += l.viewsApart.Load()
+	}
+	return exact, apart
+}
+
+// u2 is s as a uint64, 0 if it is none.
+func u2(s string) uint64 {
+	v, _ := strconv.ParseUint(s, 10, 64)
+	return v
 }
 
 // burstListeners starts burstPorts counting listeners on the wildcard

@@ -85,6 +85,7 @@ type cslot struct {
 	soerr   int32  // SO_ERROR, when failed
 	rtt     uint32 // tcpi_rtt, us, when not failed
 	lastAck uint32 // tcpi_last_ack_recv, ms, when not failed
+	retrans uint32 // tcpi_total_retrans, when not failed
 	seen    int64  // CLOCK_MONOTONIC, ns: when epoll_wait returned the answer
 	end     int64  // CLOCK_MONOTONIC, ns: after the close
 }
@@ -385,7 +386,7 @@ func (c *closer) closeAnswered(idx, gen int32, events uint32, seen int64) bool {
 		return false // the loop took it back, or the event is stale
 	}
 	fd := uintptr(cs.fd)
-	cs.gerr, cs.soerr, cs.rtt, cs.lastAck = 0, 0, 0, 0
+	cs.gerr, cs.soerr, cs.rtt, cs.lastAck, cs.retrans = 0, 0, 0, 0, 0
 	if events&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 		cs.failed = 1
 		c.size = 4
@@ -397,7 +398,7 @@ func (c *closer) closeAnswered(idx, gen int32, events uint32, seen int64) bool {
 		c.size = uint32(unsafe.Sizeof(c.tcpInfo))
 		_, _, errno := syscall.RawSyscall6(unix.SYS_GETSOCKOPT, fd, unix.IPPROTO_TCP, unix.TCP_INFO, c.tiAddr, c.sizeAddr, 0)
 		if errno == 0 {
-			cs.rtt, cs.lastAck = c.tcpInfo.Rtt, c.tcpInfo.Last_ack_recv
+			cs.rtt, cs.lastAck, cs.retrans = c.tcpInfo.Rtt, c.tcpInfo.Last_ack_recv, c.tcpInfo.Total_retrans
 		}
 	}
 	syscall.RawSyscall(unix.SYS_CLOSE, fd, 0, 0) // zero linger: the RST goes out now

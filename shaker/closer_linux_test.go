@@ -193,6 +193,56 @@ func TestAnsweredInside(t *testing.T) {
 	}
 }
 
+// TestCloseDelayViews: a close delay counts from the kernel's microsecond
+// clock (the SYN's time plus tcpi_rtt, less a microsecond of rounding)
+// where it knows the arrival, its first SYN answered, and agrees with
+// when the answer was seen; else from when it was seen, or the tick
+// clock's view, as before.
+func TestCloseDelayViews(t *testing.T) {
+	ms, us := int64(time.Millisecond), int64(time.Microsecond)
+	for _, c := range []struct {
+		name             string
+		inside           bool
+		start, seen, end int64 // seen: epoll's return, or inside: the TCP_INFO read
+		rtt, ackAgo      int64
+		retrans          uint32
+		want             int64
+		exact, apart     uint64
+	}{
+		{name: "epoll: from the SYN plus the RTT", start: 0, seen: 30 * ms, end: 31 * ms, rtt: 20 * ms, ackAgo: 12 * ms,
+			want: 11*ms + us, exact: 1},
+		{name: "epoll: retransmitted SYN, the tick clock", start: 0, seen: 1030 * ms, end: 1031 * ms, rtt: 20 * ms, ackAgo: 12 * ms, retrans: 1,
+			want: 12 * ms},
+		{name: "epoll: retransmitted SYN, seen", start: 0, seen: 1030 * ms, end: 1031 * ms, rtt: 20 * ms, retrans: 1,
+			want: 1 * ms},
+		{name: "epoll: no RTT", start: 0, seen: 30 * ms, end: 31 * ms, ackAgo: 4 * ms,
+			want: 4 * ms},
+		{name: "epoll: the clock puts it after seen", start: 0, seen: 10 * ms, end: 11 * ms, rtt: 20 * ms,
+			want: 1 * ms, apart: 1},
+		{name: "inside: from the SYN plus the RTT", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 47 * ms,
+			want: 4*ms + us, exact: 1},
+		{name: "inside: the tick clock's later", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 10 * us,
+			want: 5 * ms}, // answeredInside: 50 - 0 - 4 (tick)
+		{name: "inside: retransmitted SYN", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 45 * ms, retrans: 2,
+			want: 5 * ms},
+		{name: "inside: the clock puts it after the read", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 60 * ms,
+			want: 5 * ms, apart: 1},
+	} {
+		l := &loop{tick: 4 * ms}
+		v := kernelView{rtt: c.rtt, ackAgo: c.ackAgo, retrans: c.retrans}
+		var got int64
+		if c.inside {
+			got = l.insideDelay(c.start, c.seen, c.end, v)
+		} else {
+			got = l.epollDelay(c.start, c.seen, c.end, v)
+		}
+		if got != c.want || l.exactDelays.Load() != c.exact || l.viewsApart.Load() != c.apart {
+			t.Errorf("%s: delay %v, exact %d, apart %d; want %v, %d, %d", c.name, time.Duration(got),
+				l.exactDelays.Load(), l.viewsApart.Load(), time.Duration(c.want), c.exact, c.apart)
+		}
+	}
+}
+
 // TestNoteTick: a loop takes the kernel's tick for the least nonzero
 // tcpi_last_ack_recv it has seen, never more than maxTick.
 func TestNoteTick(t *testing.T) {

@@ -98,6 +98,12 @@ type loop struct {
 	// its answers if that is shorter (noteTick).
 	tick int64
 
+	// exactDelays counts the close delays counted from the kernel's
+	// microsecond clock (kernelView.arrival); viewsApart those where that
+	// clock put the SYN-ACK after the loop or closer saw it, and was not
+	// used. Read by tests.
+	exactDelays, viewsApart atomic.Uint64
+
 	// Read by Stats from any goroutine.
 	outcomes      outcomeCounts
 	inFlight      atomic.Int64

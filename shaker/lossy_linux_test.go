@@ -87,7 +87,11 @@ func TestCloseDelayOnLossyPath(t *testing.T) {
 	}
 	var up, timeouts, retrans, retransUp, accepted, phases int64
 	var worst, naive time.Duration
+	var exact, apart uint64
 	for _, line := range strings.Split(out.String(), "\n") {
+		if f := strings.Fields(line); len(f) == 4 && f[0] == "RESULT" && f[1] == "views" {
+			exact, apart = u2(f[2]), u2(f[3])
+		}
 		if f := strings.Fields(line); len(f) == 9 && f[0] == "RESULT" {
 			up, _ = strconv.ParseInt(f[1], 10, 64)
 			timeouts, _ = strconv.ParseInt(f[2], 10, 64)
@@ -99,8 +103,9 @@ func TestCloseDelayOnLossyPath(t *testing.T) {
 			phases, _ = strconv.ParseInt(f[8], 10, 64)
 		}
 	}
-	t.Logf("lossy path: %d phases; %d up, %d of them after a retransmitted SYN; %d timeouts; %d SYNs retransmitted; worst close delay %v (from SYN + RTT it would read %v); %d accepted",
-		phases, up, retransUp, timeouts, retrans, worst, naive, accepted)
+	t.Logf("lossy path: %d phases; %d up, %d of them after a retransmitted SYN; %d timeouts; %d SYNs retransmitted; worst close delay %v (from SYN + RTT it would read %v); %d accepted; %d delays timed by the kernel's microsecond clock, %d where it disagreed",
+		phases, up, retransUp, timeouts, retrans, worst, naive, accepted, exact, apart)
+	checkDelayViews(t, exact, apart)
 	switch {
 	case up == 0:
 		t.Fatalf("no probe answered:\n%s", out.String())
@@ -195,6 +200,8 @@ func TestLossyHelper(t *testing.T) {
 	accepted := testkit.Listeners(ls).ProbeAccepts(t) // one wait for all
 	fmt.Printf("RESULT %d %d %d %d %v %v %d %d\n", up.Load(), timeouts.Load(), testkit.TCPExt(t, "TCPSynRetrans")-retrans0,
 		retransUp.Load(), st.MaxCloseDelay, time.Duration(naive.Load()), accepted, phases)
+	exact, apart := e.delayViews()
+	fmt.Printf("RESULT views %d %d\n", exact, apart)
 }
 
 // listenIn opens n counting listeners on lossyAddrB inside network

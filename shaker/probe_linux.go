@@ -107,16 +107,18 @@ func (l *loop) start(req *request) {
 		return
 	}
 
-	// The timeout runs from the SYN.
-	start := l.e.now()
-	deadline := req.deadlineFrom(start)
 	idle := &l.idle[familyIndex(family)]
 	p := synProbe{fd: fd, sa: sa, salen: salen, reuse: len(*idle) < maxIdle, idx: l.nextSlot()}
 	p.gen = l.slots[p.idx].gen
 	if l.cl != nil {
 		p.cs = l.cl.slot(p.idx)
 	}
-	switch l.synWindow(&p) {
+	w := l.synWindow(&p)
+	// The timeout runs from the SYN, as does the close delay where the
+	// kernel's clock times it (kernelView.arrival).
+	start := p.start
+	deadline := req.deadlineFrom(start)
+	switch w {
 	case synError:
 		l.closeFD(fd)
 		res.Err = classify("connect", p.errno)
@@ -126,14 +128,14 @@ func (l *loop) start(req *request) {
 		// On loopback and other local paths the handshake has often
 		// finished inside connect(), and the connection is aborted
 		// already, with no epoll round trip at all.
-		res, rtt, ackAgo := l.answered(fd, req.addr, false)
+		res, v := l.answered(fd, req.addr, false)
 		if p.kept {
 			*idle = append(*idle, fd)
 		} else {
 			l.socketClosed()
 		}
-		l.noteTick(ackAgo)
-		l.settle(res, req.done, req.sched, start, answeredInside(start, p.info, ackAgo, l.tick), p.end, rtt, ackAgo)
+		l.noteTick(v.ackAgo)
+		l.settle(res, req.done, req.sched, start, p.end, l.insideDelay(start, p.info, p.end, v), v)
 	case synEnded:
 		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, true)
 	case synWatched:
@@ -287,6 +289,7 @@ func (l *loop) readTCPInfo(fd int) (state uint8, ok bool) {
 	if errno := rawGetsockopt(fd, unix.IPPROTO_TCP, unix.TCP_INFO, unsafe.Pointer(&l.tcpInfo), &size); errno != 0 {
 		l.tcpInfo.Rtt = 0
 		l.tcpInfo.Last_ack_recv = 0
+		l.tcpInfo.Total_retrans = 0
 		return 0, false
 	}
 	return l.tcpInfo.State, true
@@ -299,7 +302,7 @@ func (l *loop) readTCPInfo(fd int) (state uint8, ok bool) {
 // that never entered epoll (family != 0) is kept for another probe;
 // others are closed.
 func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result), sched *Schedule, start, seen int64, failed bool) {
-	res, rtt, ackAgo := l.answered(fd, addr, failed)
+	res, v := l.answered(fd, addr, failed)
 	if !failed && family == 0 {
 		l.epollUp.Add(1)
 	}
@@ -308,7 +311,8 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 	} else {
 		l.closeFD(fd) // zero linger: the RST goes out now
 	}
-	l.settle(res, done, sched, start, seen, l.e.now(), rtt, ackAgo)
+	end := l.e.now()
+	l.settle(res, done, sched, start, end, l.epollDelay(start, seen, end, v), v)
 }
 
 // maxTick is the longest tick of the kernel's clock (jiffies, HZ 100),
@@ -337,16 +341,79 @@ func answeredInside(start, info, ackAgo, tick int64) int64 {
 	return max(start, info-ackAgo-tick)
 }
 
+// kernelView is what TCP_INFO said of an answered probe.
+type kernelView struct {
+	rtt     int64  // tcpi_rtt, ns: the SYN's round trip, on the kernel's clock in us
+	ackAgo  int64  // tcpi_last_ack_recv, ns: how long before the read the SYN-ACK came, in whole ticks
+	retrans uint32 // tcpi_total_retrans: how many times the SYN was sent again
+}
+
+// arrival is the earliest time the SYN-ACK can have come by the kernel's
+// clock in microseconds, and whether that clock knows: tcpi_rtt is the
+// time from the SYN's send to the SYN-ACK's processing (the moment the
+// kernel's delayed-ACK timer starts), and the SYN went out after start.
+// It knows only for the first SYN: when a retransmitted one was answered
+// the kernel takes no sample from the SYN (Karn), or one from a
+// timestamp echo in whole ms, and start plus the RTT would read up to a
+// second early. A reused socket's RTT starts from nothing again
+// (tcp_disconnect clears srtt_us and, since Linux 5.5, total_retrans).
+// The microsecond lost to rounding is taken off.
+func (v kernelView) arrival(start int64) (int64, bool) {
+	if v.rtt <= 0 || v.retrans != 0 {
+		return 0, false
+	}
+	return start + v.rtt - int64(time.Microsecond), true
+}
+
+// epollDelay is the close delay of an answer that the loop or the closer
+// saw at seen (the return of epoll_wait, after the SYN-ACK came) and
+// closed before end: from its arrival by the kernel's microsecond clock
+// when that knows and agrees (not after seen); else from seen, or from
+// the kernel's tick clock (ackAgo before the read) where that is
+// earlier, never before the SYN.
+func (l *loop) epollDelay(start, seen, end int64, v kernelView) int64 {
+	if at, ok := v.arrival(start); ok {
+		if at <= seen {
+			l.exactDelays.Add(1)
+			return end - at
+		}
+		l.viewsApart.Add(1)
+	}
+	delay := end - seen
+	if v.ackAgo <= end-start && v.ackAgo > delay {
+		delay = v.ackAgo // never older than the SYN itself
+	}
+	return delay
+}
+
+// insideDelay is the close delay of an answer taken inside connect():
+// TCP_INFO was read at info, the socket closed before end. It counts
+// from the latest of the SYN, the tick clock's earliest (answeredInside)
+// and the microsecond clock's, where that knows and agrees (not after
+// info); exactDelays counts it when the last is the latest.
+func (l *loop) insideDelay(start, info, end int64, v kernelView) int64 {
+	from := answeredInside(start, info, v.ackAgo, l.tick)
+	if at, ok := v.arrival(start); ok {
+		if at > info {
+			l.viewsApart.Add(1)
+		} else if at > from {
+			l.exactDelays.Add(1)
+			from = at
+		}
+	}
+	return end - from
+}
+
 // answered is the result of an answered probe: from l.tcpInfo (the
 // socket's TCP_INFO) when failed is false, else from the socket's
-// SO_ERROR; with the RTT, and how long ago the kernel took the SYN-ACK.
-func (l *loop) answered(fd int, addr netip.AddrPort, failed bool) (res Result, rtt, ackAgo int64) {
+// SO_ERROR; with what the kernel says of its SYN-ACK.
+func (l *loop) answered(fd int, addr netip.AddrPort, failed bool) (res Result, v kernelView) {
 	res.Addr = addr
 	if !failed {
-		// The kernel's own clock of the SYN-ACK's arrival, in ms
-		// (jiffies): it counts time the loop spent off the CPU before
-		// epoll_wait returned, which seen does not.
-		return res, int64(l.tcpInfo.Rtt) * int64(time.Microsecond), int64(l.tcpInfo.Last_ack_recv) * int64(time.Millisecond)
+		// The kernel's own clocks of the SYN-ACK's arrival: they count
+		// time the loop spent off the CPU before epoll_wait returned,
+		// which seen does not.
+		return res, viewOf(l.tcpInfo.Rtt, l.tcpInfo.Last_ack_recv, l.tcpInfo.Total_retrans)
 	}
 	var soerr int32
 	size := uint32(4)
@@ -359,7 +426,13 @@ func (l *loop) answered(fd int, addr netip.AddrPort, failed bool) (res Result, r
 		// An error event with no error pending: the connection
 		// was made and lost at once. The port answered.
 	}
-	return res, 0, 0
+	return res, kernelView{}
+}
+
+// viewOf is the kernelView of TCP_INFO's tcpi_rtt (us),
+// tcpi_last_ack_recv (ms) and tcpi_total_retrans.
+func viewOf(rtt, lastAck, retrans uint32) kernelView {
+	return kernelView{rtt: int64(rtt) * int64(time.Microsecond), ackAgo: int64(lastAck) * int64(time.Millisecond), retrans: retrans}
 }
 
 // collect takes the results of the probes the closer has closed.
@@ -382,7 +455,7 @@ func (l *loop) settleClosed(idx int32, cs *cslot) {
 	l.open--
 	l.sockets.Store(int64(l.open))
 	res := Result{Addr: s.addr}
-	var rtt, ackAgo int64
+	var v kernelView
 	if cs.failed != 0 {
 		switch {
 		case cs.gerr != 0:
@@ -391,25 +464,21 @@ func (l *loop) settleClosed(idx int32, cs *cslot) {
 			res.Err = classify("connect", syscall.Errno(cs.soerr))
 		}
 	} else {
-		rtt = int64(cs.rtt) * int64(time.Microsecond)
-		ackAgo = int64(cs.lastAck) * int64(time.Millisecond)
+		v = viewOf(cs.rtt, cs.lastAck, cs.retrans)
 		l.epollUp.Add(1)
 	}
-	l.settle(res, s.done, s.sched, s.start, cs.seen-l.cl.mono0, cs.end-l.cl.mono0, rtt, ackAgo)
+	end := cs.end - l.cl.mono0
+	l.settle(res, s.done, s.sched, s.start, end, l.epollDelay(s.start, cs.seen-l.cl.mono0, end, v), v)
 	l.release(idx)
 }
 
 // settle counts the close delay of a probe whose socket is closed (end is
 // after the close) and queues its result.
-func (l *loop) settle(res Result, done func(Result), sched *Schedule, start, seen, end, rtt, ackAgo int64) {
+func (l *loop) settle(res Result, done func(Result), sched *Schedule, start, end, delay int64, v kernelView) {
 	res.Duration = time.Duration(end - start)
 	if res.Err == nil {
-		l.noteTick(ackAgo)
-		res.RTT = time.Duration(rtt)
-		delay := end - seen
-		if ackAgo <= end-start && ackAgo > delay {
-			delay = ackAgo // never older than the SYN itself
-		}
+		l.noteTick(v.ackAgo)
+		res.RTT = time.Duration(v.rtt)
 		if delay > l.maxCloseDelay.Load() {
 			l.maxCloseDelay.Store(delay)
 		}

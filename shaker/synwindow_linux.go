@@ -55,6 +55,7 @@ type synProbe struct {
 	idx   int32  // the probe's slot, which alloc takes next
 	gen   int32
 	errno syscall.Errno
+	start int64 // engine time just before connect(), with no safe point between
 	kept  bool  // synAnswered: the socket is kept
 	info  int64 // synAnswered: engine time after the TCP_INFO read
 	end   int64 // synAnswered: engine time after the abort
@@ -68,6 +69,7 @@ type synProbe struct {
 //go:nosplit
 //go:noinline
 func (l *loop) synWindow(p *synProbe) int {
+	p.start = l.e.now()
 	if errno := rawConnect(p.fd, p.sa, p.salen); errno != 0 && errno != unix.EINPROGRESS {
 		p.errno = errno
 		return synError

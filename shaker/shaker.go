@@ -102,9 +102,8 @@
 // [Engine.Stats] reports probes by outcome, in flight, queued, sockets,
 // schedules, the start delay of periodic probes (a histogram), how many
 // started late, how many are overdue and how late the worst is, and the delay
-// between a SYN-ACK's arrival (as the loop saw it, or the kernel's
-// tcpi_last_ack_recv) and the close of its socket (the worst, and a
-// histogram).
+// between a SYN-ACK's arrival (by the kernel's clocks, or as the loop saw
+// it) and the close of its socket (the worst, and a histogram).
 //
 // [HalfOpen] says whether probes here are half-open by construction (Linux).
 // [Engine.SelfCheck] probes a listener of its own on 127.0.0.1 and fails if it
@@ -361,12 +360,16 @@ type Stats struct {
 	StartDelay Histogram
 
 	// MaxCloseDelay is the worst delay seen between a SYN-ACK's arrival
-	// and the close of its socket (the RST). The arrival is when the loop
-	// saw the answer, or earlier if the kernel says so (TCP_INFO's
-	// tcpi_last_ack_recv, in ms): never the SYN's time plus the RTT,
-	// which is wrong when a retransmitted SYN was answered. It must stay
-	// far below the kernel's 200 ms delayed-ACK window; a probe whose
-	// delay reached it became a real connection.
+	// and the close of its socket (the RST). Where the first SYN was
+	// answered, the arrival is the SYN's time (read just before
+	// connect()) plus TCP_INFO's tcpi_rtt, the kernel's microsecond
+	// clock: the earliest it can have been, so the delay is never
+	// understated. Where a retransmitted SYN was answered (that RTT
+	// would read up to a second early), it is when the loop saw the
+	// answer, or earlier if tcpi_last_ack_recv (whole ticks of the
+	// kernel's clock, 1-10 ms) says so. It must stay far below the
+	// kernel's 200 ms delayed-ACK window; a probe whose delay reached it
+	// became a real connection.
 	MaxCloseDelay time.Duration
 	// CloseDelay is the distribution of those delays, one per probe
 	// answered with a SYN-ACK, over CloseDelayBuckets: the tail, where

@@ -4,6 +4,7 @@ package shaker
 
 import (
 	"fmt"
+	"math"
 	"runtime"
 	"sync/atomic"
 	"syscall"
@@ -151,9 +152,28 @@ func newCloser(l *loop) (*closer, error) {
 	c.sizeAddr = uintptr(unsafe.Pointer(&c.size))
 	c.oneAddr = uintptr(unsafe.Pointer(&c.one[0]))
 	c.bufAddr = uintptr(unsafe.Pointer(&c.buf[0]))
-	mono := c.clock()
-	c.mono0 = mono - l.e.now()
+	c.mono0 = monoOffset(l.e.now, c.clock)
 	return c, nil
+}
+
+// monoOffset is the time of clock (the closer's CLOCK_MONOTONIC, which
+// its seen and end are on) at time 0 of now (engine time): read between
+// two engine times, in the shortest of three brackets, and off by at
+// most half of it, a fraction of a microsecond unless the thread was
+// descheduled in all three. A close delay from the kernel's clock
+// (kernelView.arrival, engine time) to a close the closer timed takes
+// the offset's error whole.
+func monoOffset(now, clock func() int64) int64 {
+	var off int64
+	best := int64(math.MaxInt64)
+	for range 3 {
+		n1 := now()
+		m := clock()
+		if d := now() - n1; d < best {
+			best, off = d, m-n1-d/2
+		}
+	}
+	return off
 }
 
 // close releases the closer's descriptors, once it has stopped (or never

@@ -243,6 +243,41 @@ func TestCloseDelayViews(t *testing.T) {
 	}
 }
 
+// TestMonoOffset: a time read on CLOCK_MONOTONIC, less the offset, falls
+// between the engine times read just before and after it, within a few
+// microseconds; and an engine whose time 0 is a second later gets an
+// offset a second larger.
+func TestMonoOffset(t *testing.T) {
+	clock := func() int64 {
+		var ts unix.Timespec
+		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+			t.Fatal(err)
+		}
+		return ts.Nano()
+	}
+	base := time.Now()
+	now := func() int64 { return int64(time.Since(base)) }
+	later := func() int64 { return int64(time.Since(base)) - int64(time.Second) }
+	off, off2 := monoOffset(now, clock), monoOffset(later, clock)
+	if d := off2 - off - int64(time.Second); d < -int64(50*time.Microsecond) || d > int64(50*time.Microsecond) {
+		t.Errorf("an engine clock a second behind: offset %v more, want 1s", time.Duration(off2-off))
+	}
+	slack := int64(50 * time.Microsecond) // a descheduled read, at most, on a busy machine
+	bad := 0
+	for range 100 {
+		n1 := now()
+		m := clock() - off
+		n2 := now()
+		if m < n1-slack || m > n2+slack {
+			bad++
+			t.Logf("the clock read %v in engine time, between %v and %v", time.Duration(m), time.Duration(n1), time.Duration(n2))
+		}
+	}
+	if bad > 2 { // a descheduled bracket or two
+		t.Errorf("%d of 100 readings outside their bracket", bad)
+	}
+}
+
 // TestNoteTick: a loop takes the kernel's tick for the least nonzero
 // tcpi_last_ack_recv it has seen, never more than maxTick.
 func TestNoteTick(t *testing.T) {

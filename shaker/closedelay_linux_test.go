@@ -87,7 +87,9 @@ func runBurst(t *testing.T, mode string, family int) {
 		t.Errorf("%d up, %d through epoll: the scenario did not take the epoll path", r.up, r.epollUp)
 	}
 	testkit.BurstsSeen(t, r.maxReady, r.maxQueued)
-	checkDelayViews(t, r.exact, r.apart)
+	if microClock() {
+		checkDelayViews(t, r.exact, r.apart)
+	}
 }
 
 // checkDelayViews fails unless the kernel's microsecond clock timed

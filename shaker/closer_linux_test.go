@@ -228,7 +228,7 @@ func TestCloseDelayViews(t *testing.T) {
 		{name: "inside: the clock puts it after the read", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 60 * ms,
 			want: 5 * ms, apart: 1},
 	} {
-		l := &loop{tick: 4 * ms}
+		l := &loop{tick: 4 * ms, microOK: true}
 		v := kernelView{rtt: c.rtt, ackAgo: c.ackAgo, retrans: c.retrans}
 		var got int64
 		if c.inside {
@@ -275,6 +275,26 @@ func TestMonoOffset(t *testing.T) {
 	}
 	if bad > 2 { // a descheduled bracket or two
 		t.Errorf("%d of 100 readings outside their bracket", bad)
+	}
+}
+
+// TestKernelAtLeast: kernel releases as uname -r gives them, against
+// 4.20, where TCP's microsecond clock became CLOCK_MONOTONIC.
+func TestKernelAtLeast(t *testing.T) {
+	for _, c := range []struct {
+		release string
+		want    bool
+	}{
+		{"6.18.44-fc-v1045", true}, {"4.20.0", true}, {"5.4.0-150-generic", true},
+		{"4.19.325", false}, {"4.18.0-553.el8_10.x86_64", false}, {"3.10.0-1160.el7.x86_64", false},
+		{"10.0", true}, {"4.20-rc1", true}, {"", false}, {"six.1", false}, {"6", false},
+	} {
+		if got := kernelAtLeast(c.release, 4, 20); got != c.want {
+			t.Errorf("kernelAtLeast(%q, 4, 20) = %v, want %v", c.release, got, c.want)
+		}
+	}
+	if !microClock() {
+		t.Logf("this kernel's TCP clock is not CLOCK_MONOTONIC: close delays are not timed in microseconds here")
 	}
 }
 

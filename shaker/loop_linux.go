@@ -97,6 +97,9 @@ type loop struct {
 	// measured (kernelTick), or the least nonzero tcpi_last_ack_recv of
 	// its answers if that is shorter (noteTick).
 	tick int64
+	// microOK: the kernel's microsecond clock may time close delays
+	// (microClock).
+	microOK bool
 
 	// exactDelays counts the close delays counted from the kernel's
 	// microsecond clock (kernelView.arrival); viewsApart those where that
@@ -132,6 +135,7 @@ func newLoop(e *Engine, budget int, epollOnly bool) (*loop, error) {
 		linger:    unix.Linger{Onoff: 1, Linger: 0},
 		epollOnly: epollOnly,
 		tick:      kernelTick(),
+		microOK:   microClock(),
 	}
 	l.headDue.Store(math.MaxInt64)
 	var err error

@@ -64,7 +64,8 @@ func lossyPath(t *testing.T) (nsA, nsB string) {
 // close delay is measured from the SYN-ACK's arrival. A probe whose first
 // SYN was lost and whose retransmission was answered a second later reads
 // as a late close if the delay is taken from the SYN's time plus the RTT;
-// it must not. Nothing is accepted. The test fails unless at least one
+// it must not (the RTT times delays only where the first SYN was
+// answered, and the test checks that it did time some). Nothing is accepted. The test fails unless at least one
 // probe was answered after a retransmitted SYN: the helper probes in
 // phases until one was (lossyPhases at most).
 func TestCloseDelayOnLossyPath(t *testing.T) {
@@ -105,7 +106,6 @@ func TestCloseDelayOnLossyPath(t *testing.T) {
 	}
 	t.Logf("lossy path: %d phases; %d up, %d of them after a retransmitted SYN; %d timeouts; %d SYNs retransmitted; worst close delay %v (from SYN + RTT it would read %v); %d accepted; %d delays timed by the kernel's microsecond clock, %d where it disagreed",
 		phases, up, retransUp, timeouts, retrans, worst, naive, accepted, exact, apart)
-	checkDelayViews(t, exact, apart)
 	switch {
 	case up == 0:
 		t.Fatalf("no probe answered:\n%s", out.String())
@@ -120,6 +120,9 @@ func TestCloseDelayOnLossyPath(t *testing.T) {
 		// the probes answered late must read late from SYN + RTT: else
 		// the case above did not test what it says
 		t.Fatalf("%d probes answered after %v, yet SYN + RTT reads only %v", retransUp, lossyRetransmitted, naive)
+	}
+	if microClock() {
+		checkDelayViews(t, exact, apart)
 	}
 }
 

@@ -370,9 +370,10 @@ func (v kernelView) arrival(start int64) (int64, bool) {
 // closed before end: from its arrival by the kernel's microsecond clock
 // when that knows and agrees (not after seen); else from seen, or from
 // the kernel's tick clock (ackAgo before the read) where that is
-// earlier, never before the SYN.
+// earlier, never before the SYN. The microsecond clock is used only
+// where it is the engine's (microOK, Linux 4.20 and later).
 func (l *loop) epollDelay(start, seen, end int64, v kernelView) int64 {
-	if at, ok := v.arrival(start); ok {
+	if at, ok := v.arrival(start); ok && l.microOK {
 		if at <= seen {
 			l.exactDelays.Add(1)
 			return end - at
@@ -393,7 +394,7 @@ func (l *loop) epollDelay(start, seen, end int64, v kernelView) int64 {
 // info); exactDelays counts it when the last is the latest.
 func (l *loop) insideDelay(start, info, end int64, v kernelView) int64 {
 	from := answeredInside(start, info, v.ackAgo, l.tick)
-	if at, ok := v.arrival(start); ok {
+	if at, ok := v.arrival(start); ok && l.microOK {
 		if at > info {
 			l.viewsApart.Add(1)
 		} else if at > from {

@@ -363,11 +363,13 @@ type Stats struct {
 	// and the close of its socket (the RST). Where the first SYN was
 	// answered, the arrival is the SYN's time (read just before
 	// connect()) plus TCP_INFO's tcpi_rtt, the kernel's microsecond
-	// clock: the earliest it can have been, so the delay is never
+	// clock: the earliest it can have been, so the delay is not
 	// understated. Where a retransmitted SYN was answered (that RTT
-	// would read up to a second early), it is when the loop saw the
-	// answer, or earlier if tcpi_last_ack_recv (whole ticks of the
-	// kernel's clock, 1-10 ms) says so. It must stay far below the
+	// would read up to a second early), where the kernel gives no RTT,
+	// where that clock puts the answer after the loop saw it, and before
+	// Linux 4.20 (another clock), it is when the loop saw the answer, or
+	// earlier if tcpi_last_ack_recv (whole ticks of the kernel's clock,
+	// 1-10 ms) says so. It must stay far below the
 	// kernel's 200 ms delayed-ACK window; a probe whose delay reached it
 	// became a real connection.
 	MaxCloseDelay time.Duration

@@ -3,11 +3,48 @@
 package shaker
 
 import (
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// microClock reports whether TCP's microsecond clock (tcpi_rtt, the
+// close delays' kernelView.arrival) is CLOCK_MONOTONIC, the engine's:
+// since Linux 4.20, where TCP's clock is ktime_get_ns. Before, it was
+// local_clock(), which can drift from CLOCK_MONOTONIC and differ between
+// CPUs, so the SYN's time plus the RTT could pass the real arrival.
+var microClock = sync.OnceValue(func() bool {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return false
+	}
+	return kernelAtLeast(unix.ByteSliceToString(u.Release[:]), 4, 20)
+})
+
+// kernelAtLeast reports whether a kernel release ("6.18.44-fc", uname -r)
+// is major.minor or later; false if it cannot be read.
+func kernelAtLeast(release string, major, minor int) bool {
+	f := strings.SplitN(release, ".", 3)
+	if len(f) < 2 {
+		return false
+	}
+	ma, err := strconv.Atoi(f[0])
+	if err != nil {
+		return false
+	}
+	digits := f[1]
+	if i := strings.IndexFunc(digits, func(r rune) bool { return r < '0' || r > '9' }); i >= 0 {
+		digits = digits[:i] // "20-rc1"
+	}
+	mi, err := strconv.Atoi(digits)
+	if err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
+}
 
 // kernelTick is the kernel clock's tick (1000/HZ ms, rounded up to a
 // whole ms), the resolution of TCP_INFO's tcpi_last_ack_recv, as

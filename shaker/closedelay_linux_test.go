@@ -122,7 +122,7 @@ func burstChild(t *testing.T, mode string, family int, pm Mode) (burstResult, in
 		t.Fatalf("no RESULT burst line:\n%s", out)
 	}
 	var r burstResult
-	u := func(i int) uint64 { v, _ := strconv.ParseUint(f[i], 10, 64); return v }
+	u := func(i int) uint64 { return u2(f[i]) }
 	d := func(i int) time.Duration { v, _ := time.ParseDuration(f[i]); return v }
 	r.up, r.epollUp, r.timeouts, r.accepted = u(0), u(1), u(2), u(3)
 	r.maxReady, r.maxQueued = int(u(4)), int(u(5))

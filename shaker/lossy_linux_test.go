@@ -65,9 +65,10 @@ func lossyPath(t *testing.T) (nsA, nsB string) {
 // SYN was lost and whose retransmission was answered a second later reads
 // as a late close if the delay is taken from the SYN's time plus the RTT;
 // it must not (the RTT times delays only where the first SYN was
-// answered, and the test checks that it did time some). Nothing is accepted. The test fails unless at least one
-// probe was answered after a retransmitted SYN: the helper probes in
-// phases until one was (lossyPhases at most).
+// answered, and the test checks that it did time some). Nothing is
+// accepted. The test fails unless at least one probe was answered after
+// a retransmitted SYN: the helper probes in phases until one was
+// (lossyPhases at most).
 func TestCloseDelayOnLossyPath(t *testing.T) {
 	if testing.Short() {
 		t.Skip("namespaces and 6 to 30 s of probes")
@@ -90,10 +91,11 @@ func TestCloseDelayOnLossyPath(t *testing.T) {
 	var worst, naive time.Duration
 	var exact, apart uint64
 	for _, line := range strings.Split(out.String(), "\n") {
-		if f := strings.Fields(line); len(f) == 4 && f[0] == "RESULT" && f[1] == "views" {
+		f := strings.Fields(line)
+		if len(f) == 4 && f[0] == "RESULT" && f[1] == "views" {
 			exact, apart = u2(f[2]), u2(f[3])
 		}
-		if f := strings.Fields(line); len(f) == 9 && f[0] == "RESULT" {
+		if len(f) == 9 && f[0] == "RESULT" {
 			up, _ = strconv.ParseInt(f[1], 10, 64)
 			timeouts, _ = strconv.ParseInt(f[2], 10, 64)
 			retrans, _ = strconv.ParseInt(f[3], 10, 64)

@@ -133,17 +133,8 @@ func newCloser(l *loop) (*closer, error) {
 		done:   make(chan struct{}),
 	}
 	var err error
-	if c.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
-		return nil, &opError{"epoll_create1", errnoOf(err)}
-	}
-	if c.stopfd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
-		unix.Close(c.epfd)
-		return nil, &opError{"eventfd", errnoOf(err)}
-	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: stopIndex}
-	if err := unix.EpollCtl(c.epfd, unix.EPOLL_CTL_ADD, c.stopfd, &ev); err != nil {
-		c.close()
-		return nil, &opError{"epoll_ctl", errnoOf(err)}
+	if c.epfd, c.stopfd, err = epollWithEventfd(stopIndex); err != nil {
+		return nil, err
 	}
 	c.one[0] = 1
 	c.evAddr = uintptr(unsafe.Pointer(&c.events[0]))

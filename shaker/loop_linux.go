@@ -139,21 +139,30 @@ func newLoop(e *Engine, budget int, epollOnly bool) (*loop, error) {
 	}
 	l.headDue.Store(math.MaxInt64)
 	var err error
-	l.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-	if err != nil {
-		return nil, &opError{"epoll_create1", errnoOf(err)}
-	}
-	l.evfd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		unix.Close(l.epfd)
-		return nil, &opError{"eventfd", errnoOf(err)}
-	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: wakeIndex}
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, l.evfd, &ev); err != nil {
-		l.close()
-		return nil, &opError{"epoll_ctl", errnoOf(err)}
+	if l.epfd, l.evfd, err = epollWithEventfd(wakeIndex); err != nil {
+		return nil, err
 	}
 	return l, nil
+}
+
+// epollWithEventfd makes an epoll instance and a non-blocking eventfd it
+// watches for input, under index (the event's Fd field): a loop's wake-up
+// and a closer's stop. On error nothing is left open.
+func epollWithEventfd(index int32) (epfd, evfd int, err error) {
+	if epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+		return -1, -1, &opError{"epoll_create1", errnoOf(err)}
+	}
+	if evfd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
+		unix.Close(epfd)
+		return -1, -1, &opError{"eventfd", errnoOf(err)}
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: index}
+	if err = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, evfd, &ev); err != nil {
+		unix.Close(evfd)
+		unix.Close(epfd)
+		return -1, -1, &opError{"epoll_ctl", errnoOf(err)}
+	}
+	return epfd, evfd, nil
 }
 
 // openCloser gives a connect-mode loop its closer, and lets the loop

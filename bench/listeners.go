@@ -94,14 +94,19 @@ func (ls *listeners) kernelCounters() (resets, opens int64, err error) {
 }
 
 // stop closes the child's stdin, on which it exits, and waits for it.
-func (ls *listeners) stop() {
-	ls.in.Close()
+func (ls *listeners) stop() { stopByStdin(ls.in, ls.cmd) }
+
+// stopByStdin closes in, the stdin of a child that exits when it closes
+// (the listeners, the spinner), and waits for cmd; a child that does not
+// exit within 5 s is killed.
+func stopByStdin(in io.Closer, cmd *exec.Cmd) {
+	in.Close()
 	done := make(chan struct{})
-	go func() { ls.cmd.Wait(); close(done) }()
+	go func() { cmd.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
-		ls.cmd.Process.Kill()
+		cmd.Process.Kill()
 		<-done
 	}
 }

@@ -397,17 +397,7 @@ func (c *core0Meter) extra() (time.Duration, error) {
 
 // stop closes the spinner's stdin, on which it exits, and waits for it;
 // a spinner that does not exit within 5 s is killed.
-func (s *spinner) stop() {
-	s.in.Close()
-	done := make(chan struct{})
-	go func() { s.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		s.cmd.Process.Kill()
-		<-done
-	}
-}
+func (s *spinner) stop() { stopByStdin(s.in, s.cmd) }
 
 // serveSpin is the spinner: SCHED_IDLE, it runs an empty loop whenever
 // nothing else on its core wants to run, until its stdin closes. It keeps

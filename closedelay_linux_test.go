@@ -27,16 +27,15 @@ import (
 
 // The burst scenario of issue 15 inside Caddy: the shaker package's
 // TestCloseDelayBursts (the bare engine's baseline) with Caddy probing the
-// same 2,000 addresses (100 ms, 1.5 s timeout) across a SlowPath shaped at
-// 15 Mbit/s on both ends, while the admin API (/shaker/upstreams,
-// /shaker/engine, /metrics) and the status page are read in a loop, idle
-// and with a busy loop on every core. It asserts 0 accepted (past the
+// same 2,000 addresses (100 ms, 1.5 s timeout) across a SlowPath shaped on
+// both ends (testkit.BurstRate: 15 Mbit/s, 8 with busy loops), while the
+// admin API (/shaker/upstreams, /shaker/engine, /metrics) and the status
+// page are read in a loop, idle and with a busy loop on every core. It asserts 0 accepted (past the
 // kernel's window) and that the scenario was real; it logs the close
 // delays, which on a shared machine are not Caddy's alone to keep.
 const (
 	cdHelperEnv = "CADDYSHAKER_CLOSEDELAY_HELPER" // idle or busy
 	cdPathEnv   = "CADDYSHAKER_CD"                // the SlowPath's (SlowPath.Env)
-	cdRate      = "15mbit"
 	cdLatency   = "200ms"
 	cdAddrs     = 2000
 	cdPorts     = 8
@@ -54,8 +53,8 @@ func TestCloseDelayBurstsInCaddy(t *testing.T) {
 	for _, mode := range testkit.BurstModes(t) {
 		for _, family := range []int{4, 6} {
 			t.Run(fmt.Sprintf("%s/IPv%d", mode, family), func(t *testing.T) {
-				p := testkit.NewSlowPath(t, cdRate, cdLatency)
-				p.ShapeA(t, cdRate, cdLatency)
+				p := testkit.NewSlowPath(t, testkit.BurstRate(mode), cdLatency)
+				p.ShapeA(t, testkit.BurstRate(mode), cdLatency)
 				env := append(p.Env(cdPathEnv, family), cdHelperEnv+"="+mode, "HOME="+t.TempDir())
 				out := testkit.RunTest(t, p.A, "TestCloseDelayInCaddyHelper", env...)
 				f := testkit.ResultsByName(out)["closedelay"]

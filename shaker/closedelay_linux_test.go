@@ -16,13 +16,14 @@ import (
 )
 
 // The burst scenario of issue 15, on the bare engine: a testkit.SlowPath
-// whose tbf (15 Mbit/s, on both ends) the probes' own traffic fills, 2,000
-// addresses probed every 100 ms (20,000 probes/s) with a 1.5 s timeout, by
-// Every with a callback that does what health's does (counts, returns the
-// next interval). SYN-ACKs queue in the tbf and arrive in bursts after
-// connect() has returned: every answer takes the epoll path, and closes on
-// veth run the peer's network processing inline. The root package runs
-// the same scenario inside Caddy (closedelay_linux_test.go there).
+// whose tbf (on both ends; 15 Mbit/s, 8 with busy loops: testkit.BurstRate)
+// the probes' own traffic fills, 2,000 addresses probed every 100 ms (20,000
+// probes/s) with a 1.5 s timeout, by Every with a callback that does what
+// health's does (counts, returns the next interval). SYN-ACKs queue in the
+// tbf and arrive in bursts after connect() has returned: every answer takes
+// the epoll path, and closes on veth run the peer's network processing
+// inline. The root package runs the same scenario inside Caddy
+// (closedelay_linux_test.go there).
 //
 // The tests assert the promise (0 accepted, counted past the kernel's
 // window) and that the scenario was real (answers through epoll, a queue
@@ -32,7 +33,6 @@ import (
 const (
 	burstEnv      = "SHAKER_BURST_HELPER" // the child's mode: idle, busy, slow
 	burstPathEnv  = "SHAKER_BURST"        // the SlowPath's (SlowPath.Env)
-	burstRate     = "15mbit"
 	burstLatency  = "200ms"
 	burstAddrs    = 2000
 	burstPorts    = 8
@@ -81,7 +81,7 @@ func (r burstResult) String() string {
 }
 
 func runBurst(t *testing.T, mode string, family int) {
-	r, _ := burstChild(t, mode, family, ModeConnect)
+	r, _ := burstChild(t, mode, family, ModeConnect, testkit.BurstRate(mode))
 	testkit.BurstAccepted(t, r.accepted, fmt.Sprintf("bare engine, %s, IPv%d", mode, family))
 	if r.up == 0 || r.epollUp < r.up/2 {
 		t.Errorf("%d up, %d through epoll: the scenario did not take the epoll path", r.up, r.epollUp)
@@ -105,15 +105,15 @@ func checkDelayViews(t *testing.T, exact, apart uint64) {
 
 // burstChild runs the burst scenario's child (TestCloseDelayBurstsHelper)
 // in mode (idle, busy, slow) for family, its engine in probe mode pm, on a
-// new SlowPath, and returns what it measured and how many of the
+// new SlowPath shaped at rate, and returns what it measured and how many of the
 // burstAddrs addresses it saw up at least once.
-func burstChild(t *testing.T, mode string, family int, pm Mode) (burstResult, int) {
+func burstChild(t *testing.T, mode string, family int, pm Mode, rate string) (burstResult, int) {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("namespaces and 20,000 probes a second")
 	}
-	p := testkit.NewSlowPath(t, burstRate, burstLatency)
-	p.ShapeA(t, burstRate, burstLatency)
+	p := testkit.NewSlowPath(t, rate, burstLatency)
+	p.ShapeA(t, rate, burstLatency)
 	env := append(p.Env(burstPathEnv, family), burstEnv+"="+mode, "SHAKER_BURST_PROBE_MODE="+pm.String())
 	out := testkit.RunTest(t, p.A, "TestCloseDelayBurstsHelper", env...)
 	res := testkit.ResultsByName(out)

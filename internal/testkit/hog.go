@@ -69,6 +69,23 @@ func BurstModes(tb testing.TB) []string {
 	return nil
 }
 
+// BurstRate is the tbf rate of a burst scenario's link in mode. Idle it
+// is 15 Mbit/s, which the probes of 2,000 addresses at 100 ms fill (about
+// 13,400 IPv4 probes a second get through it, 10,400 IPv6). With a busy
+// loop on every core ("busy") it is 8 Mbit/s (about 7,400 and 6,000): a
+// prober sharing its cores with them sends fewer, how many depending on
+// the machine's other work. Inside Caddy, with its admin API read in a
+// loop, it sent 10,300-13,000 IPv4 probes a second at 15 Mbit/s and did
+// not fill the link in four runs of twelve, and 7,800-9,000 at 10 Mbit/s,
+// failing once; at 8 Mbit/s it filled it in twelve of twelve, the
+// smallest queue 2,800 packets (2026-12-04).
+func BurstRate(mode string) string {
+	if mode == "busy" {
+		return "8mbit"
+	}
+	return "15mbit"
+}
+
 // BurstsStrictEnv, set to 0, makes a burst scenario's accepted connection
 // a logged warning instead of a failure: for a machine too loaded to give
 // the prober a core within 200 ms of its SYN-ACKs, where a probe can

@@ -22,8 +22,8 @@ import (
 // what they assert does not depend on how busy the machine is. The link
 // keeps its idle rate under busy loops too (testkit.BurstRate lowers
 // connect mode's): raw mode's prober fills it all the same, and it sends
-// each SYN once, so at the lower rate the tbf dropped the same addresses'
-// SYNs round after round (1,986 of 2,000 seen up at 8 Mbit/s).
+// each SYN once, so at the lower rate some addresses can have every SYN
+// dropped (at 8 Mbit/s, one run of two saw 1,986 of 2,000 up).
 func TestRawBursts(t *testing.T) {
 	for _, mode := range []string{"idle", "busy"} {
 		for _, family := range []int{4, 6} {

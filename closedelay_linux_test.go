@@ -30,9 +30,10 @@ import (
 // same 2,000 addresses (100 ms, 1.5 s timeout) across a SlowPath shaped on
 // both ends (testkit.BurstRate: 15 Mbit/s, 8 with busy loops), while the
 // admin API (/shaker/upstreams, /shaker/engine, /metrics) and the status
-// page are read in a loop, idle and with a busy loop on every core. It asserts 0 accepted (past the
-// kernel's window) and that the scenario was real; it logs the close
-// delays, which on a shared machine are not Caddy's alone to keep.
+// page are read in a loop, idle and with a busy loop on every core. It
+// asserts 0 accepted (past the kernel's window) and that the scenario was
+// real; it logs the close delays, which on a shared machine are not Caddy's
+// alone to keep.
 const (
 	cdHelperEnv = "CADDYSHAKER_CLOSEDELAY_HELPER" // idle or busy
 	cdPathEnv   = "CADDYSHAKER_CD"                // the SlowPath's (SlowPath.Env)
@@ -53,8 +54,9 @@ func TestCloseDelayBurstsInCaddy(t *testing.T) {
 	for _, mode := range testkit.BurstModes(t) {
 		for _, family := range []int{4, 6} {
 			t.Run(fmt.Sprintf("%s/IPv%d", mode, family), func(t *testing.T) {
-				p := testkit.NewSlowPath(t, testkit.BurstRate(mode), cdLatency)
-				p.ShapeA(t, testkit.BurstRate(mode), cdLatency)
+				rate := testkit.BurstRate(mode)
+				p := testkit.NewSlowPath(t, rate, cdLatency)
+				p.ShapeA(t, rate, cdLatency)
 				env := append(p.Env(cdPathEnv, family), cdHelperEnv+"="+mode, "HOME="+t.TempDir())
 				out := testkit.RunTest(t, p.A, "TestCloseDelayInCaddyHelper", env...)
 				f := testkit.ResultsByName(out)["closedelay"]

@@ -105,8 +105,8 @@ func checkDelayViews(t *testing.T, exact, apart uint64) {
 
 // burstChild runs the burst scenario's child (TestCloseDelayBurstsHelper)
 // in mode (idle, busy, slow) for family, its engine in probe mode pm, on a
-// new SlowPath shaped at rate, and returns what it measured and how many of the
-// burstAddrs addresses it saw up at least once.
+// new SlowPath shaped at rate, and returns what it measured and how many
+// of the burstAddrs addresses it saw up at least once.
 func burstChild(t *testing.T, mode string, family int, pm Mode, rate string) (burstResult, int) {
 	t.Helper()
 	if testing.Short() {

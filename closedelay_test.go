@@ -46,15 +46,28 @@ func TestCloseDelayMetric(t *testing.T) {
 // bucket bounds, never above the worst delay seen.
 func TestCloseDelayStatus(t *testing.T) {
 	counts := make([]uint64, len(shaker.CloseDelayBuckets)+1)
-	counts[0] = 989 // <= 0.5 ms
-	counts[6] = 10  // <= 10 ms
-	counts[8] = 1   // <= 20 ms
+	at := func(le time.Duration) int {
+		t.Helper()
+		for i, b := range shaker.CloseDelayBuckets {
+			if b == le {
+				return i
+			}
+		}
+		t.Fatalf("no bucket of %v in %v", le, shaker.CloseDelayBuckets)
+		return 0
+	}
+	counts[at(100*time.Microsecond)] = 989
+	counts[at(10*time.Millisecond)] = 10
+	counts[at(20*time.Millisecond)] = 1
 	st := shaker.Stats{MaxCloseDelay: 17 * time.Millisecond, CloseDelay: shaker.Histogram{Counts: counts}}
 	cs := closeDelayStatus(st)
-	if cs.Count != 1000 || cs.P50Ms != 0.5 || cs.P99Ms != 10 || cs.P999Ms != 10 || len(cs.Buckets) != len(counts) {
+	if cs.Count != 1000 || cs.P50Ms != 0.1 || cs.P99Ms != 10 || cs.P999Ms != 10 || len(cs.Buckets) != len(counts) {
 		t.Errorf("got %+v", cs)
 	}
-	counts[8] = 2
+	if b := cs.Buckets[at(100*time.Microsecond)]; b.LeMs != 0.1 || b.Count != 989 {
+		t.Errorf("the 100 us bucket reads %+v", b)
+	}
+	counts[at(20*time.Millisecond)] = 2
 	if cs := closeDelayStatus(st); cs.P999Ms != 17 {
 		t.Errorf("p99.9 %v ms, want the worst, 17", cs.P999Ms)
 	}

@@ -288,7 +288,8 @@ func TestEveryBadArgs(t *testing.T) {
 	}
 }
 
-// TestOutcomeNames: every outcome has its name, used by metrics and logs.
+// TestOutcomeNames: every outcome has its name, used by metrics and logs;
+// and the histograms' counter arrays fit their increasing bounds.
 func TestOutcomeNames(t *testing.T) {
 	want := []string{"up", "refused", "timeout", "unreachable", "local_error", "error", "closed"}
 	for o := Outcome(0); o < numOutcomes; o++ {
@@ -301,6 +302,16 @@ func TestOutcomeNames(t *testing.T) {
 	}
 	if len(StartDelayBuckets)+1 != numDelayBuckets {
 		t.Fatalf("numDelayBuckets %d, want %d", numDelayBuckets, len(StartDelayBuckets)+1)
+	}
+	if len(CloseDelayBuckets)+1 != numCloseBuckets {
+		t.Fatalf("numCloseBuckets %d, want %d", numCloseBuckets, len(CloseDelayBuckets)+1)
+	}
+	for _, bounds := range [][]time.Duration{StartDelayBuckets, CloseDelayBuckets} {
+		for i := 1; i < len(bounds); i++ {
+			if bounds[i] <= bounds[i-1] {
+				t.Errorf("bucket bounds %v: not increasing at %d", bounds, i)
+			}
+		}
 	}
 }
 

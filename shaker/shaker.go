@@ -412,18 +412,21 @@ var StartDelayBuckets = []time.Duration{
 const numDelayBuckets = 13
 
 // CloseDelayBuckets are the upper bounds of Stats.CloseDelay's buckets,
-// fine between 1 ms and the kernel's 200 ms.
+// fine between 1 ms and the kernel's 200 ms, and below 1 ms down to
+// 10 us, where most delays fall (the microsecond clock times them: see
+// MaxCloseDelay).
 var CloseDelayBuckets = []time.Duration{
-	500 * time.Microsecond, time.Millisecond, 2 * time.Millisecond,
-	3 * time.Millisecond, 5 * time.Millisecond, 7500 * time.Microsecond,
-	10 * time.Millisecond, 15 * time.Millisecond, 20 * time.Millisecond,
-	30 * time.Millisecond, 50 * time.Millisecond, 75 * time.Millisecond,
-	100 * time.Millisecond, 150 * time.Millisecond, 200 * time.Millisecond,
-	300 * time.Millisecond,
+	10 * time.Microsecond, 25 * time.Microsecond, 50 * time.Microsecond,
+	100 * time.Microsecond, 250 * time.Microsecond, 500 * time.Microsecond,
+	time.Millisecond, 2 * time.Millisecond, 3 * time.Millisecond,
+	5 * time.Millisecond, 7500 * time.Microsecond, 10 * time.Millisecond,
+	15 * time.Millisecond, 20 * time.Millisecond, 30 * time.Millisecond,
+	50 * time.Millisecond, 75 * time.Millisecond, 100 * time.Millisecond,
+	150 * time.Millisecond, 200 * time.Millisecond, 300 * time.Millisecond,
 }
 
 // numCloseBuckets is len(CloseDelayBuckets)+1, for arrays of counters.
-const numCloseBuckets = 17
+const numCloseBuckets = 22
 
 // Histogram is a distribution of durations over a list of bucket bounds:
 // StartDelayBuckets for Stats.StartDelay, CloseDelayBuckets for

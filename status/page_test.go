@@ -873,6 +873,7 @@ func TestStatusCloseDelays(t *testing.T) {
 	}{
 		{"none", CloseDelays{}, false, "", false},
 		{"prompt", CloseDelays{Count: 12345, WorstMs: 16, P50Ms: 0.5, P99Ms: 5, P999Ms: 10}, true, "5.0 ms", false},
+		{"sub-ms", CloseDelays{Count: 500, WorstMs: 1.234, P50Ms: 0.05, P99Ms: 0.25, P999Ms: 1}, true, "0.25 ms", false},
 		{"late", CloseDelays{Count: 7, WorstMs: 132.5, P50Ms: 1, P99Ms: 75, P999Ms: 100}, true, "75 ms", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -154,7 +154,13 @@ type delaysShown struct {
 // probes into connections.
 const closeDelayLate = 50.0 // ms
 
+// formatMs shows a delay in ms: below 1 ms as it is (to the us, like
+// the bucket bounds 0.01, 0.025, 0.25), below 10 to a tenth, above in
+// whole ms.
 func formatMs(ms float64) string {
+	if ms < 1 {
+		return strconv.FormatFloat(ms, 'f', -1, 64) + " ms"
+	}
 	if ms < 10 {
 		return strconv.FormatFloat(ms, 'f', 1, 64) + " ms"
 	}

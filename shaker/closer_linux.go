@@ -88,6 +88,7 @@ type cslot struct {
 	lastAck uint32 // tcpi_last_ack_recv, ms, when not failed
 	retrans uint32 // tcpi_total_retrans, when not failed
 	seen    int64  // CLOCK_MONOTONIC, ns: when epoll_wait returned the answer
+	since   int64  // CLOCK_MONOTONIC, ns: the answer came after it (closer.since); 0 for no bound
 	end     int64  // CLOCK_MONOTONIC, ns: after the close
 }
 
@@ -110,6 +111,7 @@ type closer struct {
 	chunks []unsafe.Pointer // *[chunkSize]cslot each, nil until the loop needs it; atomic
 	events []unix.EpollEvent
 	mono0  int64 // CLOCK_MONOTONIC at engine time 0
+	since  int64 // CLOCK_MONOTONIC before the last epoll_wait that left no answer behind: see watchAll
 	done   chan struct{}
 	tid    int // its thread, once it runs
 
@@ -329,11 +331,19 @@ func (c *closer) serve() {
 // watchAll is the closer's life: wait, close what has answered, push it,
 // wake the loop if need be.
 //
+// It also bounds when each answer came, for the close delays of answers
+// that the kernel's microsecond clock cannot time (epollDelay): an
+// epoll_wait that returned fewer events than it could took every answer
+// ready after it was entered, so the answers of the next one came after
+// that entry (c.since). One that filled the buffer may have left answers
+// behind, and the bound stays where it was.
+//
 //go:nosplit
 //go:norace
 //go:nocheckptr
 func (c *closer) watchAll() {
 	for {
+		enter := c.clock()
 		r, _, errno := syscall.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(c.epfd), c.evAddr, maxEvents, ^uintptr(0), 0, 0)
 		if errno != 0 {
 			if errno == unix.EINTR {
@@ -348,7 +358,10 @@ func (c *closer) watchAll() {
 		if n > maxEvents {
 			n = maxEvents
 		}
-		seen := c.clock()
+		seen, since := c.clock(), c.since
+		if n < maxEvents {
+			c.since = enter // for the next batch
+		}
 		if int64(n) > atomic.LoadInt64(&c.maxReady) {
 			atomic.StoreInt64(&c.maxReady, int64(n)) // the closer is its only writer
 		}
@@ -359,7 +372,7 @@ func (c *closer) watchAll() {
 				stop = true
 				continue
 			}
-			if c.closeAnswered(ev.Fd, ev.Pad, ev.Events, seen) {
+			if c.closeAnswered(ev.Fd, ev.Pad, ev.Events, seen, since) {
 				pushed = true
 			}
 		}
@@ -383,7 +396,7 @@ func (c *closer) watchAll() {
 //go:nosplit
 //go:norace
 //go:nocheckptr
-func (c *closer) closeAnswered(idx, gen int32, events uint32, seen int64) bool {
+func (c *closer) closeAnswered(idx, gen int32, events uint32, seen, since int64) bool {
 	ci := int(idx >> chunkBits)
 	if idx < 0 || ci >= len(c.chunks) {
 		return false
@@ -413,7 +426,7 @@ func (c *closer) closeAnswered(idx, gen int32, events uint32, seen int64) bool {
 		}
 	}
 	syscall.RawSyscall(unix.SYS_CLOSE, fd, 0, 0) // zero linger: the RST goes out now
-	cs.seen, cs.end = seen, c.clock()
+	cs.seen, cs.since, cs.end = seen, since, c.clock()
 	for {
 		old := atomic.LoadUint64(&c.head)
 		cs.next = int32(old)

@@ -3,6 +3,7 @@
 package shaker
 
 import (
+	"math"
 	"net/netip"
 	"testing"
 	"time"
@@ -64,7 +65,7 @@ func TestCloserOwnership(t *testing.T) {
 	if !c.takeBack(cs, 7) {
 		t.Fatal("the loop could not take back an armed slot")
 	}
-	if c.closeAnswered(5, 7, unix.EPOLLOUT, 1) {
+	if c.closeAnswered(5, 7, unix.EPOLLOUT, 1, 0) {
 		t.Fatal("the closer took a slot the loop had taken back")
 	}
 	if !fdOpen(fd) {
@@ -78,10 +79,10 @@ func TestCloserOwnership(t *testing.T) {
 	if errno := c.watch(cs, fd, chunkSize+3, 9); errno != 0 {
 		t.Fatal(errno)
 	}
-	if c.closeAnswered(chunkSize+3, 8, unix.EPOLLOUT, 1) || !fdOpen(fd) {
+	if c.closeAnswered(chunkSize+3, 8, unix.EPOLLOUT, 1, 0) || !fdOpen(fd) {
 		t.Fatal("an event of an older generation closed the socket")
 	}
-	if !c.closeAnswered(chunkSize+3, 9, unix.EPOLLOUT|unix.EPOLLERR, 100) {
+	if !c.closeAnswered(chunkSize+3, 9, unix.EPOLLOUT|unix.EPOLLERR, 100, 60) {
 		t.Fatal("the closer did not take an armed slot of its generation")
 	}
 	if fdOpen(fd) {
@@ -90,8 +91,8 @@ func TestCloserOwnership(t *testing.T) {
 	if c.takeBack(cs, 9) {
 		t.Fatal("the loop took back a slot the closer had closed")
 	}
-	if cs.failed != 1 || cs.seen != 100 || cs.end < cs.seen {
-		t.Fatalf("closed slot: failed %d, seen %d, end %d", cs.failed, cs.seen, cs.end)
+	if cs.failed != 1 || cs.seen != 100 || cs.since != 60 || cs.end < cs.seen {
+		t.Fatalf("closed slot: failed %d, seen %d, since %d, end %d", cs.failed, cs.seen, cs.since, cs.end)
 	}
 
 	// A second one, then the stack: the last pushed on top.
@@ -100,7 +101,7 @@ func TestCloserOwnership(t *testing.T) {
 	if errno := c.watch(cs2, fd, 0, 1); errno != 0 {
 		t.Fatal(errno)
 	}
-	if !c.closeAnswered(0, 1, unix.EPOLLOUT, 200) {
+	if !c.closeAnswered(0, 1, unix.EPOLLOUT, 200, 0) {
 		t.Fatal("the closer did not take the second slot")
 	}
 	h := c.takeClosed()
@@ -115,6 +116,113 @@ func TestCloserOwnership(t *testing.T) {
 	}
 	if c.takeClosed() != 0 {
 		t.Fatal("the stack was not emptied")
+	}
+}
+
+// TestCloserSince: each answer the closer closes carries a time it cannot
+// have come before (cslot.since, for epollDelay): none for the first
+// batches, nor after a batch that filled the events buffer (it may have
+// left answers behind), and after one that did not, the entry into that
+// epoll_wait, which is after the batch before and before the answer.
+func TestCloserSince(t *testing.T) {
+	needCloser(t)
+	evfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(evfd)
+	const early = maxEvents + 10 // ready before the closer runs: a full batch, then the rest
+	l := &loop{e: &Engine{base: nanotime()}, budget: early + 1, evfd: evfd}
+	c, err := newCloser(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.close()
+	mono := func() int64 {
+		var ts unix.Timespec
+		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+			t.Fatal(err)
+		}
+		return ts.Nano()
+	}
+	arm := func(idx int32) {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(fds[1]) })
+		if errno := c.watch(c.slot(idx), fds[0], idx, 1); errno != 0 { // writable: ready at once
+			t.Fatal(errno)
+		}
+	}
+	// collect waits, on the loop's eventfd, until n slots are closed.
+	collect := func(n int) map[int32]*cslot {
+		got := map[int32]*cslot{}
+		var pfd [1]unix.PollFd
+		for deadline := time.Now().Add(10 * time.Second); len(got) < n; {
+			if c.sleep(farFuture) {
+				pfd[0] = unix.PollFd{Fd: int32(evfd), Events: unix.POLLIN}
+				if _, err := unix.Poll(pfd[:], int(time.Until(deadline).Milliseconds())+1); err != nil && err != unix.EINTR {
+					t.Fatal(err)
+				}
+				var buf [8]byte
+				unix.Read(evfd, buf[:])
+			}
+			c.awake()
+			for h := c.takeClosed(); h != 0; {
+				idx := int32(h - 1)
+				got[idx] = c.slot(idx)
+				h = uint64(uint32(got[idx].next))
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d of %d answers closed in 10 s", len(got), n)
+			}
+		}
+		return got
+	}
+
+	for i := range int32(early) {
+		arm(i)
+	}
+	ready, start := make(chan error, 1), make(chan closerStart, 1)
+	go c.run(false, ready, start)
+	if err := <-ready; err != nil {
+		t.Fatal(err)
+	}
+	start <- closerStart{serve: true}
+	defer c.stop()
+
+	first := collect(early)
+	seen1 := int64(math.MaxInt64)
+	for _, cs := range first {
+		seen1 = min(seen1, cs.seen)
+	}
+	inFirst := 0
+	for idx, cs := range first {
+		if cs.since != 0 {
+			t.Errorf("answer %d (of the first batches) since %d, want 0: no look before it left none behind", idx, cs.since)
+		}
+		if cs.seen == seen1 {
+			inFirst++
+		}
+	}
+	if inFirst != maxEvents {
+		t.Fatalf("the first batch had %d answers, want a full buffer of %d", inFirst, maxEvents)
+	}
+	var seen2 int64
+	for _, cs := range first {
+		seen2 = max(seen2, cs.seen)
+	}
+
+	armed := mono()
+	arm(early)
+	cs := collect(1)[early]
+	if cs == nil {
+		t.Fatal("the last answer was not closed")
+	}
+	if cs.since <= seen1 || cs.since >= seen2 || cs.since >= armed {
+		t.Errorf("the last answer since %d: want after the full batch (%d), before the next (%d) and before it was armed (%d)",
+			cs.since, seen1, seen2, armed)
 	}
 }
 
@@ -196,29 +304,38 @@ func TestAnsweredInside(t *testing.T) {
 // TestCloseDelayViews: a close delay counts from the kernel's microsecond
 // clock (the SYN's time plus tcpi_rtt, less a microsecond of rounding)
 // where it knows the arrival, its first SYN answered, and agrees with
-// when the answer was seen; else from when it was seen, or the tick
-// clock's view, as before.
+// when the answer was seen; else from the earliest the answer can have
+// come: by the tick clock (a whole tick before what tcpi_last_ack_recv
+// says), but not before the last look at epoll that left no answer
+// behind (since), nor before the SYN.
 func TestCloseDelayViews(t *testing.T) {
 	ms, us := int64(time.Millisecond), int64(time.Microsecond)
 	for _, c := range []struct {
 		name             string
 		inside           bool
 		start, seen, end int64 // seen: epoll's return, or inside: the TCP_INFO read
+		since            int64 // epoll: no answer came before it
 		rtt, ackAgo      int64
 		retrans          uint32
 		want             int64
 		exact, apart     uint64
 	}{
-		{name: "epoll: from the SYN plus the RTT", start: 0, seen: 30 * ms, end: 31 * ms, rtt: 20 * ms, ackAgo: 12 * ms,
+		{name: "epoll: from the SYN plus the RTT", start: 0, seen: 30 * ms, end: 31 * ms, since: 29 * ms, rtt: 20 * ms, ackAgo: 12 * ms,
 			want: 11*ms + us, exact: 1},
 		{name: "epoll: retransmitted SYN, the tick clock", start: 0, seen: 1030 * ms, end: 1031 * ms, rtt: 20 * ms, ackAgo: 12 * ms, retrans: 1,
-			want: 12 * ms},
-		{name: "epoll: retransmitted SYN, seen", start: 0, seen: 1030 * ms, end: 1031 * ms, rtt: 20 * ms, retrans: 1,
-			want: 1 * ms},
+			want: 17 * ms}, // 1030 - 12 - 4 (tick)
+		{name: "epoll: retransmitted SYN, since the last look", start: 0, seen: 1030 * ms, end: 1031 * ms, since: 1020 * ms, rtt: 20 * ms, ackAgo: 12 * ms, retrans: 1,
+			want: 11 * ms},
+		{name: "epoll: retransmitted SYN, this tick", start: 0, seen: 1030 * ms, end: 1031 * ms, rtt: 20 * ms, retrans: 1,
+			want: 5 * ms},
+		{name: "epoll: retransmitted SYN, a look just before", start: 0, seen: 1030 * ms, end: 1031 * ms, since: 1030*ms - 500*us, rtt: 20 * ms, retrans: 1,
+			want: 1*ms + 500*us},
 		{name: "epoll: no RTT", start: 0, seen: 30 * ms, end: 31 * ms, ackAgo: 4 * ms,
-			want: 4 * ms},
-		{name: "epoll: the clock puts it after seen", start: 0, seen: 10 * ms, end: 11 * ms, rtt: 20 * ms,
-			want: 1 * ms, apart: 1},
+			want: 9 * ms},
+		{name: "epoll: never before the SYN", start: 100 * ms, seen: 101 * ms, end: 102 * ms, since: 50 * ms,
+			want: 2 * ms},
+		{name: "epoll: the clock puts it after seen", start: 0, seen: 10 * ms, end: 11 * ms, since: 9 * ms, rtt: 20 * ms,
+			want: 2 * ms, apart: 1},
 		{name: "inside: from the SYN plus the RTT", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 47 * ms,
 			want: 4*ms + us, exact: 1},
 		{name: "inside: the tick clock's later", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 10 * us,
@@ -234,7 +351,7 @@ func TestCloseDelayViews(t *testing.T) {
 		if c.inside {
 			got = l.insideDelay(c.start, c.seen, c.end, v)
 		} else {
-			got = l.epollDelay(c.start, c.seen, c.end, v)
+			got = l.epollDelay(c.start, c.seen, c.since, c.end, v)
 		}
 		if got != c.want || l.exactDelays.Load() != c.exact || l.viewsApart.Load() != c.apart {
 			t.Errorf("%s: delay %v, exact %d, apart %d; want %v, %d, %d", c.name, time.Duration(got),

@@ -79,6 +79,9 @@ type loop struct {
 	linger     unix.Linger
 	evbuf      [8]byte
 	woke       int64 // engine time at which the last epoll_wait returned
+	looked     int64 // engine time before the last epoll_wait was entered
+	since      int64 // none of the answers being handled came before it (handle); 0: no bound
+	sinceNext  int64 // since for the answers of the next epoll_wait
 	full       bool  // the last epoll_wait filled the events buffer: more answers may wait
 	hurry      bool  // due probes were left for the next turn: it must not sleep
 	stopping   bool  // shutdown: epoll is closed, no more looks
@@ -250,6 +253,7 @@ func (l *loop) run() {
 
 		var n int
 		var errno unix.Errno
+		l.looked = l.e.now()
 		if l.parked != nil && wait != 0 {
 			n, errno = l.park(wait)
 		} else {
@@ -291,8 +295,15 @@ func (l *loop) run() {
 
 // handle handles the n events an epoll_wait returned: it closes every
 // socket that has its answer (their callbacks run later, in deliver).
+// Their close delays count from no earlier than since (epollDelay): the
+// entry into the last epoll_wait before theirs that returned fewer events
+// than it could, and so took every answer ready by then.
 func (l *loop) handle(n int) {
 	l.full = n == len(l.events)
+	l.since = l.sinceNext
+	if !l.full {
+		l.sinceNext = l.looked
+	}
 	if l.cl == nil && int64(n) > l.maxReady.Load() { // else the closer's batches are the bursts
 		l.maxReady.Store(int64(n))
 	}
@@ -314,6 +325,7 @@ func (l *loop) handle(n int) {
 // answered: between two slices of other work, so that a SYN-ACK never
 // waits for a whole turn.
 func (l *loop) look() {
+	l.looked = l.e.now()
 	n, errno := epollWait(l.epfd, l.events, 0)
 	l.woke = l.e.now()
 	l.handleWait(n, errno)

@@ -137,7 +137,7 @@ func (l *loop) start(req *request) {
 		l.noteTick(v.ackAgo)
 		l.settle(res, req.done, req.sched, start, p.end, l.insideDelay(start, p.info, p.end, v), v)
 	case synEnded:
-		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, true)
+		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, 0, true)
 	case synWatched:
 		l.slots[l.alloc(fd, req, start, deadline)].watched = true
 	case synUnwatched:
@@ -276,7 +276,7 @@ func (l *loop) complete(idx, gen int32, events uint32) {
 	if !failed {
 		l.readTCPInfo(s.fd)
 	}
-	l.closeProbe(s.fd, 0, s.addr, s.done, s.sched, s.start, l.woke, failed)
+	l.closeProbe(s.fd, 0, s.addr, s.done, s.sched, s.start, l.woke, l.since, failed)
 	l.release(idx)
 }
 
@@ -297,11 +297,12 @@ func (l *loop) readTCPInfo(fd int) (state uint8, ok bool) {
 
 // closeProbe reads the outcome of a probe whose answer has come, ends its
 // connection and queues the result. seen is when the loop saw the answer
-// (the return of epoll_wait, or the connect() that completed inline).
+// (the return of epoll_wait, or the connect() that completed inline), and
+// since a time before which it cannot have come (loop.since; 0 for none).
 // When failed is false, l.tcpInfo holds the socket's TCP_INFO. A socket
 // that never entered epoll (family != 0) is kept for another probe;
 // others are closed.
-func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result), sched *Schedule, start, seen int64, failed bool) {
+func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result), sched *Schedule, start, seen, since int64, failed bool) {
 	res, v := l.answered(fd, addr, failed)
 	if !failed && family == 0 {
 		l.epollUp.Add(1)
@@ -312,7 +313,7 @@ func (l *loop) closeProbe(fd, family int, addr netip.AddrPort, done func(Result)
 		l.closeFD(fd) // zero linger: the RST goes out now
 	}
 	end := l.e.now()
-	l.settle(res, done, sched, start, end, l.epollDelay(start, seen, end, v), v)
+	l.settle(res, done, sched, start, end, l.epollDelay(start, seen, since, end, v), v)
 }
 
 // maxTick is the longest tick of the kernel's clock (jiffies, HZ 100),
@@ -368,11 +369,14 @@ func (v kernelView) arrival(start int64) (int64, bool) {
 // epollDelay is the close delay of an answer that the loop or the closer
 // saw at seen (the return of epoll_wait, after the SYN-ACK came) and
 // closed before end: from its arrival by the kernel's microsecond clock
-// when that knows and agrees (not after seen); else from seen, or from
-// the kernel's tick clock (ackAgo before the read) where that is
-// earlier, never before the SYN. The microsecond clock is used only
-// where it is the engine's (microOK, Linux 4.20 and later).
-func (l *loop) epollDelay(start, seen, end int64, v kernelView) int64 {
+// when that knows and agrees (not after seen). Else from the earliest
+// it can have come: not before the SYN (start), nor before since (the
+// entry into the last epoll_wait that left no answer behind), nor before
+// the kernel's tick clock allows (answeredInside's bound, with seen for
+// the TCP_INFO read that came after it), so that it is not understated
+// either. The microsecond clock is used only where it is the engine's
+// (microOK, Linux 4.20 and later).
+func (l *loop) epollDelay(start, seen, since, end int64, v kernelView) int64 {
 	if at, ok := v.arrival(start); ok && l.microOK {
 		if at <= seen {
 			l.exactDelays.Add(1)
@@ -380,11 +384,7 @@ func (l *loop) epollDelay(start, seen, end int64, v kernelView) int64 {
 		}
 		l.viewsApart.Add(1)
 	}
-	delay := end - seen
-	if v.ackAgo <= end-start && v.ackAgo > delay {
-		delay = v.ackAgo // never older than the SYN itself
-	}
-	return delay
+	return end - min(seen, max(since, answeredInside(start, seen, v.ackAgo, l.tick)))
 }
 
 // insideDelay is the close delay of an answer taken inside connect():
@@ -468,8 +468,11 @@ func (l *loop) settleClosed(idx int32, cs *cslot) {
 		v = viewOf(cs.rtt, cs.lastAck, cs.retrans)
 		l.epollUp.Add(1)
 	}
-	end := cs.end - l.cl.mono0
-	l.settle(res, s.done, s.sched, s.start, end, l.epollDelay(s.start, cs.seen-l.cl.mono0, end, v), v)
+	end, since := cs.end-l.cl.mono0, int64(0)
+	if cs.since != 0 {
+		since = cs.since - l.cl.mono0
+	}
+	l.settle(res, s.done, s.sched, s.start, end, l.epollDelay(s.start, cs.seen-l.cl.mono0, since, end, v), v)
 	l.release(idx)
 }
 

@@ -367,11 +367,13 @@ type Stats struct {
 	// understated. Where a retransmitted SYN was answered (that RTT
 	// would read up to a second early), where the kernel gives no RTT,
 	// where that clock puts the answer after the loop saw it, and before
-	// Linux 4.20 (another clock), it is when the loop saw the answer, or
-	// earlier if tcpi_last_ack_recv (whole ticks of the kernel's clock,
-	// 1-10 ms) says so. It must stay far below the kernel's 200 ms
-	// delayed-ACK window; a probe whose delay reached it became a real
-	// connection.
+	// Linux 4.20 (another clock), it is the earliest the other clocks
+	// allow, not understated either: a whole tick before what
+	// tcpi_last_ack_recv says (whole ticks of the kernel's clock, 1-10
+	// ms), but not before the last look at epoll that left no answer
+	// behind, nor before the SYN. It must stay far below the kernel's
+	// 200 ms delayed-ACK window; a probe whose delay reached it became a
+	// real connection.
 	MaxCloseDelay time.Duration
 	// CloseDelay is the distribution of those delays, one per probe
 	// answered with a SYN-ACK, over CloseDelayBuckets: the tail, where

@@ -334,9 +334,11 @@ func (c *closer) serve() {
 // It also bounds when each answer came, for the close delays of answers
 // that the kernel's microsecond clock cannot time (epollDelay): an
 // epoll_wait that returned fewer events than it could took every answer
-// ready after it was entered, so the answers of the next one came after
-// that entry (c.since). One that filled the buffer may have left answers
-// behind, and the bound stays where it was.
+// on epoll's ready list when it was entered, for the sockets on that
+// epoll by then, so such a socket's answer in a later one came after that
+// entry (c.since; closedSince checks the socket was there). One that
+// filled the buffer may have left answers behind, and the bound stays
+// where it was.
 //
 //go:nosplit
 //go:norace

@@ -226,6 +226,29 @@ func TestCloserSince(t *testing.T) {
 	}
 }
 
+// TestClosedSince: a closer's bound on an answer counts only where its
+// look was entered after the socket was on its epoll (the loop adds it
+// from its own thread, and an answer that came before the add waits on
+// the ready list from the add on), by more than the clock offset's error.
+func TestClosedSince(t *testing.T) {
+	us := int64(time.Microsecond)
+	const mono0 = 1_000_000 * 1000 // the closer's clock at engine time 0
+	for _, c := range []struct {
+		since, added, want int64 // since on the closer's clock, added and want in engine time
+	}{
+		{since: 0, added: 0, want: 0},                            // no look yet that left none behind
+		{since: mono0 + 500*us, added: 100 * us, want: 500 * us}, // entered after the add
+		{since: mono0 + 100*us + sinceMargin, added: 100 * us, want: 100*us + sinceMargin},
+		{since: mono0 + 100*us + sinceMargin - 1, added: 100 * us, want: 0}, // within the offset's error
+		{since: mono0 + 50*us, added: 100 * us, want: 0},                    // entered before the add
+	} {
+		got := closedSince(&cslot{since: c.since}, &slot{added: c.added}, mono0)
+		if got != c.want {
+			t.Errorf("since %d, added %d: bound %d, want %d", c.since-mono0, c.added, got, c.want)
+		}
+	}
+}
+
 // TestCloserWhileLoopHeld: a callback holds the loop for longer than the
 // kernel's delayed ACK (200 ms) while a probe it started has its answer.
 // Without the closer the loop would close the socket after the callback,
@@ -312,7 +335,7 @@ func TestCloseDelayViews(t *testing.T) {
 	ms, us := int64(time.Millisecond), int64(time.Microsecond)
 	for _, c := range []struct {
 		name             string
-		inside           bool
+		inside, old      bool  // old: microOK false
 		start, seen, end int64 // seen: epoll's return, or inside: the TCP_INFO read
 		since            int64 // epoll: no answer came before it
 		rtt, ackAgo      int64
@@ -336,6 +359,8 @@ func TestCloseDelayViews(t *testing.T) {
 			want: 2 * ms},
 		{name: "epoll: the clock puts it after seen", start: 0, seen: 10 * ms, end: 11 * ms, since: 9 * ms, rtt: 20 * ms,
 			want: 2 * ms, apart: 1},
+		{name: "epoll: before Linux 4.20, another clock", old: true, start: 0, seen: 30 * ms, end: 31 * ms, since: 28 * ms, rtt: 20 * ms,
+			want: 3 * ms},
 		{name: "inside: from the SYN plus the RTT", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 47 * ms,
 			want: 4*ms + us, exact: 1},
 		{name: "inside: the tick clock's later", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 10 * us,
@@ -345,7 +370,7 @@ func TestCloseDelayViews(t *testing.T) {
 		{name: "inside: the clock puts it after the read", inside: true, start: 0, seen: 50 * ms, end: 51 * ms, rtt: 60 * ms,
 			want: 5 * ms, apart: 1},
 	} {
-		l := &loop{tick: 4 * ms, microOK: true}
+		l := &loop{tick: 4 * ms, microOK: !c.old}
 		v := kernelView{rtt: c.rtt, ackAgo: c.ackAgo, retrans: c.retrans}
 		var got int64
 		if c.inside {

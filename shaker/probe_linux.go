@@ -22,6 +22,7 @@ type slot struct {
 	done     func(Result) // a one-off probe's callback, or
 	sched    *Schedule    // a periodic probe's schedule
 	watched  bool         // its socket is with the closer
+	added    int64        // watched: engine time after the closer's epoll_ctl (closedSince)
 
 	// Raw mode (fd is rawFD): deadline is the next retransmission of
 	// the SYN until end, the probe's own deadline.
@@ -139,7 +140,8 @@ func (l *loop) start(req *request) {
 	case synEnded:
 		l.closeProbe(fd, family, req.addr, req.done, req.sched, start, start, 0, true)
 	case synWatched:
-		l.slots[l.alloc(fd, req, start, deadline)].watched = true
+		s := &l.slots[l.alloc(fd, req, start, deadline)]
+		s.watched, s.added = true, l.e.now()
 	case synUnwatched:
 		l.closeFD(fd)
 		res.Err = &opError{"epoll_ctl", p.errno}
@@ -371,7 +373,8 @@ func (v kernelView) arrival(start int64) (int64, bool) {
 // closed before end: from its arrival by the kernel's microsecond clock
 // when that knows and agrees (not after seen). Else from the earliest
 // it can have come: not before the SYN (start), nor before since (the
-// entry into the last epoll_wait that left no answer behind), nor before
+// entry into the last epoll_wait that left no answer behind, made with
+// the socket on that epoll: closedSince, loop.handle), nor before
 // the kernel's tick clock allows (answeredInside's bound, with seen for
 // the TCP_INFO read that came after it), so that it is not understated
 // either. The microsecond clock is used only where it is the engine's
@@ -384,6 +387,7 @@ func (l *loop) epollDelay(start, seen, since, end int64, v kernelView) int64 {
 		}
 		l.viewsApart.Add(1)
 	}
+	// Every bound is before seen; min only guards against a wrong one.
 	return end - min(seen, max(since, answeredInside(start, seen, v.ackAgo, l.tick)))
 }
 
@@ -468,12 +472,31 @@ func (l *loop) settleClosed(idx int32, cs *cslot) {
 		v = viewOf(cs.rtt, cs.lastAck, cs.retrans)
 		l.epollUp.Add(1)
 	}
-	end, since := cs.end-l.cl.mono0, int64(0)
-	if cs.since != 0 {
-		since = cs.since - l.cl.mono0
-	}
-	l.settle(res, s.done, s.sched, s.start, end, l.epollDelay(s.start, cs.seen-l.cl.mono0, since, end, v), v)
+	end := cs.end - l.cl.mono0
+	l.settle(res, s.done, s.sched, s.start, end, l.epollDelay(s.start, cs.seen-l.cl.mono0, closedSince(cs, s, l.cl.mono0), end, v), v)
 	l.release(idx)
+}
+
+// sinceMargin is how far after a socket's epoll_ctl the closer's look
+// must have been entered for its since to bound the answer
+// (closedSince): more than the error of the closer's clock offset
+// (monoOffset).
+const sinceMargin = int64(10 * time.Microsecond)
+
+// closedSince is the bound on when the answer of a slot the closer
+// closed came (cslot.since, in engine time), or 0 for none. It holds only
+// if the socket was on the closer's epoll when that look was entered: the
+// loop adds it after the SYN, from its own thread, and an answer that came
+// before the add is on epoll's ready list from the add on, whatever
+// looks the closer made in between.
+func closedSince(cs *cslot, s *slot, mono0 int64) int64 {
+	if cs.since == 0 {
+		return 0
+	}
+	if since := cs.since - mono0; since-sinceMargin >= s.added {
+		return since
+	}
+	return 0
 }
 
 // settle counts the close delay of a probe whose socket is closed (end is

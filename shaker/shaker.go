@@ -371,9 +371,9 @@ type Stats struct {
 	// allow, not understated either: a whole tick before what
 	// tcpi_last_ack_recv says (whole ticks of the kernel's clock, 1-10
 	// ms), but not before the last look at epoll that left no answer
-	// behind, nor before the SYN. It must stay far below the kernel's
-	// 200 ms delayed-ACK window; a probe whose delay reached it became a
-	// real connection.
+	// behind, made with the socket on it, nor before the SYN. It must
+	// stay far below the kernel's 200 ms delayed-ACK window; a probe
+	// whose delay reached it became a real connection.
 	MaxCloseDelay time.Duration
 	// CloseDelay is the distribution of those delays, one per probe
 	// answered with a SYN-ACK, over CloseDelayBuckets: the tail, where

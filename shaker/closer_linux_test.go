@@ -19,6 +19,15 @@ func needCloser(t *testing.T) {
 	}
 }
 
+// monotonic reads CLOCK_MONOTONIC, the closer's clock, in ns.
+func monotonic(t testing.TB) int64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	return ts.Nano()
+}
+
 // fdOpen reports whether fd is an open descriptor of this process.
 func fdOpen(fd int) bool {
 	_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
@@ -138,13 +147,6 @@ func TestCloserSince(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.close()
-	mono := func() int64 {
-		var ts unix.Timespec
-		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-			t.Fatal(err)
-		}
-		return ts.Nano()
-	}
 	arm := func(idx int32) {
 		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
@@ -193,9 +195,9 @@ func TestCloserSince(t *testing.T) {
 	defer c.stop()
 
 	first := collect(early)
-	seen1 := int64(math.MaxInt64)
+	seen1, seen2 := int64(math.MaxInt64), int64(0) // the first batch's, the last's
 	for _, cs := range first {
-		seen1 = min(seen1, cs.seen)
+		seen1, seen2 = min(seen1, cs.seen), max(seen2, cs.seen)
 	}
 	inFirst := 0
 	for idx, cs := range first {
@@ -209,12 +211,8 @@ func TestCloserSince(t *testing.T) {
 	if inFirst != maxEvents {
 		t.Fatalf("the first batch had %d answers, want a full buffer of %d", inFirst, maxEvents)
 	}
-	var seen2 int64
-	for _, cs := range first {
-		seen2 = max(seen2, cs.seen)
-	}
 
-	armed := mono()
+	armed := monotonic(t)
 	arm(early)
 	cs := collect(1)[early]
 	if cs == nil {
@@ -390,13 +388,7 @@ func TestCloseDelayViews(t *testing.T) {
 // microseconds; and an engine whose time 0 is a second later gets an
 // offset a second larger.
 func TestMonoOffset(t *testing.T) {
-	clock := func() int64 {
-		var ts unix.Timespec
-		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-			t.Fatal(err)
-		}
-		return ts.Nano()
-	}
+	clock := func() int64 { return monotonic(t) }
 	base := time.Now()
 	now := func() int64 { return int64(time.Since(base)) }
 	later := func() int64 { return int64(time.Since(base)) - int64(time.Second) }
